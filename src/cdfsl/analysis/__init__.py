@@ -1,0 +1,1 @@
+"""Statistics, reports, probes and plots; everything here reads stored results or runs probes."""

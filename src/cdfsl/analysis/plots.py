@@ -1,0 +1,194 @@
+"""Report figures: accuracy bars per shots value; in paired mode, per-episode differences to the baseline.
+
+Every figure is a `matplotlib.figure.Figure` drawn with the Agg renderer (no pyplot, no global figure state),
+sized for a paper column (3.5 in wide, 7 in when many bars need it), fonts of 8 pt, saved as PNG at 200 dpi.
+Quoted paper rows are not plotted: they have no episodes and no interval.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+
+from cdfsl.analysis.report import Column, PairedCell, Report, Row, format_p
+
+DPI = 200
+COLUMN_WIDTH_IN = 3.5
+PAGE_WIDTH_IN = 7.0
+FONT_PT = 8
+# More bars than this in one chart and it gets the full page width.
+MAX_BARS_AT_COLUMN_WIDTH = 12
+_RC = {
+    "font.size": FONT_PT,
+    "axes.titlesize": FONT_PT + 1,
+    "axes.labelsize": FONT_PT,
+    "xtick.labelsize": FONT_PT,
+    "ytick.labelsize": FONT_PT,
+    "legend.fontsize": FONT_PT,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+}
+
+
+def plot_report(report: Report, out_dir: Path) -> list[Path]:
+    """Write the report's figures under `out_dir` (created if missing) and return their paths.
+
+    - `accuracy_{N}shot.png` per shots value: x = dataset (and the mean column), one bar per measured row,
+      error bars the 95% interval.
+    - paired mode: `paired_{method}_vs_{baseline}_{dataset}_{N}shot.png` per compared cell, a histogram of the
+      per-episode differences with zero, the mean difference and its 95% interval marked; and
+      `paired_summary_vs_{baseline}.png`, every mean difference ± 95% interval on one axis.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    with matplotlib.rc_context(_RC):
+        for shots in sorted({column.shots for column in report.columns}):
+            figure = _accuracy_figure(report, shots)
+            if figure is not None:
+                written.append(_save(figure, out_dir, f"accuracy_{shots}shot", written))
+        for (row, column), cell in report.paired.items():
+            if cell.stats.shared == 0:
+                continue
+            name = f"paired_{_slug(row.label)}_vs_{_slug(cell.baseline.label)}_{_slug(column.dataset or 'mean')}"
+            written.append(_save(_paired_figure(row, column, cell), out_dir, f"{name}_{column.shots}shot", written))
+        if report.paired and report.baseline is not None:
+            figure = _summary_figure(report)
+            written.append(_save(figure, out_dir, f"paired_summary_vs_{_slug(report.baseline)}", written))
+    return written
+
+
+def _accuracy_figure(report: Report, shots: int) -> Figure | None:
+    columns = [c for c in report.columns if c.shots == shots]
+    rows = [r for r in report.rows if not r.quoted and any(report.cell(r, c) for c in columns)]
+    columns = [c for c in columns if any(report.cell(r, c) for r in rows)]
+    if not rows or not columns:
+        return None
+    colors = _row_colors(report)
+    wide = len(rows) * len(columns) > MAX_BARS_AT_COLUMN_WIDTH
+    figure = Figure(figsize=(PAGE_WIDTH_IN if wide else COLUMN_WIDTH_IN, 2.8), layout="constrained")
+    axes = figure.add_subplot()
+    width = 0.8 / len(rows)
+    x = np.arange(len(columns), dtype=float)
+    top = 0.0
+    for index, row in enumerate(rows):
+        cells = [report.cell(row, column) for column in columns]
+        means = np.array([c.mean if c else np.nan for c in cells])
+        errors = np.array([c.ci95 if c and np.isfinite(c.ci95) else 0.0 for c in cells])
+        offset = (index - (len(rows) - 1) / 2) * width
+        axes.bar(
+            x + offset,
+            means,
+            width * 0.92,
+            yerr=errors,
+            capsize=2,
+            error_kw={"elinewidth": 0.8, "capthick": 0.8},
+            label=row.label if len({r.backbone for r in rows}) == 1 else f"{row.label} ({row.backbone})",
+            color=colors[row],
+        )
+        top = max(top, float(np.nanmax(means + errors)))
+    axes.set_xticks(x, [_tick(column) for column in columns])
+    axes.set_ylabel("accuracy (%)")
+    axes.set_xlabel("dataset")
+    axes.set_ylim(0, min(100.0, top * 1.08 + 1.0))
+    axes.set_title(f"{shots}-shot: mean accuracy ± 95% CI")
+    axes.grid(axis="y", linewidth=0.4, alpha=0.5)
+    axes.set_axisbelow(True)
+    axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=min(3, len(rows)), frameon=False)
+    return figure
+
+
+def _row_colors(report: Report) -> dict[Row, str]:
+    """One colour per measured row, the same in every figure."""
+    return {row: f"C{index % 10}" for index, row in enumerate(r for r in report.rows if not r.quoted)}
+
+
+def _tick(column: Column) -> str:
+    return "mean" if column.is_mean else str(column.dataset)
+
+
+def _paired_figure(row: Row, column: Column, cell: PairedCell) -> Figure:
+    stats = cell.stats
+    diffs = np.fromiter(cell.differences.values(), dtype=np.float64)
+    figure = Figure(figsize=(COLUMN_WIDTH_IN, 2.6), layout="constrained")
+    axes = figure.add_subplot()
+    axes.hist(diffs, bins=_bins(diffs), color="0.65", edgecolor="white", linewidth=0.5, label="episodes")
+    axes.axvspan(stats.mean_diff - stats.ci95, stats.mean_diff + stats.ci95, color="C3", alpha=0.25, label="95% CI")
+    axes.axvline(stats.mean_diff, color="C3", linewidth=1.2, label=f"mean {stats.mean_diff:+.2f}")
+    axes.axvline(0.0, color="black", linewidth=0.8, linestyle="--", label="no difference")
+    axes.set_xlabel(f"accuracy difference (points), {row.label} − {cell.baseline.label}")
+    axes.set_ylabel("episodes")
+    unequal = ", unequal sets" if stats.unequal else ""
+    axes.set_title(
+        f"{row.label} vs {cell.baseline.label}, {column.label}\n"
+        f"n={stats.shared}{unequal}, Wilcoxon {format_p(stats.p_value)}"
+    )
+    axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.28), ncol=2, frameon=False)
+    return figure
+
+
+def _bins(diffs: np.ndarray) -> int | np.ndarray:
+    """One bin per distinct difference when they are few (accuracies are discrete), else 'auto'-like."""
+    values = np.unique(diffs)
+    if values.size <= 1:
+        center = float(values[0]) if values.size else 0.0
+        return np.array([center - 0.5, center + 0.5])
+    step = float(np.min(np.diff(values)))
+    if values.size <= 25 and (values[-1] - values[0]) / step <= 60:
+        return np.arange(values[0] - step / 2, values[-1] + step, step)
+    return int(min(30, max(10, np.sqrt(diffs.size))))
+
+
+def _summary_figure(report: Report) -> Figure:
+    """Every compared cell's mean difference ± 95% interval, grouped by row, in the bar-chart colours."""
+    colors = _row_colors(report)
+    entries = [
+        (colors[row], f"{row.label} · {column.label}", cell)
+        for row in report.paired_rows
+        for column in report.paired_columns
+        if (cell := report.paired.get((row, column))) is not None and cell.stats.shared > 0
+    ]
+    figure = Figure(figsize=(COLUMN_WIDTH_IN, 1.0 + 0.22 * len(entries)), layout="constrained")
+    axes = figure.add_subplot()
+    for y, (color, _, cell) in zip(range(len(entries) - 1, -1, -1), entries, strict=True):
+        axes.errorbar(
+            cell.stats.mean_diff,
+            y,
+            xerr=cell.stats.ci95,
+            fmt="o",
+            color=color,
+            markersize=3.5,
+            capsize=2,
+            elinewidth=0.9,
+        )
+    axes.axvline(0.0, color="black", linewidth=0.8, linestyle="--")
+    axes.set_yticks(range(len(entries) - 1, -1, -1), _short_labels([label for _, label, _ in entries]))
+    axes.set_ylim(-0.7, len(entries) - 0.3)
+    axes.set_xlabel(f"difference vs {report.baseline} (points)")
+    figure.suptitle(f"Paired differences vs {report.baseline}\n(mean ± 95% CI over shared episodes)")
+    axes.grid(axis="x", linewidth=0.4, alpha=0.5)
+    return figure
+
+
+def _short_labels(labels: Sequence[str], limit: int = 34) -> list[str]:
+    return [label if len(label) <= limit else label[: limit - 1] + "…" for label in labels]
+
+
+def _slug(text: str) -> str:
+    """A file-name-safe slug: lower case letters, digits and single dashes (`tir+vtt` → `tir-vtt`)."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "x"
+
+
+def _save(figure: Figure, out_dir: Path, stem: str, written: list[Path]) -> Path:
+    path = out_dir / f"{stem}.png"
+    counter = 2
+    while path in written:
+        path = out_dir / f"{stem}_{counter}.png"
+        counter += 1
+    figure.savefig(path, dpi=DPI)
+    return path

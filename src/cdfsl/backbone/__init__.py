@@ -1,0 +1,1 @@
+"""Backbones: the open_clip adapter, episode-batched LoRA, the embedded tiny CLIP."""

@@ -1,0 +1,370 @@
+"""The backbone adapter: the only module that knows open_clip internals.
+
+It runs both towers with an explicit block loop over the model's own weights, which gives the rest of the code what
+the methods need without forking CLIP: an episode axis through the vision tower, a pluggable q/k/v projection (LoRA),
+token recalibration at block inputs (TIR), per-layer hidden tokens and pooled features (VtT, diagnostics), text
+features per block, text encoding with one token embedding replaced (VtT absorption), and block skipping or residual
+scaling in the text tower (the lost-layer probe). Tests check the loop against open_clip's own `encode_image` and
+`encode_text`.
+
+Supported: open_clip `CLIP`/`CustomTextCLIP` models whose towers are open_clip `VisionTransformer` and
+`TextTransformer`-style stacks of `ResidualAttentionBlock` (OpenAI CLIP, LAION and DataComp ViTs, the tiny model).
+Timm- or Hugging Face-based towers are rejected with a clear error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cdfsl.errors import BackboneError
+
+
+class QkvProjection(Protocol):
+    """Computes the fused q/k/v projection of vision block `layer` for E episodes.
+
+    Args: `h` `[E, n, D]` (the block's normalized input, n = images × tokens), the frozen `weight` `[3D, D]` and
+    `bias` `[3D]`. Returns `[E, n, 3D]`.
+    """
+
+    def __call__(self, layer: int, h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor: ...
+
+
+BlockInputHook = Callable[[int, Tensor], Tensor]
+"""Called with (block index, tokens `[E, B, T, D]`) before each vision block; returns the tokens to use."""
+
+
+def plain_qkv(layer: int, h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """The frozen projection: `[E, n, D]` → `[E, n, 3D]`."""
+    return F.linear(h, weight, bias)
+
+
+@dataclass
+class VisionOutput:
+    """Results of one vision pass over `[E, B]` images.
+
+    Attributes:
+        features: final image features `[E, B, C]` (not normalized).
+        layer_features: CLS after every block through the final norm and projection, `[L, E, B, C]` (if asked).
+        block_inputs: hidden tokens entering each block (after any recalibration), list of `[E, B, T, D]` (if asked).
+        cls_attention: per block, the CLS query's attention over all tokens `[E, B, heads, T]` (if asked).
+    """
+
+    features: Tensor
+    layer_features: Tensor | None = None
+    block_inputs: list[Tensor] = field(default_factory=list)
+    cls_attention: list[Tensor] = field(default_factory=list)
+
+
+class ClipAdapter(nn.Module):
+    """A frozen open_clip CLIP model seen through one small interface.
+
+    Args:
+        model: an open_clip `CLIP` or `CustomTextCLIP`.
+        tokenizer: the model's open_clip tokenizer.
+        mean, std: the model's image normalization (3 floats each).
+        name: a label for reports (backbone name).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Callable[..., Tensor],
+        mean: Sequence[float],
+        std: Sequence[float],
+        name: str,
+    ) -> None:
+        super().__init__()
+        self.model = model.eval()
+        for parameter in self.model.parameters():
+            parameter.requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.name = name
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(3, 1, 1), persistent=False)
+        self.visual = model.visual
+        self.text = model.text if hasattr(model, "text") else model
+        self._check_supported()
+
+    # ------------------------------------------------------------------ structure
+    def _check_supported(self) -> None:
+        visual, text = self.visual, self.text
+        needed_visual = ("conv1", "class_embedding", "positional_embedding", "transformer", "ln_post", "proj")
+        needed_text = (
+            "token_embedding",
+            "positional_embedding",
+            "transformer",
+            "ln_final",
+            "text_projection",
+        )
+        if not all(hasattr(visual, a) for a in needed_visual) or not all(hasattr(text, a) for a in needed_text):
+            raise BackboneError(
+                f"backbone {self.name!r} is not an open_clip ViT CLIP (timm/HF towers are not supported yet); "
+                "choose an OpenAI/LAION ViT model such as ViT-B-16"
+            )
+        blocks = list(visual.transformer.resblocks) + list(text.transformer.resblocks)
+        if not all(isinstance(getattr(b, "attn", None), nn.MultiheadAttention) for b in blocks):
+            raise BackboneError(f"backbone {self.name!r} uses custom attention blocks, which cdfsl does not support")
+        if getattr(visual, "attn_pool", None) is not None or visual.pool_type != "tok":
+            raise BackboneError(f"backbone {self.name!r} does not pool the CLS token; cdfsl needs a CLS-token ViT")
+        if not getattr(visual.transformer, "batch_first", True) or not getattr(text.transformer, "batch_first", True):
+            raise BackboneError(f"backbone {self.name!r} runs its transformer sequence-first; not supported")
+
+    @property
+    def vision_blocks(self) -> nn.ModuleList:
+        return self.visual.transformer.resblocks
+
+    @property
+    def text_blocks(self) -> nn.ModuleList:
+        return self.text.transformer.resblocks
+
+    @property
+    def num_vision_blocks(self) -> int:
+        return len(self.vision_blocks)
+
+    @property
+    def num_text_blocks(self) -> int:
+        return len(self.text_blocks)
+
+    @property
+    def vision_width(self) -> int:
+        return int(self.visual.class_embedding.shape[0])
+
+    @property
+    def text_width(self) -> int:
+        return int(self.text.token_embedding.weight.shape[1])
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.visual.proj.shape[1])
+
+    @property
+    def image_size(self) -> int:
+        size = self.visual.image_size
+        return int(size[0] if isinstance(size, tuple | list) else size)
+
+    @property
+    def num_patches(self) -> int:
+        return int(self.visual.positional_embedding.shape[0]) - 1
+
+    @property
+    def device(self) -> torch.device:
+        return self.visual.proj.device
+
+    # ------------------------------------------------------------------ shared block pieces
+    @staticmethod
+    def _attention(
+        block: nn.Module,
+        x: Tensor,
+        qkv: Tensor,
+        attn_mask: Tensor | None,
+        want_cls_attention: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Multi-head attention of `block` from a precomputed fused `qkv` `[N, T, 3D]`; returns `[N, T, D]`.
+
+        With `want_cls_attention`, also the CLS query's attention weights `[N, heads, T]`.
+        """
+        attn: nn.MultiheadAttention = block.attn
+        n, t, d = x.shape
+        heads = attn.num_heads
+        q, k, v = qkv.view(n, t, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        cls_attention = None
+        if want_cls_attention:
+            logits = (q[:, :, :1] @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
+            cls_attention = logits.float().softmax(dim=-1)[:, :, 0]
+        out = out.transpose(1, 2).reshape(n, t, d)
+        return F.linear(out, attn.out_proj.weight, attn.out_proj.bias), cls_attention
+
+    @staticmethod
+    def _mlp(block: nn.Module, x: Tensor) -> Tensor:
+        return block.ls_2(block.mlp(block.ln_2(x)))
+
+    # ------------------------------------------------------------------ vision
+    def normalize(self, images: Tensor) -> Tensor:
+        """`[..., 3, H, W]` floats in [0, 1] → normalized with the model's mean and std."""
+        return (images - self.mean) / self.std
+
+    def embed_images(self, images: Tensor) -> Tensor:
+        """Normalized images `[N, 3, H, W]` → tokens entering block 0 `[N, 1 + M, D]`."""
+        visual = self.visual
+        x = visual.conv1(images.to(visual.conv1.weight.dtype))
+        x = x.flatten(2).transpose(1, 2)
+        cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)
+        return visual.ln_pre(x)
+
+    def vision_block(
+        self,
+        layer: int,
+        x: Tensor,
+        qkv_projection: QkvProjection = plain_qkv,
+        want_cls_attention: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        """One vision block over E episodes: `x` `[E, B, T, D]` → `[E, B, T, D]` (and CLS attention `[E, B, H, T]`)."""
+        block = self.vision_blocks[layer]
+        e, b, t, d = x.shape
+        h = block.ln_1(x)
+        attn = block.attn
+        qkv = qkv_projection(layer, h.reshape(e, b * t, d), attn.in_proj_weight, attn.in_proj_bias)
+        attended, cls_attention = self._attention(
+            block, x.reshape(e * b, t, d), qkv.reshape(e * b, t, 3 * d), None, want_cls_attention
+        )
+        x = x + block.ls_1(attended).reshape(e, b, t, d)
+        x = x + self._mlp(block, x)
+        if cls_attention is not None:
+            cls_attention = cls_attention.reshape(e, b, *cls_attention.shape[1:])
+        return x, cls_attention
+
+    def project_tokens(self, tokens: Tensor) -> Tensor:
+        """Hidden tokens `[..., D]` → joint space `[..., C]` through the final norm and projection (not normalized)."""
+        return self.visual.ln_post(tokens) @ self.visual.proj
+
+    def encode_images(
+        self,
+        images: Tensor,
+        qkv_projection: QkvProjection = plain_qkv,
+        block_input_hook: BlockInputHook | None = None,
+        layer_features: bool = False,
+        keep_block_inputs: bool = False,
+        keep_cls_attention: bool = False,
+    ) -> VisionOutput:
+        """Encode normalized images `[E, B, 3, H, W]` for E episodes at once.
+
+        `qkv_projection` supplies each block's q/k/v (per-episode LoRA); `block_input_hook(layer, x)` may rewrite the
+        tokens entering block `layer` (TIR). The frozen weights are shared: the E·B images form one batch.
+        """
+        e, b = images.shape[:2]
+        x = self.embed_images(images.flatten(0, 1))
+        x = x.reshape(e, b, *x.shape[1:])
+        per_layer: list[Tensor] = []
+        output = VisionOutput(features=x)
+        for layer in range(self.num_vision_blocks):
+            if block_input_hook is not None:
+                x = block_input_hook(layer, x)
+            if keep_block_inputs:
+                output.block_inputs.append(x)
+            x, cls_attention = self.vision_block(layer, x, qkv_projection, keep_cls_attention)
+            if cls_attention is not None:
+                output.cls_attention.append(cls_attention)
+            if layer_features:
+                per_layer.append(self.project_tokens(x[:, :, 0]))
+        output.features = per_layer[-1] if layer_features else self.project_tokens(x[:, :, 0])
+        if layer_features:
+            output.layer_features = torch.stack(per_layer)
+        return output
+
+    # ------------------------------------------------------------------ text
+    def tokenize(self, texts: Sequence[str]) -> Tensor:
+        """Texts → token ids `[K, context]` on the model's device."""
+        return self.tokenizer(list(texts)).to(self.device)
+
+    def _pool_positions(self, tokens: Tensor) -> Tensor:
+        """Index of the pooled (EOS) token of each sequence `[K]`."""
+        pool_type = getattr(self.text, "text_pool_type", getattr(self.text, "pool_type", "argmax"))
+        if pool_type == "argmax":
+            return tokens.argmax(dim=-1)
+        if pool_type == "eos":
+            eos_id = getattr(self.text, "text_eos_id", getattr(self.text, "eos_id", None))
+            return (tokens == eos_id).int().argmax(dim=-1)
+        if pool_type == "last":
+            return torch.full((tokens.shape[0],), tokens.shape[1] - 1, device=tokens.device)
+        raise BackboneError(f"text pooling {pool_type!r} is not supported")
+
+    def _causal_mask(self) -> Tensor | None:
+        return getattr(self.text, "attn_mask", None)
+
+    def encode_text_tokens(
+        self,
+        tokens: Tensor,
+        replace_position: int | None = None,
+        replacement: Tensor | None = None,
+        layer_features: bool = False,
+        skip_blocks: Sequence[int] = (),
+        block_scale: dict[int, float] | None = None,
+    ) -> Tensor:
+        """Encode token ids `[N, S]` → final text features `[N, C]` (or per-block EOS features `[L, N, C]`).
+
+        Args:
+            replace_position: a token position whose embedding is replaced by `replacement` `[N, W]` (VtT absorption).
+            layer_features: return the EOS token after every block, through the final norm and projection.
+            skip_blocks: text blocks to remove (their input passes straight on).
+            block_scale: per block, a factor γ on its residual update: `x + γ · (block(x) − x)`.
+
+        With a causal mask, tokens after the last EOS cannot affect any EOS feature, so the sequence is cut there.
+        """
+        text = self.text
+        positions = self._pool_positions(tokens)
+        mask = self._causal_mask()
+        if mask is not None:
+            length = int(positions.max()) + 1
+            tokens, mask = tokens[:, :length], mask[:length, :length]
+        x = text.token_embedding(tokens)
+        if replace_position is not None:
+            if replacement is None:
+                raise ValueError("replacement embeddings are required with replace_position")
+            x = torch.cat(
+                [x[:, :replace_position], replacement[:, None].to(x.dtype), x[:, replace_position + 1 :]],
+                dim=1,
+            )
+        x = x + text.positional_embedding[: x.shape[1]].to(x.dtype)
+        if mask is not None:
+            mask = mask.to(x.dtype)
+        rows = torch.arange(x.shape[0], device=x.device)
+        per_layer: list[Tensor] = []
+        scale = block_scale or {}
+        for layer, block in enumerate(self.text_blocks):
+            if layer in skip_blocks:
+                updated = x
+            else:
+                h = block.ln_1(x)
+                qkv = F.linear(h, block.attn.in_proj_weight, block.attn.in_proj_bias)
+                updated = x + block.ls_1(self._attention(block, x, qkv, mask)[0])
+                updated = updated + self._mlp(block, updated)
+                if layer in scale:
+                    updated = x + scale[layer] * (updated - x)
+            x = updated
+            if layer_features:
+                per_layer.append(self._project_text(x[rows, positions]))
+        if layer_features:
+            return torch.stack(per_layer)
+        return self._project_text(x[rows, positions])
+
+    def _project_text(self, pooled: Tensor) -> Tensor:
+        x = self.text.ln_final(pooled)
+        projection = self.text.text_projection
+        if projection is None:
+            return x
+        return projection(x) if isinstance(projection, nn.Linear) else x @ projection
+
+    def text_features(self, prompts: Sequence[str]) -> Tensor:
+        """Final text features of prompts `[K, C]` (not normalized)."""
+        return self.encode_text_tokens(self.tokenize(prompts))
+
+    def text_layer_features(self, prompts: Sequence[str]) -> Tensor:
+        """EOS features after every text block through the final norm and projection `[L, K, C]`."""
+        return self.encode_text_tokens(self.tokenize(prompts), layer_features=True)
+
+    def token_embedding(self, token_ids: Tensor) -> Tensor:
+        """Token ids → input embeddings `[..., W]` of the text tower."""
+        return self.text.token_embedding(token_ids)
+
+    def placeholder_position(self, template: str, placeholder: str) -> tuple[Tensor, int]:
+        """Tokens `[1, S]` of `template` filled with `placeholder`, and the position of the placeholder token.
+
+        Raises `BackboneError` if the placeholder is not a single token.
+        """
+        tokens = self.tokenize([template.format(placeholder)])
+        prefix = self.tokenize([template.split("{}")[0].strip()])
+        start = int(self._pool_positions(prefix)[0])  # EOS index of the prefix = first position after it
+        alone = self.tokenize([placeholder])
+        if int(self._pool_positions(alone)[0]) != 2:
+            raise BackboneError(f"VtT placeholder {placeholder!r} is not a single token; choose a short word")
+        if int(tokens[0, start]) != int(alone[0, 1]):
+            raise BackboneError(f"cannot locate placeholder {placeholder!r} in template {template!r}")
+        return tokens, start

@@ -1,0 +1,260 @@
+"""The `cdfsl` command line: parses options, builds configs, calls the API, owns the terminal.
+
+User mistakes (`CdfslError`) print one line and exit 2; anything else is a bug and exits 1 with its traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from cdfsl.config import DATASETS, METHODS, RunConfig, apply_override
+from cdfsl.errors import CdfslError, ConfigError
+
+app = typer.Typer(
+    help="Source-free cross-domain few-shot learning with CLIP: zeroshot, lora, tir, vtt, tir+vtt.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+datasets_app = typer.Typer(help="Inspect dataset layouts.", no_args_is_help=True)
+app.add_typer(datasets_app, name="datasets")
+console = Console(stderr=True)
+out = Console()
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def user_errors(function: F) -> F:
+    """Turn `CdfslError` into a one-line message and exit code 2; show warnings as one line each."""
+
+    @wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        def show(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:
+            console.print(f"[yellow]warning:[/yellow] {message}", highlight=False)
+
+        warnings.showwarning = show  # type: ignore[assignment]
+        try:
+            return function(*args, **kwargs)
+        except CdfslError as error:
+            console.print(f"[red]error:[/red] {error}", highlight=False)
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def build_config(
+    dataset: str,
+    data_root: Path | None,
+    method: str,
+    ways: int,
+    shots: int,
+    queries: int,
+    episodes: int | None,
+    seed: int,
+    backbone: str,
+    pretrained: str,
+    iterations: int | None,
+    episode_batch: str,
+    device: str,
+    db: Path,
+    run_name: str | None,
+    cache_dir: Path | None,
+    overrides: list[str],
+) -> RunConfig:
+    """The `RunConfig` the `run` options describe (`--set` applied last)."""
+    config = RunConfig(
+        dataset=dataset,
+        data_root=str(data_root) if data_root else None,
+        method=method,
+        ways=ways,
+        shots=shots,
+        queries=queries,
+        episodes=episodes,
+        seed=seed,
+        backbone=backbone,
+        pretrained=pretrained,
+        device=device,
+        db=str(db),
+        run_name=run_name,
+        cache_dir=str(cache_dir) if cache_dir else None,
+    )
+    if iterations is not None:
+        config.train.iterations = iterations
+    config.episode_batch = parse_episode_batch(episode_batch, config)
+    for assignment in overrides:
+        apply_override(config, assignment)
+    return config.validate()
+
+
+def parse_episode_batch(value: str, config: RunConfig) -> int:
+    """An integer, or `auto`: the largest batch the device's free memory allows (see `engine.autobatch`)."""
+    if value == "auto":
+        from cdfsl.engine.autobatch import auto_episode_batch
+
+        return auto_episode_batch(config)
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"--episode-batch expects a positive integer or 'auto', got {value!r}") from None
+
+
+def progress_bar() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[accuracy]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    )
+
+
+def run_with_progress(config: RunConfig, runner: Any = None) -> Any:
+    """Run `config` with a live bar: episodes done, running mean ± 95% interval, elapsed and ETA."""
+    from cdfsl.engine.runner import Runner
+
+    with progress_bar() as bar:
+        task = bar.add_task(f"{config.method} · {config.dataset}", total=config.resolved_episodes(), accuracy="")
+
+        def update(p: Any) -> None:
+            bar.update(task, completed=p.done, accuracy=f"{p.mean:.2f} ± {p.ci95:.2f}%")
+
+        runner = runner or Runner()
+        runner.progress = update
+        result = runner.run(config)
+        bar.update(task, completed=len(result.per_episode), accuracy=f"{result.mean_acc:.2f} ± {result.ci95:.2f}%")
+    return result
+
+
+@app.command("run")
+@user_errors
+def run_command(
+    dataset: Annotated[str, typer.Option(help=f"One of: {', '.join(DATASETS)}.")],
+    method: Annotated[str, typer.Option(help=f"One of: {', '.join(METHODS)}.")],
+    data_root: Annotated[Path | None, typer.Option(help="Dataset folder (not needed for digits).")] = None,
+    ways: Annotated[int, typer.Option(help="Classes per episode.")] = 5,
+    shots: Annotated[int, typer.Option(help="Support images per class.")] = 1,
+    queries: Annotated[int, typer.Option(help="Query images per class.")] = 15,
+    episodes: Annotated[int | None, typer.Option(help="Episodes (default: 800 for 1-shot, 400 otherwise).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the episode sequence and every random stream.")] = 0,
+    backbone: Annotated[str, typer.Option(help="open_clip model name, or 'tiny' for the embedded model.")] = "ViT-B-16",
+    pretrained: Annotated[
+        str, typer.Option(help="Weights: a tag (openai, ...), a checkpoint PATH, or none.")
+    ] = "openai",
+    iterations: Annotated[int | None, typer.Option(help="Training iterations per episode (default 250).")] = None,
+    episode_batch: Annotated[str, typer.Option(help="Episodes trained at once, or 'auto'.")] = "1",
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    db: Annotated[Path, typer.Option(help="SQLite result store.")] = Path("results.sqlite"),
+    run_name: Annotated[str | None, typer.Option(help="A label for reports.")] = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="Folder for a disk cache of decoded images.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="key=value for any config field.")] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write a JSON summary here.")] = None,
+) -> None:
+    """Run a method on a dataset's episodes; finished episodes are stored and skipped on re-runs."""
+    config = build_config(
+        dataset, data_root, method, ways, shots, queries, episodes, seed, backbone, pretrained, iterations,
+        episode_batch, device, db, run_name, cache_dir, set_ or [],
+    )  # fmt: skip
+    result = run_with_progress(config)
+    trained = result.trained_episodes
+    resumed = len(result.per_episode) - trained
+    out.print(
+        f"{config.method} on {config.dataset} ({config.ways}-way {config.shots}-shot, {len(result.per_episode)} "
+        f"episodes): [bold]{result.mean_acc:.2f} ± {result.ci95:.2f}%[/bold]  "
+        f"(run {result.run_id}; {trained} trained, {resumed} from {config.db})",
+        highlight=False,
+    )
+    if json_path is not None:
+        json_path.write_text(json.dumps(result.to_json(), indent=2))
+
+
+@app.command("demo")
+@user_errors
+def demo_command(
+    episodes: Annotated[int, typer.Option(help="Episodes per method.")] = 24,
+    iterations: Annotated[int, typer.Option(help="Training iterations per episode.")] = 40,
+    shots: Annotated[int, typer.Option(help="Support images per class.")] = 5,
+    episode_batch: Annotated[int, typer.Option(help="Episodes trained at once.")] = 8,
+    db: Annotated[Path, typer.Option(help="SQLite result store.")] = Path("demo.sqlite"),
+) -> None:
+    """The main job on the embedded default: the tiny CLIP on digits, every method, a results table."""
+    from cdfsl.backbone.tiny import CHECKPOINT_PATH
+    from cdfsl.engine.runner import Runner
+
+    pretrained = "openai"
+    if not CHECKPOINT_PATH.is_file():
+        console.print("[yellow]warning:[/yellow] the tiny model's weights are not installed; using random weights")
+        pretrained = "none"
+    runner = Runner()
+    table = Table(title=f"digits, tiny CLIP, 5-way {shots}-shot, {episodes} episodes, {iterations} iterations")
+    for column in ("method", "accuracy (%)", "95% CI", "s / episode"):
+        table.add_column(column, justify="left" if column == "method" else "right")
+    for method in METHODS:
+        config = RunConfig(
+            dataset="digits", method=method, backbone="tiny", pretrained=pretrained, shots=shots,
+            episodes=episodes, episode_batch=episode_batch, db=str(db),
+        )  # fmt: skip
+        config.train.iterations = iterations
+        result = run_with_progress(config.validate(), runner)
+        seconds = result.seconds / max(result.trained_episodes, 1)
+        table.add_row(method, f"{result.mean_acc:.2f}", f"± {result.ci95:.2f}", f"{seconds:.2f}")
+    out.print(table)
+
+
+@datasets_app.command("check")
+@user_errors
+def datasets_check(
+    dataset: Annotated[str, typer.Option(help=f"One of: {', '.join(DATASETS)}.")],
+    data_root: Annotated[Path | None, typer.Option(help="Dataset folder (not needed for digits).")] = None,
+) -> None:
+    """Validate a dataset layout and print its classes, prompt names and image counts."""
+    from cdfsl.data.readers import load_index
+
+    if dataset not in DATASETS:
+        raise ConfigError(f"--dataset must be one of {', '.join(DATASETS)}; got {dataset!r}")
+    index = load_index(dataset, data_root)
+    table = Table(title=f"{dataset}: {len(index.items)} images, {index.num_classes} classes")
+    table.add_column("label", justify="right")
+    table.add_column("class")
+    table.add_column("prompt name")
+    table.add_column("images", justify="right")
+    for label, (key, name, count) in enumerate(zip(index.class_keys, index.class_names, index.counts(), strict=True)):
+        table.add_row(str(label), key, name, str(count))
+    out.print(table)
+    if index.skipped:
+        out.print(f"{len(index.skipped)} files skipped (unreadable or outside the data root)")
+    out.print(f"fingerprint {index.fingerprint()}")
+
+
+def main() -> None:
+    """Console entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        console.print("interrupted; finished episodes are stored, re-run the same command to resume")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Dataset readers, the episode sampler, and the image pipeline (decode, cache, augment)."""

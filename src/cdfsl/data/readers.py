@@ -1,0 +1,514 @@
+"""Dataset readers: turn a downloaded dataset (or scikit-learn's digits) into an `ImageIndex`.
+
+Layouts accepted under the data root (protocol.md, "Datasets and their on-disk layouts"):
+
+- `eurosat`: class folders of RGB JPEGs (`AnnualCrop/`, `Forest/`, ...), directly under the root or under
+  `root/2750/` (preferred when it exists). The folders present must be known EuroSAT class names, at least 2.
+- `cropdiseases`: PlantVillage class folders (`Apple___Apple_scab/`, ...), directly under the root or under
+  `root/dataset/train/` (preferred when it exists). Prompt name = folder name with `___` and `_` turned into
+  spaces, whitespace collapsed.
+- `isic2018`: `ISIC2018_Task3_Training_Input/<image>.jpg` and
+  `ISIC2018_Task3_Training_GroundTruth/ISIC2018_Task3_Training_GroundTruth.csv` with exactly the columns
+  `image,MEL,NV,BCC,AKIEC,BKL,DF,VASC` (one-hot `1.0`/`0.0`). Rows that are not exactly one-hot, or whose
+  image is missing, are skipped with one warning for each kind.
+- `chestx`: `Data_Entry_2017.csv` (columns `Image Index`, `Finding Labels`, labels joined by `|`) and the PNGs
+  in `images/` and/or `images_001/images/` ... `images_012/images/` (all are searched). Only rows with exactly
+  one label among the seven classes are kept; the others are left out silently, as the protocol says.
+- `imagefolder`: the immediate non-hidden subfolders of the root are the classes; a class's images are the
+  image files directly in its folder and, recursively, in every folder below it. Files directly in the root
+  are ignored. An optional `root/classnames.json` (`{"folder": "prompt name"}`) overrides prompt names.
+- `digits`: scikit-learn's 8x8 handwritten digits, embedded; the data root is ignored.
+
+Common rules: image files are those with extension .jpg .jpeg .png .bmp .tif .tiff .webp (any case); hidden
+files and folders (name starting with `.`, such as `.DS_Store` or macOS `._x.jpg`) are ignored. Item keys are
+POSIX paths relative to the data root, items are sorted by (label, key) and folder-class keys are sorted, so
+the filesystem's listing order never matters. Every image file gets a cheap header check; unreadable files
+are left out (never shifting other labels), listed in `ImageIndex.skipped`, and reported in one warning per
+reader call. A file name read from a CSV must resolve (symlinks followed) inside the image folder it is
+looked up in, which lies in the data root; `../x.png` or an absolute path is skipped with a warning naming
+it. A class that ends up with no images stays in the class list (the episode sampler excludes and reports it).
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import os
+import warnings
+from collections.abc import Callable, Container, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath, PureWindowsPath
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from cdfsl.data.index import ImageIndex
+from cdfsl.errors import DatasetError, DatasetWarning
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
+
+EUROSAT_CLASSES: dict[str, str] = {
+    "AnnualCrop": "annual crop land",
+    "Forest": "forest",
+    "HerbaceousVegetation": "herbaceous vegetation land",
+    "Highway": "highway or road",
+    "Industrial": "industrial buildings",
+    "Pasture": "pasture land",
+    "PermanentCrop": "permanent crop land",
+    "Residential": "residential buildings",
+    "River": "river",
+    "SeaLake": "sea or lake",
+}
+
+ISIC_INPUT_DIR = "ISIC2018_Task3_Training_Input"
+ISIC_CSV = "ISIC2018_Task3_Training_GroundTruth/ISIC2018_Task3_Training_GroundTruth.csv"
+ISIC_IMAGE_COLUMN = "image"
+ISIC_CLASSES: dict[str, str] = {
+    "MEL": "melanoma",
+    "NV": "melanocytic nevus",
+    "BCC": "basal cell carcinoma",
+    "AKIEC": "actinic keratosis",
+    "BKL": "benign keratosis",
+    "DF": "dermatofibroma",
+    "VASC": "vascular lesion",
+}
+
+CHESTX_CSV = "Data_Entry_2017.csv"
+CHESTX_IMAGE_COLUMN = "Image Index"
+CHESTX_LABEL_COLUMN = "Finding Labels"
+CHESTX_CLASSES = ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumothorax")
+
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+CLASSNAMES_FILE = "classnames.json"
+_HEADER_CHECK_WORKERS = 8
+_NAMES_IN_WARNING = 5
+
+
+# ----------------------------------------------------------------------------------------------------
+# entry point
+
+
+def load_index(dataset: str, data_root: str | Path | None) -> ImageIndex:
+    """Index `dataset` found under `data_root` (ignored for `digits`).
+
+    Raises:
+        DatasetError: unknown dataset name, or a missing/malformed dataset; the message says what was expected
+            and what was found.
+    """
+    reader = READERS.get(dataset)
+    if reader is None:
+        raise DatasetError(f"unknown dataset {dataset!r}; known datasets: {', '.join(READERS)}")
+    if dataset == "digits":
+        return read_digits()
+    return reader(_require_root(dataset, data_root))
+
+
+# ----------------------------------------------------------------------------------------------------
+# readers
+
+
+def read_eurosat(root: Path) -> ImageIndex:
+    """EuroSAT RGB: class folders directly under `root` or under `root/2750/`."""
+    base = root / "2750" if (root / "2750").is_dir() else root
+    folders = _class_folders(base)
+    unknown = sorted(set(folders) - set(EUROSAT_CLASSES))
+    if unknown:
+        raise DatasetError(
+            f"eurosat: unknown class folder(s) {', '.join(unknown)} in {base}; "
+            f"expected EuroSAT class folders among: {', '.join(sorted(EUROSAT_CLASSES))}"
+        )
+    if len(folders) < 2:
+        raise DatasetError(
+            f"eurosat: expected at least 2 class folders among {', '.join(sorted(EUROSAT_CLASSES))} "
+            f"in {root} or {root / '2750'}; found {_describe(folders)}"
+        )
+    builder = _IndexBuilder("eurosat", root, folders, [EUROSAT_CLASSES[f] for f in folders])
+    for label, folder in enumerate(folders):
+        builder.add_files(label, _list_images(base / folder, root))
+    return builder.build()
+
+
+def read_cropdiseases(root: Path) -> ImageIndex:
+    """PlantVillage (CropDiseases): class folders directly under `root` or under `root/dataset/train/`."""
+    nested = root / "dataset" / "train"
+    base = nested if nested.is_dir() else root
+    folders = _class_folders(base)
+    if len(folders) < 2:
+        raise DatasetError(
+            f"cropdiseases: expected PlantVillage class folders (such as Apple___Apple_scab) in {root} or "
+            f"{nested}; found {_describe(folders)}"
+        )
+    builder = _IndexBuilder("cropdiseases", root, folders, [plantvillage_prompt(f) for f in folders])
+    for label, folder in enumerate(folders):
+        builder.add_files(label, _list_images(base / folder, root))
+    return builder.build()
+
+
+def read_isic2018(root: Path) -> ImageIndex:
+    """ISIC 2018 task 3: one-hot ground-truth CSV plus an input folder of `<image>.jpg`."""
+    input_dir = root / ISIC_INPUT_DIR
+    csv_path = root / ISIC_CSV
+    if not csv_path.is_file():
+        raise DatasetError(f"isic2018: ground-truth CSV not found: expected {csv_path}")
+    if not input_dir.is_dir():
+        raise DatasetError(f"isic2018: image folder not found: expected {input_dir}")
+    columns = (ISIC_IMAGE_COLUMN, *ISIC_CLASSES)
+    header, rows = _read_csv(csv_path, "isic2018")
+    if set(header) != set(columns):
+        raise DatasetError(
+            f"isic2018: {csv_path.name} has unexpected columns; expected {', '.join(columns)}; "
+            f"found {', '.join(header) or 'no header'} "
+            f"(missing: {_describe(sorted(set(columns) - set(header)))}; "
+            f"unknown: {_describe(sorted(set(header) - set(columns)))})"
+        )
+    builder = _IndexBuilder("isic2018", root, list(ISIC_CLASSES), list(ISIC_CLASSES.values()))
+    present = _file_names(input_dir)
+    not_one_hot: list[str] = []
+    for row in rows:
+        name = row[ISIC_IMAGE_COLUMN]
+        label = _one_hot_label([row[c] for c in ISIC_CLASSES])
+        if label is None:
+            not_one_hot.append(name)
+        else:
+            builder.add_csv_entry(label, input_dir, f"{name}.jpg", present)
+    _warn_list(not_one_hot, "isic2018: skipped {n} CSV row(s) whose label columns are not exactly one 1.0")
+    return builder.build()
+
+
+def read_chestx(root: Path) -> ImageIndex:
+    """NIH ChestX-ray14: `Data_Entry_2017.csv` plus PNGs in `images/` and/or `images_0NN/images/`."""
+    csv_path = root / CHESTX_CSV
+    if not csv_path.is_file():
+        raise DatasetError(f"chestx: label CSV not found: expected {csv_path}")
+    folders = _chestx_image_folders(root)
+    if not folders:
+        raise DatasetError(
+            f"chestx: no image folder found: expected {root / 'images'} or {root / 'images_001' / 'images'} "
+            f"... {root / 'images_012' / 'images'}"
+        )
+    header, rows = _read_csv(csv_path, "chestx")
+    missing = [c for c in (CHESTX_IMAGE_COLUMN, CHESTX_LABEL_COLUMN) if c not in header]
+    if missing:
+        raise DatasetError(
+            f"chestx: {csv_path.name} lacks column(s) {', '.join(missing)}; expected columns including "
+            f"{CHESTX_IMAGE_COLUMN!r} and {CHESTX_LABEL_COLUMN!r}; found {', '.join(header) or 'no header'}"
+        )
+    locations = _chestx_locations(folders)
+    builder = _IndexBuilder("chestx", root, list(CHESTX_CLASSES), list(CHESTX_CLASSES))
+    for row in rows:
+        labels = [part.strip() for part in row[CHESTX_LABEL_COLUMN].split("|")]
+        if len(labels) != 1 or labels[0] not in CHESTX_CLASSES:
+            continue  # the protocol keeps single-label rows of the seven classes only
+        name = row[CHESTX_IMAGE_COLUMN]
+        builder.add_csv_entry(CHESTX_CLASSES.index(labels[0]), locations.get(name, folders[0]), name, locations)
+    return builder.build()
+
+
+def read_imagefolder(root: Path) -> ImageIndex:
+    """Generic class-folder tree; class = immediate subfolder, images directly in it or anywhere below it."""
+    folders = _class_folders(root)
+    if len(folders) < 2:
+        raise DatasetError(f"imagefolder: expected at least 2 class folders in {root}; found {_describe(folders)}")
+    names = _imagefolder_names(root, folders)
+    builder = _IndexBuilder("imagefolder", root, folders, names)
+    for label, folder in enumerate(folders):
+        builder.add_files(label, _list_images(root / folder, root))
+    return builder.build()
+
+
+def read_digits() -> ImageIndex:
+    """scikit-learn's handwritten digits: 1797 8x8 images, grey 0..16 scaled to uint8 and shown as RGB."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    pixels = np.rint(np.asarray(digits.images, dtype=np.float64) * 255.0 / 16.0).clip(0, 255).astype(np.uint8)
+    keys = [f"digits/{i:05d}" for i in range(len(pixels))]
+    pairs = sorted(zip((int(t) for t in digits.target), keys, strict=True))
+    return ImageIndex(
+        name="digits",
+        class_keys=tuple(str(d) for d in range(10)),
+        class_names=DIGIT_NAMES,
+        items=tuple(key for _, key in pairs),
+        labels=tuple(label for label, _ in pairs),
+        loader=DigitsLoader(pixels),
+        root=None,
+    )
+
+
+READERS: dict[str, Callable[[Path], ImageIndex]] = {
+    "eurosat": read_eurosat,
+    "cropdiseases": read_cropdiseases,
+    "isic2018": read_isic2018,
+    "chestx": read_chestx,
+    "imagefolder": read_imagefolder,
+    "digits": lambda _root: read_digits(),
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+# loaders (module-level classes/partials so an index can be pickled into data-loader workers)
+
+
+def open_rgb(root: Path, key: str) -> Image.Image:
+    """Open `root/key` and return it decoded as RGB."""
+    with Image.open(root / key) as image:
+        return image.convert("RGB")
+
+
+@dataclass(frozen=True, eq=False)
+class DigitsLoader:
+    """Loads `digits/NNNNN` from the uint8 pixel array as an 8x8 RGB image."""
+
+    pixels: np.ndarray = field(repr=False)
+
+    def __call__(self, key: str) -> Image.Image:
+        prefix, _, number = key.partition("/")
+        if prefix != "digits" or not number.isdigit() or int(number) >= len(self.pixels):
+            raise KeyError(f"not a digits key: {key!r}")
+        return Image.fromarray(self.pixels[int(number)]).convert("RGB")
+
+
+# ----------------------------------------------------------------------------------------------------
+# shared helpers
+
+
+def plantvillage_prompt(folder: str) -> str:
+    """`Corn_(maize)___Common_rust_` -> `Corn (maize) Common rust`."""
+    return " ".join(folder.replace("___", " ").replace("_", " ").split())
+
+
+def _require_root(dataset: str, data_root: str | Path | None) -> Path:
+    if data_root is None:
+        raise DatasetError(f"{dataset}: a data root is needed (--data-root); none was given")
+    root = Path(data_root).expanduser()
+    if not root.exists():
+        raise DatasetError(f"{dataset}: data root not found: {root} does not exist")
+    if not root.is_dir():
+        raise DatasetError(f"{dataset}: data root must be a folder; {root} is a file")
+    return root.resolve()
+
+
+def _describe(names: Sequence[str], limit: int = 10) -> str:
+    if not names:
+        return "none"
+    shown = ", ".join(names[:limit])
+    return shown if len(names) <= limit else f"{shown}, ... ({len(names)} in all)"
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def _is_image_name(name: str) -> bool:
+    return not _hidden(name) and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _class_folders(base: Path) -> list[str]:
+    """Sorted names of the non-hidden subfolders of `base`."""
+    if not base.is_dir():
+        return []
+    with os.scandir(base) as entries:
+        return sorted(e.name for e in entries if e.is_dir() and not _hidden(e.name))
+
+
+def _list_images(folder: Path, root: Path) -> list[str]:
+    """Keys (POSIX, relative to `root`) of image files directly in `folder` or below it, sorted."""
+    keys: list[str] = []
+    for current, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not _hidden(d)]
+        relative = Path(current).relative_to(root)
+        keys.extend((relative / name).as_posix() for name in files if _is_image_name(name))
+    return sorted(keys)
+
+
+def _file_names(folder: Path) -> frozenset[str]:
+    with os.scandir(folder) as entries:
+        return frozenset(e.name for e in entries if e.is_file())
+
+
+def _read_csv(path: Path, dataset: str) -> tuple[list[str], list[dict[str, str]]]:
+    """Header (stripped names) and rows (stripped values) of a CSV file."""
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.reader(handle)
+            header = [name.strip() for name in next(reader, [])]
+            rows = [
+                {name: value.strip() for name, value in zip(header, line, strict=False)}
+                for line in reader
+                if any(value.strip() for value in line)
+            ]
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise DatasetError(f"{dataset}: cannot read {path}: {error}") from error
+    for row in rows:
+        for name in header:
+            row.setdefault(name, "")
+    return header, rows
+
+
+def _one_hot_label(values: Sequence[str]) -> int | None:
+    """Position of the single 1 in a one-hot row of `1.0`/`0.0` strings, or None if the row is not one-hot."""
+    try:
+        numbers = [float(v) for v in values]
+    except ValueError:
+        return None
+    ones = [i for i, x in enumerate(numbers) if x == 1.0]
+    if len(ones) != 1 or any(x != 0.0 for i, x in enumerate(numbers) if i != ones[0]):
+        return None
+    return ones[0]
+
+
+def _unsafe_name(name: str) -> bool:
+    """True for names that are empty, absolute (POSIX or Windows style), or climb with `..`."""
+    if not name or PurePosixPath(name).is_absolute() or PureWindowsPath(name).is_absolute():
+        return True
+    return PureWindowsPath(name).drive != "" or ".." in PurePosixPath(name.replace("\\", "/")).parts
+
+
+def _chestx_image_folders(root: Path) -> list[Path]:
+    """`images/` and every `images_NNN/images/` under `root`, in sorted order."""
+    folders = [root / "images"] if (root / "images").is_dir() else []
+    spread = sorted(p for p in root.glob("images_[0-9][0-9][0-9]/images") if p.is_dir())
+    return folders + spread
+
+
+def _chestx_locations(folders: Sequence[Path]) -> dict[str, Path]:
+    """File name -> the first folder (in the given order) holding a file of that name."""
+    locations: dict[str, Path] = {}
+    for folder in folders:
+        for name in _file_names(folder):
+            locations.setdefault(name, folder)
+    return locations
+
+
+def _imagefolder_names(root: Path, folders: Sequence[str]) -> list[str]:
+    """Prompt names: folder names, overridden by `root/classnames.json` where it has an entry."""
+    path = root / CLASSNAMES_FILE
+    if not path.is_file():
+        return list(folders)
+    try:
+        mapping = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DatasetError(f"imagefolder: cannot read {path}: {error}") from error
+    if not isinstance(mapping, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and v.strip() for k, v in mapping.items()
+    ):
+        raise DatasetError(
+            f'imagefolder: {path} must be a JSON object {{"folder": "prompt name"}} of non-empty strings'
+        )
+    unknown = sorted(set(mapping) - set(folders))
+    if unknown:
+        raise DatasetError(
+            f"imagefolder: {path.name} names folder(s) {', '.join(unknown)} that are not class folders; "
+            f"class folders: {_describe(list(folders))}"
+        )
+    return [mapping.get(folder, folder).strip() for folder in folders]
+
+
+def _header_ok(path: Path) -> bool:
+    """Cheap readability check: PIL identifies the file from its header."""
+    try:
+        with Image.open(path) as image:
+            image.size  # noqa: B018 - touching the header is the point
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):
+        return False
+    return True
+
+
+def _check_headers(root: Path, keys: Sequence[str]) -> list[bool]:
+    """Header check of `root/key` for each key, in the same order, on a thread pool."""
+    if not keys:
+        return []
+    with ThreadPoolExecutor(max_workers=_HEADER_CHECK_WORKERS) as pool:
+        return list(pool.map(_header_ok, (root / key for key in keys), chunksize=64))
+
+
+def _warn_list(names: Sequence[str], message: str) -> None:
+    """One warning for a whole list: `message` (with `{n}`) plus up to 5 of the names."""
+    if not names:
+        return
+    shown = ", ".join(repr(n) for n in names[:_NAMES_IN_WARNING])
+    more = f" and {len(names) - _NAMES_IN_WARNING} more" if len(names) > _NAMES_IN_WARNING else ""
+    warnings.warn(f"{message.format(n=len(names))}: {shown}{more}", DatasetWarning, stacklevel=2)
+
+
+@dataclass
+class _IndexBuilder:
+    """Collects (key, label) pairs, checks headers, reports skipped files and builds the `ImageIndex`."""
+
+    name: str
+    root: Path
+    class_keys: Sequence[str]
+    class_names: Sequence[str]
+    pairs: list[tuple[int, str]] = field(default_factory=list)
+    unsafe: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    duplicate: list[str] = field(default_factory=list)
+    _seen: set[str] = field(default_factory=set)
+    _resolved: dict[Path, Path] = field(default_factory=dict)
+
+    def add_files(self, label: int, keys: Iterable[str]) -> None:
+        for key in keys:
+            self._add(label, key)
+
+    def add_csv_entry(self, label: int, folder: Path, name: str, present: Container[str]) -> None:
+        """Add `folder/name` named by a CSV row unless unsafe or missing (`present`: names in `folder`)."""
+        if _unsafe_name(name) or not self._resolves_inside(folder, name):
+            self.unsafe.append(name)
+        elif name not in present:
+            self.missing.append((folder / name).relative_to(self.root).as_posix())
+        else:
+            self._add(label, (folder / name).relative_to(self.root).as_posix())
+
+    def _resolves_inside(self, folder: Path, name: str) -> bool:
+        """True if `folder/name`, all symlinks resolved, lies inside the resolved `folder`."""
+        if folder not in self._resolved:
+            self._resolved[folder] = folder.resolve()
+        return (folder / name).resolve().is_relative_to(self._resolved[folder])
+
+    def _add(self, label: int, key: str) -> None:
+        if key in self._seen:
+            self.duplicate.append(key)
+            return
+        self._seen.add(key)
+        self.pairs.append((label, key))
+
+    def build(self) -> ImageIndex:
+        pairs = sorted(self.pairs)
+        readable = _check_headers(self.root, [key for _, key in pairs])
+        unreadable = [key for (_, key), ok in zip(pairs, readable, strict=True) if not ok]
+        pairs = [pair for pair, ok in zip(pairs, readable, strict=True) if ok]
+        self._report(unreadable)
+        if not pairs:
+            raise DatasetError(
+                f"{self.name}: zero images found under {self.root} (expected image files with extensions "
+                f"{', '.join(sorted(IMAGE_EXTENSIONS))}; {len(unreadable)} unreadable, "
+                f"{len(self.missing)} missing, {len(self.unsafe)} unsafe)"
+            )
+        with_images = sorted({label for label, _ in pairs})
+        if len(with_images) < 2:
+            raise DatasetError(
+                f"{self.name}: expected images in at least 2 classes; found images only in "
+                f"{_describe([self.class_keys[c] for c in with_images])} under {self.root}"
+            )
+        return ImageIndex(
+            name=self.name,
+            class_keys=tuple(self.class_keys),
+            class_names=tuple(self.class_names),
+            items=tuple(key for _, key in pairs),
+            labels=tuple(label for label, _ in pairs),
+            loader=functools.partial(open_rgb, self.root),
+            root=self.root,
+            skipped=tuple(sorted(self.unsafe)) + tuple(sorted(self.missing)) + tuple(unreadable),
+        )
+
+    def _report(self, unreadable: Sequence[str]) -> None:
+        _warn_list(
+            sorted(self.unsafe),
+            f"{self.name}: skipped {{n}} CSV entr(ies) whose file name does not resolve inside the image folder",
+        )
+        _warn_list(sorted(self.missing), f"{self.name}: skipped {{n}} CSV row(s) whose image file is missing")
+        _warn_list(sorted(self.duplicate), f"{self.name}: ignored {{n}} repeated entr(ies) for the same file")
+        _warn_list(unreadable, f"{self.name}: skipped {{n}} unreadable image file(s)")

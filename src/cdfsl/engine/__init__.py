@@ -1,0 +1,1 @@
+"""Running episodes: batching, progress, resume, the SQLite result store."""

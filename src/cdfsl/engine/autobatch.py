@@ -1,0 +1,76 @@
+"""`--episode-batch auto`: how many episodes to train at once.
+
+On CUDA, two short trial fits (E = 1 and E = 2, two iterations on random images of the run's shapes) give the memory a
+run needs per episode and for everything else; E is then the largest batch that fits in 85% of the free memory,
+capped by `MAX_EPISODE_BATCH` and the number of episodes. On CPU the backbone's matrix work is already large enough per
+episode that batching buys little, so `auto` means `CPU_EPISODE_BATCH`.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from cdfsl.config import RunConfig
+from cdfsl.data.episodes import EpisodeBatch
+from cdfsl.data.index import Episode
+
+CPU_EPISODE_BATCH = 4
+MAX_EPISODE_BATCH = 64
+MEMORY_SHARE = 0.85
+
+
+def synthetic_batch(config: RunConfig, episodes: int, image_size: int, device: torch.device) -> EpisodeBatch:
+    """Random normalized images with the shapes of `episodes` real episodes of `config` (for trials and benchmarks)."""
+    views = len(config.augment.views) if config.trains else 1
+    support = config.ways * config.shots * views
+    query = config.ways * config.queries
+    generator = torch.Generator().manual_seed(0)
+    labels_s = torch.arange(config.ways).repeat_interleave(config.shots * views)
+    labels_q = torch.arange(config.ways).repeat_interleave(config.queries)
+    specs = [Episode(i, tuple(range(config.ways)), (), ()) for i in range(episodes)]
+    return EpisodeBatch(
+        episodes=specs,
+        class_names=[[f"class {c}" for c in range(config.ways)] for _ in range(episodes)],
+        support=torch.randn((episodes, support, 3, image_size, image_size), generator=generator).to(device),
+        support_labels=labels_s.expand(episodes, -1).to(device),
+        query=torch.randn((episodes, query, 3, image_size, image_size), generator=generator).to(device),
+        query_labels=labels_q.expand(episodes, -1).to(device),
+        seed=config.seed,
+    )
+
+
+def _peak_bytes(config: RunConfig, episodes: int, device: torch.device) -> int:
+    from cdfsl.backbone.factory import load_backbone
+    from cdfsl.engine.runner import resolve_precision
+    from cdfsl.methods import build_method
+
+    backbone = load_backbone(config.backbone, "none" if config.backbone != "tiny" else config.pretrained, device)
+    trial = copy.deepcopy(config)
+    trial.train.iterations = 2
+    _, dtype = resolve_precision(trial.train.precision, device)
+    method = build_method(trial, backbone, dtype)
+    batch = synthetic_batch(trial, episodes, backbone.image_size, device)
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    method.fit(batch)
+    method.predict(batch)
+    torch.cuda.synchronize(device)
+    return int(torch.cuda.max_memory_allocated(device))
+
+
+def auto_episode_batch(config: RunConfig) -> int:
+    """The episode batch for `config` on its device (see module docstring)."""
+    from cdfsl.engine.runner import resolve_device
+
+    device = resolve_device(config.device)
+    limit = min(MAX_EPISODE_BATCH, config.resolved_episodes())
+    if device.type != "cuda":
+        return min(CPU_EPISODE_BATCH, limit)
+    one, two = _peak_bytes(config, 1, device), _peak_bytes(config, 2, device)
+    per_episode = max(two - one, 1)
+    base = one - per_episode
+    free, _ = torch.cuda.mem_get_info(device)
+    fits = int((free * MEMORY_SHARE - base) // per_episode)
+    return max(1, min(limit, fits))

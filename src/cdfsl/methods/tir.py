@@ -1,0 +1,133 @@
+"""TIR — Token Importance Recalibration against attention sinks (tir.md).
+
+At the input of chosen vision blocks, every patch token is projected into the joint space with the tower's own final
+norm and projection, each class text marks its top `k = floor(ratio · M)` tokens, and `Sum` counts how many classes
+marked each token. Tokens claimed by every class (sinks) are cut, tokens claimed by one class amplified:
+`w = 1 − β · (Sum − α)` clamped at 0, `w = 1` where `Sum = 0`. Weights are constants for autograd; the CLS token is
+never touched.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from cdfsl.backbone.adapter import BlockInputHook, ClipAdapter
+from cdfsl.config import TIR_VARIANTS, TirConfig
+from cdfsl.errors import ConfigError
+from cdfsl.methods.base import ClassText
+
+
+def auto_alpha_beta(classes: int, alpha: float | None = None, beta: float | None = None) -> tuple[float, float]:
+    """Resolve "auto" (None) values: α = (K+1)/2, β = 1/(K − α); K = 5 gives the paper's α = 3, β = 0.5."""
+    if alpha is None:
+        alpha = (classes + 1) / 2
+    if beta is None:
+        if classes <= alpha:
+            raise ConfigError(f"tir.beta 'auto' needs more classes than alpha ({classes} <= {alpha}); set tir.beta")
+        beta = 1.0 / (classes - alpha)
+    return float(alpha), float(beta)
+
+
+def class_votes(similarity: Tensor, ratio: float = 0.3) -> Tensor:
+    """`Sum`: how many classes rank each token in their top `floor(ratio · M)`.
+
+    Args: similarity `[..., K, M]`. Returns integer counts `[..., M]` in {0, …, K} (ties as `torch.topk` breaks them).
+    """
+    tokens = similarity.shape[-1]
+    k = math.floor(ratio * tokens)
+    marks = torch.zeros_like(similarity, dtype=torch.int64)
+    if k > 0:
+        marks.scatter_(-1, similarity.topk(k, dim=-1).indices, 1)
+    return marks.sum(dim=-2)
+
+
+def token_weights(
+    similarity: Tensor,
+    ratio: float = 0.3,
+    alpha: float | None = None,
+    beta: float | None = None,
+    variant: str = "full",
+) -> Tensor:
+    """TIR weights per token.
+
+    Args:
+        similarity: class × patch-token cosine similarities `[..., K, M]` (any leading axes, e.g. episode and batch).
+        ratio: share of tokens each class marks.
+        alpha, beta: the rule's constants; `None` means "auto" (α = (K+1)/2, β = 1/(K − α)).
+        variant: `full` (the rule), `inhibit` (only Sum = K tokens reweighted), `enhance` (only Sum = 1), or
+            `simplified` (Sum = K → 0, Sum = 1 → 1 + β(α − 1), others 1).
+
+    Returns:
+        weights `[..., M]` (float, no gradient).
+    """
+    if variant not in TIR_VARIANTS:
+        raise ConfigError(f"tir.variant must be one of {', '.join(TIR_VARIANTS)}; got {variant!r}")
+    classes = similarity.shape[-2]
+    alpha, beta = auto_alpha_beta(classes, alpha, beta)
+    votes = class_votes(similarity.detach(), ratio).to(torch.float32)
+    rule = (1.0 - beta * (votes - alpha)).clamp(min=0.0)
+    ones = torch.ones_like(rule)
+    if variant == "full":
+        return torch.where(votes == 0, ones, rule)
+    if variant == "inhibit":
+        return torch.where(votes == classes, rule, ones)
+    if variant == "enhance":
+        return torch.where(votes == 1, rule, ones)
+    simplified = torch.where(votes == classes, torch.zeros_like(rule), ones)
+    return torch.where(votes == 1, torch.full_like(rule, 1.0 + beta * (alpha - 1.0)), simplified)
+
+
+def resolve_blocks(blocks: tuple[int, ...], depth: int) -> tuple[int, ...]:
+    """Block indices (negative count from the end) → sorted non-negative indices; out of range is a `ConfigError`."""
+    resolved = set()
+    for block in blocks:
+        if not -depth <= block < depth:
+            raise ConfigError(
+                f"tir.blocks has {block}, outside the {depth}-block vision tower (use 0..{depth - 1} or -{depth}..-1)"
+            )
+        resolved.add(block % depth)
+    return tuple(sorted(resolved))
+
+
+class TokenRecalibration:
+    """TIR as a component: gives block-input hooks that reweight patch tokens for E episodes.
+
+    Args:
+        config: TIR knobs.
+        backbone: the adapter (its final norm and projection project the tokens; its text tower gives class features
+            after block `config.text_layer`).
+        template: the class prompt template.
+    """
+
+    def __init__(self, config: TirConfig, backbone: ClipAdapter, template: str) -> None:
+        self.config = config
+        self.backbone = backbone
+        self.blocks = resolve_blocks(config.blocks, backbone.num_vision_blocks)
+        depth = backbone.num_text_blocks
+        if not -depth <= config.text_layer < depth:
+            raise ConfigError(f"tir.text_layer {config.text_layer} is outside the {depth}-block text tower")
+        self.at_prediction = config.at_prediction
+        self.class_text = ClassText(backbone, template, layer=config.text_layer)
+
+    def weights(self, tokens: Tensor, text: Tensor) -> Tensor:
+        """Patch tokens `[E, B, M, D]` and normalized class texts `[E, K, C]` → weights `[E, B, M]`."""
+        with torch.no_grad():
+            projected = F.normalize(self.backbone.project_tokens(tokens).float(), dim=-1)  # [E, B, M, C]
+            similarity = torch.einsum("ebmc,ekc->ebkm", projected, text)
+            cfg = self.config
+            return token_weights(similarity, cfg.ratio, cfg.alpha, cfg.beta, cfg.variant)
+
+    def hook(self, class_names: list[list[str]]) -> BlockInputHook:
+        text = self.class_text(class_names)
+
+        def recalibrate(layer: int, x: Tensor) -> Tensor:
+            if layer not in self.blocks:
+                return x
+            weights = self.weights(x[:, :, 1:], text)
+            return torch.cat([x[:, :, :1], x[:, :, 1:] * weights[..., None].to(x.dtype)], dim=2)
+
+        return recalibrate

@@ -1,0 +1,1 @@
+"""Pretraining of the embedded tiny CLIP on a procedurally generated, captioned source domain (embedded.md)."""
