@@ -48,13 +48,13 @@ def user_errors(function: F) -> F:
     @wraps(function)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         def show(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:
-            console.print(f"[yellow]warning:[/yellow] {message}", highlight=False)
+            console.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
 
         warnings.showwarning = show  # type: ignore[assignment]
         try:
             return function(*args, **kwargs)
         except CdfslError as error:
-            console.print(f"[red]error:[/red] {error}", highlight=False)
+            console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
@@ -98,9 +98,10 @@ def build_config(
     )
     if iterations is not None:
         config.train.iterations = iterations
-    config.episode_batch = parse_episode_batch(episode_batch, config)
     for assignment in overrides:
         apply_override(config, assignment)
+    config.validate()  # before `auto`, which runs trial fits of this config
+    config.episode_batch = parse_episode_batch(episode_batch, config)
     return config.validate()
 
 
@@ -220,6 +221,61 @@ def demo_command(
         seconds = result.seconds / max(result.trained_episodes, 1)
         table.add_row(method, f"{result.mean_acc:.2f}", f"± {result.ci95:.2f}", f"{seconds:.2f}")
     out.print(table)
+
+
+@app.command("report")
+@user_errors
+def report_command(
+    db: Annotated[Path, typer.Option(help="SQLite result store.")] = Path("results.sqlite"),
+    format_: Annotated[str, typer.Option("--format", help="table, markdown, csv, latex or json.")] = "table",
+    paired: Annotated[str | None, typer.Option(help="Compare every method with this one, episode by episode.")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Write bar charts (and paired-difference plots) here.")] = None,
+    with_paper_results: Annotated[bool, typer.Option(help="Add the papers' published numbers (quoted).")] = False,
+    output: Annotated[Path | None, typer.Option("--out", help="Write the report to this file.")] = None,
+) -> None:
+    """One row per (method, backbone), one column per (dataset, shots): mean ± 95% interval; paired tests."""
+    from cdfsl.analysis.report import build_report, render, rich_table
+    from cdfsl.engine.store import ResultStore
+
+    if not db.is_file():
+        raise ConfigError(f"no result store at {db}; run `cdfsl run` first or pass --db")
+    with ResultStore(db) as store:
+        report = build_report(store, paired=paired, with_paper_results=with_paper_results)
+    if format_ == "table" and output is None:
+        out.print(rich_table(report))
+    else:
+        text = render(report, format_)
+        if output is not None:
+            output.write_text(text + "\n")
+        else:
+            out.print(text, markup=False, highlight=False, soft_wrap=True)
+    if plot is not None:
+        from cdfsl.analysis.plots import plot_report
+
+        written = plot_report(report, plot)
+        console.print(f"wrote {len(written)} figures to {plot}")
+
+
+@app.command("pretrain-tiny")
+@user_errors
+def pretrain_tiny_command(
+    output: Annotated[Path, typer.Option("--out", help="Where to write the checkpoint (.safetensors).")],
+    steps: Annotated[int, typer.Option(help="Optimizer steps (supervised warm-up included).")] = 6000,
+    supervised_steps: Annotated[int, typer.Option(help="Steps of the supervised warm-up of the vision tower.")] = 300,
+    seed: Annotated[int, typer.Option(help="Seed of the weights and the generated source domain.")] = 0,
+    threads: Annotated[int | None, typer.Option(help="CPU threads (default: torch's choice).")] = None,
+) -> None:
+    """Pretrain the embedded tiny CLIP on the generated source domain (embedded.md); logs loss and zero-shot."""
+    from cdfsl.pretrain.train_tiny import pretrain_tiny
+
+    if output.suffix != ".safetensors":
+        raise ConfigError(f"--out must end in .safetensors, got {output}")
+
+    def log(record: dict[str, Any]) -> None:
+        console.print(" ".join(f"{k}={v}" for k, v in record.items()), highlight=False)
+
+    meta = pretrain_tiny(output, steps, seed, threads, log, supervised_steps=supervised_steps)
+    out.print(f"wrote {output}: zero-shot 5-way digits {100 * meta['zero_shot_digits_5way']:.2f}%")
 
 
 @datasets_app.command("check")

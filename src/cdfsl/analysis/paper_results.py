@@ -18,13 +18,13 @@ PAPER_BACKBONE = "ViT-B-16"
 PAPER_WAYS = 5
 
 TIR_SOURCE = (
-    "Yi, Zou, Li, Li: Addressing Exacerbated Attention Sink for Source-Free Cross-Domain Few-Shot Learning, "
-    "CVPR 2026 (arXiv:2605.25799); ViT-B/16, 5-way 5-shot, mean of the four benchmarks; "
+    "Addressing Exacerbated Attention Sink for Source-Free Cross-Domain Few-Shot Learning, "
+    "CVPR 2026; ViT-B/16, 5-way 5-shot, mean of the four benchmarks; "
     "as quoted in shared/specs/tir.md"
 )
 VTT_SOURCE = (
-    "Zhang, Chen, Zou, Li, Li: Reclaiming Lost Text Layers for Source-Free Cross-Domain Few-Shot Learning, "
-    "CVPR 2026 (arXiv:2603.05235); ViT-B/16, 5-way, mean of the four benchmarks; "
+    "Reclaiming Lost Text Layers for Source-Free Cross-Domain Few-Shot Learning, "
+    "CVPR 2026; ViT-B/16, 5-way, mean of the four benchmarks; "
     "as quoted in shared/specs/vtt.md"
 )
 

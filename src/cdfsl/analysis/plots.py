@@ -14,6 +14,7 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from cdfsl.analysis.report import Column, PairedCell, Report, Row, format_p
 
@@ -123,6 +124,9 @@ def _paired_figure(row: Row, column: Column, cell: PairedCell) -> Figure:
     axes.axvline(0.0, color="black", linewidth=0.8, linestyle="--", label="no difference")
     axes.set_xlabel(f"accuracy difference (points), {row.label} − {cell.baseline.label}")
     axes.set_ylabel("episodes")
+    axes.yaxis.set_major_locator(MaxNLocator(integer=True))
+    if np.unique(diffs).size == 1:  # one value: keep the bar narrow and the zero line in view
+        axes.set_xlim(min(diffs[0], 0.0) - 3.0, max(diffs[0], 0.0) + 3.0)
     unequal = ", unequal sets" if stats.unequal else ""
     axes.set_title(
         f"{row.label} vs {cell.baseline.label}, {column.label}\n"

@@ -367,10 +367,10 @@ def _add_quoted(
     )
     for shots in sorted({result.shots for result in results}):
         measured = [c.dataset for c in columns if c.shots == shots and c.dataset]
-        if set(measured) != set(BENCHMARKS):
+        if measured and set(measured) != set(BENCHMARKS):
             notes.append(
                 f"mean {shots}-shot: quoted means average {', '.join(BENCHMARKS)}; measured means average "
-                f"{', '.join(measured) or 'no dataset'}, so they are not like for like"
+                f"{', '.join(measured)}, so they are not like for like"
             )
     return list(rows.values())  # in the order of `paper_results()`: baseline, ablations, full method
 

@@ -19,6 +19,8 @@ from cdfsl.backbone.tiny import TINY_NAME, create_tiny_model, register_tiny_conf
 from cdfsl.errors import BackboneError
 
 TINY = "tiny"
+# Random weights (`--pretrained none`) are a function of the architecture: resumed runs and separate processes agree.
+RANDOM_WEIGHTS_SEED = 0
 
 
 def load_backbone(name: str, pretrained: str = "openai", device: str | torch.device = "cpu") -> ClipAdapter:
@@ -33,7 +35,9 @@ def load_backbone(name: str, pretrained: str = "openai", device: str | torch.dev
     ):
         raise BackboneError(f"checkpoint file {pretrained} not found")
     if name == TINY:
-        model = create_tiny_model(load_weights=pretrained != "none" and not is_file)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_WEIGHTS_SEED)
+            model = create_tiny_model(load_weights=pretrained != "none" and not is_file)
         arch = register_tiny_config()
         if is_file:
             _load_checkpoint(model, checkpoint)
@@ -52,7 +56,9 @@ def _create_open_clip(name: str, pretrained: str, checkpoint: Path | None) -> to
     if name not in open_clip.list_models():
         raise BackboneError(f"unknown backbone {name!r}; use 'tiny' or an open_clip model name such as ViT-B-16")
     if pretrained == "none":
-        return open_clip.create_model(name, pretrained=None)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_WEIGHTS_SEED)
+            return open_clip.create_model(name, pretrained=None)
     if checkpoint is not None:
         model = open_clip.create_model(name, pretrained=None)
         _load_checkpoint(model, checkpoint)

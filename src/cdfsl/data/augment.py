@@ -61,7 +61,7 @@ def support_views(
 
 
 def _rotate(x: Tensor, degrees: Tensor) -> Tensor:
-    """Rotate each image `[N, 3, H, W]` about its centre by `degrees[N]` (counter-clockwise), zeros outside."""
+    """Rotate each image `[N, 3, H, W]` about its centre by `degrees[N]` (clockwise), zeros outside."""
     if bool((degrees == 0).all()):
         return x
     theta = degrees * (math.pi / 180.0)
@@ -80,10 +80,13 @@ def _grey(x: Tensor) -> Tensor:
 
 
 def _jitter(x: Tensor, factors: Tensor) -> Tensor:
-    """Brightness, contrast, saturation by `factors[N, 3]`, each a no-op at 1, clamped to [0, 1]."""
+    """Brightness, contrast, saturation by `factors[N, 3]`, clamped to [0, 1]; images with all factors 1 untouched."""
     brightness, contrast, saturation = (factors[:, i].view(-1, 1, 1, 1).to(x.dtype) for i in range(3))
+    original = x
     x = (x * brightness).clamp(0, 1)
     mean = _grey(x).mean(dim=(1, 2, 3), keepdim=True)
     x = ((x - mean) * contrast + mean).clamp(0, 1)
     grey = _grey(x)
-    return ((x - grey) * saturation + grey).clamp(0, 1)
+    jittered = ((x - grey) * saturation + grey).clamp(0, 1)
+    untouched = (factors == 1).all(dim=1).view(-1, 1, 1, 1)
+    return torch.where(untouched, original, jittered)

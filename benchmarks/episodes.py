@@ -1,0 +1,208 @@
+"""Episode throughput per method and episode batch (performance.md). A script, not a test.
+
+    python benchmarks/episodes.py [--device cpu|cuda] [--json PATH] [--batches 1,4] [--iterations N]
+
+CPU mode: the tiny model (random weights; speed does not depend on their values), 5-way 5-shot, a reduced number of
+iterations so the whole run takes a few minutes. GPU mode: ViT-B/16 with random weights, 5-way 5-shot, 250 iterations,
+bf16 autocast. Images are random tensors of the right shapes, so the data pipeline is not measured here
+(see `benchmarks/data_pipeline.py`).
+
+For each (method, E): one untimed warm-up fit, then `--repeats` timed fits + predictions of E episodes. Reported:
+seconds per iteration and per episode, episodes per hour, training images per second, peak memory, and the achieved
+fraction of the device's dense matmul throughput, with FLOPs counted by `torch.utils.flop_counter` on one training
+step and one prediction, and the peak measured by a large matmul on the same device in the same run. Ratios
+(`tir/lora`, `vtt/lora` at the largest E; E-batched vs E = 1 for lora) come from this one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from cdfsl.backbone.factory import load_backbone
+from cdfsl.config import RunConfig
+from cdfsl.engine.autobatch import synthetic_batch
+from cdfsl.engine.runner import resolve_precision
+from cdfsl.methods import build_method
+
+METHODS = ("lora", "tir", "vtt", "tir+vtt")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--batches", help="episode batches E, comma-separated (default: cpu 1,4; cuda 1,4,16,32)")
+    parser.add_argument("--iterations", type=int, help="training iterations per episode (default: cpu 20, cuda 250)")
+    parser.add_argument("--repeats", type=int, default=1, help="timed repetitions per (method, E)")
+    parser.add_argument("--backbone", help="default: tiny on cpu, ViT-B-16 on cuda")
+    parser.add_argument("--shots", type=int, default=5)
+    return parser.parse_args()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
+    """Achieved dense matmul FLOP/s on a large square product (the device's practical peak)."""
+    size = 4096 if device.type == "cuda" else 1024
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    sync(device)
+    repeats = 20 if device.type == "cuda" else 5
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    sync(device)
+    return 2 * size**3 * repeats / (time.perf_counter() - start)
+
+
+def episode_flops(config: RunConfig, method_name: str, backbone: Any, dtype: torch.dtype | None) -> float:
+    """FLOPs of one episode: `iterations` training steps plus one prediction (counted on one step, E = 1)."""
+    trial = _config(config, method_name, iterations=1)
+    method = build_method(trial, backbone, dtype)
+    batch = synthetic_batch(trial, 1, backbone.image_size, backbone.device)
+    with FlopCounterMode(display=False) as step_counter:
+        method.fit(batch)
+    with FlopCounterMode(display=False) as predict_counter:
+        method.predict(batch)
+    return step_counter.get_total_flops() * config.train.iterations + predict_counter.get_total_flops()
+
+
+def _config(base: RunConfig, method: str, iterations: int | None = None) -> RunConfig:
+    config = RunConfig(**{**base.__dict__})
+    config.method = method
+    config.train = type(base.train)(**{**base.train.__dict__})
+    if iterations is not None:
+        config.train.iterations = iterations
+    return config
+
+
+def measure(config: RunConfig, method_name: str, episodes: int, backbone: Any, dtype: Any, repeats: int) -> float:
+    """Seconds for fit + predict of `episodes` episodes at once (median of `repeats` after a warm-up)."""
+    device = backbone.device
+    batch = synthetic_batch(config, episodes, backbone.image_size, device)
+    warm = _config(config, method_name, iterations=2)
+    build_method(warm, backbone, dtype).fit(batch)
+    times = []
+    for _ in range(repeats):
+        method = build_method(_config(config, method_name), backbone, dtype)
+        sync(device)
+        start = time.perf_counter()
+        method.fit(batch)
+        method.predict(batch)
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB; process-wide peak RSS
+
+
+def main() -> None:
+    args = parse_args()
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    backbone_name = args.backbone or ("ViT-B-16" if cuda else "tiny")
+    batches = [int(b) for b in (args.batches or ("1,4,16,32" if cuda else "1,4")).split(",")]
+    iterations = args.iterations or (250 if cuda else 20)
+    methods = args.methods.split(",")
+    config = RunConfig(dataset="digits", method="lora", backbone=backbone_name, pretrained="none", shots=args.shots)
+    config.train.iterations = iterations
+    precision, dtype = resolve_precision("auto", device)
+    torch.manual_seed(0)
+    backbone = load_backbone(backbone_name, "none", device)
+    peak = matmul_peak(device, torch.bfloat16 if cuda else torch.float32)
+    views = config.ways * config.shots * len(config.augment.views)
+    per_step_images = min(config.train.batch_size, views)
+
+    records = []
+    for method_name in methods:
+        flops = episode_flops(config, method_name, backbone, dtype)
+        for episodes in batches:
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(device)
+            seconds = measure(config, method_name, episodes, backbone, dtype, args.repeats)
+            per_episode = seconds / episodes
+            records.append(
+                {
+                    "method": method_name,
+                    "episode_batch": episodes,
+                    "s_per_iteration": seconds / iterations,
+                    "s_per_episode": per_episode,
+                    "episodes_per_hour": 3600.0 / per_episode,
+                    "images_per_s": per_step_images * iterations * episodes / seconds,
+                    "peak_mem_mb": peak_memory_mb(device),
+                    "matmul_utilisation": flops / per_episode / peak,
+                }
+            )
+
+    def s_per_episode(method: str, episodes: int) -> float | None:
+        match = [r["s_per_episode"] for r in records if r["method"] == method and r["episode_batch"] == episodes]
+        return match[0] if match else None
+
+    largest = max(batches)
+    lora = s_per_episode("lora", largest)
+    ratios = {
+        "tir_over_lora": (s_per_episode("tir", largest) or float("nan")) / lora if lora else None,
+        "vtt_over_lora": (s_per_episode("vtt", largest) or float("nan")) / lora if lora else None,
+        "batched_speedup": (s_per_episode("lora", 1) / lora) if lora and s_per_episode("lora", 1) else None,
+    }
+    result = {
+        "device": torch.cuda.get_device_name(device)
+        if cuda
+        else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "backbone": backbone_name,
+        "precision": precision,
+        "shots": config.shots,
+        "iterations": iterations,
+        "peak_matmul_tflops": peak / 1e12,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "records": records,
+        "ratios": ratios,
+    }
+    print(markdown(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = [
+        f"{result['backbone']} on {result['device']}, {result['precision']}, 5-way {result['shots']}-shot, "
+        f"{result['iterations']} iterations; measured matmul peak {result['peak_matmul_tflops']:.3f} TFLOP/s",
+        "",
+        "| method | E | s/iteration | s/episode | episodes/hour | images/s | peak MB | matmul util. |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["records"]:
+        lines.append(
+            f"| {r['method']} | {r['episode_batch']} | {r['s_per_iteration']:.4f} | {r['s_per_episode']:.2f} | "
+            f"{r['episodes_per_hour']:.0f} | {r['images_per_s']:.0f} | {r['peak_mem_mb']:.0f} | "
+            f"{100 * r['matmul_utilisation']:.1f}% |"
+        )
+    ratios = result["ratios"]
+    lines += ["", "| ratio | value |", "|---|---:|"]
+    lines += [f"| {name} | {value:.3f} |" for name, value in ratios.items() if value is not None]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""What every diagnostic probe needs: backbone, episodes and batches from a `RunConfig`, fitted methods, and an
+observed vision pass.
+
+The probes reuse the engine's own pieces (`Runner` for the backbone and image cache, `EpisodeSampler`, `build_batch`,
+`build_method`), so a probe sees exactly the episodes, views and fine-tuning that `cdfsl run` does for the same config.
+
+"Layer l" of the vision tower means, in every probe, the hidden tokens entering vision block l (TIR's insertion
+points are block inputs too); L layers for an L-block tower. With token recalibration active, the observed tokens are
+the ones *before* recalibration, i.e. what the previous block produced and what TIR computes its Sum from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from cdfsl.backbone.adapter import ClipAdapter, VisionOutput, plain_qkv
+from cdfsl.config import RunConfig
+from cdfsl.data.episodes import EpisodeBatch, build_batch
+from cdfsl.data.images import ImageCache
+from cdfsl.data.index import ImageIndex
+from cdfsl.data.readers import load_index
+from cdfsl.data.sampler import EpisodeSampler
+from cdfsl.engine.runner import Runner, chunks, resolve_device, resolve_precision
+from cdfsl.errors import ConfigError
+from cdfsl.methods import Method, build_method
+from cdfsl.methods.base import ClassText
+
+Observer = Callable[[int, Tensor], None]
+"""Called with (layer, tokens `[E, B, T, D]` entering that vision block, before any recalibration)."""
+
+IMAGE_SETS = ("query", "support")
+
+
+@dataclass
+class ProbeSetup:
+    """A config's backbone, dataset and episode machinery, ready for probing.
+
+    Attributes:
+        config: the run config (validated).
+        backbone: the frozen adapter.
+        index, sampler, cache: the dataset, its episode sampler and image cache.
+        device: the compute device; `autocast_dtype` the method's autocast (None in fp32).
+    """
+
+    config: RunConfig
+    backbone: ClipAdapter
+    index: ImageIndex
+    sampler: EpisodeSampler
+    cache: ImageCache
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+
+    def batches(self, episodes: int, with_views: bool = True) -> Iterator[EpisodeBatch]:
+        """Episodes `0 … episodes−1` as batches of `config.episode_batch` episodes."""
+        cfg = self.config
+        for chunk in chunks(range(episodes), cfg.episode_batch):
+            yield build_batch(
+                self.sampler.episodes(chunk),
+                self.index,
+                self.cache,
+                cfg.augment,
+                self.backbone.normalize,
+                cfg.seed,
+                self.device,
+                with_views=with_views,
+            )
+
+    def method(self, name: str) -> Method:
+        """The method `name` built from this config (its other knobs unchanged)."""
+        return build_method(dataclasses.replace(self.config, method=name), self.backbone, self.autocast_dtype)
+
+    def class_text(self, layer: int | None = None) -> ClassText:
+        """Normalized class prompt features (final, or after text block `layer`) for this config's template."""
+        return ClassText(self.backbone, self.config.train.template, layer=layer)
+
+
+def prepare(config: RunConfig, runner: Runner | None = None) -> ProbeSetup:
+    """Validate `config` and load what its probes need (the backbone and caches are shared through `runner`)."""
+    config.validate()
+    runner = runner or Runner()
+    device = resolve_device(config.device)
+    _, autocast_dtype = resolve_precision(config.train.precision, device)
+    index = load_index(config.dataset, config.data_root)
+    sampler = EpisodeSampler(index, config.ways, config.shots, config.queries, config.seed)
+    backbone = runner.backbone(config, device)
+    cache = runner.image_cache(index, backbone.image_size, config.cache_dir)
+    return ProbeSetup(config, backbone, index, sampler, cache, device, autocast_dtype)
+
+
+def check_episodes(episodes: int) -> None:
+    if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes < 1:
+        raise ConfigError(f"episodes must be a positive integer, got {episodes!r}")
+
+
+def probe_images(batch: EpisodeBatch, which: str, views: int) -> tuple[Tensor, Tensor]:
+    """Normalized images `[E, B, 3, H, W]` and labels `[E, B]` of the query set, or of the support set (first view
+    of each support image, the plain one in the default recipe)."""
+    if which == "query":
+        return batch.query, batch.query_labels
+    if which == "support":
+        return batch.support[:, ::views], batch.support_labels[:, ::views]
+    raise ConfigError(f"images must be one of {', '.join(IMAGE_SETS)}; got {which!r}")
+
+
+def fit(setup: ProbeSetup, name: str, batch: EpisodeBatch) -> Method:
+    """Build method `name` and fit it on `batch` (a no-op for `zeroshot`)."""
+    method = setup.method(name)
+    method.fit(batch)
+    return method
+
+
+@torch.no_grad()
+def encode(
+    method: Method,
+    images: Tensor,
+    class_names: list[list[str]],
+    observe: Observer | None = None,
+    keep_cls_attention: bool = False,
+) -> VisionOutput:
+    """Vision pass of a fitted method (its LoRA and, when active at prediction, its recalibration) over `[E, B]`
+    images; `observe` sees the tokens entering each block before recalibration."""
+    lora = getattr(method, "lora", None)
+    if lora is not None:
+        lora.eval()
+    recalibration = getattr(method, "recalibration", None)
+    inner = recalibration.hook(class_names) if recalibration is not None and recalibration.at_prediction else None
+
+    def hook(layer: int, x: Tensor) -> Tensor:
+        if observe is not None:
+            observe(layer, x)
+        return inner(layer, x) if inner is not None else x
+
+    use_hook = observe is not None or inner is not None
+    with method.autocast():
+        return method.backbone.encode_images(
+            images,
+            lora if lora is not None else plain_qkv,
+            hook if use_hook else None,
+            keep_cls_attention=keep_cls_attention,
+        )
+
+
+def class_marks(backbone: ClipAdapter, patches: Tensor, text: Tensor, ratio: float) -> Tensor:
+    """Which patch tokens each class ranks in its top `floor(ratio · M)` (as `class_votes`, before summing).
+
+    Args: hidden patch tokens `[E, B, M, D]`, normalized class texts `[E, K, C]`. Returns bool `[E, B, K, M]`;
+    `.sum(dim=-2)` is TIR's Sum.
+    """
+    projected = F.normalize(backbone.project_tokens(patches).float(), dim=-1)
+    similarity = torch.einsum("ebmc,ekc->ebkm", projected, text.float())
+    k = math.floor(ratio * similarity.shape[-1])
+    marks = torch.zeros_like(similarity, dtype=torch.bool)
+    if k > 0:
+        marks.scatter_(-1, similarity.topk(k, dim=-1).indices, True)
+    return marks
+
+
+def accuracy(method: Method, features: Tensor, text: Tensor, labels: Tensor) -> Tensor:
+    """Per-episode accuracy in [0, 1] `[E]` of image features `[E, B, C]` against normalized texts `[E, K, C]`."""
+    predictions = method.logits(features, text).argmax(dim=-1)
+    return (predictions == labels).double().mean(dim=1)
+
+
+def resolve_layers(layers: Sequence[int], depth: int, what: str) -> list[int]:
+    """Layer indices (negative count from the end) → non-negative, in the given order; out of range is an error."""
+    resolved = []
+    for layer in layers:
+        if not -depth <= layer < depth:
+            raise ConfigError(f"{what} {layer} is outside the {depth}-block tower (use 0..{depth - 1} or -{depth}..-1)")
+        resolved.append(layer % depth)
+    return resolved

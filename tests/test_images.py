@@ -1,0 +1,140 @@
+"""ImageCache: square bicubic resize without crop, memory reuse, and the disk cache shared across instances."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cdfsl.data.images import ImageCache, resize_square
+from cdfsl.data.index import ImageIndex
+
+
+class CountingLoader:
+    """Opens in-memory PIL images by key and counts calls per key."""
+
+    def __init__(self, images: dict[str, Image.Image]) -> None:
+        self.images = images
+        self.calls: list[str] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, key: str) -> Image.Image:
+        with self._lock:
+            self.calls.append(key)
+        return self.images[key].copy()
+
+
+def wide_image() -> Image.Image:
+    """40x20 (2:1): green in the leftmost 4 columns, red elsewhere, a blue bottom row."""
+    pixels = np.zeros((20, 40, 3), dtype=np.uint8)
+    pixels[:, :, 0] = 200
+    pixels[:, :4] = (0, 200, 0)
+    pixels[-2:, 4:] = (0, 0, 200)
+    return Image.fromarray(pixels)
+
+
+def make_index(name: str = "toy") -> tuple[ImageIndex, CountingLoader]:
+    rng = np.random.default_rng(0)
+    images = {
+        "a/wide.png": wide_image(),
+        "a/noise.png": Image.fromarray(rng.integers(0, 256, (30, 30, 3), dtype=np.uint8)),
+        "b/grey.png": Image.fromarray(rng.integers(0, 256, (10, 25), dtype=np.uint8), mode="L"),
+        "b/tall.png": Image.fromarray(rng.integers(0, 256, (50, 10, 3), dtype=np.uint8)),
+    }
+    loader = CountingLoader(images)
+    index = ImageIndex(
+        name=name,
+        class_keys=("a", "b"),
+        class_names=("a", "b"),
+        items=tuple(images),
+        labels=(0, 0, 1, 1),
+        loader=loader,
+    )
+    return index, loader
+
+
+def test_resize_square_is_bicubic_without_crop() -> None:
+    image = wide_image()
+    array = resize_square(image, 16)
+    assert array.shape == (16, 16, 3) and array.dtype == np.uint8
+    expected = np.asarray(image.resize((16, 16), Image.Resampling.BICUBIC))
+    assert np.array_equal(array, expected)
+    # No crop: the 4 green columns of 40 survive as the leftmost ~1.6 of 16, the blue bottom rows stay at the bottom.
+    assert array[8, 0, 1] > 150 and array[8, 0, 0] < 60
+    assert array[8, 8, 0] > 150 and array[8, 8, 1] < 60
+    assert array[-1, 8, 2] > 100
+    # Not the nearest or bilinear resize.
+    for other in (Image.Resampling.NEAREST, Image.Resampling.BILINEAR):
+        assert not np.array_equal(array, np.asarray(image.resize((16, 16), other)))
+
+
+def test_get_shapes_dtype_and_order() -> None:
+    index, _ = make_index()
+    cache = ImageCache(index, 16, workers=1)
+    batch = cache.get([0, 2, 1, 0])
+    assert batch.shape == (4, 3, 16, 16) and batch.dtype == torch.uint8
+    assert torch.equal(batch[0], batch[3])
+    for row, position in enumerate([0, 2, 1]):
+        expected = resize_square(index.open(position), 16)
+        assert np.array_equal(batch[row].permute(1, 2, 0).numpy(), expected)
+    # The grey image becomes RGB with three equal channels.
+    assert torch.equal(batch[1][0], batch[1][1]) and torch.equal(batch[1][1], batch[1][2])
+
+
+@pytest.mark.parametrize("workers", [1, 4])
+def test_repeated_get_uses_memory(workers: int) -> None:
+    index, loader = make_index()
+    cache = ImageCache(index, 16, workers=workers)
+    first = cache.get([0, 1, 1, 3])
+    assert sorted(loader.calls) == sorted(["a/wide.png", "a/noise.png", "b/tall.png"])
+    assert len(cache) == 3
+    second = cache.get([3, 1, 0])
+    assert len(loader.calls) == 3
+    assert torch.equal(second, first[[3, 1, 0]])
+    cache.get([2, 0])
+    assert len(loader.calls) == 4 and loader.calls[-1] == "b/grey.png"
+
+
+def test_disk_cache_is_written_and_reused(tmp_path: Path) -> None:
+    index, loader = make_index()
+    cache = ImageCache(index, 16, cache_dir=tmp_path, workers=2)
+    first = cache.get([0, 1, 2, 3])
+    assert len(loader.calls) == 4
+    files = sorted(tmp_path.rglob("*.npy"))
+    assert len(files) == 4
+    assert not list(tmp_path.rglob("*.tmp*"))
+    assert all(f.parent == tmp_path / "toy" / f"{index.fingerprint()}-16" for f in files)
+    stored = sorted((np.load(f) for f in files), key=lambda a: a.tobytes())
+    assert all(a.shape == (16, 16, 3) and a.dtype == np.uint8 for a in stored)
+
+    other_index, other_loader = make_index()
+    again = ImageCache(other_index, 16, cache_dir=tmp_path, workers=1).get([3, 2, 1, 0])
+    assert other_loader.calls == []
+    assert torch.equal(again, first[[3, 2, 1, 0]])
+
+    # Another size is another cache: it decodes again and writes its own files.
+    ImageCache(other_index, 8, cache_dir=tmp_path, workers=1).get([0])
+    assert other_loader.calls == ["a/wide.png"]
+    assert len(list((tmp_path / "toy" / f"{index.fingerprint()}-8").glob("*.npy"))) == 1
+
+
+def test_disk_cache_keyed_by_dataset_content(tmp_path: Path) -> None:
+    """A different index (another fingerprint) never reads files cached for this one."""
+    index, _ = make_index()
+    ImageCache(index, 16, cache_dir=tmp_path).get([0])
+    changed, loader = make_index()
+    changed = ImageIndex(
+        name=changed.name,
+        class_keys=changed.class_keys,
+        class_names=("cat", "dog"),
+        items=changed.items,
+        labels=changed.labels,
+        loader=loader,
+    )
+    assert changed.fingerprint() != index.fingerprint()
+    ImageCache(changed, 16, cache_dir=tmp_path).get([0])
+    assert loader.calls == ["a/wide.png"]
