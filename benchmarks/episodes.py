@@ -7,7 +7,8 @@ iterations so the whole run takes a few minutes. GPU mode: ViT-B/16 with random 
 bf16 autocast. Images are random tensors of the right shapes, so the data pipeline is not measured here
 (see `benchmarks/data_pipeline.py`).
 
-For each (method, E): one untimed warm-up fit, then `--repeats` timed fits + predictions of E episodes. Reported:
+For each (method, E): one untimed warm-up fit, then `--repeats` timed fits + predictions of E episodes,
+interleaved round-robin over the cases; the median is reported. Reported:
 seconds per iteration and per episode, episodes per hour, training images per second, peak memory, and the achieved
 fraction of the device's dense matmul throughput, with FLOPs counted by `torch.utils.flop_counter` on one training
 step and one prediction, and the peak measured by a large matmul on the same device in the same run. Ratios
@@ -92,22 +93,22 @@ def _config(base: RunConfig, method: str, iterations: int | None = None) -> RunC
     return config
 
 
-def measure(config: RunConfig, method_name: str, episodes: int, backbone: Any, dtype: Any, repeats: int) -> float:
-    """Seconds for fit + predict of `episodes` episodes at once (median of `repeats` after a warm-up)."""
+def measure_once(config: RunConfig, method_name: str, episodes: int, backbone: Any, dtype: Any) -> float:
+    """Seconds for one fit + predict of `episodes` episodes at once."""
     device = backbone.device
     batch = synthetic_batch(config, episodes, backbone.image_size, device)
-    warm = _config(config, method_name, iterations=2)
-    build_method(warm, backbone, dtype).fit(batch)
-    times = []
-    for _ in range(repeats):
-        method = build_method(_config(config, method_name), backbone, dtype)
-        sync(device)
-        start = time.perf_counter()
-        method.fit(batch)
-        method.predict(batch)
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    method = build_method(_config(config, method_name), backbone, dtype)
+    sync(device)
+    start = time.perf_counter()
+    method.fit(batch)
+    method.predict(batch)
+    sync(device)
+    return time.perf_counter() - start
+
+
+def warm_up(config: RunConfig, method_name: str, episodes: int, backbone: Any, dtype: Any) -> None:
+    batch = synthetic_batch(config, episodes, backbone.image_size, backbone.device)
+    build_method(_config(config, method_name, iterations=2), backbone, dtype).fit(batch)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -133,26 +134,37 @@ def main() -> None:
     views = config.ways * config.shots * len(config.augment.views)
     per_step_images = min(config.train.batch_size, views)
 
-    records = []
-    for method_name in methods:
-        flops = episode_flops(config, method_name, backbone, dtype)
-        for episodes in batches:
+    # Repeats are interleaved round-robin over (method, E), so a burst of load elsewhere hits every case alike;
+    # each case reports its median.
+    cases = [(m, e) for m in methods for e in batches]
+    flops = {m: episode_flops(config, m, backbone, dtype) for m in methods}
+    times: dict[tuple[str, int], list[float]] = {case: [] for case in cases}
+    peaks: dict[tuple[str, int], float] = {}
+    for case in cases:
+        warm_up(config, *case, backbone, dtype)
+    for _ in range(args.repeats):
+        for method_name, episodes in cases:
             if cuda:
                 torch.cuda.reset_peak_memory_stats(device)
-            seconds = measure(config, method_name, episodes, backbone, dtype, args.repeats)
-            per_episode = seconds / episodes
-            records.append(
-                {
-                    "method": method_name,
-                    "episode_batch": episodes,
-                    "s_per_iteration": seconds / iterations,
-                    "s_per_episode": per_episode,
-                    "episodes_per_hour": 3600.0 / per_episode,
-                    "images_per_s": per_step_images * iterations * episodes / seconds,
-                    "peak_mem_mb": peak_memory_mb(device),
-                    "matmul_utilisation": flops / per_episode / peak,
-                }
-            )
+            times[(method_name, episodes)].append(measure_once(config, method_name, episodes, backbone, dtype))
+            peaks[(method_name, episodes)] = max(peaks.get((method_name, episodes), 0.0), peak_memory_mb(device))
+    records = []
+    for method_name, episodes in cases:
+        runs = sorted(times[(method_name, episodes)])
+        seconds = runs[len(runs) // 2]
+        per_episode = seconds / episodes
+        records.append(
+            {
+                "method": method_name,
+                "episode_batch": episodes,
+                "s_per_iteration": seconds / iterations,
+                "s_per_episode": per_episode,
+                "episodes_per_hour": 3600.0 / per_episode,
+                "images_per_s": per_step_images * iterations * episodes / seconds,
+                "peak_mem_mb": peaks[(method_name, episodes)],
+                "matmul_utilisation": flops[method_name] / per_episode / peak,
+            }
+        )
 
     def s_per_episode(method: str, episodes: int) -> float | None:
         match = [r["s_per_episode"] for r in records if r["method"] == method and r["episode_batch"] == episodes]
@@ -161,8 +173,8 @@ def main() -> None:
     largest = max(batches)
     lora = s_per_episode("lora", largest)
     ratios = {
-        "tir_over_lora": (s_per_episode("tir", largest) or float("nan")) / lora if lora else None,
-        "vtt_over_lora": (s_per_episode("vtt", largest) or float("nan")) / lora if lora else None,
+        "tir_over_lora": s_per_episode("tir", largest) / lora if lora and s_per_episode("tir", largest) else None,
+        "vtt_over_lora": s_per_episode("vtt", largest) / lora if lora and s_per_episode("vtt", largest) else None,
         "batched_speedup": (s_per_episode("lora", 1) / lora) if lora and s_per_episode("lora", 1) else None,
     }
     result = {

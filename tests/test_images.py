@@ -138,3 +138,20 @@ def test_disk_cache_keyed_by_dataset_content(tmp_path: Path) -> None:
     assert changed.fingerprint() != index.fingerprint()
     ImageCache(changed, 16, cache_dir=tmp_path).get([0])
     assert loader.calls == ["a/wide.png"]
+
+
+def test_file_corrupt_past_its_header_names_the_file(tmp_path: Path) -> None:
+    from cdfsl.data.readers import load_index
+    from cdfsl.errors import DatasetError
+
+    root = tmp_path / "data"
+    for name in ("a", "b"):
+        (root / name).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (32, 32), (i * 50, 80, 120)).save(root / name / f"{i}.png")
+    data = (root / "b" / "1.png").read_bytes()
+    (root / "b" / "1.png").write_bytes(data[: len(data) // 2])  # header intact, pixel data cut
+    index = load_index("imagefolder", root)
+    cache = ImageCache(index, 16)
+    with pytest.raises(DatasetError, match=r"b/1\.png"):
+        cache.get(list(range(len(index.items))))

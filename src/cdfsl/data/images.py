@@ -17,6 +17,7 @@ from PIL import Image
 from torch import Tensor
 
 from cdfsl.data.index import ImageIndex
+from cdfsl.errors import DatasetError
 
 
 def resize_square(image: Image.Image, size: int) -> np.ndarray:
@@ -53,7 +54,13 @@ class ImageCache:
         path = self._disk_path(position)
         if path is not None and path.is_file():
             return np.load(path)
-        array = resize_square(self.index.open(position), self.size)
+        key = self.index.items[position]
+        try:
+            array = resize_square(self.index.open(position), self.size)
+        except (OSError, ValueError) as error:
+            # Readers check every header; a file corrupt past its header is only found here. Dropping it now
+            # would change the episode, so stop with its name instead.
+            raise DatasetError(f"cannot decode {key}: {error}; remove or replace the file and re-run") from None
         if path is not None:
             temporary = path.with_suffix(".tmp.npy")
             np.save(temporary, array)
