@@ -36,10 +36,13 @@ app = typer.Typer(
 )
 datasets_app = typer.Typer(help="Inspect dataset layouts.", no_args_is_help=True)
 app.add_typer(datasets_app, name="datasets")
+diagnose_app = typer.Typer(help="Probes behind TIR and VtT: attention sink, lost layers, CKA.", no_args_is_help=True)
+app.add_typer(diagnose_app, name="diagnose")
 console = Console(stderr=True)
 out = Console()
 
 F = TypeVar("F", bound=Callable[..., Any])
+DEMO_METHODS = ("zeroshot", "lora", "tir", "vtt")
 
 
 def user_errors(function: F) -> F:
@@ -197,6 +200,9 @@ def demo_command(
     iterations: Annotated[int, typer.Option(help="Training iterations per episode.")] = 40,
     shots: Annotated[int, typer.Option(help="Support images per class.")] = 5,
     episode_batch: Annotated[int, typer.Option(help="Episodes trained at once.")] = 8,
+    lr: Annotated[
+        float, typer.Option(help="LoRA learning rate (a short run needs more than the recipe's 2e-4).")
+    ] = 1e-3,
     db: Annotated[Path, typer.Option(help="SQLite result store.")] = Path("demo.sqlite"),
 ) -> None:
     """The main job on the embedded default: the tiny CLIP on digits, every method, a results table."""
@@ -208,15 +214,17 @@ def demo_command(
         console.print("[yellow]warning:[/yellow] the tiny model's weights are not installed; using random weights")
         pretrained = "none"
     runner = Runner()
-    table = Table(title=f"digits, tiny CLIP, 5-way {shots}-shot, {episodes} episodes, {iterations} iterations")
+    title = f"digits, tiny CLIP, 5-way {shots}-shot, {episodes} episodes, {iterations} iterations at lr {lr:g}"
+    table = Table(title=title)
     for column in ("method", "accuracy (%)", "95% CI", "s / episode"):
         table.add_column(column, justify="left" if column == "method" else "right")
-    for method in METHODS:
+    for method in DEMO_METHODS:
         config = RunConfig(
             dataset="digits", method=method, backbone="tiny", pretrained=pretrained, shots=shots,
             episodes=episodes, episode_batch=episode_batch, db=str(db),
         )  # fmt: skip
         config.train.iterations = iterations
+        config.train.lr = lr
         result = run_with_progress(config.validate(), runner)
         seconds = result.seconds / max(result.trained_episodes, 1)
         table.add_row(method, f"{result.mean_acc:.2f}", f"± {result.ci95:.2f}", f"{seconds:.2f}")
@@ -301,6 +309,137 @@ def datasets_check(
     if index.skipped:
         out.print(f"{len(index.skipped)} files skipped (unreadable or outside the data root)")
     out.print(f"fingerprint {index.fingerprint()}")
+
+
+ProbeDataset = Annotated[str, typer.Option(help=f"One of: {', '.join(DATASETS)}.")]
+ProbeOut = Annotated[Path, typer.Option("--out", help="Folder for the JSON and PNG figures.")]
+ProbeRoot = Annotated[Path | None, typer.Option(help="Dataset folder (not needed for digits).")]
+ProbeBackbone = Annotated[str, typer.Option(help="open_clip model name, or 'tiny'.")]
+ProbePretrained = Annotated[str, typer.Option(help="Weights: a tag, a checkpoint PATH, or none.")]
+ProbeEpisodes = Annotated[int, typer.Option(help="Episodes probed (0 … N-1 of the run's sequence).")]
+ProbeIterations = Annotated[int | None, typer.Option(help="Training iterations per episode (default 250).")]
+ProbeSet = Annotated[list[str] | None, typer.Option("--set", help="key=value for any config field.")]
+
+
+def probe_config(
+    dataset: str, data_root: Path | None, backbone: str, pretrained: str, shots: int, iterations: int | None,
+    overrides: list[str] | None, method: str = "lora",
+) -> RunConfig:  # fmt: skip
+    """The run config a probe prepares its episodes and training from."""
+    config = RunConfig(
+        dataset=dataset, data_root=str(data_root) if data_root else None, method=method, backbone=backbone,
+        pretrained=pretrained, shots=shots,
+    )  # fmt: skip
+    if iterations is not None:
+        config.train.iterations = iterations
+    for assignment in overrides or []:
+        apply_override(config, assignment)
+    return config.validate()
+
+
+def print_figures(result: dict[str, Any], folder: Path) -> None:
+    out.print(f"wrote {folder}/ with {', '.join(['*.json', *result.get('figures', [])])}", highlight=False)
+
+
+@diagnose_app.command("sink")
+@user_errors
+def diagnose_sink(
+    output: ProbeOut,
+    dataset: ProbeDataset = "digits",
+    data_root: ProbeRoot = None,
+    backbone: ProbeBackbone = "tiny",
+    pretrained: ProbePretrained = "openai",
+    methods: Annotated[str, typer.Option(help="Comma-separated methods compared with the plain model.")] = "lora,tir",
+    shots: Annotated[int, typer.Option(help="Support images per class.")] = 5,
+    episodes: ProbeEpisodes = 4,
+    iterations: ProbeIterations = None,
+    set_: ProbeSet = None,
+) -> None:
+    """Sum scores, token norms by Sum, and CLS attention concentration per vision layer, before vs after tuning."""
+    from cdfsl.analysis.probes import sink_probe
+
+    config = probe_config(dataset, data_root, backbone, pretrained, shots, iterations, set_)
+    result = sink_probe(config, tuple(m.strip() for m in methods.split(",")), episodes, output)
+    table = Table(title=f"attention sink: deepest layer ({result['layers']} vision layers)")
+    for column in ("condition", "accuracy (%)", "Sum = K share", "mean norm", "top-1% attention"):
+        table.add_column(column, justify="left" if column == "condition" else "right")
+    for name, data in result["conditions"].items():
+        accuracy = "–" if data["accuracy"] is None else f"{data['accuracy']:.2f}"
+        row = [name, accuracy, f"{float(data['sum_fraction'][-1][-1]):.3f}", f"{float(data['mean_norm'][-1]):.2f}"]
+        table.add_row(*row, f"{float(data['attention_top_share'][-1]):.3f}")
+    out.print(table)
+    print_figures(result, output)
+
+
+@diagnose_app.command("lost-layers")
+@user_errors
+def diagnose_lost_layers(
+    output: ProbeOut,
+    dataset: ProbeDataset = "digits",
+    data_root: ProbeRoot = None,
+    backbone: ProbeBackbone = "tiny",
+    pretrained: ProbePretrained = "openai",
+    method: Annotated[str, typer.Option(help="The fine-tuned condition besides zero-shot.")] = "lora",
+    gamma: Annotated[float, typer.Option(help="Factor on a block's residual update when emphasized.")] = 2.0,
+    shots: Annotated[int, typer.Option(help="Support images per class.")] = 5,
+    episodes: ProbeEpisodes = 4,
+    iterations: ProbeIterations = None,
+    set_: ProbeSet = None,
+) -> None:
+    """Accuracy with each text block removed or its residual update scaled by γ, zero-shot and after tuning."""
+    from cdfsl.analysis.probes import lost_layers_probe
+
+    config = probe_config(dataset, data_root, backbone, pretrained, shots, iterations, set_)
+    result = lost_layers_probe(config, method, gamma, episodes, output)
+    table = Table(title=f"lost layers: accuracy (%) over {result['text_blocks']} text blocks")
+    for column in ("condition", "unmodified", "best removal", "worst removal", f"best γ={gamma}"):
+        table.add_column(column, justify="left" if column == "condition" else "right")
+    for name, data in result["conditions"].items():
+        removed, emphasized = list(data["removed"]), list(data["emphasized"])
+        best = max(range(len(removed)), key=removed.__getitem__)
+        worst = min(range(len(removed)), key=removed.__getitem__)
+        top = max(range(len(emphasized)), key=emphasized.__getitem__)
+        table.add_row(
+            name, f"{data['unmodified']:.2f}", f"{removed[best]:.2f} (block {best})",
+            f"{removed[worst]:.2f} (block {worst})", f"{emphasized[top]:.2f} (block {top})",
+        )  # fmt: skip
+    out.print(table)
+    print_figures(result, output)
+
+
+@diagnose_app.command("cka")
+@user_errors
+def diagnose_cka(
+    output: ProbeOut,
+    dataset: ProbeDataset = "digits",
+    data_root: ProbeRoot = None,
+    backbone: ProbeBackbone = "tiny",
+    pretrained: ProbePretrained = "openai",
+    method: Annotated[str, typer.Option(help="Without --other-dataset: compare before vs after this method.")] = "lora",
+    other_dataset: Annotated[str | None, typer.Option(help="Compare with this dataset's images instead.")] = None,
+    other_data_root: Annotated[Path | None, typer.Option(help="Folder of --other-dataset.")] = None,
+    masks: Annotated[str, typer.Option(help="Comma-separated: none, sum_k, sum_1.")] = "none,sum_k,sum_1",
+    shots: Annotated[int, typer.Option(help="Support images per class.")] = 5,
+    episodes: ProbeEpisodes = 4,
+    iterations: ProbeIterations = None,
+    set_: ProbeSet = None,
+) -> None:
+    """Linear CKA per vision layer between two image sets, optionally masking Sum = K or Sum = 1 tokens."""
+    from cdfsl.analysis.probes import cka_probe
+
+    config = probe_config(dataset, data_root, backbone, pretrained, shots, iterations, set_, method)
+    other = None
+    if other_dataset is not None:
+        config.method = "zeroshot"
+        other = probe_config(other_dataset, other_data_root, backbone, pretrained, shots, iterations, set_, "zeroshot")
+    result = cka_probe(config, other, tuple(m.strip() for m in masks.split(",")), episodes, output)
+    table = Table(title=f"linear CKA per vision layer (n = {result['n']})")
+    table.add_column("mask")
+    table.add_column("layers 0 … L-1", justify="left")
+    for mask, values in result["cka"].items():
+        table.add_row(mask, " ".join(f"{float(v):.2f}" for v in values))
+    out.print(table)
+    print_figures(result, output)
 
 
 def main() -> None:

@@ -202,7 +202,7 @@ def _describe(setup: ProbeSetup, method: str) -> dict[str, Any]:
 def _figure(data: dict[str, Any]) -> Any:
     """CKA against layer, one line per mask (distinct markers and dashes, so coinciding lines stay visible)."""
     layers = np.arange(data["layers"])
-    figure = new_figure(2.6)
+    figure = new_figure(3.0)
     ax = figure.subplots()
     styles = (("o", "-"), ("s", "--"), ("^", ":"))
     sets = data["sets"]
@@ -221,5 +221,5 @@ def _figure(data: dict[str, Any]) -> Any:
     ax.set_xlabel("vision layer (block input)")
     ax.set_ylabel("linear CKA")
     ax.set_title(f"A: {sets['a']['label']}\nB: {sets['b']['label']}  (n = {data['n']} images)", pad=3, loc="left")
-    ax.legend(loc="best", frameon=False)
+    figure.legend(loc="outside lower center", ncols=1, frameon=False)
     return figure

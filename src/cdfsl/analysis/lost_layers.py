@@ -129,27 +129,59 @@ def _summary(per_episode: dict[str, list]) -> dict[str, Any]:
 
 
 def _figure(data: dict[str, Any]) -> Any:
-    """Accuracy against the removed / emphasized text block, one panel per condition, unmodified as a line."""
+    """Accuracy against the removed / emphasized text block, one panel per condition, unmodified as a line.
+
+    Points far from the rest (removing block 0 often breaks the model outright) would squash the interesting
+    range, so the y-axis covers the others and each off-scale point is drawn on the axis edge with its value.
+    """
     conditions = list(data["conditions"])
     blocks = np.arange(data["text_blocks"])
     figure = new_figure(0.7 + 1.35 * len(conditions))
     axes = np.atleast_1d(figure.subplots(len(conditions), 1, sharex=True, sharey=True))
+    modes = (
+        ("removed", "o", "-", condition_color(1), "block removed"),
+        ("emphasized", "s", "--", condition_color(2), f"update scaled by γ = {data['gamma']:g}"),
+    )
+    bottom, top = _focus_range(data)
     for ax, name in zip(axes, conditions, strict=True):
         row = data["conditions"][name]
-        ax.plot(blocks, row["removed"], marker="o", color=condition_color(1), label="block removed")
-        ax.plot(
-            blocks,
-            row["emphasized"],
-            marker="s",
-            linestyle="--",
-            color=condition_color(2),
-            label=f"update scaled by γ = {data['gamma']:g}",
-        )
+        for key, marker, dashes, color, label in modes:
+            values = np.asarray(row[key], dtype=float)
+            ax.plot(blocks, values, marker=marker, linestyle=dashes, color=color, label=label)
+            for block, value in zip(blocks, values, strict=True):
+                if not bottom <= value <= top:
+                    edge = bottom if value < bottom else top
+                    ax.plot(block, edge, marker="v" if value < bottom else "^", color=color, clip_on=False)
+                    ax.annotate(
+                        f"{value:.0f}%",
+                        (block, edge),
+                        xytext=(4, 2 if value < bottom else -8),
+                        textcoords="offset points",
+                        color=color,
+                    )
         ax.axhline(row["unmodified"], color=condition_color(0), linestyle=":", label="unmodified")
         ax.set_title("zero-shot" if name == ZEROSHOT else f"after {name}", pad=2)
         ax.set_ylabel("query accuracy (%)")
+    axes[0].set_ylim(bottom, top)
     axes[-1].set_xlabel("text block")
     axes[-1].set_xticks(blocks)
     handles, labels = axes[0].get_legend_handles_labels()
     figure.legend(handles, labels, loc="outside upper center", ncols=2, frameon=False)
     return figure
+
+
+def _focus_range(data: dict[str, Any]) -> tuple[float, float]:
+    """A y-range over every accuracy but the outliers: points more than max(10, 5 × the median absolute
+    deviation) percentage points from their condition's unmodified accuracy."""
+    kept, deviations = [], []
+    for row in data["conditions"].values():
+        values = np.asarray(row["removed"] + row["emphasized"], dtype=float)
+        deviations.append(np.abs(values - row["unmodified"]))
+        kept.append((values, row["unmodified"]))
+    threshold = max(10.0, 5.0 * float(np.median(np.concatenate(deviations))))
+    inside = [row_unmodified for _, row_unmodified in kept]
+    for values, unmodified in kept:
+        inside += values[np.abs(values - unmodified) <= threshold].tolist()
+    low, high = min(inside), max(inside)
+    pad = max(1.0, 0.08 * (high - low))
+    return max(0.0, low - pad), min(100.0, high + pad)
