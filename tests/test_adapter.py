@@ -16,12 +16,6 @@ PROMPTS = ["a photo of a dog.", "a photo of a sea or lake.", "an x-ray of a ches
 
 
 @pytest.fixture(scope="module")
-def tiny() -> ClipAdapter:
-    torch.manual_seed(0)
-    return load_backbone("tiny", "none")
-
-
-@pytest.fixture(scope="module")
 def images() -> torch.Tensor:
     """Normalized-looking images `[E=2, B=3, 3, 64, 64]`."""
     return torch.randn((2, 3, 3, 64, 64), generator=torch.Generator().manual_seed(1))

@@ -8,18 +8,11 @@ import pytest
 import torch
 
 from cdfsl.backbone.adapter import ClipAdapter
-from cdfsl.backbone.factory import load_backbone
 from cdfsl.backbone.lora import EpisodeLoRA
 from cdfsl.config import LoraConfig
 from cdfsl.seeding import torch_stream
 
 SEED = 3
-
-
-@pytest.fixture(scope="module")
-def tiny() -> ClipAdapter:
-    torch.manual_seed(0)
-    return load_backbone("tiny", "none")
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from cdfsl.backbone.tiny import create_tiny_model
+from cdfsl.backbone.trimmed_text import encode_text_trimmed
 from cdfsl.pretrain.source_domain import (
     CONCEPTS,
     DIGIT_NAMES,
@@ -22,7 +23,6 @@ from cdfsl.pretrain.train_tiny import (
     MAX_CHECKPOINT_BYTES,
     _CaptionTokens,
     digits_target,
-    encode_text_trimmed,
     label_aware_loss,
     pretrain_tiny,
 )

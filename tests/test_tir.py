@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cdfsl.backbone.factory import load_backbone
 from cdfsl.config import TirConfig
 from cdfsl.errors import ConfigError
 from cdfsl.methods.tir import TokenRecalibration, class_votes, resolve_blocks, token_weights
@@ -89,12 +88,6 @@ def test_insertion_points() -> None:
     for bad in ((12,), (-13,), (3, 40)):
         with pytest.raises(ConfigError, match="outside the 12-block"):
             resolve_blocks(bad, 12)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    return load_backbone("tiny", "none")
 
 
 def test_tiny_tower_resolves_defaults(tiny) -> None:

@@ -16,24 +16,11 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from cdfsl.analysis.figure_style import COLUMN_WIDTH_IN, DPI, PAGE_WIDTH_IN, PAPER_RC
 from cdfsl.analysis.report import Column, PairedCell, Report, Row, format_p
 
-DPI = 200
-COLUMN_WIDTH_IN = 3.5
-PAGE_WIDTH_IN = 7.0
-FONT_PT = 8
 # More bars than this in one chart and it gets the full page width.
 MAX_BARS_AT_COLUMN_WIDTH = 12
-_RC = {
-    "font.size": FONT_PT,
-    "axes.titlesize": FONT_PT + 1,
-    "axes.labelsize": FONT_PT,
-    "xtick.labelsize": FONT_PT,
-    "ytick.labelsize": FONT_PT,
-    "legend.fontsize": FONT_PT,
-    "axes.spines.top": False,
-    "axes.spines.right": False,
-}
 
 
 def plot_report(report: Report, out_dir: Path) -> list[Path]:
@@ -48,7 +35,7 @@ def plot_report(report: Report, out_dir: Path) -> list[Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
-    with matplotlib.rc_context(_RC):
+    with matplotlib.rc_context(PAPER_RC):
         for shots in sorted({column.shots for column in report.columns}):
             figure = _accuracy_figure(report, shots)
             if figure is not None:

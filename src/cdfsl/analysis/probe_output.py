@@ -17,24 +17,8 @@ import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
-DPI = 200
-COLUMN_WIDTH_IN = 3.5
-FONT_PT = 8
-_RC = {
-    "font.size": FONT_PT,
-    "axes.titlesize": FONT_PT + 1,
-    "axes.labelsize": FONT_PT,
-    "xtick.labelsize": FONT_PT,
-    "ytick.labelsize": FONT_PT,
-    "legend.fontsize": FONT_PT,
-    "legend.title_fontsize": FONT_PT,
-    "figure.titlesize": FONT_PT + 1,
-    "figure.labelsize": FONT_PT,
-    "axes.spines.top": False,
-    "axes.spines.right": False,
-    "lines.linewidth": 1.2,
-    "lines.markersize": 3.5,
-}
+from cdfsl.analysis.figure_style import COLUMN_WIDTH_IN, DPI, PAPER_RC
+
 # Colors per condition (before / fine-tuned methods), fixed so that every figure of a probe agrees.
 CONDITION_COLORS = ("#4d4d4d", "#d95f02", "#1b9e77", "#7570b3", "#e7298a", "#66a61e")
 
@@ -42,7 +26,7 @@ CONDITION_COLORS = ("#4d4d4d", "#d95f02", "#1b9e77", "#7570b3", "#e7298a", "#66a
 @contextmanager
 def figure_style() -> Iterator[None]:
     """The probes' matplotlib settings (8 pt fonts, no top/right spines) for figures made inside."""
-    with matplotlib.rc_context(_RC):
+    with matplotlib.rc_context(PAPER_RC):
         yield
 
 

@@ -48,6 +48,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from cdfsl.backbone.tiny import create_tiny_model, register_tiny_config
+from cdfsl.backbone.trimmed_text import encode_text_trimmed
 from cdfsl.pretrain.source_domain import DIGIT_NAMES, IMAGE_SIZE, NUM_CONCEPTS, digit_prompt, generate_batch
 
 MAX_CHECKPOINT_BYTES = 16_000_000
@@ -332,25 +333,6 @@ def normalize_images(images: np.ndarray) -> torch.Tensor:
     mean = torch.tensor(OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(OPENAI_DATASET_STD).view(1, 3, 1, 1)
     return (x - mean) / std
-
-
-def encode_text_trimmed(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """`model.encode_text(tokens)` (unnormalized, `[U, D]`) computed on tokens cut after the last end token.
-
-    Exact for open_clip's causal text tower with argmax pooling: positions after a row's end token never influence
-    it. Falls back to `encode_text` for other text towers.
-    """
-    if getattr(model, "text_pool_type", None) != "argmax" or not hasattr(model, "token_embedding"):
-        return model.encode_text(tokens)
-    length = int(tokens.argmax(dim=-1).max().item()) + 1
-    text = tokens[:, :length]
-    cast_dtype = model.transformer.get_cast_dtype()
-    x = model.token_embedding(text).to(cast_dtype) + model.positional_embedding[:length].to(cast_dtype)
-    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
-    x = model.ln_final(x)
-    x = x[torch.arange(x.shape[0]), text.argmax(dim=-1)]
-    projection = model.text_projection
-    return projection(x) if isinstance(projection, nn.Linear) else x @ projection
 
 
 class _CaptionTokens:
