@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cdfsl.config import TirConfig
+import cdfsl
+from cdfsl.config import RunConfig, TirConfig
 from cdfsl.errors import ConfigError
 from cdfsl.methods.tir import TokenRecalibration, class_votes, resolve_blocks, token_weights
 
@@ -141,3 +142,18 @@ def test_episode_axis_matches_single_episodes(tiny) -> None:
         for e in range(2):
             alone = tiny.encode_images(images[e : e + 1], block_input_hook=tir.hook(NAMES[e : e + 1])).features
             assert torch.allclose(together[e], alone[0], atol=1e-5)
+
+
+def test_tir_with_unit_weights_reproduces_lora_runs(tmp_path) -> None:
+    """`--method tir --set tir.beta=0` gives `lora`'s per-episode accuracies exactly (dropout on, E = 2)."""
+    per_episode = {}
+    for method in ("lora", "tir"):
+        config = RunConfig(
+            dataset="digits", method=method, backbone="tiny", pretrained="none", shots=5, episodes=4, episode_batch=2,
+            device="cpu", db=str(tmp_path / "runs.sqlite"),
+        )  # fmt: skip
+        config.train.iterations = 4
+        config.train.lr = 1e-2  # large enough that the adapted model differs from zero-shot
+        config.tir.beta = 0.0
+        per_episode[method] = cdfsl.run(config).per_episode
+    assert per_episode["tir"] == per_episode["lora"]

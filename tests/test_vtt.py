@@ -4,6 +4,7 @@ every fusion/scan option, and the episode axis including per-episode switch-off.
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -15,7 +16,24 @@ from cdfsl.data.images import ImageCache
 from cdfsl.data.readers import load_index
 from cdfsl.data.sampler import EpisodeSampler
 from cdfsl.methods import build_method
+from cdfsl.methods.fusion import selective_scan
 from cdfsl.methods.vtt import LossSwitch, aligned_layers, correct_gradient, scan_sequence
+
+# ---------------------------------------------------------------- the selective scan
+
+
+def test_selective_scan_matches_the_recurrence_by_hand() -> None:
+    """Two steps, one channel, two state entries: h_0 = Δ0·u0·B0, h_1 = exp(Δ1·A)·h_0 + Δ1·u1·B1, y_t = h_t·C_t."""
+    delta = torch.tensor([0.5, 2.0]).view(1, 1, 2, 1)
+    u = torch.tensor([1.0, -3.0]).view(1, 1, 2, 1)
+    b = torch.tensor([[1.0, 2.0], [0.5, -1.0]]).view(1, 1, 2, 2)
+    c = torch.tensor([[1.0, 1.0], [2.0, -1.0]]).view(1, 1, 2, 2)
+    a = torch.tensor([-1.0, -0.5]).view(1, 1, 1, 2)
+    h0 = [0.5 * 1.0 * 1.0, 0.5 * 1.0 * 2.0]  # [0.5, 1.0]
+    h1 = [math.exp(-2.0) * h0[0] + 2.0 * -3.0 * 0.5, math.exp(-1.0) * h0[1] + 2.0 * -3.0 * -1.0]
+    expected = torch.tensor([h0[0] + h0[1], 2.0 * h1[0] - h1[1]])
+    torch.testing.assert_close(selective_scan(delta, u, b, c, a).view(2), expected)
+
 
 # ---------------------------------------------------------------- gradient correction on hand-made vectors
 

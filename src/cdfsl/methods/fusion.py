@@ -58,6 +58,26 @@ class EpisodeMLP(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
+def selective_scan(delta: Tensor, u: Tensor, b: Tensor, c: Tensor, a: Tensor) -> Tensor:
+    """The recurrence `h_t = exp(Δ_t A) ⊙ h_{t−1} + (Δ_t u_t) ⊗ B_t`, `y_t = h_t C_t`, with `h_{−1} = 0`.
+
+    Args:
+        delta, u: `[E, B, S, H]`; b, c: `[E, B, S, N]`; a: `[E, 1, H, N]` (negative).
+
+    Returns:
+        y `[E, B, S, H]`. Sequential over S, on purpose: at these sizes (S = 2L ≈ 24) a log-depth parallel scan moves
+        S× more memory and measured 8× slower on CPU, and fusing the per-step ops (`addcmul`, a matmul over N) gained
+        under 10% of the scan.
+    """
+    h = torch.zeros(*u.shape[:2], u.shape[-1], a.shape[-1], device=u.device, dtype=u.dtype)  # [E, B, H, N]
+    outputs = []
+    for t in range(u.shape[2]):
+        decay = torch.exp(delta[:, :, t, :, None] * a)
+        h = decay * h + (delta[:, :, t] * u[:, :, t])[..., None] * b[:, :, t, None, :]
+        outputs.append((h * c[:, :, t, None, :]).sum(-1))
+    return torch.stack(outputs, dim=2)
+
+
 class SelectiveScan(nn.Module):
     """One Mamba-style block: input-dependent step Δ, B, C; diagonal A < 0; gated output; residual.
 
@@ -84,13 +104,7 @@ class SelectiveScan(nn.Module):
         delta = F.softplus(self.delta_proj(u))  # [E, B, S, H]
         b, c = self.b_proj(u), self.c_proj(u)  # [E, B, S, N]
         a = -torch.exp(self.a_log.float())[:, None]  # [E, 1, H, N]
-        h = torch.zeros(*u.shape[:2], u.shape[-1], a.shape[-1], device=x.device, dtype=u.dtype)
-        outputs = []
-        for t in range(u.shape[2]):
-            decay = torch.exp(delta[:, :, t, :, None] * a)
-            h = decay * h + (delta[:, :, t] * u[:, :, t])[..., None] * b[:, :, t, None, :]
-            outputs.append((h * c[:, :, t, None, :]).sum(-1))
-        y = torch.stack(outputs, dim=2) + self.skip.view(e, 1, 1, -1) * u
+        y = selective_scan(delta, u, b, c, a) + self.skip.view(e, 1, 1, -1) * u
         return x + self.out_proj(y * F.silu(gate))
 
 
