@@ -8,7 +8,7 @@ Quoted paper rows are not plotted: they have no episodes and no interval.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -21,6 +21,8 @@ from cdfsl.analysis.report import Column, PairedCell, Report, Row, format_p
 
 # More bars than this in one chart and it gets the full page width.
 MAX_BARS_AT_COLUMN_WIDTH = 12
+# Height a legend line below a chart takes (inches, 8 pt text).
+LEGEND_LINE_IN = 0.17
 
 
 def plot_report(report: Report, out_dir: Path) -> list[Path]:
@@ -59,12 +61,17 @@ def _accuracy_figure(report: Report, shots: int) -> Figure | None:
         return None
     colors = _row_colors(report)
     wide = len(rows) * len(columns) > MAX_BARS_AT_COLUMN_WIDTH
-    figure = Figure(figsize=(PAGE_WIDTH_IN if wide else COLUMN_WIDTH_IN, 2.8), layout="constrained")
+    one_backbone = len({r.backbone for r in rows}) == 1
+    labels = [_wrap(r.label if one_backbone else f"{r.label} ({r.backbone})", 70 if wide else 40) for r in rows]
+    legend_columns = 1 if any("\n" in label or len(label) > 14 for label in labels) else min(3, len(rows))
+    legend_lines = sum(label.count("\n") + 1 for label in labels[::legend_columns])
+    height = 2.6 + LEGEND_LINE_IN * legend_lines
+    figure = Figure(figsize=(PAGE_WIDTH_IN if wide else COLUMN_WIDTH_IN, height), layout="constrained")
     axes = figure.add_subplot()
     width = 0.8 / len(rows)
     x = np.arange(len(columns), dtype=float)
     top = 0.0
-    for index, row in enumerate(rows):
+    for index, (row, label) in enumerate(zip(rows, labels, strict=True)):
         cells = [report.cell(row, column) for column in columns]
         means = np.array([c.mean if c else np.nan for c in cells])
         errors = np.array([c.ci95 if c and np.isfinite(c.ci95) else 0.0 for c in cells])
@@ -76,7 +83,7 @@ def _accuracy_figure(report: Report, shots: int) -> Figure | None:
             yerr=errors,
             capsize=2,
             error_kw={"elinewidth": 0.8, "capthick": 0.8},
-            label=row.label if len({r.backbone for r in rows}) == 1 else f"{row.label} ({row.backbone})",
+            label=label,
             color=colors[row],
         )
         top = max(top, float(np.nanmax(means + errors)))
@@ -87,7 +94,7 @@ def _accuracy_figure(report: Report, shots: int) -> Figure | None:
     axes.set_title(f"{shots}-shot: mean accuracy ± 95% CI")
     axes.grid(axis="y", linewidth=0.4, alpha=0.5)
     axes.set_axisbelow(True)
-    axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=min(3, len(rows)), frameon=False)
+    figure.legend(loc="outside lower center", ncol=legend_columns, frameon=False)
     return figure
 
 
@@ -103,22 +110,23 @@ def _tick(column: Column) -> str:
 def _paired_figure(row: Row, column: Column, cell: PairedCell) -> Figure:
     stats = cell.stats
     diffs = np.fromiter(cell.differences.values(), dtype=np.float64)
-    figure = Figure(figsize=(COLUMN_WIDTH_IN, 2.6), layout="constrained")
+    unequal = ", unequal sets" if stats.unequal else ""
+    title = (
+        _wrap(f"{row.label} − {cell.baseline.label}, {column.label}", 48)
+        + f"\nn={stats.shared}{unequal}, Wilcoxon {format_p(stats.p_value)}"
+    )
+    figure = Figure(figsize=(COLUMN_WIDTH_IN, 2.4 + LEGEND_LINE_IN * title.count("\n")), layout="constrained")
     axes = figure.add_subplot()
     axes.hist(diffs, bins=_bins(diffs), color="0.65", edgecolor="white", linewidth=0.5, label="episodes")
     axes.axvspan(stats.mean_diff - stats.ci95, stats.mean_diff + stats.ci95, color="C3", alpha=0.25, label="95% CI")
     axes.axvline(stats.mean_diff, color="C3", linewidth=1.2, label=f"mean {stats.mean_diff:+.2f}")
     axes.axvline(0.0, color="black", linewidth=0.8, linestyle="--", label="no difference")
-    axes.set_xlabel(f"accuracy difference (points), {row.label} − {cell.baseline.label}")
+    axes.set_xlabel("accuracy difference (points)")
     axes.set_ylabel("episodes")
     axes.yaxis.set_major_locator(MaxNLocator(integer=True))
     if np.unique(diffs).size == 1:  # one value: keep the bar narrow and the zero line in view
         axes.set_xlim(min(diffs[0], 0.0) - 3.0, max(diffs[0], 0.0) + 3.0)
-    unequal = ", unequal sets" if stats.unequal else ""
-    axes.set_title(
-        f"{row.label} vs {cell.baseline.label}, {column.label}\n"
-        f"n={stats.shared}{unequal}, Wilcoxon {format_p(stats.p_value)}"
-    )
+    axes.set_title(title)
     axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.28), ncol=2, frameon=False)
     return figure
 
@@ -138,13 +146,21 @@ def _bins(diffs: np.ndarray) -> int | np.ndarray:
 def _summary_figure(report: Report) -> Figure:
     """Every compared cell's mean difference ± 95% interval, grouped by row, in the bar-chart colours."""
     colors = _row_colors(report)
-    entries = [
-        (colors[row], f"{row.label} · {column.label}", cell)
-        for row in report.paired_rows
+    columns = [
+        column
         for column in report.paired_columns
+        if any((cell := report.paired.get((row, column))) and cell.stats.shared for row in report.paired_rows)
+    ]
+    single = columns[0].label if len(columns) == 1 else None  # named once in the title instead of on every row
+    entries = [
+        (colors[row], row.label if single else f"{row.label} · {column.label}", cell)
+        for row in report.paired_rows
+        for column in columns
         if (cell := report.paired.get((row, column))) is not None and cell.stats.shared > 0
     ]
-    figure = Figure(figsize=(COLUMN_WIDTH_IN, 1.0 + 0.22 * len(entries)), layout="constrained")
+    labels = [_wrap(label, 32) for _, label, _ in entries]
+    row_height = max(0.22, LEGEND_LINE_IN * max(label.count("\n") + 1 for label in labels) + 0.06)
+    figure = Figure(figsize=(COLUMN_WIDTH_IN, 1.0 + row_height * len(entries)), layout="constrained")
     axes = figure.add_subplot()
     for y, (color, _, cell) in zip(range(len(entries) - 1, -1, -1), entries, strict=True):
         axes.errorbar(
@@ -158,16 +174,18 @@ def _summary_figure(report: Report) -> Figure:
             elinewidth=0.9,
         )
     axes.axvline(0.0, color="black", linewidth=0.8, linestyle="--")
-    axes.set_yticks(range(len(entries) - 1, -1, -1), _short_labels([label for _, label, _ in entries]))
+    axes.set_yticks(range(len(entries) - 1, -1, -1), labels)
     axes.set_ylim(-0.7, len(entries) - 0.3)
     axes.set_xlabel(f"difference vs {report.baseline} (points)")
-    figure.suptitle(f"Paired differences vs {report.baseline}\n(mean ± 95% CI over shared episodes)")
+    where = f", {single}" if single else ""
+    figure.suptitle(f"Paired differences vs {report.baseline}{where}\n(mean ± 95% CI over shared episodes)")
     axes.grid(axis="x", linewidth=0.4, alpha=0.5)
     return figure
 
 
-def _short_labels(labels: Sequence[str], limit: int = 34) -> list[str]:
-    return [label if len(label) <= limit else label[: limit - 1] + "…" for label in labels]
+def _wrap(label: str, width: int) -> str:
+    """A row label broken into lines of at most `width` characters (at spaces), so variants stay readable whole."""
+    return "\n".join(textwrap.wrap(label, width, break_long_words=False)) or label
 
 
 def _slug(text: str) -> str:
