@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cdfsl.analysis.probe_output import condition_color, figure_style, new_figure, save_figure, write_result
+from cdfsl.analysis.figure_style import paper_style
+from cdfsl.analysis.probe_output import condition_color, new_figure, save_figure, write_result
 from cdfsl.analysis.probe_setup import ProbeSetup, check_episodes, class_marks, encode, fit, prepare, probe_images
 from cdfsl.config import RunConfig
 from cdfsl.engine.runner import Runner
@@ -144,7 +145,7 @@ def cka_probe(
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        with figure_style():
+        with paper_style():
             figures.append(save_figure(_figure(write_result(result, None, "", [])), out, "cka"))
     result["seconds"] = time.perf_counter() - started
     return write_result(result, out, "cka", figures)

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import matplotlib
+
 DPI = 200
 COLUMN_WIDTH_IN = 3.5
 PAGE_WIDTH_IN = 7.0
 FONT_PT = 8
+# Height one line of 8 pt text takes (inches, with line spacing): to size figures for wrapped titles and labels.
+TEXT_LINE_IN = 0.17
 PAPER_RC = {
     "font.size": FONT_PT,
     "axes.titlesize": FONT_PT + 1,
@@ -21,3 +28,10 @@ PAPER_RC = {
     "lines.linewidth": 1.2,
     "lines.markersize": 3.5,
 }
+
+
+@contextmanager
+def paper_style() -> Iterator[None]:
+    """Figures made inside use `PAPER_RC` (8 pt fonts, no top/right spines)."""
+    with matplotlib.rc_context(PAPER_RC):
+        yield

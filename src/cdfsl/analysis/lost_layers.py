@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cdfsl.analysis.probe_output import condition_color, figure_style, new_figure, save_figure, write_result
+from cdfsl.analysis.figure_style import paper_style
+from cdfsl.analysis.probe_output import condition_color, new_figure, save_figure, write_result
 from cdfsl.analysis.probe_setup import ProbeSetup, accuracy, check_episodes, encode, fit, prepare
 from cdfsl.analysis.stats import mean_ci95
 from cdfsl.config import METHODS, RunConfig
@@ -87,7 +88,7 @@ def lost_layers_probe(
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        with figure_style():
+        with paper_style():
             figures.append(save_figure(_figure(write_result(result, None, "", [])), out, "lost_layers"))
     result["seconds"] = time.perf_counter() - started
     return write_result(result, out, "lost_layers", figures)

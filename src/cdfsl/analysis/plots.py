@@ -11,18 +11,15 @@ import re
 import textwrap
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from cdfsl.analysis.figure_style import COLUMN_WIDTH_IN, DPI, PAGE_WIDTH_IN, PAPER_RC
+from cdfsl.analysis.figure_style import COLUMN_WIDTH_IN, DPI, PAGE_WIDTH_IN, TEXT_LINE_IN, paper_style
 from cdfsl.analysis.report import Column, PairedCell, Report, Row, format_p
 
 # More bars than this in one chart and it gets the full page width.
 MAX_BARS_AT_COLUMN_WIDTH = 12
-# Height a legend line below a chart takes (inches, 8 pt text).
-LEGEND_LINE_IN = 0.17
 
 
 def plot_report(report: Report, out_dir: Path) -> list[Path]:
@@ -37,7 +34,7 @@ def plot_report(report: Report, out_dir: Path) -> list[Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
-    with matplotlib.rc_context(PAPER_RC):
+    with paper_style():
         for shots in sorted({column.shots for column in report.columns}):
             figure = _accuracy_figure(report, shots)
             if figure is not None:
@@ -65,7 +62,7 @@ def _accuracy_figure(report: Report, shots: int) -> Figure | None:
     labels = [_wrap(r.label if one_backbone else f"{r.label} ({r.backbone})", 70 if wide else 40) for r in rows]
     legend_columns = 1 if any("\n" in label or len(label) > 14 for label in labels) else min(3, len(rows))
     legend_lines = sum(label.count("\n") + 1 for label in labels[::legend_columns])
-    height = 2.6 + LEGEND_LINE_IN * legend_lines
+    height = 2.6 + TEXT_LINE_IN * legend_lines
     figure = Figure(figsize=(PAGE_WIDTH_IN if wide else COLUMN_WIDTH_IN, height), layout="constrained")
     axes = figure.add_subplot()
     width = 0.8 / len(rows)
@@ -115,7 +112,7 @@ def _paired_figure(row: Row, column: Column, cell: PairedCell) -> Figure:
         _wrap(f"{row.label} − {cell.baseline.label}, {column.label}", 48)
         + f"\nn={stats.shared}{unequal}, Wilcoxon {format_p(stats.p_value)}"
     )
-    figure = Figure(figsize=(COLUMN_WIDTH_IN, 2.4 + LEGEND_LINE_IN * title.count("\n")), layout="constrained")
+    figure = Figure(figsize=(COLUMN_WIDTH_IN, 2.4 + TEXT_LINE_IN * title.count("\n")), layout="constrained")
     axes = figure.add_subplot()
     axes.hist(diffs, bins=_bins(diffs), color="0.65", edgecolor="white", linewidth=0.5, label="episodes")
     axes.axvspan(stats.mean_diff - stats.ci95, stats.mean_diff + stats.ci95, color="C3", alpha=0.25, label="95% CI")
@@ -159,7 +156,7 @@ def _summary_figure(report: Report) -> Figure:
         if (cell := report.paired.get((row, column))) is not None and cell.stats.shared > 0
     ]
     labels = [_wrap(label, 32) for _, label, _ in entries]
-    row_height = max(0.22, LEGEND_LINE_IN * max(label.count("\n") + 1 for label in labels) + 0.06)
+    row_height = max(0.22, TEXT_LINE_IN * max(label.count("\n") + 1 for label in labels) + 0.06)
     figure = Figure(figsize=(COLUMN_WIDTH_IN, 1.0 + row_height * len(entries)), layout="constrained")
     axes = figure.add_subplot()
     for y, (color, _, cell) in zip(range(len(entries) - 1, -1, -1), entries, strict=True):

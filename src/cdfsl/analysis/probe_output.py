@@ -8,26 +8,17 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
-from cdfsl.analysis.figure_style import COLUMN_WIDTH_IN, DPI, PAPER_RC
+from cdfsl.analysis.figure_style import COLUMN_WIDTH_IN, DPI
 
 # Colors per condition (before / fine-tuned methods), fixed so that every figure of a probe agrees.
 CONDITION_COLORS = ("#4d4d4d", "#d95f02", "#1b9e77", "#7570b3", "#e7298a", "#66a61e")
-
-
-@contextmanager
-def figure_style() -> Iterator[None]:
-    """The probes' matplotlib settings (8 pt fonts, no top/right spines) for figures made inside."""
-    with matplotlib.rc_context(PAPER_RC):
-        yield
 
 
 def new_figure(height_in: float, width_in: float = COLUMN_WIDTH_IN) -> Figure:

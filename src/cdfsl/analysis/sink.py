@@ -32,7 +32,8 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 from torch import Tensor
 
-from cdfsl.analysis.probe_output import condition_color, figure_style, new_figure, save_figure, write_result
+from cdfsl.analysis.figure_style import paper_style
+from cdfsl.analysis.probe_output import condition_color, new_figure, save_figure, write_result
 from cdfsl.analysis.probe_setup import (
     accuracy,
     check_episodes,
@@ -204,7 +205,7 @@ def sink_probe(
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         data = write_result(result, None, "sink", [])
-        with figure_style():
+        with paper_style():
             figures.append(save_figure(_histogram_figure(data), out, "sink_sum_histogram"))
             figures.append(save_figure(_norm_figure(data), out, "sink_norm_by_sum"))
             figures.append(save_figure(_attention_figure(data), out, "sink_attention"))
