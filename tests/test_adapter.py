@@ -148,6 +148,36 @@ def test_placeholder_replacement_reproduces_plain_text(tiny: ClipAdapter) -> Non
     torch.testing.assert_close(both, torch.cat([injected, same]), atol=1e-5, rtol=1e-5)
 
 
+def test_cached_prefix_equals_the_full_prompt_forward_and_backward(tiny: ClipAdapter) -> None:
+    tokens, position = tiny.placeholder_position(TEMPLATE, "X")
+    prefix = tiny.cache_text_prefix(tokens, position)
+    assert prefix.keys_values[0][0].shape[2] == position  # keys of "<start> a photo of a"
+    dog = tiny.token_embedding(tiny.tokenize(["dog"])[:, 1])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            tiny.encode_after_prefix(prefix, dog), tiny.text_features(["a photo of a dog."]), atol=1e-5, rtol=1e-5
+        )
+    replacement = 0.02 * torch.randn((4, tiny.text_width), generator=torch.Generator().manual_seed(0))
+    replacement.requires_grad_()
+    weights = torch.randn((4, tiny.embed_dim), generator=torch.Generator().manual_seed(1))
+    full = tiny.encode_text_tokens(tokens.expand(4, -1), position, replacement)
+    cached = tiny.encode_after_prefix(prefix, replacement)
+    torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
+    (grad_full,) = torch.autograd.grad((full * weights).sum(), replacement)
+    (grad_cached,) = torch.autograd.grad((cached * weights).sum(), replacement)
+    torch.testing.assert_close(grad_cached, grad_full, atol=1e-4, rtol=1e-4)
+
+
+def test_prefix_cache_needs_a_causal_text_tower(tiny: ClipAdapter, monkeypatch: pytest.MonkeyPatch) -> None:
+    tokens, position = tiny.placeholder_position(TEMPLATE, "X")
+    with pytest.raises(ValueError, match="not before the pooled token"):
+        tiny.cache_text_prefix(tokens, 9)
+    monkeypatch.setattr(tiny.text, "attn_mask", None)
+    assert not tiny.text_is_causal
+    with pytest.raises(BackboneError, match="not causal"):
+        tiny.cache_text_prefix(tokens, position)
+
+
 def test_placeholder_errors(tiny: ClipAdapter) -> None:
     with pytest.raises(BackboneError, match="single token"):
         tiny.placeholder_position(TEMPLATE, "hippopotamus")
@@ -286,4 +316,12 @@ def test_real_open_clip_architecture() -> None:
     prompts = ["a photo of a dog."]
     torch.testing.assert_close(
         backbone.text_features(prompts), backbone.model.encode_text(backbone.tokenize(prompts)), atol=1e-4, rtol=1e-4
+    )
+    tokens, position = backbone.placeholder_position(TEMPLATE, "X")
+    dog = backbone.token_embedding(backbone.tokenize(["dog"])[:, 1])
+    torch.testing.assert_close(
+        backbone.encode_after_prefix(backbone.cache_text_prefix(tokens, position), dog),
+        backbone.text_features(prompts),
+        atol=1e-4,
+        rtol=1e-4,
     )

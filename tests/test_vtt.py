@@ -154,9 +154,13 @@ def test_absorbing_the_placeholder_embedding_reproduces_the_prompt(world) -> Non
     extension = method.extension
     tokens, position = extension.tokens, extension.position
     with torch.no_grad():
-        injected = backbone.encode_text_tokens(tokens, position, backbone.token_embedding(tokens[:, position]))
+        own_embedding = backbone.token_embedding(tokens[:, position])
+        injected = backbone.encode_text_tokens(tokens, position, own_embedding)
         plain = backbone.model.encode_text(backbone.tokenize(["a photo of a X."]))
+        assert extension.prefix is not None  # the path training takes: the cached "a photo of a"
+        injected_after_prefix = backbone.encode_after_prefix(extension.prefix, own_embedding)
     assert torch.allclose(injected, plain, atol=1e-5)
+    assert torch.allclose(injected_after_prefix, plain, atol=1e-5)
 
 
 def test_last_layer_feature_is_the_image_feature(world) -> None:
@@ -194,6 +198,18 @@ def test_every_fusion_and_scan_trains(world, fusion: str, scan: str) -> None:
     after = method.lora.tensors()
     assert any(not torch.equal(b, a) for b, a in zip(before, after, strict=True))
     assert torch.isfinite(method.predict(batch)).all()
+
+
+@pytest.mark.parametrize("hidden", [None, 32])
+def test_fusion_width_defaults_to_the_joint_embedding_width(world, hidden: int | None) -> None:
+    backbone = world[0]
+    config = vtt_config()
+    config.vtt.hidden = hidden
+    batch = batch_of(world, config, [0])
+    method = build_method(config, backbone)
+    method.extension.start(batch, method._new_lora(batch))
+    width = hidden or backbone.embed_dim  # 64 on the tiny model
+    assert method.extension.fusion.position.shape == (1, 2 * backbone.num_vision_blocks, width)
 
 
 def test_vtt_gradient_reaches_lora_and_fusion(world) -> None:

@@ -200,9 +200,7 @@ def demo_command(
     iterations: Annotated[int, typer.Option(help="Training iterations per episode.")] = 40,
     shots: Annotated[int, typer.Option(help="Support images per class.")] = 5,
     episode_batch: Annotated[int, typer.Option(help="Episodes trained at once.")] = 8,
-    lr: Annotated[
-        float, typer.Option(help="LoRA learning rate (a short run needs more than the recipe's 2e-4).")
-    ] = 1e-3,
+    lr: Annotated[float | None, typer.Option(help="LoRA learning rate [default: digits' recipe, 1e-3].")] = None,
     db: Annotated[Path, typer.Option(help="SQLite result store.")] = Path("demo.sqlite"),
 ) -> None:
     """The main job on the embedded default: the tiny CLIP on digits, every method, a results table."""
@@ -214,7 +212,8 @@ def demo_command(
         console.print("[yellow]warning:[/yellow] the tiny model's weights are not installed; using random weights")
         pretrained = "none"
     runner = Runner()
-    title = f"digits, tiny CLIP, 5-way {shots}-shot, {episodes} episodes, {iterations} iterations at lr {lr:g}"
+    resolved_lr = RunConfig(dataset="digits").resolved_lr() if lr is None else lr
+    title = f"digits, tiny CLIP, 5-way {shots}-shot, {episodes} episodes, {iterations} iterations at lr {resolved_lr:g}"
     table = Table(title=title)
     for column in ("method", "accuracy (%)", "95% CI", "s / episode"):
         table.add_column(column, justify="left" if column == "method" else "right")

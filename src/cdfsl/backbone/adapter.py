@@ -3,9 +3,9 @@
 It runs both towers with an explicit block loop over the model's own weights, which gives the rest of the code what
 the methods need without forking CLIP: an episode axis through the vision tower, a pluggable q/k/v projection (LoRA),
 token recalibration at block inputs (TIR), per-layer hidden tokens and pooled features (VtT, diagnostics), text
-features per block, text encoding with one token embedding replaced (VtT absorption), and block skipping or residual
-scaling in the text tower (the lost-layer probe). Tests check the loop against open_clip's own `encode_image` and
-`encode_text`.
+features per block, text encoding with one token embedding replaced (VtT absorption; the prompt's fixed prefix
+cached once), and block skipping or residual scaling in the text tower (the lost-layer probe). Tests check the loop
+against open_clip's own `encode_image` and `encode_text`.
 
 Supported: open_clip `CLIP`/`CustomTextCLIP` models whose towers are open_clip `VisionTransformer` and
 `TextTransformer`-style stacks of `ResidualAttentionBlock` (OpenAI CLIP, LAION and DataComp ViTs, the tiny model).
@@ -59,6 +59,23 @@ class VisionOutput:
     layer_features: Tensor | None = None
     block_inputs: list[Tensor] = field(default_factory=list)
     cls_attention: list[Tensor] = field(default_factory=list)
+
+
+@dataclass
+class TextPrefix:
+    """A prompt's fixed prefix through the frozen text tower (`ClipAdapter.cache_text_prefix`).
+
+    Attributes:
+        keys_values: per text block, keys and values of the P prefix tokens, each `[1, heads, P, W/heads]`.
+        rest: embeddings (with positions) of the T − 1 tokens after the replaced one, up to the pooled one.
+        position_embedding: the positional embedding of the replaced token `[W]`.
+        mask: the causal mask rows of the T tokens from the replaced one over all P + T `[T, P + T]`.
+    """
+
+    keys_values: list[tuple[Tensor, Tensor]]
+    rest: Tensor
+    position_embedding: Tensor
+    mask: Tensor
 
 
 class ClipAdapter(nn.Module):
@@ -158,21 +175,33 @@ class ClipAdapter(nn.Module):
 
     # ------------------------------------------------------------------ shared block pieces
     @staticmethod
+    def _split_heads(block: nn.Module, qkv: Tensor) -> Tensor:
+        """Fused `qkv` `[N, T, 3D]` → stacked q, k, v `[3, N, heads, T, D/heads]`."""
+        n, t, d3 = qkv.shape
+        heads = block.attn.num_heads
+        return qkv.view(n, t, 3, heads, d3 // (3 * heads)).permute(2, 0, 3, 1, 4)
+
+    @classmethod
     def _attention(
+        cls,
         block: nn.Module,
         x: Tensor,
         qkv: Tensor,
         attn_mask: Tensor | None,
         want_cls_attention: bool = False,
+        prefix: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """Multi-head attention of `block` from a precomputed fused `qkv` `[N, T, 3D]`; returns `[N, T, D]`.
 
-        With `want_cls_attention`, also the CLS query's attention weights `[N, heads, T]`.
+        `prefix`: cached keys and values `[1, heads, P, D/heads]` of P earlier tokens, attended before x's own (then
+        `attn_mask` is `[T, P + T]`). With `want_cls_attention`, also the CLS query's attention weights `[N, heads, T]`.
         """
         attn: nn.MultiheadAttention = block.attn
         n, t, d = x.shape
-        heads = attn.num_heads
-        q, k, v = qkv.view(n, t, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
+        q, k, v = cls._split_heads(block, qkv)
+        if prefix is not None:
+            k = torch.cat([prefix[0].expand(n, -1, -1, -1), k], dim=2)
+            v = torch.cat([prefix[1].expand(n, -1, -1, -1), v], dim=2)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         cls_attention = None
         if want_cls_attention:
@@ -279,6 +308,11 @@ class ClipAdapter(nn.Module):
     def _causal_mask(self) -> Tensor | None:
         return getattr(self.text, "attn_mask", None)
 
+    @property
+    def text_is_causal(self) -> bool:
+        """Whether text tokens attend only to earlier ones (then a prompt prefix can be cached)."""
+        return self._causal_mask() is not None
+
     def encode_text_tokens(
         self,
         tokens: Tensor,
@@ -322,10 +356,7 @@ class ClipAdapter(nn.Module):
             if layer in skip_blocks:
                 updated = x
             else:
-                h = block.ln_1(x)
-                qkv = F.linear(h, block.attn.in_proj_weight, block.attn.in_proj_bias)
-                updated = x + block.ls_1(self._attention(block, x, qkv, mask)[0])
-                updated = updated + self._mlp(block, updated)
+                updated = self._text_block(block, x, mask)
                 if layer in scale:
                     updated = x + scale[layer] * (updated - x)
             x = updated
@@ -334,6 +365,54 @@ class ClipAdapter(nn.Module):
         if layer_features:
             return torch.stack(per_layer)
         return self._project_text(x[rows, positions])
+
+    def _text_block(
+        self, block: nn.Module, x: Tensor, mask: Tensor | None, prefix: tuple[Tensor, Tensor] | None = None
+    ) -> Tensor:
+        """One text block over `[N, T, W]` (attending also to cached `prefix` keys/values, see `_attention`)."""
+        qkv = F.linear(block.ln_1(x), block.attn.in_proj_weight, block.attn.in_proj_bias)
+        x = x + block.ls_1(self._attention(block, x, qkv, mask, prefix=prefix)[0])
+        return x + self._mlp(block, x)
+
+    @torch.no_grad()
+    def cache_text_prefix(self, tokens: Tensor, position: int) -> TextPrefix:
+        """Run the tokens before `position` of one prompt `[1, S]` through the text tower once and keep, per block,
+        their keys and values; `encode_after_prefix` then encodes the rest of the prompt for many replacements of the
+        token at `position` without recomputing the prefix (VtT absorption: "a photo of a" is the same every step).
+
+        Valid only with a causal mask, where earlier tokens never see later ones; raises `BackboneError` otherwise.
+        """
+        mask = self._causal_mask()
+        if mask is None:
+            raise BackboneError(f"the text tower of {self.name!r} is not causal: a prompt prefix cannot be cached")
+        pooled = int(self._pool_positions(tokens)[0])
+        if not 0 <= position <= pooled:
+            raise ValueError(f"replaced position {position} is not before the pooled token at {pooled}")
+        x = self.text.token_embedding(tokens[:, : pooled + 1]) + self.text.positional_embedding[: pooled + 1]
+        prefix, rest = x[:, :position], x[0, position + 1 :]
+        keys_values = []
+        for block in self.text_blocks:
+            qkv = F.linear(block.ln_1(prefix), block.attn.in_proj_weight, block.attn.in_proj_bias)
+            _, k, v = self._split_heads(block, qkv)
+            keys_values.append((k, v))
+            prefix = self._text_block(block, prefix, mask[:position, :position])
+        return TextPrefix(
+            keys_values=keys_values,
+            rest=rest,
+            position_embedding=self.text.positional_embedding[position],
+            mask=mask[position : pooled + 1, : pooled + 1],
+        )
+
+    def encode_after_prefix(self, prefix: TextPrefix, replacement: Tensor) -> Tensor:
+        """Final text features `[N, C]` of the cached prompt with its replaced token's embedding set to `replacement`
+        `[N, W]`; equal to `encode_text_tokens(tokens, position, replacement)` up to float rounding."""
+        rest = prefix.rest.to(replacement.dtype)
+        first = replacement + prefix.position_embedding.to(replacement.dtype)
+        x = torch.cat([first[:, None], rest.expand(replacement.shape[0], -1, -1)], dim=1)
+        mask = prefix.mask.to(x.dtype)
+        for block, keys_values in zip(self.text_blocks, prefix.keys_values, strict=True):
+            x = self._text_block(block, x, mask, keys_values)
+        return self._project_text(x[:, -1])
 
     def _project_text(self, pooled: Tensor) -> Tensor:
         x = self.text.ln_final(pooled)

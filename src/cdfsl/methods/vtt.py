@@ -112,8 +112,8 @@ class VttExtension:
         self.config = config
         self.vtt = config.vtt
         self.backbone = backbone
-        tokens, self.position = backbone.placeholder_position(config.train.template, config.vtt.placeholder)
-        self.tokens = tokens
+        self.tokens, self.position = backbone.placeholder_position(config.train.template, config.vtt.placeholder)
+        self.prefix = backbone.cache_text_prefix(self.tokens, self.position) if backbone.text_is_causal else None
         depth = min(backbone.num_vision_blocks, backbone.num_text_blocks)
         self.vision_layers = aligned_layers(backbone.num_vision_blocks, depth)
         self.text_layers = aligned_layers(backbone.num_text_blocks, depth)
@@ -140,7 +140,7 @@ class VttExtension:
             generators,
             length=2 * len(self.vision_layers),
             inputs=self.backbone.embed_dim,
-            hidden=self.vtt.hidden,
+            hidden=self.vtt.hidden or self.backbone.embed_dim,
             outputs=self.backbone.text_width,
             kind=self.vtt.fusion,
             layers=self.vtt.ssm_layers,
@@ -158,9 +158,11 @@ class VttExtension:
         vision = F.normalize(output.layer_features[self.vision_layers].float(), dim=-1)  # [L, E, B, C]
         rows = torch.arange(e, device=labels.device)[:, None]
         text = self.class_layers[rows, labels]  # [E, B, L, C]
-        absorption = self.fusion(scan_sequence(vision, text, self.vtt.scan))  # [E, B, W]
-        tokens = self.tokens.expand(e * b, -1)
-        absorbed = self.backbone.encode_text_tokens(tokens, self.position, absorption.flatten(0, 1))
+        absorption = self.fusion(scan_sequence(vision, text, self.vtt.scan)).flatten(0, 1)  # [E·B, W]
+        if self.prefix is not None:
+            absorbed = self.backbone.encode_after_prefix(self.prefix, absorption)
+        else:
+            absorbed = self.backbone.encode_text_tokens(self.tokens.expand(e * b, -1), self.position, absorption)
         cos = F.cosine_similarity(absorbed.float().view(e, b, -1), output.features.float(), dim=-1)
         return -cos.mean(dim=1)
 
