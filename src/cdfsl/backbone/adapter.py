@@ -406,9 +406,8 @@ class ClipAdapter(nn.Module):
     def encode_after_prefix(self, prefix: TextPrefix, replacement: Tensor) -> Tensor:
         """Final text features `[N, C]` of the cached prompt with its replaced token's embedding set to `replacement`
         `[N, W]`; equal to `encode_text_tokens(tokens, position, replacement)` up to float rounding."""
-        rest = prefix.rest.to(replacement.dtype)
-        first = replacement + prefix.position_embedding.to(replacement.dtype)
-        x = torch.cat([first[:, None], rest.expand(replacement.shape[0], -1, -1)], dim=1)
+        first = replacement.to(prefix.rest.dtype) + prefix.position_embedding
+        x = torch.cat([first[:, None], prefix.rest.expand(replacement.shape[0], -1, -1)], dim=1)
         mask = prefix.mask.to(x.dtype)
         for block, keys_values in zip(self.text_blocks, prefix.keys_values, strict=True):
             x = self._text_block(block, x, mask, keys_values)
