@@ -366,12 +366,16 @@ class ClipAdapter(nn.Module):
             return torch.stack(per_layer)
         return self._project_text(x[rows, positions])
 
+    @staticmethod
+    def _text_qkv(block: nn.Module, x: Tensor) -> Tensor:
+        """The fused q/k/v projection of a text block's normalized input: `[N, T, W]` → `[N, T, 3W]`."""
+        return F.linear(block.ln_1(x), block.attn.in_proj_weight, block.attn.in_proj_bias)
+
     def _text_block(
         self, block: nn.Module, x: Tensor, mask: Tensor | None, prefix: tuple[Tensor, Tensor] | None = None
     ) -> Tensor:
         """One text block over `[N, T, W]` (attending also to cached `prefix` keys/values, see `_attention`)."""
-        qkv = F.linear(block.ln_1(x), block.attn.in_proj_weight, block.attn.in_proj_bias)
-        x = x + block.ls_1(self._attention(block, x, qkv, mask, prefix=prefix)[0])
+        x = x + block.ls_1(self._attention(block, x, self._text_qkv(block, x), mask, prefix=prefix)[0])
         return x + self._mlp(block, x)
 
     @torch.no_grad()
@@ -392,8 +396,7 @@ class ClipAdapter(nn.Module):
         prefix, rest = x[:, :position], x[0, position + 1 :]
         keys_values = []
         for block in self.text_blocks:
-            qkv = F.linear(block.ln_1(prefix), block.attn.in_proj_weight, block.attn.in_proj_bias)
-            _, k, v = self._split_heads(block, qkv)
+            _, k, v = self._split_heads(block, self._text_qkv(block, prefix))
             keys_values.append((k, v))
             prefix = self._text_block(block, prefix, mask[:position, :position])
         return TextPrefix(
