@@ -7,6 +7,9 @@ iterations so the whole run takes a few minutes. GPU mode: ViT-B/16 with random 
 bf16 autocast. Images are random tensors of the right shapes, so the data pipeline is not measured here
 (see `benchmarks/data_pipeline.py`).
 
+Every method runs the `--recipe` loop (default `vtt-release`, the baseline's: the ratios then measure what each plug-in
+adds to the same loop; `--recipe default` gives each method its own default recipe).
+
 For each (method, E): one untimed warm-up fit, then `--repeats` timed fits + predictions of E episodes,
 interleaved round-robin over the cases; the median is reported. Reported:
 seconds per iteration and per episode, episodes per hour, training images per second, peak memory, and the achieved
@@ -48,6 +51,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=1, help="timed repetitions per (method, E)")
     parser.add_argument("--backbone", help="default: tiny on cpu, ViT-B-16 on cuda")
     parser.add_argument("--shots", type=int, default=5)
+    parser.add_argument("--recipe", default="vtt-release", help="every method's recipe, or 'default' (each its own)")
     return parser.parse_args()
 
 
@@ -92,12 +96,13 @@ def episode_flops(config: RunConfig, method_name: str, backbone: Any, dtype: tor
 
 
 def _config(base: RunConfig, method: str, iterations: int | None = None) -> RunConfig:
+    """`base` for `method` (resolved under `base.recipe`, or the method's default recipe when it is None)."""
     config = RunConfig(**{**base.__dict__})
     config.method = method
     config.train = type(base.train)(**{**base.train.__dict__})
     if iterations is not None:
         config.train.iterations = iterations
-    return config
+    return config.resolved()
 
 
 def measure_once(config: RunConfig, method_name: str, episodes: int, backbone: Any, dtype: Any) -> float:
@@ -132,14 +137,20 @@ def main() -> None:
     batches = [int(b) for b in (args.batches or ("1,4,16,32" if cuda else "1,4")).split(",")]
     iterations = args.iterations or (250 if cuda else 20)
     methods = args.methods.split(",")
-    config = RunConfig(dataset="digits", method="lora", backbone=backbone_name, pretrained="none", shots=args.shots)
+    recipe = None if args.recipe == "default" else args.recipe
+    config = RunConfig(
+        dataset="digits", method="lora", recipe=recipe, backbone=backbone_name, pretrained="none", shots=args.shots
+    )
     config.train.iterations = iterations
     precision, dtype = resolve_precision("auto", device)
     torch.manual_seed(0)
     backbone = load_backbone(backbone_name, "none", device)
     peak = matmul_peak(device, torch.bfloat16 if cuda else torch.float32)
     views = config.ways * config.shots * len(config.augment.views)
-    per_step_images = min(config.train.batch_size, views)
+
+    def per_step_images(method: str) -> int:
+        batch = _config(config, method).train.batch_size
+        return views if batch == "all" else min(int(batch), views)
 
     # Repeats are interleaved round-robin over (method, E), so a burst of load elsewhere hits every case alike;
     # each case reports its median.
@@ -167,7 +178,7 @@ def main() -> None:
                 "s_per_iteration": seconds / iterations,
                 "s_per_episode": per_episode,
                 "episodes_per_hour": 3600.0 / per_episode,
-                "images_per_s": per_step_images * iterations * episodes / seconds,
+                "images_per_s": per_step_images(method_name) * iterations * episodes / seconds,
                 "peak_mem_mb": peaks[(method_name, episodes)],
                 "matmul_utilisation": flops[method_name] / per_episode / peak,
             }
@@ -191,6 +202,7 @@ def main() -> None:
         "backbone": backbone_name,
         "precision": precision,
         "shots": config.shots,
+        "recipe": args.recipe,
         "iterations": iterations,
         "peak_matmul_tflops": peak / 1e12,
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -206,7 +218,8 @@ def main() -> None:
 def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"{result['backbone']} on {result['device']}, {result['precision']}, 5-way {result['shots']}-shot, "
-        f"{result['iterations']} iterations; measured matmul peak {result['peak_matmul_tflops']:.3f} TFLOP/s",
+        f"{result['iterations']} iterations, recipe {result['recipe']}; measured matmul peak "
+        f"{result['peak_matmul_tflops']:.3f} TFLOP/s",
         "",
         "| method | E | s/iteration | s/episode | episodes/hour | images/s | peak MB | matmul util. |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",

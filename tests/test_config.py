@@ -8,6 +8,9 @@ import pytest
 
 from cdfsl.config import RunConfig, apply_override, config_keys, run_id_of
 from cdfsl.errors import ConfigError
+from cdfsl.recipes import BASE_LORA_LR
+
+DIGITS_LR = BASE_LORA_LR  # the embedded target follows the recipe's rate
 
 # ------------------------------------------------------------------------------------------- overrides
 
@@ -26,9 +29,16 @@ from cdfsl.errors import ConfigError
         ("train.lr=1e-3", "train.lr", 1e-3),
         ("lora.merge_for_prediction=false", "lora.merge_for_prediction", False),
         ("lora.merge_for_prediction=0", "lora.merge_for_prediction", False),
-        ("vtt.dgso=No", "vtt.dgso", False),
+        ("vtt.dlc=No", "vtt.dlc", False),
         ("tir.at_prediction=TRUE", "tir.at_prediction", True),
-        ("vtt.dgso=on", "vtt.dgso", True),
+        ("vtt.correction=on", "vtt.correction", True),
+        ("train.batch_size=all", "train.batch_size", "all"),
+        ("train.batch_size=12", "train.batch_size", 12),
+        ("prompt.context=", "prompt.context", ""),
+        ("prompt.context=a photo of a", "prompt.context", "a photo of a"),
+        ("prompt.context=none", "prompt.context", None),
+        ("recipe=paper", "recipe", "paper"),
+        ("train.schedule_horizon=1", "train.schedule_horizon", 1.0),
         ("train.template=an image of {}, a=b", "train.template", "an image of {}, a=b"),
         ("vtt.fusion=gru", "vtt.fusion", "gru"),
         ("lora.targets=q,v", "lora.targets", ("q", "v")),
@@ -189,19 +199,19 @@ def test_validate_accepts_data_root_and_zero_iterations() -> None:
     [
         ("eurosat", 2e-4, 5e-4),
         ("cropdiseases", 2e-4, 5e-4),
-        ("digits", 1e-3, 5e-4),
+        ("digits", DIGITS_LR, 5e-4),
         ("imagefolder", 2e-4, 5e-4),
         ("isic2018", 4e-4, 1e-3),
         ("chestx", 4e-4, 1e-3),
     ],
 )
 def test_learning_rate_presets(dataset: str, lr: float, vtt_lr: float) -> None:
-    config = RunConfig(dataset=dataset)
-    assert config.resolved_lr() == lr
-    assert config.resolved_vtt_lr() == vtt_lr
+    config = RunConfig(dataset=dataset, data_root=".")
+    resolved = config.resolved()
+    assert (resolved.train.lr, resolved.vtt.lr) == (lr, vtt_lr)
     config.train.lr, config.vtt.lr = 3e-5, 7e-5
-    assert config.resolved_lr() == 3e-5
-    assert config.resolved_vtt_lr() == 7e-5
+    resolved = config.resolved()
+    assert (resolved.train.lr, resolved.vtt.lr) == (3e-5, 7e-5)
 
 
 @pytest.mark.parametrize(("shots", "episodes"), [(1, 800), (5, 400), (3, 400)])
@@ -211,8 +221,8 @@ def test_episode_presets(shots: int, episodes: int) -> None:
 
 
 def test_recipe_defaults() -> None:
-    """protocol.md's baseline recipe is the default."""
-    config = RunConfig()
+    """The baseline loop (recipe vtt-release) is the default for lora."""
+    config = RunConfig().resolved()
     assert (config.lora.rank, config.lora.alpha, config.lora.dropout, config.lora.targets) == (
         16,
         8.0,
@@ -229,8 +239,8 @@ def test_recipe_defaults() -> None:
 # ------------------------------------------------------------------------------------------- identity
 
 
-def run_id(config: RunConfig, precision: str = "fp32", fingerprint: str = "f" * 16) -> str:
-    return run_id_of(config.identity(precision, fingerprint))
+def run_id(config: RunConfig, precision: str = "fp32", fingerprint: str = "f" * 16, activation: str = "gelu") -> str:
+    return run_id_of(config.identity(precision, fingerprint, activation))
 
 
 def changed(base: RunConfig, *assignments: str) -> RunConfig:
@@ -247,7 +257,7 @@ def test_identity_ignores_where_and_how_many(method: str) -> None:
         base, "episode_batch=8", "episodes=3", "db=/elsewhere/x.sqlite", "device=cuda", "run_name=x", "cache_dir=/c"
     )
     assert run_id(base) == run_id(other)
-    assert base.identity("fp32", "abc") == other.identity("fp32", "abc")
+    assert base.identity("fp32", "abc", "gelu") == other.identity("fp32", "abc", "gelu")
 
 
 def test_identity_depends_on_episode_shape_data_and_precision() -> None:
@@ -257,6 +267,11 @@ def test_identity_depends_on_episode_shape_data_and_precision() -> None:
         assert run_id(changed(base, assignment)) != reference, assignment
     assert run_id(base, precision="bf16") != reference
     assert run_id(base, fingerprint="0" * 16) != reference
+    assert run_id(base, activation="quickgelu") != reference
+    assert run_id_of(base.identity("fp32", "f" * 16, "gelu", "cuda")) != reference  # dropout draws differ by device
+    assert run_id_of(base.identity("fp32", "f" * 16, "gelu", "cpu", "other-resize")) != reference
+    zeroshot = RunConfig(method="zeroshot")
+    assert zeroshot.identity("fp32", "f", "gelu", "cuda") == zeroshot.identity("fp32", "f", "gelu", "cpu")
     assert run_id(changed(base, "dataset=eurosat", "data_root=/d")) != reference
 
 
@@ -304,7 +319,7 @@ def test_tir_knobs_change_tir_but_not_lora_run() -> None:
 
 
 def test_run_id_is_short_stable_hash() -> None:
-    identity = RunConfig().identity("fp32", "0123456789abcdef")
+    identity = RunConfig().identity("fp32", "0123456789abcdef", "gelu")
     assert run_id_of(identity) == run_id_of(dict(reversed(list(identity.items()))))
     assert len(run_id_of(identity)) == 16
     int(run_id_of(identity), 16)

@@ -280,9 +280,10 @@ def test_failure_during_a_batch_stores_only_finished_batches(
 def test_to_json_has_the_cli_summary(base: Base) -> None:
     summary = base.result.to_json()
     assert set(summary) == {
-        "run_id", "dataset", "method", "backbone", "ways", "shots", "queries", "episodes", "seed", "mean_acc",
-        "ci95", "per_episode", "config",
+        "run_id", "dataset", "method", "recipe", "backbone", "ways", "shots", "queries", "episodes", "seed",
+        "mean_acc", "ci95", "per_episode", "config",
     }  # fmt: skip
+    assert summary["recipe"] == "vtt-release"
     assert summary["run_id"] == base.result.run_id
     assert (summary["dataset"], summary["method"], summary["backbone"]) == ("digits", "lora", "tiny")
     assert (summary["ways"], summary["shots"], summary["queries"], summary["seed"]) == (5, 1, 15, 0)
@@ -294,7 +295,7 @@ def test_to_json_has_the_cli_summary(base: Base) -> None:
     assert [row["acc"] for row in summary["per_episode"]] == pytest.approx(
         [a for _, a in base.result.per_episode], abs=1e-4
     )
-    assert summary["config"] == base.config.to_dict()
+    assert summary["config"] == base.config.resolved().to_dict()  # every recipe value filled in
     assert summary["config"]["train"]["iterations"] == 3
     loaded = json.loads(json.dumps(summary))
     assert loaded["per_episode"] == summary["per_episode"]

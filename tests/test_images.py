@@ -1,7 +1,9 @@
-"""ImageCache: square bicubic resize without crop, memory reuse, and the disk cache shared across instances."""
+"""ImageCache: square bilinear resize without crop (torchvision's `Resize([s, s])`), memory reuse, and the disk cache
+shared across instances, keyed by the preprocessing tag."""
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from pathlib import Path
 
@@ -10,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cdfsl.data.images import ImageCache, resize_square
+from cdfsl.data.images import PREPROCESSING, ImageCache, cache_folder_name, resize_square
 from cdfsl.data.index import ImageIndex
 
 
@@ -57,19 +59,36 @@ def make_index(name: str = "toy") -> tuple[ImageIndex, CountingLoader]:
     return index, loader
 
 
-def test_resize_square_is_bicubic_without_crop() -> None:
+def test_resize_square_is_bilinear_without_crop() -> None:
     image = wide_image()
     array = resize_square(image, 16)
     assert array.shape == (16, 16, 3) and array.dtype == np.uint8
-    expected = np.asarray(image.resize((16, 16), Image.Resampling.BICUBIC))
+    expected = np.asarray(image.resize((16, 16), Image.Resampling.BILINEAR))
     assert np.array_equal(array, expected)
     # No crop: the 4 green columns of 40 survive as the leftmost ~1.6 of 16, the blue bottom rows stay at the bottom.
     assert array[8, 0, 1] > 150 and array[8, 0, 0] < 60
     assert array[8, 8, 0] > 150 and array[8, 8, 1] < 60
     assert array[-1, 8, 2] > 100
-    # Not the nearest or bilinear resize.
-    for other in (Image.Resampling.NEAREST, Image.Resampling.BILINEAR):
+    # Not the nearest or bicubic resize.
+    for other in (Image.Resampling.NEAREST, Image.Resampling.BICUBIC):
         assert not np.array_equal(array, np.asarray(image.resize((16, 16), other)))
+
+
+@pytest.mark.parametrize(("shape", "size"), [((37, 53), 224), ((300, 411), 64), ((90, 90), 31), ((20, 300), 40)])
+def test_resize_square_equals_torchvision_resize(shape: tuple[int, int], size: int) -> None:
+    """Pixel for pixel what the released loaders' `transforms.Resize([s, s])` gives, upscaling and downscaling."""
+    from torchvision import transforms
+
+    rng = np.random.default_rng(sum(shape) + size)
+    image = Image.fromarray(rng.integers(0, 256, (*shape, 3), dtype=np.uint8))
+    expected = np.asarray(transforms.Resize([size, size])(image))
+    array = resize_square(image, size)
+    assert array.shape == expected.shape == (size, size, 3)
+    assert np.array_equal(array, expected)
+    # Downscaling antialiases: the filter spans the whole scale factor, so noise averages out (to ~0.12-0.23 of its
+    # spread here), where a plain 2x2 bilinear interpolation would keep about 0.66 of it.
+    if shape[0] > size and shape[1] > size:
+        assert array.astype(float).std() < 0.4 * np.asarray(image).astype(float).std()
 
 
 def test_get_shapes_dtype_and_order() -> None:
@@ -107,7 +126,7 @@ def test_disk_cache_is_written_and_reused(tmp_path: Path) -> None:
     files = sorted(tmp_path.rglob("*.npy"))
     assert len(files) == 4
     assert not list(tmp_path.rglob("*.tmp*"))
-    assert all(f.parent == tmp_path / "toy" / f"{index.fingerprint()}-16" for f in files)
+    assert all(f.parent == tmp_path / "toy" / f"{index.fingerprint()}-16-{PREPROCESSING}" for f in files)
     stored = sorted((np.load(f) for f in files), key=lambda a: a.tobytes())
     assert all(a.shape == (16, 16, 3) and a.dtype == np.uint8 for a in stored)
 
@@ -119,7 +138,24 @@ def test_disk_cache_is_written_and_reused(tmp_path: Path) -> None:
     # Another size is another cache: it decodes again and writes its own files.
     ImageCache(other_index, 8, cache_dir=tmp_path, workers=1).get([0])
     assert other_loader.calls == ["a/wide.png"]
-    assert len(list((tmp_path / "toy" / f"{index.fingerprint()}-8").glob("*.npy"))) == 1
+    assert len(list((tmp_path / "toy" / f"{index.fingerprint()}-8-{PREPROCESSING}").glob("*.npy"))) == 1
+
+
+def test_disk_cache_folder_names_the_preprocessing(tmp_path: Path) -> None:
+    """The cache folder carries the preprocessing tag, so a cache written under the old (untagged) rule is not read."""
+    index, loader = make_index()
+    assert PREPROCESSING and PREPROCESSING in cache_folder_name(index, 16)
+    assert "bilinear" in PREPROCESSING and "chestx256" in PREPROCESSING
+    # Plant a stale cache where the untagged rule kept it: a black image under the item's file name.
+    stale_folder = tmp_path / "toy" / f"{index.fingerprint()}-16"
+    stale_folder.mkdir(parents=True)
+    digest = hashlib.sha1(index.items[0].encode()).hexdigest()
+    np.save(stale_folder / f"{digest}.npy", np.zeros((16, 16, 3), dtype=np.uint8))
+    batch = ImageCache(index, 16, cache_dir=tmp_path, workers=1).get([0])
+    assert loader.calls == ["a/wide.png"]  # decoded again, not read from the stale folder
+    assert np.array_equal(batch[0].permute(1, 2, 0).numpy(), resize_square(index.open(0), 16))
+    written = [f.parent.name for f in tmp_path.rglob("*.npy") if f.parent != stale_folder]
+    assert written == [f"{index.fingerprint()}-16-{PREPROCESSING}"]
 
 
 def test_disk_cache_keyed_by_dataset_content(tmp_path: Path) -> None:

@@ -34,7 +34,7 @@ def make_lora(
     )
 
 
-def randomize_b(lora: EpisodeLoRA, episodes: list[int], scale: float = 0.5) -> None:
+def randomize_b(lora: EpisodeLoRA, episodes: list[int], scale: float = 0.25) -> None:
     """Fill B with values that depend only on (layer, episode index), so batched and single LoRAs agree."""
     with torch.no_grad():
         for layer, b in enumerate(lora.lora_b):
@@ -50,7 +50,7 @@ def test_shapes_and_scale(tiny: ClipAdapter) -> None:
     assert lora.lora_a[0].shape == (2, 2, 4, 96)
     assert lora.lora_b[0].shape == (2, 2, 96, 4)
     assert lora.slots == [0, 2]  # sorted q, v whatever the given order
-    assert lora.scale == 0.5
+    assert lora.scale == 1.0  # alpha / sqrt(rank) = 2 / 2
     assert all(torch.equal(b, torch.zeros_like(b)) for b in lora.lora_b)
     assert len(lora.tensors()) == 24
     assert sum(p.numel() for p in lora.parameters()) == 12 * 2 * 2 * (4 * 96 * 2)
@@ -94,9 +94,25 @@ def test_merged_weight_by_hand(tiny: ClipAdapter) -> None:
     lora.merge([weight])
     merged = lora._merged[0][0]
     d = 96
-    update = 1.5 * lora.lora_b[0][0, 0] @ lora.lora_a[0][0, 0]
+    update = (3.0 / math.sqrt(2)) * lora.lora_b[0][0, 0] @ lora.lora_a[0][0, 0]
     torch.testing.assert_close(merged[d : 2 * d], weight[d : 2 * d] + update)
     assert torch.equal(merged[:d], weight[:d]) and torch.equal(merged[2 * d :], weight[2 * d :])
+
+
+@torch.no_grad()
+def test_rank_16_alpha_8_adds_twice_the_low_rank_product(tiny: ClipAdapter) -> None:
+    """The released scale alpha/sqrt(r): with r 16, alpha 8 the update is 2 · x Aᵀ Bᵀ, merged and unmerged."""
+    lora = make_lora(tiny, [1], LoraConfig(rank=16, alpha=8.0, dropout=0.0, targets=("q", "k", "v")), False)
+    randomize_b(lora, [1])
+    lora.eval()
+    weight, bias = tiny.vision_blocks[0].attn.in_proj_weight, tiny.vision_blocks[0].attn.in_proj_bias
+    x = torch.randn((1, 7, 96), generator=torch.Generator().manual_seed(0))
+    frozen = torch.nn.functional.linear(x, weight, bias)
+    a, b = lora.lora_a[0][0], lora.lora_b[0][0]  # [P, r, D], [P, D, r]
+    expected = torch.cat([2.0 * x[0] @ a[p].T @ b[p].T for p in range(3)], dim=-1)
+    torch.testing.assert_close(lora(0, x, weight, bias)[0] - frozen[0], expected, atol=1e-5, rtol=1e-5)
+    lora.merge([block.attn.in_proj_weight for block in tiny.vision_blocks])
+    torch.testing.assert_close(lora(0, x, weight, bias)[0] - frozen[0], expected, atol=1e-5, rtol=1e-5)
 
 
 def test_batched_equals_separate(tiny: ClipAdapter, images: torch.Tensor) -> None:

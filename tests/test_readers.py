@@ -1,8 +1,9 @@
-"""Dataset readers on generated trees in the real layouts, and on every bad input protocol.md names."""
+"""Dataset readers on generated trees in the real layouts, and on every bad input `docs/protocol.md` names."""
 
 from __future__ import annotations
 
 import os
+import pickle
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -188,6 +189,29 @@ def test_chestx_keeps_single_label_rows_of_seven_classes(tmp_path: Path, spread:
         assert (int(Path(key).name[:8]) - 1) // 3 == label
     gray = Image.open(root / index.items[0])
     assert gray.mode == "L" and index.open(0).mode == "RGB"
+
+
+def test_chestx_loader_pre_resizes_to_256_like_the_release(tmp_path: Path) -> None:
+    """ChestX items open as the VtT loader opens them: `Image.open(p).resize((256, 256)).convert("RGB")`."""
+    root = make_chestx(tmp_path / "chestx", per_class=2)
+    key = "images/00000003_000.png"  # rows are numbered class-major from 1, two per class: a Cardiomegaly image
+    rng = np.random.default_rng(5)
+    Image.fromarray(rng.integers(0, 256, (37, 61), dtype=np.uint8), mode="L").save(root / key)  # non-square grey
+    index = load_quietly("chestx", root)
+    image = index.open(index.items.index(key))
+    assert image.mode == "RGB" and image.size == (256, 256)
+    with Image.open(root / key) as opened:
+        assert opened.mode == "L" and opened.size == (61, 37)
+        expected = np.asarray(opened.resize((256, 256)).convert("RGB"))
+        bilinear = np.asarray(opened.convert("RGB").resize((256, 256), Image.Resampling.BILINEAR))
+    assert np.array_equal(np.asarray(image), expected)
+    assert not np.array_equal(expected, bilinear)  # the filter matters: Pillow's default here is bicubic
+    # The loader pickles (data-loader workers) and opens the same image after a round trip.
+    assert np.array_equal(np.asarray(pickle.loads(pickle.dumps(index.loader))(key)), expected)
+    # Other datasets keep their stored size.
+    other = load_quietly("imagefolder", make_imagefolder(tmp_path / "folder", classes=("a", "b"), per_class=1))
+    assert other.open(0).size == (12, 12)
+    assert pickle.loads(pickle.dumps(other.loader))(other.items[0]).size == (12, 12)
 
 
 def test_chestx_searches_both_folder_layouts(tmp_path: Path) -> None:

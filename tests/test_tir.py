@@ -8,6 +8,7 @@ import torch
 import cdfsl
 from cdfsl.config import RunConfig, TirConfig
 from cdfsl.errors import ConfigError
+from cdfsl.methods.text_side import ClassText
 from cdfsl.methods.tir import TokenRecalibration, class_votes, resolve_blocks, token_weights
 
 
@@ -92,19 +93,24 @@ def test_insertion_points() -> None:
 
 
 def test_tiny_tower_resolves_defaults(tiny) -> None:
-    assert TokenRecalibration(TirConfig(), tiny, "a photo of a {}.").blocks == (8, 10)
+    assert TokenRecalibration(TirConfig(), tiny).blocks == (8, 10)
     with pytest.raises(ConfigError):
-        TokenRecalibration(TirConfig(blocks=(12,)), tiny, "a photo of a {}.")
+        TokenRecalibration(TirConfig(blocks=(12,)), tiny)
     with pytest.raises(ConfigError, match="text_layer"):
-        TokenRecalibration(TirConfig(text_layer=20), tiny, "a photo of a {}.")
+        TokenRecalibration(TirConfig(text_layer=20), tiny)
 
 
 NAMES = [["zero", "one", "two", "three", "four"], ["five", "six", "seven", "eight", "nine"]]
 
 
+def texts(tiny, names: list[list[str]]) -> torch.Tensor:
+    """The frozen template prompts' normalized features after text block 10 `[E, K, C]`."""
+    return ClassText(tiny, "a photo of a {}.", layer=-2)(names)
+
+
 def test_hook_leaves_cls_and_other_blocks(tiny) -> None:
-    tir = TokenRecalibration(TirConfig(), tiny, "a photo of a {}.")
-    hook = tir.hook(NAMES)
+    tir = TokenRecalibration(TirConfig(), tiny)
+    hook = tir.hook(texts(tiny, NAMES))
     x = torch.randn(2, 3, 17, tiny.vision_width)
     assert torch.equal(hook(3, x), x)
     out = hook(8, x)
@@ -116,41 +122,45 @@ def test_hook_leaves_cls_and_other_blocks(tiny) -> None:
 
 
 def test_unit_weights_equal_plain_model(tiny) -> None:
-    tir = TokenRecalibration(TirConfig(beta=0.0), tiny, "a photo of a {}.")
+    tir = TokenRecalibration(TirConfig(beta=0.0), tiny)
     images = torch.randn(2, 3, 3, 64, 64)
     with torch.no_grad():
         plain = tiny.encode_images(images).features
-        recalibrated = tiny.encode_images(images, block_input_hook=tir.hook(NAMES)).features
+        recalibrated = tiny.encode_images(images, block_input_hook=tir.hook(texts(tiny, NAMES))).features
     assert torch.equal(plain, recalibrated)
 
 
 def test_weights_are_constant_for_autograd(tiny) -> None:
-    tir = TokenRecalibration(TirConfig(), tiny, "a photo of a {}.")
+    tir = TokenRecalibration(TirConfig(), tiny)
     x = torch.randn(1, 2, 17, tiny.vision_width, requires_grad=True)
-    out = tir.hook(NAMES[:1])(8, x)
+    out = tir.hook(texts(tiny, NAMES[:1]))(8, x)
     out.sum().backward()
-    weights = tir.weights(x.detach()[:, :, 1:], tir.class_text(NAMES[:1]))
+    weights = tir.weights(x.detach()[:, :, 1:], texts(tiny, NAMES[:1]))
     assert torch.allclose(x.grad[:, :, 1:, 0], weights)
     assert torch.equal(x.grad[:, :, 0], torch.ones_like(x.grad[:, :, 0]))
 
 
 def test_episode_axis_matches_single_episodes(tiny) -> None:
-    tir = TokenRecalibration(TirConfig(), tiny, "a photo of a {}.")
+    tir = TokenRecalibration(TirConfig(), tiny)
     images = torch.randn(2, 3, 3, 64, 64)
     with torch.no_grad():
-        together = tiny.encode_images(images, block_input_hook=tir.hook(NAMES)).features
+        together = tiny.encode_images(images, block_input_hook=tir.hook(texts(tiny, NAMES))).features
         for e in range(2):
-            alone = tiny.encode_images(images[e : e + 1], block_input_hook=tir.hook(NAMES[e : e + 1])).features
+            alone = tiny.encode_images(
+                images[e : e + 1], block_input_hook=tir.hook(texts(tiny, NAMES[e : e + 1]))
+            ).features
             assert torch.allclose(together[e], alone[0], atol=1e-5)
 
 
-def test_tir_with_unit_weights_reproduces_lora_runs(tmp_path) -> None:
-    """`--method tir --set tir.beta=0` gives `lora`'s per-episode accuracies exactly (dropout on, E = 2)."""
+@pytest.mark.parametrize("recipe", ["vtt-release", "tir-release"])
+def test_tir_with_unit_weights_reproduces_lora_runs(tmp_path, recipe: str) -> None:
+    """`--method tir --set tir.beta=0` gives `lora`'s per-episode accuracies exactly under the same recipe (dropout
+    on, E = 2); with tir-release, `lora` is the release's base (CoOp context + LoRA on both towers)."""
     per_episode = {}
     for method in ("lora", "tir"):
         config = RunConfig(
-            dataset="digits", method=method, backbone="tiny", pretrained="none", shots=5, episodes=4, episode_batch=2,
-            device="cpu", db=str(tmp_path / "runs.sqlite"),
+            dataset="digits", method=method, recipe=recipe, backbone="tiny", pretrained="none", shots=5, episodes=4,
+            episode_batch=2, device="cpu", db=str(tmp_path / "runs.sqlite"),
         )  # fmt: skip
         config.train.iterations = 4
         config.train.lr = 1e-2  # large enough that the adapted model differs from zero-shot

@@ -185,7 +185,8 @@ def test_prediction_needs_no_vtt_module(world) -> None:
 
 @pytest.mark.parametrize(
     ("fusion", "scan"),
-    [("ssm", "deep_to_shallow"), ("ssm", "shallow_to_deep"), ("ssm", "bidirectional"), ("attention", "deep_to_shallow"),
+    [("release", "deep_to_shallow"), ("none", "deep_to_shallow"), ("ssm", "deep_to_shallow"),
+     ("ssm", "shallow_to_deep"), ("ssm", "bidirectional"), ("attention", "deep_to_shallow"),
      ("lstm", "deep_to_shallow"), ("gru", "bidirectional")],
 )  # fmt: skip
 def test_every_fusion_and_scan_trains(world, fusion: str, scan: str) -> None:
@@ -193,7 +194,7 @@ def test_every_fusion_and_scan_trains(world, fusion: str, scan: str) -> None:
     config.vtt.fusion, config.vtt.scan = fusion, scan
     batch = batch_of(world, config, [0, 1])
     method = build_method(config, world[0])
-    before = [t.detach().clone() for t in method._new_lora(batch).tensors()]
+    before = [t.detach().clone() for t in method._new_vision_lora(batch).tensors()]
     method.fit(batch)
     after = method.lora.tensors()
     assert any(not torch.equal(b, a) for b, a in zip(before, after, strict=True))
@@ -204,19 +205,21 @@ def test_every_fusion_and_scan_trains(world, fusion: str, scan: str) -> None:
 def test_fusion_width_defaults_to_the_joint_embedding_width(world, hidden: int | None) -> None:
     backbone = world[0]
     config = vtt_config()
-    config.vtt.hidden = hidden
+    config.vtt.hidden, config.vtt.fusion = hidden, "ssm"
     batch = batch_of(world, config, [0])
     method = build_method(config, backbone)
-    method.extension.start(batch, method._new_lora(batch))
+    method.extension.start(batch, method._new_vision_lora(batch))
     width = hidden or backbone.embed_dim  # 64 on the tiny model
     assert method.extension.fusion.position.shape == (1, 2 * backbone.num_vision_blocks, width)
 
 
-def test_vtt_gradient_reaches_lora_and_fusion(world) -> None:
+@pytest.mark.parametrize("fusion", ["release", "ssm"])
+def test_vtt_gradient_reaches_lora_and_fusion(world, fusion: str) -> None:
     config = vtt_config()
+    config.vtt.fusion = fusion
     batch = batch_of(world, config, [0])
     method = build_method(config, world[0])
-    lora = method._new_lora(batch)
+    lora = method._new_vision_lora(batch)
     extension = method.extension
     extension.start(batch, lora)
     images = batch.support[:, :5]
@@ -224,7 +227,7 @@ def test_vtt_gradient_reaches_lora_and_fusion(world) -> None:
     loss = extension.vtt_loss(output, batch.support_labels[:, :5])
     assert loss.shape == (1,) and -1.0 <= loss.item() <= 1.0
     loss.sum().backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in extension.fusion.adapter.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in extension.fusion.parameters())
     assert lora.lora_a[0].grad is not None  # through the per-layer features and the final feature
 
 

@@ -27,6 +27,7 @@ from rich.table import Table
 
 from cdfsl.config import DATASETS, METHODS, RunConfig, apply_override
 from cdfsl.errors import CdfslError, ConfigError
+from cdfsl.recipes import RECIPES
 
 app = typer.Typer(
     help="Source-free cross-domain few-shot learning with CLIP: zeroshot, lora, tir, vtt, tir+vtt.",
@@ -43,6 +44,7 @@ out = Console()
 
 F = TypeVar("F", bound=Callable[..., Any])
 DEMO_METHODS = ("zeroshot", "lora", "tir", "vtt")
+DEMO_FULL_ITERATIONS = 250  # `demo --iterations` is given for a recipe of this many iterations
 
 
 def user_errors(function: F) -> F:
@@ -67,6 +69,7 @@ def build_config(
     dataset: str,
     data_root: Path | None,
     method: str,
+    recipe: str | None,
     ways: int,
     shots: int,
     queries: int,
@@ -87,6 +90,7 @@ def build_config(
         dataset=dataset,
         data_root=str(data_root) if data_root else None,
         method=method,
+        recipe=recipe,
         ways=ways,
         shots=shots,
         queries=queries,
@@ -157,6 +161,10 @@ def run_command(
     dataset: Annotated[str, typer.Option(help=f"One of: {', '.join(DATASETS)}.")],
     method: Annotated[str, typer.Option(help=f"One of: {', '.join(METHODS)}.")],
     data_root: Annotated[Path | None, typer.Option(help="Dataset folder (not needed for digits).")] = None,
+    recipe: Annotated[
+        str | None,
+        typer.Option(help=f"Training recipe: {', '.join(RECIPES)} (default: the method's; see `cdfsl recipes`)."),
+    ] = None,
     ways: Annotated[int, typer.Option(help="Classes per episode.")] = 5,
     shots: Annotated[int, typer.Option(help="Support images per class.")] = 1,
     queries: Annotated[int, typer.Option(help="Query images per class.")] = 15,
@@ -166,7 +174,9 @@ def run_command(
     pretrained: Annotated[
         str, typer.Option(help="Weights: a tag (openai, ...), a checkpoint PATH, or none.")
     ] = "openai",
-    iterations: Annotated[int | None, typer.Option(help="Training iterations per episode (default 250).")] = None,
+    iterations: Annotated[
+        int | None, typer.Option(help="Training iterations per episode (default: the recipe's, 250 or 100).")
+    ] = None,
     episode_batch: Annotated[str, typer.Option(help="Episodes trained at once, or 'auto'.")] = "1",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     db: Annotated[Path, typer.Option(help="SQLite result store.")] = Path("results.sqlite"),
@@ -177,14 +187,15 @@ def run_command(
 ) -> None:
     """Run a method on a dataset's episodes; finished episodes are stored and skipped on re-runs."""
     config = build_config(
-        dataset, data_root, method, ways, shots, queries, episodes, seed, backbone, pretrained, iterations,
+        dataset, data_root, method, recipe, ways, shots, queries, episodes, seed, backbone, pretrained, iterations,
         episode_batch, device, db, run_name, cache_dir, set_ or [],
     )  # fmt: skip
     result = run_with_progress(config)
     trained = result.trained_episodes
     resumed = len(result.per_episode) - trained
     out.print(
-        f"{config.method} on {config.dataset} ({config.ways}-way {config.shots}-shot, {len(result.per_episode)} "
+        f"{config.method} ({result.config.recipe}) on {config.dataset} ({config.ways}-way {config.shots}-shot, "
+        f"{len(result.per_episode)} "
         f"episodes): [bold]{result.mean_acc:.2f} ± {result.ci95:.2f}%[/bold]  "
         f"(run {result.run_id}; {trained} trained, {resumed} from {config.db})",
         highlight=False,
@@ -197,10 +208,16 @@ def run_command(
 @user_errors
 def demo_command(
     episodes: Annotated[int, typer.Option(help="Episodes per method.")] = 24,
-    iterations: Annotated[int, typer.Option(help="Training iterations per episode.")] = 40,
+    iterations: Annotated[
+        int,
+        typer.Option(
+            help="Training iterations of a 250-iteration recipe; other recipes get the same share of theirs "
+            "(tir-release: 100 → 16 at the default 40)."
+        ),
+    ] = 40,
     shots: Annotated[int, typer.Option(help="Support images per class.")] = 5,
     episode_batch: Annotated[int, typer.Option(help="Episodes trained at once.")] = 8,
-    lr: Annotated[float | None, typer.Option(help="LoRA learning rate [default: digits' recipe, 1e-3].")] = None,
+    lr: Annotated[float | None, typer.Option(help="LoRA learning rate (default: each method's recipe).")] = None,
     db: Annotated[Path, typer.Option(help="SQLite result store.")] = Path("demo.sqlite"),
 ) -> None:
     """The main job on the embedded default: the tiny CLIP on digits, every method, a results table."""
@@ -212,21 +229,26 @@ def demo_command(
         console.print("[yellow]warning:[/yellow] the tiny model's weights are not installed; using random weights")
         pretrained = "none"
     runner = Runner()
-    resolved_lr = RunConfig(dataset="digits").resolved_lr() if lr is None else lr
-    title = f"digits, tiny CLIP, 5-way {shots}-shot, {episodes} episodes, {iterations} iterations at lr {resolved_lr:g}"
+    share = iterations / DEMO_FULL_ITERATIONS
+    title = f"digits, tiny CLIP, 5-way {shots}-shot, {episodes} episodes, {share:.0%} of each recipe's iterations"
     table = Table(title=title)
-    for column in ("method", "accuracy (%)", "95% CI", "s / episode"):
-        table.add_column(column, justify="left" if column == "method" else "right")
+    for column in ("method", "recipe", "iterations", "lr", "accuracy (%)", "95% CI", "s / episode"):
+        table.add_column(column, justify="left" if column in ("method", "recipe") else "right")
     for method in DEMO_METHODS:
         config = RunConfig(
             dataset="digits", method=method, backbone="tiny", pretrained=pretrained, shots=shots,
             episodes=episodes, episode_batch=episode_batch, db=str(db),
         )  # fmt: skip
-        config.train.iterations = iterations
+        recipe_iterations = config.resolved().train.iterations or DEMO_FULL_ITERATIONS
+        config.train.iterations = max(1, round(recipe_iterations * share))
         config.train.lr = lr
         result = run_with_progress(config.validate(), runner)
         seconds = result.seconds / max(result.trained_episodes, 1)
-        table.add_row(method, f"{result.mean_acc:.2f}", f"± {result.ci95:.2f}", f"{seconds:.2f}")
+        resolved = result.config
+        table.add_row(
+            method, resolved.recipe, str(resolved.train.iterations), f"{resolved.train.lr:g}", f"{result.mean_acc:.2f}",
+            f"± {result.ci95:.2f}", f"{seconds:.2f}",
+        )  # fmt: skip
     out.print(table)
 
 
@@ -263,6 +285,77 @@ def report_command(
         console.print(f"wrote {len(written)} figures to {plot}")
 
 
+@app.command("recipes")
+@user_errors
+def recipes_command(
+    recipe: Annotated[str | None, typer.Option(help=f"Show only this recipe: {', '.join(RECIPES)}.")] = None,
+    dataset: Annotated[str, typer.Option(help="Resolve dataset-dependent values for this dataset.")] = "eurosat",
+    shots: Annotated[int, typer.Option(help="Resolve shot-dependent values for this many shots.")] = 5,
+) -> None:
+    """Every recipe's values with the source of each (paper section or release file); docs/recipes.md explains."""
+    from cdfsl.recipes import DEFAULT_RECIPE
+
+    if recipe is not None and recipe not in RECIPES:
+        raise ConfigError(f"--recipe must be one of {', '.join(RECIPES)}; got {recipe!r}")
+    if dataset not in DATASETS:
+        raise ConfigError(f"--dataset must be one of {', '.join(DATASETS)}; got {dataset!r}")
+    for spec in RECIPES.values():
+        if recipe is not None and spec.name != recipe:
+            continue
+        defaults = [m for m, r in DEFAULT_RECIPE.items() if r == spec.name]
+        example = RunConfig(dataset=dataset, data_root=".", shots=shots, recipe=spec.name).resolved()
+        table = Table(
+            title=f"{spec.name}: {spec.summary}\n(default for: {', '.join(defaults) or 'no method'})",
+            title_justify="left",
+        )
+        table.add_column("key", no_wrap=True)
+        table.add_column(f"value ({dataset}, {shots}-shot)")
+        table.add_column("source")
+        for value in spec.values:
+            section, _, name = value.key.rpartition(".")
+            resolved = getattr(getattr(example, section) if section else example, name)
+            shown = ",".join(map(str, resolved)) if isinstance(resolved, tuple) else repr(resolved)
+            table.add_row(value.key, f"{shown} ({value.rule})" if value.rule else shown, value.source)
+        out.print(table)
+
+
+@app.command("cost")
+@user_errors
+def cost_command(
+    method: Annotated[str, typer.Option(help=f"One of: {', '.join(METHODS)}.")],
+    backbone: Annotated[str, typer.Option(help="open_clip model name, or 'tiny' for the embedded model.")] = "ViT-B-16",
+    pretrained: Annotated[
+        str, typer.Option(help="Weights: a tag, a checkpoint PATH, or none (the cost does not depend on them).")
+    ] = "none",
+    recipe: Annotated[
+        str | None, typer.Option(help=f"Training recipe: {', '.join(RECIPES)} (default: the method's).")
+    ] = None,
+    ways: Annotated[int, typer.Option(help="Classes per episode.")] = 5,
+    shots: Annotated[int, typer.Option(help="Support images per class.")] = 5,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    set_: Annotated[list[str] | None, typer.Option("--set", help="key=value for any config field.")] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the numbers as JSON here.")] = None,
+) -> None:
+    """Trainable parameters and FLOPs of one training step (one episode) of a method's recipe; VtT beside its paper."""
+    from cdfsl.analysis.cost import cost_header, cost_notes, flop_table, parameter_table, training_cost
+
+    config = RunConfig(
+        method=method, recipe=recipe, backbone=backbone, pretrained=pretrained, ways=ways, shots=shots, device=device
+    )
+    for assignment in set_ or []:
+        apply_override(config, assignment)
+    config.validate()
+    with console.status(f"counting one training step of {method} on {backbone} …"):
+        result = training_cost(config)
+    out.print(cost_header(result), highlight=False)
+    out.print(parameter_table(result))
+    out.print(flop_table(result))
+    for note in cost_notes(result):
+        out.print(note, highlight=False)
+    if json_path is not None:
+        json_path.write_text(json.dumps(result, indent=2))
+
+
 @app.command("pretrain-tiny")
 @user_errors
 def pretrain_tiny_command(
@@ -272,7 +365,7 @@ def pretrain_tiny_command(
     seed: Annotated[int, typer.Option(help="Seed of the weights and the generated source domain.")] = 0,
     threads: Annotated[int, typer.Option(help="CPU threads; the shipped checkpoint used 1.")] = 1,
 ) -> None:
-    """Pretrain the embedded tiny CLIP on the generated source domain (embedded.md); logs loss and zero-shot."""
+    """Pretrain the embedded tiny CLIP on the generated source domain (docs/embedded.md); logs loss and zero-shot."""
     from cdfsl.pretrain.train_tiny import pretrain_tiny
 
     if output.suffix != ".safetensors":
@@ -316,7 +409,9 @@ ProbeRoot = Annotated[Path | None, typer.Option(help="Dataset folder (not needed
 ProbeBackbone = Annotated[str, typer.Option(help="open_clip model name, or 'tiny'.")]
 ProbePretrained = Annotated[str, typer.Option(help="Weights: a tag, a checkpoint PATH, or none.")]
 ProbeEpisodes = Annotated[int, typer.Option(help="Episodes probed (0 … N-1 of the run's sequence).")]
-ProbeIterations = Annotated[int | None, typer.Option(help="Training iterations per episode (default 250).")]
+ProbeIterations = Annotated[
+    int | None, typer.Option(help="Training iterations per episode (default: the recipe's, 250 or 100).")
+]
 ProbeSet = Annotated[list[str] | None, typer.Option("--set", help="key=value for any config field.")]
 
 

@@ -1,9 +1,9 @@
-"""The CKA probe (diagnostics.md, `cdfsl diagnose cka`): where domain information lives, layer by layer.
+"""The CKA probe (docs/diagnostics.md, `cdfsl diagnose cka`): where domain information lives, layer by layer.
 
 Linear CKA (Kornblith et al., 2019) between the per-layer features of two image sets of equal size: one dataset
 before vs after fine-tuning, or two datasets (or backbones). A layer's feature of an image is the mean of its patch
 tokens entering that vision block, optionally after dropping the tokens every class claims (`sum_k`, Sum = K) or
-exactly one class claims (`sum_1`, Sum = 1), with the Sum score of tir.md — the TIR paper's probe of whether domain
+exactly one class claims (`sum_1`, Sum = 1), with the Sum score of docs/tir.md — the TIR paper's probe of whether domain
 information sits in the sink tokens.
 """
 
@@ -159,12 +159,11 @@ def _pooled(setup: ProbeSetup, method: str, masks: tuple[str, ...], episodes: in
     features = PooledFeatures(masks)
     features.layers = {mask: [[] for _ in range(layers)] for mask in masks}
     features.dropped = {mask: [[] for _ in range(layers)] for mask in masks}
-    texts = setup.class_text(config.tir.text_layer)
     views = len(config.augment.views) if trains else 1
     for batch in setup.batches(episodes, with_views=trains):
         pictures, _ = probe_images(batch, images, views)
-        text = texts(batch.class_names)
         fitted = fit(setup, method, batch)
+        text = fitted.class_features(batch.class_names, config.tir.text_layer)
 
         def observe(layer: int, x: Tensor, text: Tensor = text) -> None:
             patches = x[:, :, 1:].float()  # [E, B, M, D]

@@ -1,4 +1,4 @@
-"""The lost-layer probe (diagnostics.md, `cdfsl diagnose lost-layers`).
+"""The lost-layer probe (docs/diagnostics.md, `cdfsl diagnose lost-layers`).
 
 For each text block l, the query accuracy when the class prompt features are computed with block l removed (its input
 passes straight on) and with its residual update emphasized (`x + γ · (block(x) − x)`), against the unmodified

@@ -2,10 +2,12 @@
 
 Only numbers with a source we can name are here. Both papers report 5-way accuracy (%) with a ViT-B/16 CLIP
 (open_clip name `ViT-B-16`), averaged over the four CD-FSL benchmarks (EuroSAT, ISIC2018,
-CropDiseases, ChestX). The values below are the means as restated in this project's specs
-(`shared/specs/tir.md`, `shared/specs/vtt.md`), which quote the papers; per-dataset columns are left out
-because we could not find them in a source we can name. Nothing here is a measurement of this code: reports
-label these rows "(paper)" and never let them win a column.
+CropDiseases, ChestX). The values below are the means as reported in the two papers, named by title in each
+row's source: the TIR paper, "Addressing Exacerbated Attention Sink for Source-Free Cross-Domain Few-Shot
+Learning", and the VtT paper, "Reclaiming Lost Text Layers for Source-Free Cross-Domain Few-Shot Learning" (both
+CVPR 2026; see docs/tir.md and docs/vtt.md). Per-dataset columns are left out because we could not find them in a
+source we can name. Nothing here is a measurement of this code: reports label these rows "(paper)" and never let
+them win a column.
 """
 
 from __future__ import annotations
@@ -20,12 +22,12 @@ PAPER_WAYS = 5
 TIR_SOURCE = (
     "Addressing Exacerbated Attention Sink for Source-Free Cross-Domain Few-Shot Learning, "
     "CVPR 2026; ViT-B/16, 5-way 5-shot, mean of the four benchmarks; "
-    "as quoted in shared/specs/tir.md"
+    "as reported in the TIR paper"
 )
 VTT_SOURCE = (
     "Reclaiming Lost Text Layers for Source-Free Cross-Domain Few-Shot Learning, "
     "CVPR 2026; ViT-B/16, 5-way, mean of the four benchmarks; "
-    "as quoted in shared/specs/vtt.md"
+    "as reported in the VtT paper"
 )
 
 

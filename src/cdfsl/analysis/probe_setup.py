@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cdfsl.backbone.adapter import ClipAdapter, VisionOutput, plain_qkv
+from cdfsl.backbone.adapter import ClipAdapter, VisionOutput
 from cdfsl.config import RunConfig
 from cdfsl.data.episodes import EpisodeBatch, build_batch
 from cdfsl.data.images import ImageCache
@@ -30,10 +30,7 @@ from cdfsl.data.sampler import EpisodeSampler
 from cdfsl.engine.runner import Runner, chunks, resolve_device, resolve_precision
 from cdfsl.errors import ConfigError
 from cdfsl.methods import Method, build_method
-from cdfsl.methods.base import ClassText
-
-Observer = Callable[[int, Tensor], None]
-"""Called with (layer, tokens `[E, B, T, D]` entering that vision block, before any recalibration)."""
+from cdfsl.methods.base import Observer
 
 IMAGE_SETS = ("query", "support")
 
@@ -76,10 +73,6 @@ class ProbeSetup:
         """The method `name` built from this config (its other knobs unchanged)."""
         return build_method(dataclasses.replace(self.config, method=name), self.backbone, self.autocast_dtype)
 
-    def class_text(self, layer: int | None = None) -> ClassText:
-        """Normalized class prompt features (final, or after text block `layer`) for this config's template."""
-        return ClassText(self.backbone, self.config.train.template, layer=layer)
-
 
 def prepare(config: RunConfig, runner: Runner | None = None) -> ProbeSetup:
     """Validate `config` and load what its probes need (the backbone and caches are shared through `runner`)."""
@@ -116,7 +109,6 @@ def fit(setup: ProbeSetup, name: str, batch: EpisodeBatch) -> Method:
     return method
 
 
-@torch.no_grad()
 def encode(
     method: Method,
     images: Tensor,
@@ -124,27 +116,9 @@ def encode(
     observe: Observer | None = None,
     keep_cls_attention: bool = False,
 ) -> VisionOutput:
-    """Vision pass of a fitted method (its LoRA and, when active at prediction, its recalibration) over `[E, B]`
-    images; `observe` sees the tokens entering each block before recalibration."""
-    lora = getattr(method, "lora", None)
-    if lora is not None:
-        lora.eval()
-    recalibration = getattr(method, "recalibration", None)
-    inner = recalibration.hook(class_names) if recalibration is not None and recalibration.at_prediction else None
-
-    def hook(layer: int, x: Tensor) -> Tensor:
-        if observe is not None:
-            observe(layer, x)
-        return inner(layer, x) if inner is not None else x
-
-    use_hook = observe is not None or inner is not None
-    with method.autocast():
-        return method.backbone.encode_images(
-            images,
-            lora if lora is not None else plain_qkv,
-            hook if use_hook else None,
-            keep_cls_attention=keep_cls_attention,
-        )
+    """Vision pass of a fitted method as prediction runs it (its LoRA and, when active at prediction, its
+    recalibration) over `[E, B]` images; `observe` sees the tokens entering each block before recalibration."""
+    return method.encode(images, class_names, observe, keep_cls_attention=keep_cls_attention)
 
 
 def class_marks(backbone: ClipAdapter, patches: Tensor, text: Tensor, ratio: float) -> Tensor:

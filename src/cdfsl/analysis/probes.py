@@ -1,4 +1,4 @@
-"""The diagnostic probes in one place (diagnostics.md): `cdfsl diagnose sink | lost-layers | cka`.
+"""The diagnostic probes in one place (docs/diagnostics.md): `cdfsl diagnose sink | lost-layers | cka`.
 
 Each probe takes a `RunConfig` (dataset, backbone, episode shape, training recipe), writes `out/<probe>.json` with
 every number and PNG figures when `out` is given, and returns that JSON as a dict (`figures` lists the PNG names).

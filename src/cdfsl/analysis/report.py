@@ -1,11 +1,12 @@
 """`cdfsl report`: stored runs as the papers' table, paired tests against a baseline, and renderers.
 
-A report has one row per (method, backbone) and one column per (dataset, shots), plus a "mean" column per
+A report has one row per (method, recipe, backbone) and one column per (dataset, shots), plus a "mean" column per
 shots value. Cells are mean accuracy ± 95% interval half-width over a run's finished episodes, in percent.
 
 Which run fills a cell (the grouping rule):
 
-1. Runs are grouped by (method, backbone, dataset, shots).
+1. Runs are grouped by (method, recipe, backbone, dataset, shots); a row's label names its recipe
+   (`tir / tir-release`; runs stored before recipes existed show none).
 2. If a group holds 5-way runs (the protocol) and runs of other ways, only the 5-way runs are kept (a note
    says so). A run that is not 5-way and has no 5-way counterpart is kept, and its row label says `N-way`.
 3. Queries are taken as stored. If a (method, backbone) still has several runs in one cell, every run of that
@@ -20,7 +21,8 @@ appears when at least two datasets share that shots value, or when quoted paper 
 
 Paired mode (`paired="lora"`): for every row of another method, per dataset column, the per-episode
 differences against the baseline method's run in the same column and backbone (the baseline row with the same
-variant if there is one, else the baseline's only row), matched on the episodes both runs finished — see
+recipe and variant if there is one, else the same recipe, else the baseline's only row), matched on the episodes
+both runs finished — see
 `cdfsl.analysis.stats.paired_difference`. Runs with different ways, queries or seed are not paired (their
 episode indices name different images); unequal episode sets are matched on the shared ones and noted.
 
@@ -69,6 +71,7 @@ _NEUTRAL_KEYS = frozenset(
     }
 )
 _DATASET_ORDER = ("eurosat", "isic2018", "cropdiseases", "chestx")
+VTT_METHODS = ("vtt", "tir+vtt")
 _BLANK = "–"
 
 
@@ -95,17 +98,20 @@ class Column:
 
 @dataclass(frozen=True)
 class Row:
-    """A (method, backbone) row; `variant` tells apart runs sharing a cell; `quoted` marks paper rows."""
+    """A (method, recipe, backbone) row; `variant` tells apart runs sharing a cell; `quoted` marks paper rows."""
 
     method: str
     backbone: str
     variant: str | None = None
     quoted: bool = False
     name: str | None = None  # quoted rows: the method's name in the paper
+    recipe: str | None = None
 
     @property
     def label(self) -> str:
         text = self.name or self.method
+        if self.recipe:
+            text += f" / {self.recipe}"
         if self.variant:
             text += f" [{self.variant}]"
         return text + (" (paper)" if self.quoted else "")
@@ -153,6 +159,8 @@ class Report:
     baseline: str | None = None
     paired: dict[tuple[Row, Column], PairedCell] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # VtT runs: per cell, the step at which DGSO switched L_VtT off in each episode (None: never), by episode index.
+    dlc_off_steps: dict[tuple[Row, Column], list[int | None]] = field(default_factory=dict)
 
     def cell(self, row: Row, column: Column) -> Cell | None:
         return self.cells.get((row, column))
@@ -197,12 +205,16 @@ class Report:
         entry: dict[str, Any] = {
             "label": row.label,
             "method": row.method,
+            "recipe": row.recipe,
             "backbone": row.backbone,
             "variant": row.variant,
             "quoted": row.quoted,
             "source": "; ".join(sources) if sources else None,
             "cells": cells,
         }
+        steps = {c.key: self.dlc_off_steps[(row, c)] for c in self.columns if (row, c) in self.dlc_off_steps}
+        if steps:
+            entry["dlc_off_steps"] = steps
         if self.baseline is not None:
             entry["paired"] = {c.key: _paired_dict(pc) for c in self.columns if (pc := self.paired.get((row, c)))}
         return entry
@@ -232,7 +244,8 @@ def build_report(store: ResultStore, paired: str | None = None, with_paper_resul
     placed: dict[tuple[Row, Column], RunRecord] = {}
     cells: dict[tuple[Row, Column], Cell] = {}
     for run in runs:
-        key = (Row(run.method, run.backbone, variants[run.run_id]), Column(run.dataset, run.shots))
+        row = Row(run.method, run.backbone, variants[run.run_id], recipe=run.recipe)
+        key = (row, Column(run.dataset, run.shots))
         mean, ci95 = mean_ci95(list(accuracies[run.run_id].values()))
         placed[key] = run
         cells[key] = Cell(mean, ci95, len(accuracies[run.run_id]), run.run_id)
@@ -243,18 +256,26 @@ def build_report(store: ResultStore, paired: str | None = None, with_paper_resul
     if quoted:
         rows += _add_quoted(quoted, columns, cells, notes)
     report = Report(str(store.path), rows, columns, cells, paired, notes=notes)
+    for key, run in placed.items():
+        if run.method in VTT_METHODS:
+            report.dlc_off_steps[key] = list(store.episode_dlc_off_steps(run.run_id).values())
     if paired is not None:
         report.paired = _pair_all(report, paired, placed, accuracies, notes)
     return report
 
 
+def _group_key(run: RunRecord) -> tuple[str, str | None, str, str, int]:
+    """The cell a run belongs to: (method, recipe, backbone, dataset, shots)."""
+    return (run.method, run.recipe, run.backbone, run.dataset, run.shots)
+
+
 def _keep_protocol_ways(runs: list[RunRecord], notes: list[str]) -> list[RunRecord]:
-    """Drop runs of other ways from a (method, backbone, dataset, shots) group that has a 5-way run."""
-    groups: dict[tuple[str, str, str, int], list[RunRecord]] = defaultdict(list)
+    """Drop runs of other ways from a (method, recipe, backbone, dataset, shots) group that has a 5-way run."""
+    groups: dict[tuple[str, str | None, str, str, int], list[RunRecord]] = defaultdict(list)
     for run in runs:
-        groups[(run.method, run.backbone, run.dataset, run.shots)].append(run)
+        groups[_group_key(run)].append(run)
     kept: list[RunRecord] = []
-    for (method, backbone, dataset, shots), group in groups.items():
+    for (method, _, backbone, dataset, shots), group in groups.items():
         protocol = [run for run in group if run.ways == PROTOCOL_WAYS]
         if protocol and len(protocol) < len(group):
             dropped = ", ".join(f"{run.run_id} ({run.ways}-way)" for run in group if run.ways != PROTOCOL_WAYS)
@@ -266,19 +287,19 @@ def _keep_protocol_ways(runs: list[RunRecord], notes: list[str]) -> list[RunReco
 
 def _variants(runs: list[RunRecord]) -> dict[str, str | None]:
     """Run id → row variant, following the grouping rule of the module docstring."""
-    groups: dict[tuple[str, str, str, int], list[RunRecord]] = defaultdict(list)
+    groups: dict[tuple[str, str | None, str, str, int], list[RunRecord]] = defaultdict(list)
     for run in runs:
-        groups[(run.method, run.backbone, run.dataset, run.shots)].append(run)
-    differing: dict[tuple[str, str], set[str]] = defaultdict(set)
-    for (method, backbone, _, _), group in groups.items():
+        groups[_group_key(run)].append(run)
+    differing: dict[tuple[str, str | None, str], set[str]] = defaultdict(set)
+    for (method, recipe, backbone, _, _), group in groups.items():
         if len(group) > 1:
-            differing[(method, backbone)] |= _differing_keys([_flatten(run.config) for run in group])
+            differing[(method, recipe, backbone)] |= _differing_keys([_flatten(run.config) for run in group])
     variants: dict[str, str | None] = {}
     for run in runs:
         parts = [] if run.ways == PROTOCOL_WAYS else [f"{run.ways}-way"]
-        if (run.method, run.backbone) in differing:
+        if (run.method, run.recipe, run.backbone) in differing:
             flat = _flatten(run.config)
-            keys = sorted(differing[(run.method, run.backbone)])
+            keys = sorted(differing[(run.method, run.recipe, run.backbone)])
             parts.append(run.run_name or ", ".join(f"{k}={flat.get(k)}" for k in keys) or run.run_id)
         variants[run.run_id] = ", ".join(part for part in parts if part) or None
     for group in groups.values():  # identical labels inside one cell: tell them apart by run id
@@ -310,7 +331,7 @@ def _method_order(method: str) -> tuple[int, str]:
 
 
 def _row_order(row: Row) -> tuple[Any, ...]:
-    return (row.quoted, _method_order(row.method), row.backbone, row.variant or "", row.name or "")
+    return (row.quoted, _method_order(row.method), row.recipe or "", row.backbone, row.variant or "", row.name or "")
 
 
 def _dataset_order(dataset: str) -> tuple[int, str]:
@@ -411,13 +432,16 @@ def _pair_all(
 def _baseline_row(
     report: Report, row: Row, column: Column, baseline: str, placed: Mapping[tuple[Row, Column], RunRecord]
 ) -> Row | None:
-    """The baseline row for `row` in `column`: same variant, else the only one, else the plain one."""
+    """The baseline row for `row` in `column`: same recipe and variant, else same recipe, else same variant, else the
+    only one, else the plain one."""
     candidates = [
         other
         for other in report.rows
         if other.method == baseline and other.backbone == row.backbone and (other, column) in placed
     ]
     for choose in (
+        lambda c: c.recipe == row.recipe and c.variant == row.variant,
+        lambda c: c.recipe == row.recipe,
         lambda c: c.variant == row.variant,
         lambda c: len(candidates) == 1,
         lambda c: c.variant is None,

@@ -1,7 +1,7 @@
-"""The attention-sink probe (diagnostics.md, `cdfsl diagnose sink`).
+"""The attention-sink probe (docs/diagnostics.md, `cdfsl diagnose sink`).
 
 For a set of episodes, the vision pass over the query (or support) images before fine-tuning and after fine-tuning
-with each given method is observed at every layer (the tokens entering each vision block, tir.md's insertion
+with each given method is observed at every layer (the tokens entering each vision block, docs/tir.md's insertion
 points):
 
 - the Sum score of every patch token (how many of the episode's K class texts rank it in their top
@@ -155,11 +155,9 @@ def sink_probe(
     stats = {name: SinkStats(layers, classes, TOP_SHARE) for name in conditions}
     overlays: dict[str, Any] = {"layer": overlay_layer, "episode": 0, "positions": [], "labels": [], "marks": {}}
     overlay_pixels: Tensor | None = None
-    texts = setup.class_text(config.tir.text_layer)
     views = len(config.augment.views) if methods else 1
     for batch in setup.batches(episodes, with_views=bool(methods)):
         pictures, labels = probe_images(batch, images, views)
-        text = texts(batch.class_names)
         first = batch.indices[0] == 0
         if first:
             positions = _overlay_positions(labels[0], overlay_images)
@@ -168,6 +166,7 @@ def sink_probe(
             overlay_pixels = _display(backbone, pictures[0, positions])
         for name in conditions:
             method = fit(setup, "zeroshot" if name == BEFORE else name, batch)
+            text = method.class_features(batch.class_names, config.tir.text_layer)
             votes_by_layer: dict[int, Tensor] = {}
             keep_marks: dict[int, Tensor] = {}
             observe = _observer(backbone, text, config.tir.ratio, stats[name], votes_by_layer, keep_marks)
@@ -176,7 +175,7 @@ def sink_probe(
                 overlays["marks"][name] = keep_marks[overlay_layer][0, overlays["positions"]].to(torch.int64)
             for layer, attention in enumerate(output.cls_attention):
                 stats[name].add_attention(layer, attention, votes_by_layer[layer])
-            final_text = method.class_text(batch.class_names)
+            final_text = method.class_features(batch.class_names)
             stats[name].accuracies += accuracy(method, output.features, final_text, labels).tolist()
     patches = backbone.num_patches
     result: dict[str, Any] = {

@@ -62,6 +62,19 @@ class VisionOutput:
 
 
 @dataclass
+class TextOutput:
+    """Results of one text pass over `[E, N]` prompts.
+
+    Attributes:
+        features: final pooled features `[E, N, C]` (not normalized).
+        layer_features: pooled features after the requested blocks `[L', E, N, C]` (if asked).
+    """
+
+    features: Tensor
+    layer_features: Tensor | None = None
+
+
+@dataclass
 class TextPrefix:
     """A prompt's fixed prefix through the frozen text tower (`ClipAdapter.cache_text_prefix`).
 
@@ -293,7 +306,7 @@ class ClipAdapter(nn.Module):
         """Texts → token ids `[K, context]` on the model's device."""
         return self.tokenizer(list(texts)).to(self.device)
 
-    def _pool_positions(self, tokens: Tensor) -> Tensor:
+    def pool_positions(self, tokens: Tensor) -> Tensor:
         """Index of the pooled (EOS) token of each sequence `[K]`."""
         pool_type = getattr(self.text, "text_pool_type", getattr(self.text, "pool_type", "argmax"))
         if pool_type == "argmax":
@@ -329,16 +342,8 @@ class ClipAdapter(nn.Module):
             layer_features: return the EOS token after every block, through the final norm and projection.
             skip_blocks: text blocks to remove (their input passes straight on).
             block_scale: per block, a factor γ on its residual update: `x + γ · (block(x) − x)`.
-
-        With a causal mask, tokens after the last EOS cannot affect any EOS feature, so the sequence is cut there.
         """
-        text = self.text
-        positions = self._pool_positions(tokens)
-        mask = self._causal_mask()
-        if mask is not None:
-            length = int(positions.max()) + 1
-            tokens, mask = tokens[:, :length], mask[:length, :length]
-        x = text.token_embedding(tokens)
+        x = self.text.token_embedding(tokens)
         if replace_position is not None:
             if replacement is None:
                 raise ValueError("replacement embeddings are required with replace_position")
@@ -346,36 +351,79 @@ class ClipAdapter(nn.Module):
                 [x[:, :replace_position], replacement[:, None].to(x.dtype), x[:, replace_position + 1 :]],
                 dim=1,
             )
-        x = x + text.positional_embedding[: x.shape[1]].to(x.dtype)
+        layers = range(self.num_text_blocks) if layer_features else None
+        output = self.encode_text_embeddings(
+            x[None], self.pool_positions(tokens), layers=layers, skip_blocks=skip_blocks, block_scale=block_scale
+        )
+        if output.layer_features is not None:
+            return output.layer_features[:, 0]
+        return output.features[0]
+
+    def encode_text_embeddings(
+        self,
+        embeddings: Tensor,
+        pooled: Tensor,
+        qkv_projection: QkvProjection = plain_qkv,
+        layers: Sequence[int] | None = None,
+        skip_blocks: Sequence[int] = (),
+        block_scale: dict[int, float] | None = None,
+    ) -> TextOutput:
+        """Encode token embeddings of N prompts for E episodes at once (CoOp contexts, text-tower LoRA).
+
+        Args:
+            embeddings: input token embeddings without positions `[E, N, S, W]`.
+            pooled: index of each prompt's pooled (EOS) token, `[N]` or `[E, N]`.
+            qkv_projection: each text block's q/k/v (per-episode LoRA on the text tower), as in the vision tower.
+            layers: text blocks (non-negative indices) whose pooled token is also returned, through the final norm
+                and projection, in the order given.
+            skip_blocks, block_scale: as in `encode_text_tokens`.
+
+        With a causal mask, tokens after the last pooled token cannot affect any pooled feature, so the sequence is
+        cut there.
+        """
+        e, n = embeddings.shape[:2]
+        pooled = pooled.expand(e, n) if pooled.dim() == 1 else pooled
+        mask = self._causal_mask()
+        x = embeddings
         if mask is not None:
-            mask = mask.to(x.dtype)
-        rows = torch.arange(x.shape[0], device=x.device)
-        per_layer: list[Tensor] = []
+            length = int(pooled.max()) + 1
+            x, mask = x[:, :, :length], mask[:length, :length].to(x.dtype)
+        x = x + self.text.positional_embedding[: x.shape[2]].to(x.dtype)
+        episode_rows = torch.arange(e, device=x.device)[:, None]
+        prompt_rows = torch.arange(n, device=x.device)[None]
+        wanted = {layer: position for position, layer in enumerate(layers or ())}
+        per_layer: list[Tensor | None] = [None] * len(wanted)
         scale = block_scale or {}
-        for layer, block in enumerate(self.text_blocks):
-            if layer in skip_blocks:
-                updated = x
-            else:
-                updated = self._text_block(block, x, mask)
-                if layer in scale:
-                    updated = x + scale[layer] * (updated - x)
-            x = updated
-            if layer_features:
-                per_layer.append(self._project_text(x[rows, positions]))
-        if layer_features:
-            return torch.stack(per_layer)
-        return self._project_text(x[rows, positions])
+        for layer in range(self.num_text_blocks):
+            if layer not in skip_blocks:
+                updated = self.text_block(layer, x, mask, qkv_projection)
+                x = x + scale[layer] * (updated - x) if layer in scale else updated
+            if layer in wanted:
+                per_layer[wanted[layer]] = self._project_text(x[episode_rows, prompt_rows, pooled])
+        stacked = torch.stack([f for f in per_layer if f is not None]) if wanted else None
+        return TextOutput(features=self._project_text(x[episode_rows, prompt_rows, pooled]), layer_features=stacked)
 
     @staticmethod
     def _text_qkv(block: nn.Module, x: Tensor) -> Tensor:
         """The fused q/k/v projection of a text block's normalized input: `[N, T, W]` → `[N, T, 3W]`."""
         return F.linear(block.ln_1(x), block.attn.in_proj_weight, block.attn.in_proj_bias)
 
-    def _text_block(
-        self, block: nn.Module, x: Tensor, mask: Tensor | None, prefix: tuple[Tensor, Tensor] | None = None
+    def text_block(
+        self,
+        layer: int,
+        x: Tensor,
+        mask: Tensor | None,
+        qkv_projection: QkvProjection = plain_qkv,
+        prefix: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
-        """One text block over `[N, T, W]` (attending also to cached `prefix` keys/values, see `_attention`)."""
-        x = x + block.ls_1(self._attention(block, x, self._text_qkv(block, x), mask, prefix=prefix)[0])
+        """Text block `layer` over `[E, N, T, W]` (E episodes of N prompts); `prefix`: cached keys/values attended
+        before the tokens' own (see `_attention`)."""
+        block = self.text_blocks[layer]
+        e, n, t, w = x.shape
+        attn = block.attn
+        qkv = qkv_projection(layer, block.ln_1(x).reshape(e, n * t, w), attn.in_proj_weight, attn.in_proj_bias)
+        attended = self._attention(block, x.reshape(e * n, t, w), qkv.reshape(e * n, t, 3 * w), mask, prefix=prefix)
+        x = x + block.ls_1(attended[0]).reshape(e, n, t, w)
         return x + self._mlp(block, x)
 
     @torch.no_grad()
@@ -389,16 +437,16 @@ class ClipAdapter(nn.Module):
         mask = self._causal_mask()
         if mask is None:
             raise BackboneError(f"the text tower of {self.name!r} is not causal: a prompt prefix cannot be cached")
-        pooled = int(self._pool_positions(tokens)[0])
+        pooled = int(self.pool_positions(tokens)[0])
         if not 0 <= position <= pooled:
             raise ValueError(f"replaced position {position} is not before the pooled token at {pooled}")
         x = self.text.token_embedding(tokens[:, : pooled + 1]) + self.text.positional_embedding[: pooled + 1]
         prefix, rest = x[:, :position], x[0, position + 1 :]
         keys_values = []
-        for block in self.text_blocks:
+        for layer, block in enumerate(self.text_blocks):
             _, k, v = self._split_heads(block, self._text_qkv(block, prefix))
             keys_values.append((k, v))
-            prefix = self._text_block(block, prefix, mask[:position, :position])
+            prefix = self.text_block(layer, prefix[None], mask[:position, :position])[0]
         return TextPrefix(
             keys_values=keys_values,
             rest=rest,
@@ -412,8 +460,8 @@ class ClipAdapter(nn.Module):
         first = replacement.to(prefix.rest.dtype) + prefix.position_embedding
         x = torch.cat([first[:, None], prefix.rest.expand(replacement.shape[0], -1, -1)], dim=1)
         mask = prefix.mask.to(x.dtype)
-        for block, keys_values in zip(self.text_blocks, prefix.keys_values, strict=True):
-            x = self._text_block(block, x, mask, keys_values)
+        for layer, keys_values in enumerate(prefix.keys_values):
+            x = self.text_block(layer, x[None], mask, prefix=keys_values)[0]
         return self._project_text(x[:, -1])
 
     def _project_text(self, pooled: Tensor) -> Tensor:
@@ -442,9 +490,9 @@ class ClipAdapter(nn.Module):
         """
         tokens = self.tokenize([template.format(placeholder)])
         prefix = self.tokenize([template.split("{}")[0].strip()])
-        start = int(self._pool_positions(prefix)[0])  # EOS index of the prefix = first position after it
+        start = int(self.pool_positions(prefix)[0])  # EOS index of the prefix = first position after it
         alone = self.tokenize([placeholder])
-        if int(self._pool_positions(alone)[0]) != 2:
+        if int(self.pool_positions(alone)[0]) != 2:
             raise BackboneError(f"VtT placeholder {placeholder!r} is not a single token; choose a short word")
         if int(tokens[0, start]) != int(alone[0, 1]):
             raise BackboneError(f"cannot locate placeholder {placeholder!r} in template {template!r}")

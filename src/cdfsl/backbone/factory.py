@@ -2,19 +2,33 @@
 
 - `tiny`: the embedded tiny CLIP; any `--pretrained` but `none` or a file path gives the shipped weights.
 - any open_clip model name (`ViT-B-16`, ...): `--pretrained TAG` (e.g. `openai`, downloads when online),
-  `--pretrained PATH` (a local checkpoint; safetensors or a `torch.load(weights_only=True)` file, never pickled code),
-  or `--pretrained none` (random weights: tests, speed benchmarks).
+  `--pretrained PATH` (a local checkpoint; safetensors or a `torch.load(weights_only=True)` file, never pickled code
+  and never a TorchScript archive), or `--pretrained none` (random weights: tests, speed benchmarks).
+
+Activation (GELU or QuickGELU). OpenAI's CLIP weights were trained with QuickGELU; open_clip's plain names
+(`ViT-B-16`) build GELU and its `-quickgelu` names (`ViT-B-16-quickgelu`) build QuickGELU. Weights run with the other
+activation give features that are wrong but look plausible, so `resolve_activation` decides it before anything is
+built, without loading weights: an explicit `activation` (`--set activation=gelu|quickgelu`) wins; otherwise the tiny
+model uses its own config, a `-quickgelu` name (or a config with `quick_gelu`) gives QuickGELU, a pretrained tag uses
+open_clip's record for that tag, random weights use the model config, and a local checkpoint with a plain name is
+identified by an `open_clip_config.json` next to it (open_clip's Hugging Face export layout) or by the keys that only
+OpenAI's state dicts carry (`input_resolution`, `context_length`, `vocab_size`). A checkpoint whose origin cannot be
+told is refused rather than guessed. The resolved activation is part of a run's identity: see `docs/protocol.md`.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import zipfile
 from pathlib import Path
+from typing import Any
 
 import open_clip
 import torch
 
 from cdfsl.backbone.adapter import ClipAdapter
+from cdfsl.backbone.tiny import CONFIG_PATH as TINY_CONFIG_PATH
 from cdfsl.backbone.tiny import TINY_NAME, create_tiny_model, register_tiny_config
 from cdfsl.errors import BackboneError
 
@@ -22,28 +36,47 @@ TINY = "tiny"
 # Random weights (`--pretrained none`) are a function of the architecture: resumed runs and separate processes agree.
 RANDOM_WEIGHTS_SEED = 0
 
+AUTO = "auto"
+GELU = "gelu"
+QUICKGELU = "quickgelu"
+ACTIVATIONS = (GELU, QUICKGELU)
+# Top-level entries of OpenAI's CLIP state dicts (the `clip` package's TorchScript models) that open_clip lacks.
+OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
+# The config open_clip writes next to the weights in its Hugging Face exports.
+OPEN_CLIP_CONFIG = "open_clip_config.json"
+_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+_HOW_TO_CHOOSE = (
+    "choose it: an open_clip -quickgelu model name (e.g. --backbone ViT-B-16-quickgelu) or "
+    "--set activation=quickgelu for OpenAI weights, --set activation=gelu for weights trained with GELU"
+)
 
-def load_backbone(name: str, pretrained: str = "openai", device: str | torch.device = "cpu") -> ClipAdapter:
-    """Build the frozen backbone `name` with weights `pretrained` on `device`, wrapped in a `ClipAdapter`."""
+
+def resolve_activation(name: str, pretrained: str, activation: str = AUTO) -> str:
+    """The MLP activation ("gelu" or "quickgelu") backbone `name` with weights `pretrained` is built with.
+
+    Cheap and deterministic (it keys stored results): reads configs and, for a local checkpoint with a plain model
+    name, the checkpoint's keys, never its weights into a model. `activation` is "auto" or an explicit "gelu" /
+    "quickgelu", which always wins. Raises `BackboneError` for an unknown name, tag, activation or missing file, for a
+    TorchScript archive, and for a checkpoint whose activation cannot be told from the file.
+    """
+    return _resolve(name, pretrained, activation)[0]
+
+
+def load_backbone(
+    name: str, pretrained: str = "openai", device: str | torch.device = "cpu", activation: str = AUTO
+) -> ClipAdapter:
+    """Build the frozen backbone `name` with weights `pretrained` on `device`, wrapped in a `ClipAdapter`.
+
+    The MLP activation is `resolve_activation(name, pretrained, activation)`.
+    """
     logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # open_clip logs at root level
-    checkpoint = Path(pretrained).expanduser() if pretrained not in ("none", "") else None
-    is_file = checkpoint is not None and checkpoint.is_file()
-    if (
-        checkpoint is not None
-        and not is_file
-        and ("/" in pretrained or pretrained.endswith((".pt", ".bin", ".safetensors")))
-    ):
-        raise BackboneError(f"checkpoint file {pretrained} not found")
+    resolved, checkpoint = _resolve(name, pretrained, activation)
     if name == TINY:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(RANDOM_WEIGHTS_SEED)
-            model = create_tiny_model(load_weights=pretrained != "none" and not is_file)
+        model = _create_tiny(pretrained, checkpoint, resolved)
         arch = register_tiny_config()
-        if is_file:
-            _load_checkpoint(model, checkpoint)
     else:
         arch = name
-        model = _create_open_clip(name, pretrained, checkpoint if is_file else None)
+        model = _create_open_clip(name, pretrained, checkpoint, resolved)
     tokenizer = open_clip.get_tokenizer(arch if name != TINY else TINY_NAME)
     preprocess = getattr(model.visual, "preprocess_cfg", {}) or {}
     mean = preprocess.get("mean", open_clip.OPENAI_DATASET_MEAN)
@@ -52,31 +85,175 @@ def load_backbone(name: str, pretrained: str = "openai", device: str | torch.dev
     return adapter.to(device)
 
 
-def _create_open_clip(name: str, pretrained: str, checkpoint: Path | None) -> torch.nn.Module:
+# ------------------------------------------------------------------------------------------- activation
+
+
+def _resolve(name: str, pretrained: str, activation: str) -> tuple[str, Path | None]:
+    """Validate the request; return the activation and the checkpoint file (None for a tag or random weights)."""
+    if activation not in (AUTO, *ACTIVATIONS):
+        raise BackboneError(f"unknown activation {activation!r}; use auto, gelu or quickgelu")
+    checkpoint = _checkpoint_file(pretrained)
+    config = _model_config(name)
+    random_weights = pretrained in ("none", "")
+    if name != TINY and checkpoint is None and not random_weights:
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        if pretrained not in tags:
+            raise BackboneError(
+                f"{name} has no pretrained tag {pretrained!r}; known tags: {', '.join(tags) or 'none'} "
+                "(or give a checkpoint path, or 'none' for random weights)"
+            )
+    if activation != AUTO:
+        return activation, checkpoint
+    from_config = QUICKGELU if config.get("quick_gelu", False) else GELU
+    if name == TINY or random_weights or from_config == QUICKGELU or name.endswith("-quickgelu"):
+        return (QUICKGELU if name.endswith("-quickgelu") else from_config), checkpoint
+    if checkpoint is None:  # a pretrained tag: open_clip records how it was trained
+        tag_quick_gelu = open_clip.get_pretrained_cfg(name, pretrained).get("quick_gelu")
+        if tag_quick_gelu is None:
+            return from_config, None
+        return (QUICKGELU if tag_quick_gelu else GELU), None
+    return _checkpoint_activation(checkpoint), checkpoint
+
+
+def _model_config(name: str) -> dict[str, Any]:
+    if name == TINY:
+        config: dict[str, Any] = json.loads(TINY_CONFIG_PATH.read_text(encoding="utf-8"))
+        return config
     if name not in open_clip.list_models():
         raise BackboneError(f"unknown backbone {name!r}; use 'tiny' or an open_clip model name such as ViT-B-16")
-    if pretrained == "none":
+    return dict(open_clip.get_model_config(name) or {})
+
+
+def _checkpoint_file(pretrained: str) -> Path | None:
+    """`pretrained` as an existing checkpoint file, None for a tag or `none`; refuses TorchScript archives."""
+    if pretrained in ("none", ""):
+        return None
+    path = Path(pretrained).expanduser()
+    if path.is_file():
+        _refuse_torchscript(path)
+        return path
+    if "/" in pretrained or pretrained.endswith(_CHECKPOINT_SUFFIXES):
+        raise BackboneError(f"checkpoint file {pretrained} not found")
+    return None
+
+
+def _refuse_torchscript(path: Path) -> None:
+    """Raise if `path` is a TorchScript archive; decided from the zip's member names, nothing is loaded."""
+    if path.suffix == ".safetensors" or not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return  # not a readable zip: the loader reports what is wrong with it
+    for member in names:
+        parts = member.split("/")
+        if "code" in parts[:-1] or parts[-1] == "constants.pkl":
+            raise BackboneError(
+                f"{path} is a TorchScript archive (like OpenAI's original ViT-B-16.pt from the clip package); loading "
+                "it would run code stored in the file, so cdfsl refuses it. Convert it once: load the model with "
+                "open_clip's `openai` pretrained tag on a machine with internet, or, for a file you trust, save "
+                "`torch.jit.load(PATH).state_dict()` with safetensors.torch.save_file and pass that .safetensors file"
+            )
+
+
+def _checkpoint_activation(path: Path) -> str:
+    """The activation of a checkpoint loaded under a plain (GELU) model name: its origin decides, else refuse."""
+    sibling = path.parent / OPEN_CLIP_CONFIG
+    if sibling.is_file():
+        try:
+            exported = json.loads(sibling.read_text(encoding="utf-8"))
+            model_cfg = exported.get("model_cfg", exported)
+            quick_gelu = bool(model_cfg.get("quick_gelu", False))
+        except (OSError, ValueError, AttributeError) as error:
+            raise BackboneError(
+                f"cannot read {sibling} (the open_clip config next to checkpoint {path}): {error}; fix or remove it"
+            ) from None
+        return QUICKGELU if quick_gelu else GELU
+    if path.suffix not in (".npz", ".npy") and all(key in _checkpoint_keys(path) for key in OPENAI_EXTRA_KEYS):
+        return QUICKGELU
+    raise BackboneError(
+        f"the activation of checkpoint {path} cannot be told from the file (no {OPEN_CLIP_CONFIG} next to it, not an "
+        f"OpenAI state dict); OpenAI CLIP weights need QuickGELU and give plausible but wrong features with GELU; "
+        + _HOW_TO_CHOOSE
+    )
+
+
+def _checkpoint_keys(path: Path) -> set[str]:
+    """The state-dict keys of a checkpoint file (safetensors: the header only; torch: loaded `weights_only`)."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as handle:
+                return set(handle.keys())
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception as error:  # a user's file: report what is wrong instead of a traceback
+        raise BackboneError(f"cannot load checkpoint {path}: {error}") from None
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise BackboneError(f"cannot load checkpoint {path}: it holds a {type(state).__name__}, not a state dict")
+    return {str(key).removeprefix("module.") for key in state}
+
+
+# ------------------------------------------------------------------------------------------- building
+
+
+def _create_tiny(pretrained: str, checkpoint: Path | None, activation: str) -> torch.nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_WEIGHTS_SEED)
+        model = create_tiny_model(load_weights=pretrained != "none" and checkpoint is None)
+        if activation != _tiny_activation():  # an explicit choice against the tiny config: same weights, other act
+            other = open_clip.create_model(register_tiny_config(), pretrained=None, quick_gelu=activation == QUICKGELU)
+            other.load_state_dict(model.state_dict(), strict=True)
+            model = other.eval()
+    if checkpoint is not None:
+        _load_checkpoint(model, checkpoint)
+    return model
+
+
+def _tiny_activation() -> str:
+    return QUICKGELU if _model_config(TINY).get("quick_gelu", False) else GELU
+
+
+def _create_open_clip(name: str, pretrained: str, checkpoint: Path | None, activation: str) -> torch.nn.Module:
+    # `quick_gelu=False` is a constructor override that beats a `-quickgelu` config: the explicit choice wins.
+    act: dict[str, bool] = {"force_quick_gelu": True} if activation == QUICKGELU else {"quick_gelu": False}
+    if pretrained in ("none", "") or checkpoint is not None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_WEIGHTS_SEED)
-            return open_clip.create_model(name, pretrained=None)
-    if checkpoint is not None:
-        model = open_clip.create_model(name, pretrained=None)
-        _load_checkpoint(model, checkpoint)
+            model = open_clip.create_model(name, pretrained=None, **act)
+        if checkpoint is not None:
+            _load_open_clip_checkpoint(model, checkpoint, name)
         return model
-    tags = open_clip.list_pretrained_tags_by_model(name)
-    if pretrained not in tags:
-        raise BackboneError(
-            f"{name} has no pretrained tag {pretrained!r}; known tags: {', '.join(tags) or 'none'} "
-            "(or give a checkpoint path, or 'none' for random weights)"
-        )
-    quick_gelu = bool(open_clip.get_pretrained_cfg(name, pretrained).get("quick_gelu", False))
     try:
-        return open_clip.create_model(name, pretrained=pretrained, force_quick_gelu=quick_gelu)
+        return open_clip.create_model(name, pretrained=pretrained, **act)
     except (OSError, RuntimeError) as error:
         raise BackboneError(
             f"could not load {name} weights {pretrained!r} ({error}); offline machines need a local checkpoint: "
             "--pretrained PATH"
         ) from None
+
+
+def _load_open_clip_checkpoint(model: torch.nn.Module, path: Path, name: str) -> None:
+    """Load through open_clip (OpenAI/3rd-party key layouts, position-embedding resizes), `weights_only`.
+
+    OpenAI's extra top-level entries are the only keys allowed beyond the model's: open_clip loads non-strictly and
+    the remaining key mismatches are checked here, which equals stripping those entries and loading strictly.
+    """
+    try:
+        incompatible = open_clip.load_checkpoint(model, str(path), strict=False, weights_only=True)
+    except Exception as error:  # a user's file: report what is wrong instead of a traceback
+        raise BackboneError(f"cannot load checkpoint {path}: {error}") from None
+    missing = list(getattr(incompatible, "missing_keys", []))
+    unexpected = [k for k in getattr(incompatible, "unexpected_keys", []) if k not in OPENAI_EXTRA_KEYS]
+    if missing or unexpected:
+        raise BackboneError(
+            f"cannot load checkpoint {path}: it does not match backbone {name} (missing keys: "
+            f"{', '.join(missing[:5]) or 'none'}; unexpected keys: {', '.join(unexpected[:5]) or 'none'}); "
+            "check --backbone"
+        )
 
 
 def _load_checkpoint(model: torch.nn.Module, path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Episode-batched LoRA on the vision tower's q, k, v projections.
+"""Episode-batched LoRA on the q, k, v projections of a tower's blocks (vision or text).
 
 Why our own code: peft and loralib attach one adapter per layer and train one model at a time. Here E episodes train
 at once against one frozen backbone, so every LoRA factor carries a leading episode axis and the low-rank update is an
@@ -9,9 +9,12 @@ gradient surgery (VtT's DGSO) stay ordinary tensor code.
 
 Shapes (L blocks, E episodes, P targets among q/k/v, r rank, D width):
 - `lora_a[l]`: `[E, P, r, D]`, Kaiming-uniform (as `nn.Linear`, a=√5: bound 1/√D), drawn from each episode's own
-  `lora_init` stream; `lora_b[l]`: `[E, P, D, r]`, zeros. Update scale `alpha / rank`.
+  `lora_init` stream; `lora_b[l]`: `[E, P, D, r]`, zeros. Update scale `alpha / sqrt(rank)` (2 for rank 16, alpha 8), as
+  the released LoRA layers of CLIP-LoRA, TIR and VtT compute it (docs/methods.md).
 - Dropout (rate p) on the LoRA input, a separate mask per target, drawn from each episode's own `dropout` stream in
-  block order, so a batch of episodes draws exactly what each would draw alone.
+  block order, so a batch of episodes draws exactly what each would draw alone. On the text tower the prompts are cut
+  after the batch's last end token, a length that depends on the other episodes' class names; `dropout_layout` then
+  makes each mask be drawn at the full prompt length and cut, so an episode's masks do not depend on its companions.
 """
 
 from __future__ import annotations
@@ -28,11 +31,11 @@ _TARGET_SLOT = {"q": 0, "k": 1, "v": 2}
 
 
 class EpisodeLoRA(nn.Module):
-    """LoRA factors for E episodes on every vision block; callable as the adapter's `QkvProjection`.
+    """LoRA factors for E episodes on every block of one tower; callable as the adapter's `QkvProjection`.
 
     Args:
         config: rank, alpha, dropout, targets.
-        num_blocks, width: the vision tower's depth L and width D.
+        num_blocks, width: the tower's depth L and width D.
         init_generators: one CPU generator per episode (its `lora_init` stream).
         dropout_generators: one generator per episode on the compute device (its `dropout` stream), or None when
             dropout is off.
@@ -48,11 +51,12 @@ class EpisodeLoRA(nn.Module):
     ) -> None:
         super().__init__()
         self.rank = config.rank
-        self.scale = config.alpha / config.rank
+        self.scale = config.alpha / math.sqrt(config.rank)
         self.dropout = config.dropout
         self.slots = [_TARGET_SLOT[t] for t in sorted(config.targets, key=_TARGET_SLOT.__getitem__)]
         self.width = width
         self.dropout_generators = list(dropout_generators) if dropout_generators is not None else None
+        self.dropout_layout: tuple[int, int] | None = None  # (prompts, full length) for text-tower inputs
         targets, bound = len(self.slots), 1.0 / math.sqrt(width)
         draws = [
             torch.rand((num_blocks, targets, self.rank, width), generator=g, dtype=torch.float32) * 2 * bound - bound
@@ -76,17 +80,21 @@ class EpisodeLoRA(nn.Module):
             if self.dropout_generators is None:
                 raise RuntimeError("EpisodeLoRA needs dropout generators to train with dropout")
             keep = 1.0 - self.dropout
-            masks = torch.stack(
-                [
-                    torch.rand((a.shape[1], *h.shape[1:]), generator=g, device=h.device) < keep
-                    for g in self.dropout_generators
-                ]
-            )  # [E, P, n, D]
+            masks = torch.stack([self._draw_mask(g, a.shape[1], h) for g in self.dropout_generators]) < keep
             dropped = h[:, None] * masks.to(h.dtype) / keep
             low = torch.einsum("epnd,eprd->epnr", dropped, a.to(h.dtype))
         else:
             low = torch.einsum("end,eprd->epnr", h, a.to(h.dtype))
         return torch.einsum("epnr,epor->epno", low, b.to(h.dtype)) * self.scale
+
+    def _draw_mask(self, generator: torch.Generator, targets: int, h: Tensor) -> Tensor:
+        """Uniform draws `[P, n, D]` for one episode's dropout mask on input `h` `[E, n, D]`."""
+        n, width = h.shape[1:]
+        if self.dropout_layout is None:
+            return torch.rand((targets, n, width), generator=generator, device=h.device)
+        prompts, length = self.dropout_layout
+        full = torch.rand((targets, prompts, length, width), generator=generator, device=h.device)
+        return full[:, :, : n // prompts].reshape(targets, n, width)
 
     def forward(self, layer: int, h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         """Fused q/k/v for E episodes: `h` `[E, n, D]` → `[E, n, 3D]`, frozen part shared, LoRA part per episode."""

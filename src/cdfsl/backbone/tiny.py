@@ -1,4 +1,4 @@
-"""The embedded tiny CLIP (embedded.md): an open_clip architecture whose weights ship with the package.
+"""The embedded tiny CLIP (docs/embedded.md): an open_clip architecture whose weights ship with the package.
 
 12 vision and 12 text blocks (so TIR's default insertion points sit where they do on ViT-B/16), width 96,
 64 px input with patch 16 (16 patch tokens), the standard open_clip BPE tokenizer.

@@ -1,10 +1,33 @@
-"""Support views: the benchmark code's augmentation scheme, vectorized on the compute device.
+"""Support views: the released loaders' augmentation scheme, vectorized on the compute device.
 
-Each support image gives one view per entry of `views`; an entry is `plain` or a `+`-joined list of `rotate`
-(uniform angle in ±rotation degrees, bilinear, black fill), `jitter` (brightness, contrast, saturation factors each
-uniform in [1 − j, 1 + j], applied in that order) and `flip` (horizontal, with probability flip_p). The default
-`plain, rotate+jitter+flip, rotate, jitter, flip` is protocol.md's. All parameters are drawn once per episode from the
-episode's own `views` stream on the CPU, so the views do not depend on the device, the method or the episode batch.
+Each support image gives one view per entry of `views`; an entry is `plain` or a `+`-joined list of `rotate`,
+`jitter` and `flip`, applied in that order. The default `plain, rotate+jitter+flip, rotate, jitter, flip` is the five
+transform lists of the VtT and TIR releases' loaders (see `docs/protocol.md`), which run torchvision's
+`RandomRotation(45)`, an `ImageEnhance`-based `ImageJitter` and `RandomHorizontalFlip` on uint8 PIL images after the
+resize. Here the same operations run on float tensors in [0, 1] holding uint8 levels `k / 255` (the resized images
+divided by 255), and reproduce the PIL results:
+
+- `rotate`: angle uniform in ±rotation degrees (positive = clockwise here; PIL's `rotate` turns positive angles
+  counter-clockwise, which for a symmetric draw is the same distribution), about the image centre, no expand, zero
+  fill, nearest-neighbour sampling. Source pixels are picked with Pillow's own 16.16 fixed-point affine arithmetic
+  (the matrix computed as `Image.rotate` does, in double precision on the CPU), so the output is pixel for pixel
+  `Image.rotate(-angle, NEAREST, fillcolor=0)`, borders included, at any angle and for any image up to 16k pixels a
+  side (beyond that Pillow itself leaves the fixed-point path).
+- `jitter`: brightness, contrast, saturation factors each uniform in [1 - j, 1 + j], applied in that order as PIL's
+  `ImageEnhance.Brightness`, `Contrast` and `Color`: each step blends the image with a degenerate image (black; a
+  flat grey at the mean of the image's 'L' conversion rounded half up to an integer level; each pixel's own 'L'
+  value) in float32 arithmetic as Pillow's `blend` does, and truncates to a uint8 level; 'L' is Pillow's integer
+  luma `(19595 R + 38470 G + 7471 B + 32768) >> 16`. Float32 inputs are first rounded to the nearest level `k / 255`;
+  on inputs on that grid the result equals the PIL chain run with the same (float32) factors exactly. A view whose
+  three factors are all 1 is returned untouched.
+- `flip`: horizontal, with probability flip_p.
+
+What is not reproduced: the releases draw their parameters from torch's global generator in a different order, so
+the same seed gives other angles and factors; here all parameters are drawn once per episode from the episode's own
+`views` stream on the CPU, so the views do not depend on the device, the method or the episode batch. The exact
+match of `jitter` holds for inputs on the uint8 grid, which is what the image cache provides and what `rotate`
+(nearest sampling) and `flip` keep; it relies on IEEE float32 elementwise arithmetic without fused multiply-add, which
+eager PyTorch gives on the CPU and on CUDA (the tests check it against Pillow on the CPU).
 """
 
 from __future__ import annotations
@@ -12,7 +35,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from cdfsl.errors import ConfigError
@@ -61,32 +83,78 @@ def support_views(
 
 
 def _rotate(x: Tensor, degrees: Tensor) -> Tensor:
-    """Rotate each image `[N, 3, H, W]` about its centre by `degrees[N]` (clockwise), zeros outside."""
+    """Rotate each image `[N, C, H, W]` about its centre by `degrees[N]` (clockwise), nearest, zeros outside.
+
+    Bit-for-bit PIL's `Image.rotate(-degrees, Image.Resampling.NEAREST, fillcolor=0)`: output pixel `(x, y)` takes
+    input pixel `(floor(X), floor(Y))`, `(X, Y)` the output pixel's centre mapped by the inverse rotation in Pillow's
+    16.16 fixed point, or 0 where that falls outside the image.
+    """
     if bool((degrees == 0).all()):
         return x
-    theta = degrees * (math.pi / 180.0)
-    cos, sin = torch.cos(theta), torch.sin(theta)
-    zero = torch.zeros_like(cos)
-    matrix = torch.stack([torch.stack([cos, sin, zero], -1), torch.stack([-sin, cos, zero], -1)], 1)
-    grid = F.affine_grid(matrix.to(x.dtype), list(x.shape), align_corners=False)
-    rotated = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    n, c, h, w = x.shape
+    coefficients = torch.tensor(
+        [_pil_rotation_fixed_point(-angle, w, h) for angle in degrees.tolist()], dtype=torch.int32, device=x.device
+    )  # int32, as Pillow's C ints: no overflow for images up to 16k pixels a side
+    a0, a1, a2, a3, a4, a5 = (coefficients[:, i].view(n, 1, 1) for i in range(6))
+    rows = torch.arange(h, dtype=torch.int32, device=x.device).view(1, h, 1)
+    cols = torch.arange(w, dtype=torch.int32, device=x.device).view(1, 1, w)
+    source_x = torch.div(a2 + cols * a0 + rows * a1, 65536, rounding_mode="floor")  # [N, H, W]
+    source_y = torch.div(a5 + cols * a3 + rows * a4, 65536, rounding_mode="floor")
+    inside = (source_x >= 0) & (source_x < w) & (source_y >= 0) & (source_y < h)
+    flat = (source_y.clamp(0, h - 1) * w + source_x.clamp(0, w - 1)).long().view(n, 1, h * w).expand(n, c, h * w)
+    rotated = x.reshape(n, c, h * w).gather(2, flat).view(n, c, h, w)
+    rotated = torch.where(inside.view(n, 1, h, w), rotated, torch.zeros((), dtype=x.dtype, device=x.device))
     return torch.where((degrees == 0).view(-1, 1, 1, 1), x, rotated)
 
 
-def _grey(x: Tensor) -> Tensor:
-    """ITU-R 601 luma `[N, 1, H, W]` of RGB images `[N, 3, H, W]`."""
-    r, g, b = x.unbind(1)
-    return (0.299 * r + 0.587 * g + 0.114 * b).unsqueeze(1)
+def _pil_rotation_fixed_point(angle: float, width: int, height: int) -> tuple[int, int, int, int, int, int]:
+    """Pillow's 16.16 fixed-point inverse affine map of `Image.rotate(angle)` (counter-clockwise, about the centre).
+
+    The double-precision matrix is computed as in `Image.rotate` (cos/sin rounded to 15 decimals, centre `(w/2, h/2)`),
+    then converted as Pillow's nearest-neighbour affine transform does, with the half-pixel offset of output pixel
+    centres folded into the constant terms. Input pixel of output `(x, y)`: `((a2 + a0 x + a1 y) >> 16,
+    (a5 + a3 x + a4 y) >> 16)`.
+    """
+    radians = -math.radians(angle % 360.0)
+    cos, sin = round(math.cos(radians), 15), round(math.sin(radians), 15)
+    m0, m1, m3, m4 = cos, sin, -sin, cos
+    centre_x, centre_y = width / 2, height / 2
+    m2 = m0 * -centre_x + m1 * -centre_y + 0.0 + centre_x
+    m5 = m3 * -centre_x + m4 * -centre_y + 0.0 + centre_y
+
+    def fix(value: float) -> int:
+        return math.floor(value * 65536.0 + 0.5)
+
+    return fix(m0), fix(m1), fix(m2 + m0 * 0.5 + m1 * 0.5), fix(m3), fix(m4), fix(m5 + m3 * 0.5 + m4 * 0.5)
+
+
+def _blend(degenerate: Tensor, image: Tensor, factor: Tensor) -> Tensor:
+    """Pillow's `Image.blend(degenerate, image, factor)` on uint8 levels in float32: truncated, clipped to 0..255."""
+    return torch.floor(degenerate + factor * (image - degenerate)).clamp(0, 255)
+
+
+def _luma_levels(levels: Tensor) -> Tensor:
+    """Pillow's RGB → 'L' conversion of uint8 levels `[N, 3, H, W]` → int32 `[N, 1, H, W]`."""
+    r, g, b = levels.to(torch.int32).unbind(1)
+    return ((r * 19595 + g * 38470 + b * 7471 + 32768) >> 16).unsqueeze(1)
 
 
 def _jitter(x: Tensor, factors: Tensor) -> Tensor:
-    """Brightness, contrast, saturation by `factors[N, 3]`, clamped to [0, 1]; images with all factors 1 untouched."""
-    brightness, contrast, saturation = (factors[:, i].view(-1, 1, 1, 1).to(x.dtype) for i in range(3))
-    original = x
-    x = (x * brightness).clamp(0, 1)
-    mean = _grey(x).mean(dim=(1, 2, 3), keepdim=True)
-    x = ((x - mean) * contrast + mean).clamp(0, 1)
-    grey = _grey(x)
-    jittered = ((x - grey) * saturation + grey).clamp(0, 1)
+    """Brightness, contrast, saturation by `factors[N, 3]`, as PIL's `ImageEnhance` chain on uint8 images.
+
+    `x` in [0, 1] is rounded to levels `k / 255` first; each step's result is a uint8 level again. Images with all
+    factors 1 are returned untouched.
+    """
+    brightness, contrast, saturation = (factors[:, i].view(-1, 1, 1, 1).to(torch.float32) for i in range(3))
+    levels = torch.round(x.to(torch.float32) * 255.0)
+    levels = _blend(torch.zeros((), dtype=torch.float32, device=x.device), levels, brightness)
+    # Contrast blends with a flat grey: the mean of the 'L' image, rounded half up to an integer level.
+    luma = _luma_levels(levels)
+    count = luma.shape[-2] * luma.shape[-1]
+    total = luma.sum(dim=(1, 2, 3), keepdim=True, dtype=torch.int64)
+    mean = torch.div(2 * total + count, 2 * count, rounding_mode="floor")
+    levels = _blend(mean.to(torch.float32), levels, contrast)
+    levels = _blend(_luma_levels(levels).to(torch.float32), levels, saturation)
+    jittered = (levels / 255.0).to(x.dtype)
     untouched = (factors == 1).all(dim=1).view(-1, 1, 1, 1)
-    return torch.where(untouched, original, jittered)
+    return torch.where(untouched, x, jittered)

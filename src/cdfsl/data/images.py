@@ -1,8 +1,14 @@
 """Decode once, resize once: a cache of images at the model's input size as uint8 tensors.
 
-Resizing follows protocol.md: square model input, no crop, bicubic. Decoding a large PNG (ChestX) for every episode is
-the slow part of a run, so each decoded, resized image is kept in memory and, with a cache folder, on disk as a `.npy`
-file keyed by a hash of (dataset fingerprint, item key, size); a later run or process reuses it.
+Resizing follows the released loaders whose numbers we reproduce (the VtT and TIR releases, see `docs/protocol.md`):
+torchvision's `Resize([s, s])` on a PIL image, which is Pillow's bilinear `resize((s, s))` (antialiased when
+downscaling: the filter support widens with the scale factor); square model input, aspect ratio not kept, no crop.
+Dataset-specific steps before it live in the readers' loaders (ChestX: a 256x256 pre-resize, see
+`cdfsl.data.readers.open_chestx`). Decoding a large PNG (ChestX) for every episode is the slow part of a run, so each
+decoded, resized image is kept in memory and, with a cache folder, on disk as a `.npy` file under
+`<cache_dir>/<dataset>/<fingerprint>-<size>-<PREPROCESSING>/`, named by a hash of the item key; a later run or
+process reuses it. `PREPROCESSING` names the decode-and-resize rule, so a cache written under an older rule is never
+read back.
 """
 
 from __future__ import annotations
@@ -19,10 +25,25 @@ from torch import Tensor
 from cdfsl.data.index import ImageIndex
 from cdfsl.errors import DatasetError
 
+PREPROCESSING = "bilinear-aa.chestx256"
+"""Tag of the decode-and-resize rule, part of the disk cache's folder name. Change it whenever what an image
+becomes changes (the resize filter here, or a reader's loader such as the ChestX pre-resize), so that older caches
+are never reused. History: untagged = bicubic resize, no ChestX pre-resize; `bilinear-aa.chestx256` = Pillow
+bilinear (antialiased) resize as torchvision's `Resize([s, s])`, ChestX first resized to 256x256 by its loader."""
+
 
 def resize_square(image: Image.Image, size: int) -> np.ndarray:
-    """RGB PIL image → `[size, size, 3]` uint8, bicubic, aspect ratio not kept (no crop)."""
-    return np.asarray(image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC), dtype=np.uint8)
+    """PIL image → RGB `[size, size, 3]` uint8, aspect ratio not kept (no crop).
+
+    Exactly torchvision's `Resize([size, size])` on a PIL image: Pillow's bilinear `resize`, which antialiases
+    when downscaling.
+    """
+    return np.asarray(image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
+
+
+def cache_folder_name(index: ImageIndex, size: int) -> str:
+    """Disk cache folder of `index` at `size`: `<fingerprint>-<size>-<PREPROCESSING>`."""
+    return f"{index.fingerprint()}-{size}-{PREPROCESSING}"
 
 
 class ImageCache:
@@ -31,7 +52,8 @@ class ImageCache:
     Args:
         index: the dataset.
         size: square side in pixels.
-        cache_dir: optional folder for a disk cache shared across runs.
+        cache_dir: optional folder for a disk cache shared across runs; files go under
+            `<cache_dir>/<dataset>/<fingerprint>-<size>-<PREPROCESSING>/`.
         workers: decoding threads (PIL releases the GIL while decoding).
     """
 
@@ -40,7 +62,7 @@ class ImageCache:
         self.size = size
         self.workers = workers
         self._memory: dict[int, np.ndarray] = {}
-        self._disk = Path(cache_dir) / index.name / f"{index.fingerprint()}-{size}" if cache_dir else None
+        self._disk = Path(cache_dir) / index.name / cache_folder_name(index, size) if cache_dir else None
         if self._disk is not None:
             self._disk.mkdir(parents=True, exist_ok=True)
 

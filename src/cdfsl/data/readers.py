@@ -1,6 +1,6 @@
 """Dataset readers: turn a downloaded dataset (or scikit-learn's digits) into an `ImageIndex`.
 
-Layouts accepted under the data root (protocol.md, "Datasets and their on-disk layouts"):
+Layouts accepted under the data root (`docs/protocol.md`, "Datasets and their on-disk layouts"):
 
 - `eurosat`: class folders of RGB JPEGs (`AnnualCrop/`, `Forest/`, ...), directly under the root or under
   `root/2750/` (preferred when it exists). The folders present must be known EuroSAT class names, at least 2.
@@ -13,7 +13,10 @@ Layouts accepted under the data root (protocol.md, "Datasets and their on-disk l
   image is missing, are skipped with one warning for each kind.
 - `chestx`: `Data_Entry_2017.csv` (columns `Image Index`, `Finding Labels`, labels joined by `|`) and the PNGs
   in `images/` and/or `images_001/images/` ... `images_012/images/` (all are searched). Only rows with exactly
-  one label among the seven classes are kept; the others are left out silently, as the protocol says.
+  one label among the seven classes are kept; the others are left out silently, as the protocol says. As in the
+  VtT release's ChestX loader, each image is first resized to 256x256 with Pillow's default filter on the image as
+  opened (bicubic for these 8-bit grey PNGs), then converted to RGB (`open_chestx`); the resize to the model's
+  input size comes after that, in `cdfsl.data.images`.
 - `imagefolder`: the immediate non-hidden subfolders of the root are the classes; a class's images are the
   image files directly in its folder and, recursively, in every folder below it. Files directly in the root
   are ignored. An optional `root/classnames.json` (`{"folder": "prompt name"}`) overrides prompt names.
@@ -22,7 +25,8 @@ Layouts accepted under the data root (protocol.md, "Datasets and their on-disk l
 Common rules: image files are those with extension .jpg .jpeg .png .bmp .tif .tiff .webp (any case); hidden
 files and folders (name starting with `.`, such as `.DS_Store` or macOS `._x.jpg`) are ignored. Item keys are
 POSIX paths relative to the data root, items are sorted by (label, key) and folder-class keys are sorted, so
-the filesystem's listing order never matters. Every image file gets a cheap header check; unreadable files
+the filesystem's listing order never matters. Loaders open an item as RGB at its stored size (ChestX: at 256x256,
+see above). Every image file gets a cheap header check; unreadable files
 are left out (never shifting other labels), listed in `ImageIndex.skipped`, and reported in one warning per
 reader call. A file name read from a CSV must resolve (symlinks followed) inside the image folder it is
 looked up in, which lies in the data root; `../x.png` or an absolute path is skipped with a warning naming
@@ -79,6 +83,7 @@ CHESTX_CSV = "Data_Entry_2017.csv"
 CHESTX_IMAGE_COLUMN = "Image Index"
 CHESTX_LABEL_COLUMN = "Finding Labels"
 CHESTX_CLASSES = ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumothorax")
+CHESTX_PRE_RESIZE = 256  # side of the square every ChestX image is resized to when opened, as in the VtT release
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
@@ -197,7 +202,7 @@ def read_chestx(root: Path) -> ImageIndex:
             f"{CHESTX_IMAGE_COLUMN!r} and {CHESTX_LABEL_COLUMN!r}; found {', '.join(header) or 'no header'}"
         )
     locations = _chestx_locations(folders)
-    builder = _IndexBuilder("chestx", root, list(CHESTX_CLASSES), list(CHESTX_CLASSES))
+    builder = _IndexBuilder("chestx", root, list(CHESTX_CLASSES), list(CHESTX_CLASSES), opener=open_chestx)
     for row in rows:
         labels = [part.strip() for part in row[CHESTX_LABEL_COLUMN].split("|")]
         if len(labels) != 1 or labels[0] not in CHESTX_CLASSES:
@@ -256,6 +261,16 @@ def open_rgb(root: Path, key: str) -> Image.Image:
     """Open `root/key` and return it decoded as RGB."""
     with Image.open(root / key) as image:
         return image.convert("RGB")
+
+
+def open_chestx(root: Path, key: str) -> Image.Image:
+    """Open `root/key` as the VtT release's ChestX loader does: resize to 256x256, then convert to RGB.
+
+    The resize runs on the image as opened (mode `L` for ChestX) with Pillow's default `resize` filter, which is
+    bicubic for 8-bit grey and RGB images; the image's aspect ratio is not kept.
+    """
+    with Image.open(root / key) as image:
+        return image.resize((CHESTX_PRE_RESIZE, CHESTX_PRE_RESIZE)).convert("RGB")
 
 
 @dataclass(frozen=True, eq=False)
@@ -436,12 +451,17 @@ def _warn_list(names: Sequence[str], message: str) -> None:
 
 @dataclass
 class _IndexBuilder:
-    """Collects (key, label) pairs, checks headers, reports skipped files and builds the `ImageIndex`."""
+    """Collects (key, label) pairs, checks headers, reports skipped files and builds the `ImageIndex`.
+
+    `opener(root, key)` opens one item as RGB; the index's loader is `functools.partial(opener, root)`, so the
+    opener must be a module-level function for the index to pickle into data-loader workers.
+    """
 
     name: str
     root: Path
     class_keys: Sequence[str]
     class_names: Sequence[str]
+    opener: Callable[[Path, str], Image.Image] = open_rgb
     pairs: list[tuple[int, str]] = field(default_factory=list)
     unsafe: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
@@ -499,7 +519,7 @@ class _IndexBuilder:
             class_names=tuple(self.class_names),
             items=tuple(key for _, key in pairs),
             labels=tuple(label for label, _ in pairs),
-            loader=functools.partial(open_rgb, self.root),
+            loader=functools.partial(self.opener, self.root),
             root=self.root,
             skipped=tuple(sorted(self.unsafe)) + tuple(sorted(self.missing)) + tuple(unreadable),
         )

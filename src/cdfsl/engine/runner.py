@@ -19,10 +19,10 @@ import torch
 
 from cdfsl.analysis.stats import mean_ci95
 from cdfsl.backbone.adapter import ClipAdapter
-from cdfsl.backbone.factory import load_backbone
+from cdfsl.backbone.factory import load_backbone, resolve_activation
 from cdfsl.config import RunConfig, run_id_of
 from cdfsl.data.episodes import build_batch
-from cdfsl.data.images import ImageCache
+from cdfsl.data.images import PREPROCESSING, ImageCache
 from cdfsl.data.index import ImageIndex
 from cdfsl.data.readers import load_index
 from cdfsl.data.sampler import EpisodeSampler
@@ -59,10 +59,11 @@ class RunResult:
     trained_episodes: int
     excluded_classes: tuple[str, ...] = ()
     seconds: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
+    dlc_off_steps: dict[int, int | None] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        """The `--json` summary of cli.md."""
+        """The `--json` summary: run, episode shape, mean and 95% half-width, per-episode accuracy (and, for VtT,
+        the step at which DGSO switched `L_VtT` off, null if never), and the resolved config."""
         cfg = self.config
         return {
             "run_id": self.run_id,
@@ -76,9 +77,16 @@ class RunResult:
             "seed": cfg.seed,
             "mean_acc": round(self.mean_acc, 4),
             "ci95": round(self.ci95, 4),
-            "per_episode": [{"episode": i, "acc": round(a, 4)} for i, a in self.per_episode],
+            "recipe": cfg.recipe,
+            "per_episode": [self._episode_json(i, a) for i, a in self.per_episode],
             "config": cfg.to_dict(),
         }
+
+    def _episode_json(self, episode: int, accuracy: float) -> dict[str, Any]:
+        entry: dict[str, Any] = {"episode": episode, "acc": round(accuracy, 4)}
+        if self.config.uses_vtt:
+            entry["dlc_off_step"] = self.dlc_off_steps.get(episode)
+        return entry
 
 
 def resolve_device(name: str) -> torch.device:
@@ -111,13 +119,13 @@ class Runner:
 
     def __init__(self, progress: Callable[[Progress], None] | None = None) -> None:
         self.progress = progress
-        self._backbones: dict[tuple[str, str, str], ClipAdapter] = {}
+        self._backbones: dict[tuple[str, str, str, str], ClipAdapter] = {}
         self._caches: dict[tuple[str, int, str | None], ImageCache] = {}
 
     def backbone(self, config: RunConfig, device: torch.device) -> ClipAdapter:
-        key = (config.backbone, config.pretrained, str(device))
+        key = (config.backbone, config.pretrained, config.activation, str(device))
         if key not in self._backbones:
-            self._backbones[key] = load_backbone(config.backbone, config.pretrained, device)
+            self._backbones[key] = load_backbone(config.backbone, config.pretrained, device, config.activation)
         return self._backbones[key]
 
     def image_cache(self, index: ImageIndex, size: int, cache_dir: str | None) -> ImageCache:
@@ -127,8 +135,11 @@ class Runner:
         return self._caches[key]
 
     def run(self, config: RunConfig) -> RunResult:
-        """Run (or resume) `config`; return its results over episodes `0 … episodes−1`."""
-        config.validate()
+        """Run (or resume) `config`; return its results over episodes `0 … episodes−1`.
+
+        The config is resolved first (its recipe fills every unset field); the result carries the resolved config.
+        """
+        config = config.validate().resolved()
         device = resolve_device(config.device)
         precision, autocast_dtype = resolve_precision(config.train.precision, device)
         index = load_index(config.dataset, config.data_root)
@@ -141,7 +152,8 @@ class Runner:
                 stacklevel=2,
             )
         total = config.resolved_episodes()
-        identity = config.identity(precision, index.fingerprint())
+        activation = resolve_activation(config.backbone, config.pretrained, config.activation)
+        identity = config.identity(precision, index.fingerprint(), activation, device.type, PREPROCESSING)
         run_id = run_id_of(identity)
         with ResultStore(Path(config.db)) as store:
             store.register_run(run_id, config.to_dict(), identity)
@@ -171,7 +183,11 @@ class Runner:
                     correct = (logits.argmax(dim=-1) == batch.query_labels).sum(dim=1).tolist()
                     seconds = (time.perf_counter() - batch_start) / len(chunk)
                     total_queries = batch.query_labels.shape[1]
-                    results = [EpisodeResult(i, c, total_queries, seconds) for i, c in zip(chunk, correct, strict=True)]
+                    records = method.episode_records() or [{} for _ in chunk]
+                    results = [
+                        EpisodeResult(i, c, total_queries, seconds, record.get("dlc_off_step"))
+                        for i, c, record in zip(chunk, correct, records, strict=True)
+                    ]
                     store.add_episodes(run_id, results)
                     accuracies += [r.accuracy for r in results]
                     if self.progress is not None:
@@ -180,6 +196,7 @@ class Runner:
                         elapsed = time.perf_counter() - started
                         self.progress(Progress(done, total, resumed, mean, ci, elapsed))
             stored = store.episode_accuracies(run_id)
+            dlc_off_steps = store.episode_dlc_off_steps(run_id) if config.uses_vtt else {}
         per_episode = [(i, stored[i] * 100.0) for i in range(total)]
         mean, ci = mean_ci95([a / 100.0 for _, a in per_episode])
         return RunResult(
@@ -191,6 +208,7 @@ class Runner:
             trained_episodes=len(todo),
             excluded_classes=sampler.excluded_classes,
             seconds=time.perf_counter() - started,
+            dlc_off_steps={i: dlc_off_steps.get(i) for i in range(total)} if config.uses_vtt else {},
         )
 
 

@@ -13,18 +13,16 @@ from cdfsl.methods.zeroshot import ZeroShot
 
 
 def build_method(config: RunConfig, backbone: ClipAdapter, autocast_dtype: torch.dtype | None = None) -> Method:
-    """The method `config.method` on `backbone`."""
+    """The method `config.method` on `backbone`, trained by the config's recipe (the config is resolved here)."""
+    config = config.resolved()
     if config.method == "zeroshot":
         return ZeroShot(backbone, config, autocast_dtype)
-    recalibration = None
-    if config.uses_tir:
-        recalibration = TokenRecalibration(config.tir, backbone, config.train.template)
-    extension = None
+    recalibration = TokenRecalibration(config.tir, backbone) if config.uses_tir else None
+    method = LoraMethod(backbone, config, autocast_dtype, recalibration)
     if config.uses_vtt:
         from cdfsl.methods.vtt import VttExtension
 
-        extension = VttExtension(config, backbone)
-    method = LoraMethod(backbone, config, autocast_dtype, recalibration, extension)
+        method.extension = VttExtension(config, backbone, method.autocast)
     method.name = config.method
     return method
 

@@ -1,63 +1,47 @@
-"""The `Method` interface: a support step (`fit`) and a query step (`predict`) over E episodes at once."""
+"""The `Method` interface: a support step (`fit`) and a query step (`predict`) over E episodes at once.
+
+A fitted method also says how it encodes (`encode`, `class_features`), so probes see exactly what prediction sees
+without reaching into its attributes.
+"""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cdfsl.backbone.adapter import ClipAdapter
+from cdfsl.backbone.adapter import BlockInputHook, ClipAdapter, VisionOutput
 from cdfsl.config import RunConfig
 from cdfsl.data.episodes import EpisodeBatch
 
-
-class ClassText:
-    """Class prompt features of the frozen text tower, computed once per class name and reused across episodes.
-
-    Args:
-        backbone: the adapter.
-        template: prompt template with one `{}`.
-        layer: `None` for the final text feature, or a text block index (negative counts from the end) for the EOS
-            feature after that block through the final norm and projection.
-    """
-
-    def __init__(self, backbone: ClipAdapter, template: str, layer: int | None = None) -> None:
-        self.backbone = backbone
-        self.template = template
-        self.layer = layer
-        self._cache: dict[str, Tensor] = {}
-
-    @torch.no_grad()
-    def __call__(self, class_names: Sequence[Sequence[str]]) -> Tensor:
-        """Per-episode class names `[E][K]` → L2-normalized features `[E, K, C]` (fp32)."""
-        missing = sorted({name for names in class_names for name in names} - self._cache.keys())
-        if missing:
-            prompts = [self.template.format(name) for name in missing]
-            if self.layer is None:
-                features = self.backbone.text_features(prompts)
-            else:
-                features = self.backbone.text_layer_features(prompts)[self.layer]
-            self._cache.update(zip(missing, F.normalize(features.float(), dim=-1), strict=True))
-        return torch.stack([torch.stack([self._cache[n] for n in names]) for names in class_names])
+Observer = Callable[[int, Tensor], None]
+"""Called with (layer, tokens `[E, B, T, D]` entering that vision block, before any recalibration)."""
 
 
 class Method(ABC):
     """A few-shot classifier over E episodes.
 
     `fit(batch)` adapts per-episode state on the support sets; `predict(batch)` returns query logits `[E, Q, K]`.
+
+    Args:
+        backbone: the frozen adapter.
+        config: the run config, resolved (`RunConfig.resolved()`): every recipe value filled in.
+        autocast_dtype: bf16 on GPU, None for fp32.
     """
 
     name: str = "method"
 
     def __init__(self, backbone: ClipAdapter, config: RunConfig, autocast_dtype: torch.dtype | None = None) -> None:
+        if config.recipe is None or config.train.logit_scale is None:
+            raise ValueError("methods take a resolved config: pass config.resolved()")
         self.backbone = backbone
         self.config = config
         self.autocast_dtype = autocast_dtype
-        self.class_text = ClassText(backbone, config.train.template)
 
     def autocast(self) -> AbstractContextManager[object]:
         """bf16 autocast on GPU when configured; a no-op in fp32."""
@@ -68,12 +52,51 @@ class Method(ABC):
     def logits(self, image_features: Tensor, text: Tensor) -> Tensor:
         """`logit_scale · cos`: image features `[E, N, C]`, normalized text `[E, K, C]` → `[E, N, K]` (fp32)."""
         images = F.normalize(image_features.float(), dim=-1)
-        return self.config.train.logit_scale * images @ text.transpose(1, 2)
+        scale = self.config.train.logit_scale
+        assert scale is not None
+        return scale * images @ text.transpose(1, 2)
 
     @abstractmethod
     def fit(self, batch: EpisodeBatch) -> None:
         """Adapt to the support sets of `batch` (E episodes)."""
 
     @abstractmethod
+    def class_features(self, class_names: Sequence[Sequence[str]], layer: int | None = None) -> Tensor:
+        """Normalized class text features `[E, K, C]` as prediction uses them: final (`layer=None`) or the pooled
+        token after text block `layer` through the final norm and projection."""
+
+    @abstractmethod
+    def encode(
+        self,
+        images: Tensor,
+        class_names: Sequence[Sequence[str]],
+        observe: Observer | None = None,
+        keep_cls_attention: bool = False,
+    ) -> VisionOutput:
+        """The prediction-time vision pass over normalized images `[E, B, 3, H, W]` of the fitted episodes;
+        `observe` sees the tokens entering each block before any recalibration."""
+
+    @torch.no_grad()
     def predict(self, batch: EpisodeBatch) -> Tensor:
         """Query logits `[E, Q, K]` for the episodes last given to `fit`."""
+        features = self.encode(batch.query, batch.class_names).features
+        return self.logits(features, self.class_features(batch.class_names))
+
+    def episode_records(self) -> list[dict[str, Any]]:
+        """Per fitted episode, what training recorded beyond accuracy (e.g. VtT's `dlc_off_step`); stored as is."""
+        return []
+
+
+def observed(observe: Observer | None, inner: BlockInputHook | None) -> BlockInputHook | None:
+    """A block-input hook that shows the tokens to `observe` and then applies `inner` (either may be None)."""
+    if observe is None:
+        return inner
+
+    def hook(layer: int, x: Tensor) -> Tensor:
+        observe(layer, x)
+        return inner(layer, x) if inner is not None else x
+
+    return hook
+
+
+__all__ = ["Method", "Observer", "observed"]

@@ -10,6 +10,14 @@ same order, so an episode's weights do not depend on which other episodes share 
 
 Shapes: E episodes, B samples, S sequence positions (2L), C input width (the joint space), H hidden width,
 W output width (the text tower's token-embedding width).
+
+The release's fusion (`ReleaseFusion`): the fusion exactly as the VtT authors' release builds it (their neck in
+`Mamba_models/mamba_ffn_neck.py`, used with the 'ssm' version, and its Mamba block in `mamba_simple.py`), again with
+an episode axis on every weight; the project's doc page `docs/vtt.md` sets it beside `ScanningFusion`. The S² tokens
+of one sample form an S×S grid: a per-token MLP with a LayerNorm over the whole `[S², 2C]` sample and a learned
+position embedding, then ONE Mamba block (no residual, no norm inside) run with shared weights over four orderings of
+the grid (row-major, reversed, column-major, reversed), the four outputs summed in grid order and averaged over the
+tokens, plus a bias-free linear residual of the input's token mean. `[E, B, S², C]` → `[E, B, W]`.
 """
 
 from __future__ import annotations
@@ -211,3 +219,169 @@ class ScanningFusion(nn.Module):
             pooled.append(x.mean(dim=2))
         mu = mu_res + self.sequence_out(torch.stack(pooled).mean(dim=0))
         return mu + self.adapter(mu)
+
+
+def parameter_count(module: nn.Module) -> int:
+    """The number of parameters of ONE episode: each parameter `[E, ...]` counts `prod(shape[1:])`."""
+    return sum(math.prod(parameter.shape[1:]) for parameter in module.parameters())
+
+
+def _inverse_softplus(x: Tensor) -> Tensor:
+    """`y` with `softplus(y) = x`, for `x > 0`: `x + log(−expm1(−x))`."""
+    return x + torch.log(-torch.expm1(-x))
+
+
+class ReleaseTokenMLP(nn.Module):
+    """The release's per-token MLP: Linear C→2C (bias) → LayerNorm over the sample → LeakyReLU(0.1) → Linear 2C→C.
+
+    `[E, B, T, C]` → `[E, B, T, C]` with T = S² tokens. The release runs it as 1×1 convolutions on the `[C, S, S]`
+    grid with `LayerNorm([2C, S, S])`: here the norm normalises all T tokens and 2C channels of one sample together
+    (eps 1e-5), with a per-episode elementwise affine `[E, T, 2C]` (weight ones, bias zeros).
+    """
+
+    def __init__(self, generators: Generators, tokens: int, width: int) -> None:
+        super().__init__()
+        episodes, hidden = len(generators), 2 * width
+        self.fc1 = EpisodeLinear(generators, width, hidden)
+        self.norm_weight = nn.Parameter(torch.ones(episodes, tokens, hidden))
+        self.norm_bias = nn.Parameter(torch.zeros(episodes, tokens, hidden))
+        self.fc2 = EpisodeLinear(generators, hidden, width, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.fc1(x)  # [E, B, T, 2C]
+        normed = F.layer_norm(h, h.shape[-2:], eps=1e-5)
+        h = normed * self.norm_weight[:, None].to(normed.dtype) + self.norm_bias[:, None].to(normed.dtype)
+        return self.fc2(F.leaky_relu(h, 0.1))
+
+
+class ReleaseMamba(nn.Module):
+    """The release's Mamba block with expand 1 (d_inner = C), per episode: `[E, N, L, C]` → `[E, N, L, C]`.
+
+    in_proj C→2C (no bias) split into x, z; x → depthwise causal conv1d over L (kernel `conv`, with bias; output t
+    sees inputs ≤ t) → SiLU; x_proj C→(dt_rank + 2·state) (no bias) split into dt, B, C; Δ = softplus(dt_proj(dt) +
+    dt_bias); A = −exp(A_log); y = scan(Δ, x, B, C, A) + D ⊙ x; y ← y · SiLU(z); out_proj C→C (no bias). No residual
+    and no norm. The scan and its gate run in fp32 whatever the autocast state; the linear maps may follow autocast.
+
+    Initialisation as the release: `nn.Linear`'s bound 1/√fan_in for in_proj, x_proj, out_proj; the conv's weight and
+    bias ±1/√conv (PyTorch's depthwise Conv1d default); dt_proj weight ±dt_rank^−½; `softplus(dt_bias)` log-uniform in
+    [1e-3, 0.1], floored at 1e-4; A_log `[E, C, state]` = log(1…state) per channel (S4D-real); D `[E, C]` ones.
+    """
+
+    def __init__(self, generators: Generators, width: int, state: int, dt_rank: int, conv: int) -> None:
+        super().__init__()
+        episodes = len(generators)
+        self.state, self.dt_rank, self.conv = state, dt_rank, conv
+        self.in_proj = EpisodeLinear(generators, width, 2 * width, bias=False)
+        bound = 1.0 / math.sqrt(conv)
+        self.conv_weight = nn.Parameter(_uniform(generators, (width, conv), bound))  # [E, C, K]
+        self.conv_bias = nn.Parameter(_uniform(generators, (width,), bound))  # [E, C]
+        self.x_proj = EpisodeLinear(generators, width, dt_rank + 2 * state, bias=False)
+        self.dt_proj = EpisodeLinear(generators, dt_rank, width, bias=False)  # bound dt_rank^−½, as the release
+        dt_min, dt_max = 1e-3, 0.1
+        dt = torch.stack(
+            [
+                torch.exp(torch.rand(width, generator=g) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+                for g in generators
+            ]
+        ).clamp(min=1e-4)
+        self.dt_bias = nn.Parameter(_inverse_softplus(dt))  # [E, C]
+        a = torch.arange(1, state + 1, dtype=torch.float32).expand(episodes, width, state)
+        self.a_log = nn.Parameter(torch.log(a).clone())  # [E, C, state], S4D-real, kept in fp32
+        self.skip = nn.Parameter(torch.ones(episodes, width))  # D [E, C]
+        self.out_proj = EpisodeLinear(generators, width, width, bias=False)
+
+    def causal_conv(self, x: Tensor) -> Tensor:
+        """Depthwise causal convolution over L: `[E, N, L, C]` → `[E, N, L, C]`, zero left padding of `conv − 1`."""
+        length = x.shape[2]
+        padded = F.pad(x, (0, 0, self.conv - 1, 0))  # [E, N, L + K − 1, C]
+        weight = self.conv_weight.to(x.dtype)
+        out = self.conv_bias[:, None, None].to(x.dtype)
+        for k in range(self.conv):
+            out = out + weight[:, None, None, :, k] * padded[:, :, k : k + length]
+        return out
+
+    def forward(self, x: Tensor) -> Tensor:
+        e = x.shape[0]
+        u, z = self.in_proj(x).chunk(2, dim=-1)  # [E, N, L, C] each
+        u = F.silu(self.causal_conv(u))
+        dt, b, c = self.x_proj(u).split([self.dt_rank, self.state, self.state], dim=-1)
+        dt = self.dt_proj(dt)  # [E, N, L, C]
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            delta = F.softplus(dt.float() + self.dt_bias.float()[:, None, None])
+            a = -torch.exp(self.a_log.float())[:, None]  # [E, 1, C, state]
+            u32 = u.float()
+            y = selective_scan(delta, u32, b.float(), c.float(), a) + self.skip.float().view(e, 1, 1, -1) * u32
+            y = y * F.silu(z.float())
+        return self.out_proj(y.to(u.dtype))
+
+
+class ReleaseFusion(nn.Module):
+    """The fusion of the VtT authors' release, per episode: a sequence `[E, B, S², C]` → `[E, B, W]`.
+
+    It follows the VtT authors' release, `Mamba_models/mamba_ffn_neck.py` (its neck, 'ssm' version, two-layer MLP,
+    residual projection) and `mamba_simple.py` (its Mamba block, expand 1), as described in `docs/vtt.md`:
+
+    1. tokens = `ReleaseTokenMLP`(sequence) + position `[S², C]` (truncated normal, std 0.02, cut at ±2);
+    2. ONE `ReleaseMamba` block, shared, over four orderings of the S×S grid (row-major, reversed row-major,
+       column-major, reversed column-major), batched as one call along the B axis;
+    3. the four outputs put back in row-major grid order, summed, and averaged over the S² tokens → `[E, B, C]`;
+    4. plus `residual`: a bias-free linear C→C of the INPUT sequence's token mean;
+    5. when W ≠ C, a bias-free linear C→W `head` (the release has none: its text width equals C = 512); else none.
+
+    Args:
+        generators: one CPU generator per episode (E of them); each episode's weights come from its own.
+        grid: S, the side of the token grid (the sequence holds S² tokens, row-major).
+        width: C, the token width. outputs: W, the output width.
+        state: the SSM state size N. dt_rank: the rank of Δ's projection. conv: the causal conv's kernel.
+    """
+
+    def __init__(
+        self,
+        generators: Generators,
+        grid: int,
+        width: int,
+        outputs: int,
+        state: int = 256,
+        dt_rank: int = 256,
+        conv: int = 4,
+    ) -> None:
+        super().__init__()
+        if grid < 1:
+            raise ValueError(f"grid must be at least 1, got {grid}")
+        for name, value in (("width", width), ("outputs", outputs), ("state", state), ("dt_rank", dt_rank)):
+            if value < 1:
+                raise ValueError(f"{name} must be positive, got {value}")
+        if conv < 1:
+            raise ValueError(f"conv must be positive, got {conv}")
+        self.grid, self.width = grid, width
+        tokens = grid * grid
+        self.position = nn.Parameter(
+            torch.stack(
+                [torch.nn.init.trunc_normal_(torch.empty(tokens, width), std=0.02, generator=g) for g in generators]
+            )
+        )  # [E, S², C]
+        self.token_mlp = ReleaseTokenMLP(generators, tokens, width)
+        self.block = ReleaseMamba(generators, width, state, dt_rank, conv)
+        self.residual = EpisodeLinear(generators, width, width, bias=False)
+        self.head = EpisodeLinear(generators, width, outputs, bias=False) if outputs != width else None
+
+    def transpose_grid(self, x: Tensor) -> Tensor:
+        """Row-major ↔ column-major order of the S×S grid: `[E, N, S², C]` → `[E, N, S², C]` (its own inverse)."""
+        e, n, _, c = x.shape
+        return x.view(e, n, self.grid, self.grid, c).transpose(2, 3).reshape(e, n, self.grid * self.grid, c)
+
+    def forward(self, sequence: Tensor) -> Tensor:
+        """`sequence` `[E, B, S², C]` → `[E, B, W]`."""
+        tokens = self.grid * self.grid
+        if sequence.dim() != 4 or sequence.shape[2] != tokens:
+            raise ValueError(
+                f"expected a sequence [E, B, {tokens}, C] (grid {self.grid}² tokens), got {tuple(sequence.shape)}"
+            )
+        batch = sequence.shape[1]
+        x = self.token_mlp(sequence) + self.position[:, None].to(sequence.dtype)  # [E, B, S², C]
+        columns = self.transpose_grid(x)
+        orders = torch.cat([x, x.flip(2), columns, columns.flip(2)], dim=1)  # [E, 4B, S², C]
+        row, row_flip, column, column_flip = self.block(orders).split(batch, dim=1)
+        summed = row + row_flip.flip(2) + self.transpose_grid(column) + self.transpose_grid(column_flip.flip(2))
+        out = summed.mean(dim=2) + self.residual(sequence.mean(dim=2))  # [E, B, C]
+        return self.head(out) if self.head is not None else out

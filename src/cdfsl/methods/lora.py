@@ -1,9 +1,12 @@
-"""`lora`: CLIP-LoRA-Vision, and the shared training loop that TIR and VtT plug into.
+"""The trained methods: a LoRA base (vision tower, text tower or both; optionally a CoOp context) and its loop, into
+which TIR and VtT plug (docs/methods.md, docs/recipes.md).
 
-Recipe (protocol.md): LoRA on the vision tower's q, k, v; cross-entropy on `100 · cos(image, class text)`; AdamW with
-cosine decay to `min_lr` over the run; batches of up to 25 support views, reshuffled each pass. E episodes train at
-once: the loss is the sum of per-episode mean losses, so each episode's factors get exactly their own gradient, and
-AdamW acts elementwise, so each episode's trajectory is the one it would have alone.
+One step: a batch of support views per episode (or all of them), class text features (computed once when the text
+side is frozen, recomputed with gradients when it learns), the vision pass with per-episode LoRA (and TIR's hook),
+cross-entropy on `logit_scale · cos`, backward, AdamW on the LoRA factors (and VtT's modules), SGD on the context, and
+the learning-rate schedule stepped once. E episodes train at once: the loss is the sum of per-episode mean losses, so
+each episode's parameters get exactly their own gradient, and AdamW and SGD act elementwise, so each episode's
+trajectory is the one it would have alone.
 
 Extension points:
 - a `Recalibration` (TIR) rewrites the tokens entering chosen vision blocks, in training and optionally at prediction;
@@ -12,17 +15,19 @@ Extension points:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cdfsl.backbone.adapter import BlockInputHook, ClipAdapter, VisionOutput
+from cdfsl.backbone.adapter import BlockInputHook, ClipAdapter, QkvProjection, VisionOutput, plain_qkv
 from cdfsl.backbone.lora import EpisodeLoRA
-from cdfsl.config import RunConfig
+from cdfsl.config import ALL_SUPPORT, RunConfig
 from cdfsl.data.episodes import EpisodeBatch
-from cdfsl.methods.base import Method
+from cdfsl.methods.base import Method, Observer, observed
+from cdfsl.methods.text_side import TextSide
 from cdfsl.seeding import torch_stream
 
 
@@ -30,9 +35,10 @@ class Recalibration(Protocol):
     """Token recalibration attached to a method (TIR)."""
 
     at_prediction: bool
+    text_layer: int
 
-    def hook(self, class_names: list[list[str]]) -> BlockInputHook:
-        """A block-input hook for E episodes with these per-episode class names `[E][K]`."""
+    def hook(self, text: Tensor) -> BlockInputHook:
+        """A block-input hook for E episodes with these normalized class texts `[E, K, C]` (after `text_layer`)."""
         ...
 
 
@@ -49,8 +55,8 @@ class TrainingExtension(Protocol):
         """Fill `.grad` of every trainable tensor from the per-episode CE losses `[E]` and the vision output."""
         ...
 
-    def finish(self) -> None:
-        """Drop per-episode state (nothing of it is needed at prediction)."""
+    def finish(self) -> list[dict[str, Any]]:
+        """Drop per-episode state (nothing of it is needed at prediction); return per-episode records."""
         ...
 
 
@@ -68,8 +74,22 @@ class ViewOrder:
         return self._pending.pop(0)
 
 
+def learning_rate_schedules(
+    optimizers: Sequence[torch.optim.Optimizer], config: RunConfig
+) -> list[torch.optim.lr_scheduler.LRScheduler]:
+    """The recipe's schedule for each optimizer: cosine with `T_max = schedule_horizon × iterations` and `eta_min =
+    min_lr`, stepped once per iteration (so with the VtT release's horizon 8 the rate ends near 96% of its start), or
+    none."""
+    train = config.train
+    if train.schedule == "none":
+        return []
+    assert train.iterations is not None
+    horizon = max(1, round(train.schedule_horizon * train.iterations))
+    return [torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=horizon, eta_min=train.min_lr) for o in optimizers]
+
+
 class LoraMethod(Method):
-    """CLIP-LoRA-Vision with optional token recalibration and training extension."""
+    """A LoRA base with optional CoOp context, token recalibration and training extension."""
 
     name = "lora"
 
@@ -84,9 +104,15 @@ class LoraMethod(Method):
         super().__init__(backbone, config, autocast_dtype)
         self.recalibration = recalibration
         self.extension = extension
+        self.text_side = TextSide(backbone, config)
         self.lora: EpisodeLoRA | None = None
+        self._records: list[dict[str, Any]] = []
 
-    def _new_lora(self, batch: EpisodeBatch) -> EpisodeLoRA:
+    @property
+    def trains_vision(self) -> bool:
+        return self.config.lora.towers in ("vision", "both")
+
+    def _new_vision_lora(self, batch: EpisodeBatch) -> EpisodeLoRA:
         device = self.backbone.device
         cfg = self.config.lora
         dropout = None
@@ -101,65 +127,117 @@ class LoraMethod(Method):
         )
         return lora.to(device)
 
+    def _texts(self, class_names: Sequence[Sequence[str]]) -> tuple[Tensor, Tensor | None]:
+        """Final class features `[E, K, C]` and, with TIR, those after its text layer (both normalized)."""
+        layers = (self.recalibration.text_layer,) if self.recalibration is not None else ()
+        final, at_layers = self.text_side.features(class_names, layers)
+        return final, (at_layers[0] if at_layers else None)
+
+    def _optimizers(self, batch: EpisodeBatch, lora: EpisodeLoRA | None) -> list[torch.optim.Optimizer]:
+        """AdamW over the LoRA factors of both towers (and the extension's groups); SGD over a prompt context."""
+        train, prompt = self.config.train, self.config.prompt
+        text_lora, context = self.text_side.start(batch.seed, batch.indices)
+        lora_params = [*(lora.parameters() if lora is not None else ()), *text_lora]
+        groups: list[dict[str, Any]] = [{"params": lora_params, "lr": train.lr}]
+        if self.extension is not None:
+            assert lora is not None
+            groups += [g for g in self.extension.start(batch, lora) if g["params"]]
+        optimizers: list[torch.optim.Optimizer] = [
+            torch.optim.AdamW(groups, lr=train.lr, betas=(train.beta1, train.beta2), weight_decay=train.weight_decay)
+        ]
+        if context:
+            optimizers.append(
+                torch.optim.SGD(context, lr=prompt.lr, momentum=prompt.momentum, weight_decay=prompt.weight_decay)
+            )
+        return optimizers
+
     def fit(self, batch: EpisodeBatch) -> None:
         train = self.config.train
-        lora = self._new_lora(batch)
-        lora.train()
-        groups: list[dict[str, Any]] = [{"params": list(lora.parameters()), "lr": self.config.resolved_lr()}]
-        if self.extension is not None:
-            groups += self.extension.start(batch, lora)
-        optimizer = torch.optim.AdamW(
-            groups,
-            lr=self.config.resolved_lr(),
-            betas=(train.beta1, train.beta2),
-            weight_decay=train.weight_decay,
-        )
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
-            optimizer, T_max=max(train.iterations, 1), eta_min=train.min_lr
-        )
-        orders = [
-            ViewOrder(batch.support.shape[1], train.batch_size, torch_stream(batch.seed, i, "batch_order"))
-            for i in batch.indices
-        ]
-        text = self.class_text(batch.class_names)
-        hook = self.recalibration.hook(batch.class_names) if self.recalibration is not None else None
+        assert train.iterations is not None and train.batch_size is not None
+        lora = self._new_vision_lora(batch) if self.trains_vision else None
+        if lora is not None:
+            lora.train()
+        optimizers = self._optimizers(batch, lora)
+        schedules = learning_rate_schedules(optimizers, self.config)
+        views = batch.support.shape[1]
+        batch_size = views if train.batch_size == ALL_SUPPORT else int(train.batch_size)
+        orders = [ViewOrder(views, batch_size, torch_stream(batch.seed, i, "batch_order")) for i in batch.indices]
+        learns_text = self.text_side.trainable
+        fixed = None if learns_text else self._texts(batch.class_names)
+        fixed_hook = self._hook(fixed[1]) if fixed is not None else None
         rows = torch.arange(len(batch), device=batch.support.device)[:, None]
+        projection: QkvProjection = lora if lora is not None else plain_qkv
         for _ in range(train.iterations):
             positions = torch.stack([order.next() for order in orders]).to(batch.support.device)  # [E, b]
             images, labels = batch.support[rows, positions], batch.support_labels[rows, positions]
             with self.autocast():
+                text, text_at_layer = fixed if fixed is not None else self._texts(batch.class_names)
+                hook = fixed_hook if fixed is not None else self._hook(text_at_layer)
                 output = self.backbone.encode_images(
                     images,
-                    lora,
+                    projection,
                     hook,
                     layer_features=self.extension is not None and self.extension.wants_layer_features,
                 )
             logits = self.logits(output.features, text)  # [E, b, K]
             loss_ce = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none").mean(dim=1)  # [E]
             if self.extension is not None:
+                assert lora is not None
                 self.extension.backward(loss_ce, output, labels, lora)
             else:
                 loss_ce.sum().backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            schedule.step()
-        if self.extension is not None:
-            self.extension.finish()
+            for optimizer in optimizers:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            for schedule in schedules:
+                schedule.step()
+        self._records = self.extension.finish() if self.extension is not None else []
+        self.text_side.train(False)
         self.lora = lora
 
+    def _hook(self, text_at_layer: Tensor | None) -> BlockInputHook | None:
+        if self.recalibration is None or text_at_layer is None:
+            return None
+        return self.recalibration.hook(text_at_layer)
+
     @torch.no_grad()
-    def predict(self, batch: EpisodeBatch) -> Tensor:
-        if self.lora is None:
-            raise RuntimeError("predict called before fit")
+    def class_features(self, class_names: Sequence[Sequence[str]], layer: int | None = None) -> Tensor:
+        with self.autocast():
+            final, at_layers = self.text_side.features(class_names, () if layer is None else (layer,))
+        return final if layer is None else at_layers[0]
+
+    @torch.no_grad()
+    def encode(
+        self,
+        images: Tensor,
+        class_names: Sequence[Sequence[str]],
+        observe: Observer | None = None,
+        keep_cls_attention: bool = False,
+    ) -> VisionOutput:
         lora = self.lora
-        lora.eval()
-        if self.config.lora.merge_for_prediction:
-            lora.merge([block.attn.in_proj_weight for block in self.backbone.vision_blocks])
         hook = None
         if self.recalibration is not None and self.recalibration.at_prediction:
-            hook = self.recalibration.hook(batch.class_names)
-        text = self.class_text(batch.class_names)
-        with self.autocast():
-            features = self.backbone.encode_images(batch.query, lora, hook).features
-        lora.unmerge()
-        return self.logits(features, text)
+            hook = self._hook(self._prediction_texts(class_names))
+        merged = lora is not None and self.config.lora.merge_for_prediction
+        if lora is not None:
+            lora.eval()
+            if merged:
+                lora.merge([block.attn.in_proj_weight for block in self.backbone.vision_blocks])
+        try:
+            with self.autocast():
+                return self.backbone.encode_images(
+                    images,
+                    lora if lora is not None else plain_qkv,
+                    observed(observe, hook),
+                    keep_cls_attention=keep_cls_attention,
+                )
+        finally:
+            if merged and lora is not None:
+                lora.unmerge()
+
+    def _prediction_texts(self, class_names: Sequence[Sequence[str]]) -> Tensor:
+        assert self.recalibration is not None
+        return self.class_features(class_names, self.recalibration.text_layer)
+
+    def episode_records(self) -> list[dict[str, Any]]:
+        return self._records

@@ -1,4 +1,4 @@
-"""TIR — Token Importance Recalibration against attention sinks (tir.md).
+"""TIR — Token Importance Recalibration against attention sinks (docs/tir.md).
 
 At the input of chosen vision blocks, every patch token is projected into the joint space with the tower's own final
 norm and projection, each class text marks its top `k = floor(ratio · M)` tokens, and `Sum` counts how many classes
@@ -18,7 +18,7 @@ from torch import Tensor
 from cdfsl.backbone.adapter import BlockInputHook, ClipAdapter
 from cdfsl.config import TIR_VARIANTS, TirConfig
 from cdfsl.errors import ConfigError
-from cdfsl.methods.base import ClassText
+from cdfsl.methods.text_side import text_block_index
 
 
 def auto_alpha_beta(classes: int, alpha: float | None = None, beta: float | None = None) -> tuple[float, float]:
@@ -96,33 +96,35 @@ def resolve_blocks(blocks: tuple[int, ...], depth: int) -> tuple[int, ...]:
 class TokenRecalibration:
     """TIR as a component: gives block-input hooks that reweight patch tokens for E episodes.
 
+    The method supplies the class texts (`hook(text)`): the frozen template prompts' features after text block
+    `text_layer`, or, with a learned text side (recipe tir-release), the learned prompts' features from the same step.
+
     Args:
         config: TIR knobs.
-        backbone: the adapter (its final norm and projection project the tokens; its text tower gives class features
-            after block `config.text_layer`).
-        template: the class prompt template.
+        backbone: the adapter (its final norm and projection project the tokens).
     """
 
-    def __init__(self, config: TirConfig, backbone: ClipAdapter, template: str) -> None:
+    def __init__(self, config: TirConfig, backbone: ClipAdapter) -> None:
         self.config = config
         self.backbone = backbone
         self.blocks = resolve_blocks(config.blocks, backbone.num_vision_blocks)
-        depth = backbone.num_text_blocks
-        if not -depth <= config.text_layer < depth:
-            raise ConfigError(f"tir.text_layer {config.text_layer} is outside the {depth}-block text tower")
+        self.text_layer = text_block_index(config.text_layer, backbone.num_text_blocks, "tir.text_layer")
         self.at_prediction = config.at_prediction
-        self.class_text = ClassText(backbone, template, layer=config.text_layer)
 
     def weights(self, tokens: Tensor, text: Tensor) -> Tensor:
-        """Patch tokens `[E, B, M, D]` and normalized class texts `[E, K, C]` → weights `[E, B, M]`."""
-        with torch.no_grad():
-            projected = F.normalize(self.backbone.project_tokens(tokens).float(), dim=-1)  # [E, B, M, C]
-            similarity = torch.einsum("ebmc,ekc->ebkm", projected, text)
+        """Patch tokens `[E, B, M, D]` and normalized class texts `[E, K, C]` → weights `[E, B, M]`.
+
+        Similarities and top-k run in fp32 with autocast off, so bf16 rounding cannot change which tokens are marked.
+        """
+        with torch.no_grad(), torch.autocast(tokens.device.type, enabled=False):
+            projected = F.normalize(self.backbone.project_tokens(tokens.float()).float(), dim=-1)  # [E, B, M, C]
+            similarity = torch.einsum("ebmc,ekc->ebkm", projected, text.float())
             cfg = self.config
             return token_weights(similarity, cfg.ratio, cfg.alpha, cfg.beta, cfg.variant)
 
-    def hook(self, class_names: list[list[str]]) -> BlockInputHook:
-        text = self.class_text(class_names)
+    def hook(self, text: Tensor) -> BlockInputHook:
+        """A block-input hook for E episodes whose normalized class texts after `text_layer` are `text` `[E, K, C]`."""
+        text = text.detach()
 
         def recalibrate(layer: int, x: Tensor) -> Tensor:
             if layer not in self.blocks:

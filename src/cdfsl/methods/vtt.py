@@ -1,31 +1,43 @@
-"""VtT — teach the Vision to Think like the Text (vtt.md), as a training extension of the LoRA loop.
+"""VtT — teach the Vision to Think like the Text (docs/vtt.md), as a training extension of the LoRA loop.
 
 Per training step and episode: per-layer CLS features `f^l` and class-text EOS features `t^l` (of each sample's own
-class) are interleaved into a 2L-token sequence, fused into μ, and adapted into an absorption token `A` that replaces
-the placeholder X in "a photo of a X."; the frozen text encoder turns it into `A'`, and `L_VtT = −mean_b cos(A', f)`.
-DGSO removes, per LoRA tensor, the part of the combined gradient that opposes the classification gradient, and
-switches `L_VtT` off for the rest of an episode once the recent mean gradient agreement drops to 0 or below.
-Nothing of this is used at prediction: `finish()` drops it.
+class) form a sequence that a fusion turns into an absorption token `A`; `A` replaces the placeholder X in
+"a photo of a X." and the frozen text encoder turns it into `A'`; `L_VtT = −mean_b cos(A', f)`. DGSO removes, per LoRA
+tensor, the part of the combined gradient that opposes the classification gradient (`correction`), and switches
+`L_VtT` off for the rest of an episode once the recent mean gradient agreement drops to 0 or below (`dlc`). Nothing
+of this is used at prediction: `finish()` drops it and returns each episode's switch-off step.
 
-Both feature sets are L2-normalized before fusion (per-layer feature norms differ by orders of magnitude). When the
-towers differ in depth, L = the smaller depth and the deeper tower's blocks are taken at evenly spaced depths, always
-including its last block.
+Fusions (`vtt.fusion`):
+- `release` (the default, recipe vtt-release): the released code's fusion (`ReleaseFusion`) over 2L+1 raw
+  (unnormalized) features `(f^L, t^L, f^L, t^{L−1}, f^{L−1}, …, t^1, f^1)` laid out as an S×S grid, S² = 2L+1; its
+  output is the absorption token itself (no adapter);
+- `ssm`, `attention`, `lstm`, `gru` (recipe paper uses `ssm`): the paper's wording — 2L L2-normalized features in
+  one scan direction (`vtt.scan`), a sequence model, an adapter (`ScanningFusion`);
+- `none`: `f^L` itself is the absorption token (the ablation "TIA only").
+With `vtt.tia=false` the fused token is compared with `f` directly, without the text encoder.
+
+When the towers differ in depth, L = the smaller depth and the deeper tower's blocks are taken at evenly spaced
+depths, always including its last block. Where the text tower's token width W differs from the joint width C, a
+bias-free linear C → W maps the release fusion's (or `f^L`'s) output to a token.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from cdfsl.backbone.adapter import ClipAdapter, VisionOutput
 from cdfsl.backbone.lora import EpisodeLoRA
 from cdfsl.config import RunConfig
 from cdfsl.data.episodes import EpisodeBatch
-from cdfsl.methods.base import ClassText
-from cdfsl.methods.fusion import ScanningFusion
+from cdfsl.errors import ConfigError
+from cdfsl.methods.fusion import EpisodeLinear, ReleaseFusion, ScanningFusion
 from cdfsl.seeding import torch_stream
 
 
@@ -60,14 +72,15 @@ class LossSwitch:
     """DGSO's dynamic loss combination for one episode.
 
     The history starts at `[1.0]`; `update(c)` appends the step's mean cosine c and switches `L_VtT` off for good once
-    the mean of the last `window` entries is ≤ 0. Returns whether `L_VtT` is still on.
+    the mean of the last `window` entries is ≤ 0. Returns whether `L_VtT` is still on. `off_at` is the training step
+    (1-based) whose cosine switched it off.
     """
 
     def __init__(self, window: int = 50) -> None:
         self.window = window
         self.history = [1.0]
         self.on = True
-        self.off_at: int | None = None  # the update (1-based) that switched it off
+        self.off_at: int | None = None
 
     def update(self, c: float) -> bool:
         if not self.on:
@@ -86,7 +99,7 @@ def aligned_layers(depth: int, count: int) -> list[int]:
 
 
 def scan_sequence(vision: Tensor, text: Tensor, order: str) -> Tensor:
-    """Interleave per-layer features into the V-T sequence.
+    """Interleave per-layer features into the paper's V-T sequence.
 
     Args:
         vision: `[L, E, B, C]` (layer 1 … L), text: `[E, B, L, C]`.
@@ -97,84 +110,158 @@ def scan_sequence(vision: Tensor, text: Tensor, order: str) -> Tensor:
         `[E, B, 2L, C]`.
     """
     pairs = torch.stack([vision.permute(1, 2, 0, 3), text], dim=3)  # [E, B, L, 2, C]
-    sequence = pairs.flatten(2, 3)
     if order == "deep_to_shallow":
-        sequence = pairs.flip(2).flatten(2, 3)
-    return sequence
+        return pairs.flip(2).flatten(2, 3)
+    return pairs.flatten(2, 3)
+
+
+def release_sequence(vision: Tensor, text: Tensor) -> Tensor:
+    """The released code's sequence: `(f^L, t^L, f^L, t^{L−1}, f^{L−1}, …, t^1, f^1)`, text before vision in each pair.
+
+    Args: vision `[L, E, B, C]` (layer 1 … L), text `[E, B, L, C]`. Returns `[E, B, 2L + 1, C]`.
+    """
+    per_sample = vision.permute(1, 2, 0, 3)  # [E, B, L, C]
+    pairs = torch.stack([text, per_sample], dim=3).flip(2).flatten(2, 3)  # [E, B, 2L, C], deep to shallow
+    return torch.cat([per_sample[:, :, -1:], pairs], dim=2)
+
+
+RELEASE_STATE = 256  # the release's d_state and dt_rank (`Mamba_models/mamba_ffn_neck.py`, with C = 512)
+
+
+def state_sizes(state: int | None, dt_rank: int | None, width: int) -> tuple[int, int]:
+    """The SSM state size and Δ-projection rank for joint width C: as set, else the release's 256 capped at C/2.
+
+    At C = 512 (ViT-B/16) this is the release's 256 and 256; the cap is cdfsl's rule for narrower models (the tiny
+    model's C = 64 gives 32), where a 256-entry state per channel would cost far more than the rest of a step.
+    """
+    state = state if state is not None else max(1, min(RELEASE_STATE, width // 2))
+    return state, dt_rank if dt_rank is not None else state
+
+
+def release_grid(layers: int) -> int:
+    """Side S of the release fusion's grid for L layers: S² = 2L + 1 (5 for 12 blocks, 7 for 24)."""
+    side = math.isqrt(2 * layers + 1)
+    if side * side != 2 * layers + 1:
+        raise ConfigError(
+            f"vtt.fusion=release lays the 2L+1 = {2 * layers + 1} per-layer features on a square grid, which {layers} "
+            "layers do not fill; use --set vtt.fusion=ssm (the paper's sequence) for this backbone"
+        )
+    return side
 
 
 class VttExtension:
-    """The VtT objective on top of the LoRA loop (see `methods.lora.TrainingExtension`)."""
+    """The VtT objective on top of the LoRA loop (see `methods.lora.TrainingExtension`).
+
+    Args:
+        config: the resolved run config.
+        backbone: the adapter.
+        autocast: the method's autocast context (bf16 on GPU), under which the fusion and the absorption run as the
+            vision tower does.
+    """
 
     wants_layer_features = True
 
-    def __init__(self, config: RunConfig, backbone: ClipAdapter) -> None:
+    def __init__(
+        self,
+        config: RunConfig,
+        backbone: ClipAdapter,
+        autocast: Callable[[], AbstractContextManager[object]],
+    ) -> None:
         self.config = config
         self.vtt = config.vtt
         self.backbone = backbone
+        self.autocast = autocast
         self.tokens, self.position = backbone.placeholder_position(config.train.template, config.vtt.placeholder)
         self.prefix = backbone.cache_text_prefix(self.tokens, self.position) if backbone.text_is_causal else None
         depth = min(backbone.num_vision_blocks, backbone.num_text_blocks)
         self.vision_layers = aligned_layers(backbone.num_vision_blocks, depth)
         self.text_layers = aligned_layers(backbone.num_text_blocks, depth)
-        self.layer_text = ClassText(backbone, config.train.template, layer=None)
+        self.grid = release_grid(depth) if self.vtt.fusion == "release" else 0
         self._text_cache: dict[str, Tensor] = {}
-        self.fusion: ScanningFusion | None = None
+        self.fusion: nn.Module | None = None
         self.switches: list[LossSwitch] = []
         self.class_layers: Tensor | None = None
 
     def _class_layer_features(self, class_names: list[list[str]]) -> Tensor:
-        """Normalized per-layer class text features `[E, K, L, C]` (frozen text tower: computed once per name)."""
+        """Raw per-layer class text features `[E, K, L, C]` (frozen text tower: computed once per name, in fp32)."""
         missing = sorted({n for names in class_names for n in names} - self._text_cache.keys())
         if missing:
-            with torch.no_grad():
+            with torch.no_grad(), torch.autocast(self.backbone.device.type, enabled=False):
                 prompts = [self.config.train.template.format(n) for n in missing]
                 layers = self.backbone.text_layer_features(prompts)[self.text_layers]  # [L, K, C]
-                normalized = F.normalize(layers.float(), dim=-1).transpose(0, 1)
-            self._text_cache.update(zip(missing, normalized, strict=True))
+            self._text_cache.update(zip(missing, layers.float().transpose(0, 1), strict=True))
         return torch.stack([torch.stack([self._text_cache[n] for n in names]) for names in class_names])
+
+    def _build_fusion(self, generators: list[torch.Generator]) -> nn.Module | None:
+        """The episode batch's fusion; outputs a token of the text width W (or of C when it is compared with f)."""
+        vtt, width = self.vtt, self.backbone.embed_dim
+        outputs = self.backbone.text_width if vtt.tia else width
+        state, dt_rank = state_sizes(vtt.state, vtt.dt_rank, width)
+        if vtt.fusion == "release":
+            return ReleaseFusion(generators, self.grid, width, outputs, state, dt_rank, vtt.conv)
+        if vtt.fusion == "none":
+            return EpisodeLinear(generators, width, outputs, bias=False) if outputs != width else None
+        return ScanningFusion(
+            generators,
+            length=2 * len(self.vision_layers),
+            inputs=width,
+            hidden=vtt.hidden or width,
+            outputs=outputs,
+            kind=vtt.fusion,
+            layers=vtt.ssm_layers,
+            state=state,
+            bidirectional=vtt.scan == "bidirectional",
+        )
 
     def start(self, batch: EpisodeBatch, lora: EpisodeLoRA) -> list[dict[str, Any]]:
         generators = [torch_stream(batch.seed, i, "vtt_init") for i in batch.indices]
-        self.fusion = ScanningFusion(
-            generators,
-            length=2 * len(self.vision_layers),
-            inputs=self.backbone.embed_dim,
-            hidden=self.vtt.hidden or self.backbone.embed_dim,
-            outputs=self.backbone.text_width,
-            kind=self.vtt.fusion,
-            layers=self.vtt.ssm_layers,
-            state=self.vtt.state,
-            bidirectional=self.vtt.scan == "bidirectional",
-        ).to(self.backbone.device)
+        fusion = self._build_fusion(generators)
+        self.fusion = fusion.to(self.backbone.device) if fusion is not None else None
         self.switches = [LossSwitch(self.vtt.window) for _ in batch.indices]
         self.class_layers = self._class_layer_features(batch.class_names)
-        return [{"params": list(self.fusion.parameters()), "lr": self.config.resolved_vtt_lr()}]
+        params = list(self.fusion.parameters()) if self.fusion is not None else []
+        return [{"params": params, "lr": self.vtt.lr}]
+
+    def absorption_token(self, output: VisionOutput, labels: Tensor) -> Tensor:
+        """The fused token per sample `[E, B, W]` (or `[E, B, C]` with `tia` off) of a step's vision output."""
+        assert self.class_layers is not None and output.layer_features is not None
+        fusion = self.vtt.fusion
+        if fusion == "none":
+            final = output.features.float()
+            return self.fusion(final) if self.fusion is not None else final
+        assert self.fusion is not None
+        rows = torch.arange(labels.shape[0], device=labels.device)[:, None]
+        text = self.class_layers[rows, labels]  # [E, B, L, C]
+        vision = output.layer_features[self.vision_layers].float()  # [L, E, B, C]
+        if fusion == "release":
+            return self.fusion(release_sequence(vision, text))
+        sequence = scan_sequence(F.normalize(vision, dim=-1), F.normalize(text, dim=-1), self.vtt.scan)
+        return self.fusion(sequence)
 
     def vtt_loss(self, output: VisionOutput, labels: Tensor) -> Tensor:
         """`L_VtT` per episode `[E]` from the vision output of a step and its labels `[E, B]`."""
-        assert self.fusion is not None and self.class_layers is not None and output.layer_features is not None
         e, b = labels.shape
-        vision = F.normalize(output.layer_features[self.vision_layers].float(), dim=-1)  # [L, E, B, C]
-        rows = torch.arange(e, device=labels.device)[:, None]
-        text = self.class_layers[rows, labels]  # [E, B, L, C]
-        absorption = self.fusion(scan_sequence(vision, text, self.vtt.scan)).flatten(0, 1)  # [E·B, W]
-        if self.prefix is not None:
-            absorbed = self.backbone.encode_after_prefix(self.prefix, absorption)
-        else:
-            absorbed = self.backbone.encode_text_tokens(self.tokens.expand(e * b, -1), self.position, absorption)
+        with self.autocast():
+            token = self.absorption_token(output, labels)
+            if not self.vtt.tia:
+                absorbed = token
+            elif self.prefix is not None:
+                absorbed = self.backbone.encode_after_prefix(self.prefix, token.flatten(0, 1))
+            else:
+                tokens = self.tokens.expand(e * b, -1)
+                absorbed = self.backbone.encode_text_tokens(tokens, self.position, token.flatten(0, 1))
         cos = F.cosine_similarity(absorbed.float().view(e, b, -1), output.features.float(), dim=-1)
         return -cos.mean(dim=1)
 
     def backward(self, loss_ce: Tensor, output: VisionOutput, labels: Tensor, lora: EpisodeLoRA) -> None:
-        """Fill gradients: plain CE for episodes whose `L_VtT` is off; L_comb with DGSO correction for the rest."""
+        """Fill gradients: plain CE for episodes whose `L_VtT` is off; L_comb with DGSO for the rest."""
+        vtt = self.vtt
         active = torch.tensor([s.on for s in self.switches], device=loss_ce.device)
         if not bool(active.any()):
             loss_ce.sum().backward()
             return
-        loss_vtt = self.vtt_loss(output, labels)
-        combined = loss_ce + self.vtt.beta * loss_vtt * active.to(loss_vtt.dtype)
-        if not self.vtt.dgso:
+        combined = loss_ce + vtt.beta * self.vtt_loss(output, labels) * active.to(loss_ce.dtype)
+        if not (vtt.correction or vtt.dlc):
             combined.sum().backward()
             return
         tensors = lora.tensors()
@@ -185,13 +272,18 @@ class VttExtension:
             g = tensor.grad if tensor.grad is not None else torch.zeros_like(tensor)
             g_ce = g_ce if g_ce is not None else torch.zeros_like(tensor)
             corrected, cos = _correct(g, g_ce, dims=tuple(range(2, tensor.dim())))  # cos [E, P]
-            tensor.grad = corrected
+            if vtt.correction:
+                tensor.grad = corrected
             cosines.append(cos)
-        mean_cos = torch.cat(cosines, dim=1).mean(dim=1).tolist()  # [E]
-        for switch, on, c in zip(self.switches, active.tolist(), mean_cos, strict=True):
-            if on:
-                switch.update(c)
+        if vtt.dlc:
+            mean_cos = torch.cat(cosines, dim=1).mean(dim=1).tolist()  # [E]
+            for switch, on, c in zip(self.switches, active.tolist(), mean_cos, strict=True):
+                if on:
+                    switch.update(c)
 
-    def finish(self) -> None:
+    def finish(self) -> list[dict[str, Any]]:
+        """Drop the fusion; return, per episode, the step at which DLC switched `L_VtT` off (None: never)."""
+        records = [{"dlc_off_step": switch.off_at} for switch in self.switches]
         self.fusion = None
         self.class_layers = None
+        return records

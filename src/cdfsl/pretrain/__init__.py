@@ -1,1 +1,1 @@
-"""Pretraining of the embedded tiny CLIP on a procedurally generated, captioned source domain (embedded.md)."""
+"""Pretraining of the embedded tiny CLIP on a procedurally generated, captioned source domain (docs/embedded.md)."""

@@ -1,4 +1,4 @@
-"""A deterministic, captioned SOURCE domain for pretraining the embedded tiny CLIP (embedded.md).
+"""A deterministic, captioned SOURCE domain for pretraining the embedded tiny CLIP (docs/embedded.md).
 
 `generate_batch(rng, n)` draws `n` RGB images of `IMAGE_SIZE` x `IMAGE_SIZE` pixels, one caption each and a concept
 id each (the class the label-aware contrastive loss groups captions by; `CONCEPTS[id]` names it). Kinds:

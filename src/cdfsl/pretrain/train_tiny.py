@@ -1,10 +1,10 @@
-"""Pretrain the embedded tiny CLIP on the generated source domain (embedded.md); reproduce the shipped checkpoint.
+"""Pretrain the embedded tiny CLIP on the generated source domain (docs/embedded.md); reproduce the shipped checkpoint.
 
 Recipe, and why:
 
 - From-scratch ViT-CLIP training is fragile at this size: with the plain CLIP loss (one positive per row) the model
   collapses to a constant embedding within ~50 steps (gradient norm 0.02-0.3) and stays at chance for hundreds of
-  steps; a label-aware loss alone does not escape either (measured, embedded.md).
+  steps; a label-aware loss alone does not escape either (measured, docs/embedded.md).
 - So, first a short *supervised warm-up* of the vision tower: a linear head over the source concepts
   (`source_domain.CONCEPTS`) on top of `encode_image`, cross-entropy, a few hundred steps. The image features are
   then spread out and class-structured before the text tower is involved.

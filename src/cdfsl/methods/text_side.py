@@ -1,0 +1,186 @@
+"""The text side of a method: each episode's class text features, frozen or learned (docs/methods.md).
+
+- Frozen (recipe `vtt-release`): the template prompts `"a photo of a {}."` through the frozen text tower, computed once
+  per class name and reused across episodes (`ClassText`).
+- Learned (recipe `tir-release`): a CoOp-style context of n vectors shared by an episode's classes, initialised from the
+  token embeddings of `prompt.context` ("a photo of a"), in the prompt `"{context} {class name}."`, and/or LoRA on the
+  text tower's q, k, v. The class features are recomputed at every training step from the learned prompts, with
+  gradients, as the TIR release does; E episodes carry their own context `[E, n, W]` and LoRA factors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cdfsl.backbone.adapter import ClipAdapter, plain_qkv
+from cdfsl.backbone.lora import EpisodeLoRA
+from cdfsl.config import RunConfig
+from cdfsl.errors import ConfigError
+from cdfsl.seeding import torch_stream
+
+
+class ClassText:
+    """Class prompt features of the frozen text tower, computed once per class name and reused across episodes.
+
+    Args:
+        backbone: the adapter.
+        template: prompt template with one `{}`.
+        layer: `None` for the final text feature, or a text block index (negative counts from the end) for the EOS
+            feature after that block through the final norm and projection.
+        normalize: L2-normalize the features (the raw ones feed VtT's release fusion).
+    """
+
+    def __init__(self, backbone: ClipAdapter, template: str, layer: int | None = None, normalize: bool = True) -> None:
+        self.backbone = backbone
+        self.template = template
+        self.layer = layer
+        self.normalize = normalize
+        self._cache: dict[str, Tensor] = {}
+
+    @torch.no_grad()
+    def __call__(self, class_names: Sequence[Sequence[str]]) -> Tensor:
+        """Per-episode class names `[E][K]` → features `[E, K, C]` (fp32, computed once in fp32 outside autocast)."""
+        missing = sorted({name for names in class_names for name in names} - self._cache.keys())
+        if missing:
+            with torch.autocast(self.backbone.device.type, enabled=False):
+                self._encode(missing)
+        return torch.stack([torch.stack([self._cache[n] for n in names]) for names in class_names])
+
+    def _encode(self, missing: list[str]) -> None:
+        prompts = [self.template.format(name) for name in missing]
+        if self.layer is None:
+            features = self.backbone.text_features(prompts)
+        else:
+            features = self.backbone.text_layer_features(prompts)[self.layer]
+        features = features.float()
+        self._cache.update(zip(missing, F.normalize(features, dim=-1) if self.normalize else features, strict=True))
+
+
+def text_block_index(layer: int, depth: int, what: str) -> int:
+    """A text block index (negative counts from the end) → non-negative; outside the tower is a `ConfigError`."""
+    if not -depth <= layer < depth:
+        raise ConfigError(
+            f"{what} {layer} is outside the {depth}-block text tower (use 0..{depth - 1} or -{depth}..-1)"
+        )
+    return layer % depth
+
+
+class TextSide:
+    """Class text features `[E, K, C]` for E episodes: final, and after chosen text blocks (e.g. TIR's text layer).
+
+    Args:
+        backbone: the adapter.
+        config: the resolved run config (`prompt.context`, `lora.towers`, `lora`, `train.template`).
+    """
+
+    def __init__(self, backbone: ClipAdapter, config: RunConfig) -> None:
+        self.backbone = backbone
+        self.config = config
+        self.context_words = config.prompt.context or ""
+        self.text_lora = config.lora.towers in ("text", "both")
+        self._frozen: dict[int | None, ClassText] = {}
+        self.context: nn.Parameter | None = None
+        self.lora: EpisodeLoRA | None = None
+        self._prompts: tuple[list[list[str]], Tensor, Tensor] | None = None
+        self._context_init: Tensor | None = None
+        if self.context_words:
+            self._context_init = self._context_embeddings(self.context_words)
+
+    @property
+    def trainable(self) -> bool:
+        """Whether the text side learns (then its features are recomputed every step)."""
+        return bool(self.context_words) or self.text_lora
+
+    def _context_embeddings(self, words: str) -> Tensor:
+        """Token embeddings `[n, W]` of the context words (the tokens between start and end)."""
+        tokens = self.backbone.tokenize([words])
+        end = int(self.backbone.pool_positions(tokens)[0])
+        if end < 2:
+            raise ConfigError(f"prompt.context {words!r} has no tokens")
+        with torch.no_grad():
+            return self.backbone.token_embedding(tokens[0, 1:end]).float().clone()
+
+    def start(self, seed: int, episodes: Sequence[int]) -> tuple[list[Tensor], list[Tensor]]:
+        """Fresh learned state for these episodes; returns (LoRA tensors for AdamW, context tensors for SGD)."""
+        device = self.backbone.device
+        lora_params: list[Tensor] = []
+        context_params: list[Tensor] = []
+        self._prompts = None
+        if self._context_init is not None:
+            init = self._context_init.to(device)
+            self.context = nn.Parameter(init.expand(len(episodes), *init.shape).clone())
+            context_params.append(self.context)
+        if self.text_lora:
+            cfg = self.config.lora
+            dropout = None
+            if cfg.dropout > 0:
+                dropout = [torch_stream(seed, i, "text_dropout", device) for i in episodes]
+            self.lora = EpisodeLoRA(
+                cfg,
+                self.backbone.num_text_blocks,
+                self.backbone.text_width,
+                [torch_stream(seed, i, "text_lora_init") for i in episodes],
+                dropout,
+            ).to(device)
+            self.lora.train()
+            lora_params.extend(self.lora.parameters())
+        return lora_params, context_params
+
+    def train(self, mode: bool = True) -> None:
+        if self.lora is not None:
+            self.lora.train(mode)
+
+    def features(self, class_names: Sequence[Sequence[str]], layers: Sequence[int] = ()) -> tuple[Tensor, list[Tensor]]:
+        """L2-normalized class features: final `[E, K, C]` and one `[E, K, C]` per text block in `layers` (fp32).
+
+        Frozen: cached, no gradient. Learned: computed now from the current context and LoRA (with gradients when
+        grad mode is on).
+        """
+        depth = self.backbone.num_text_blocks
+        blocks = [text_block_index(layer, depth, "text layer") for layer in layers]
+        if not self.trainable:
+            return self._frozen_text(None)(class_names), [self._frozen_text(b)(class_names) for b in blocks]
+        tokens, pooled = self._tokens(class_names)
+        e, k = tokens.shape[:2]
+        if self.lora is not None:
+            self.lora.dropout_layout = (k, tokens.shape[2])  # masks drawn at full length: see EpisodeLoRA
+        embeddings = self.backbone.token_embedding(tokens)  # [E, K, T, W]
+        if self.context is not None:
+            n = self.context.shape[1]
+            context = self.context[:, None].to(embeddings.dtype).expand(e, k, n, -1)
+            embeddings = torch.cat([embeddings[:, :, :1], context, embeddings[:, :, 1 + n :]], dim=2)
+        output = self.backbone.encode_text_embeddings(
+            embeddings, pooled, self.lora if self.lora is not None else plain_qkv, layers=blocks
+        )
+        final = F.normalize(output.features.float(), dim=-1)
+        at_layers = [] if output.layer_features is None else list(F.normalize(output.layer_features.float(), dim=-1))
+        return final, at_layers
+
+    def _frozen_text(self, layer: int | None) -> ClassText:
+        if layer not in self._frozen:
+            self._frozen[layer] = ClassText(self.backbone, self.config.train.template, layer)
+        return self._frozen[layer]
+
+    def _tokens(self, class_names: Sequence[Sequence[str]]) -> tuple[Tensor, Tensor]:
+        """Token ids `[E, K, T]` and pooled positions `[E, K]` of the episodes' prompts (kept while they repeat)."""
+        names = [list(n) for n in class_names]
+        if self._prompts is not None and self._prompts[0] == names:
+            return self._prompts[1], self._prompts[2]
+        if self.context_words:
+            prompts = [f"{self.context_words} {name}." for episode in names for name in episode]
+        else:
+            prompts = [self.config.train.template.format(name) for episode in names for name in episode]
+        tokens = self.backbone.tokenize(prompts)
+        if self._context_init is not None:
+            n = self._context_init.shape[0]
+            alone = self.backbone.tokenize([self.context_words])[0, 1 : 1 + n]
+            if not bool((tokens[:, 1 : 1 + n] == alone).all()):
+                raise ConfigError(f"prompt.context {self.context_words!r} does not tokenize alike before class names")
+        pooled = self.backbone.pool_positions(tokens)
+        shape = (len(names), len(names[0]))
+        self._prompts = (names, tokens.view(*shape, -1), pooled.view(shape))
+        return self._prompts[1], self._prompts[2]
