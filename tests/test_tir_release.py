@@ -10,40 +10,28 @@ import torch
 
 from cdfsl.backbone.adapter import ClipAdapter
 from cdfsl.config import RunConfig
-from cdfsl.data.episodes import EpisodeBatch, build_batch
-from cdfsl.data.images import ImageCache
-from cdfsl.data.readers import load_index
-from cdfsl.data.sampler import EpisodeSampler
+from cdfsl.data.episodes import EpisodeBatch
 from cdfsl.methods import build_method
 from cdfsl.methods.lora import LoraMethod
 from cdfsl.methods.text_side import ClassText, TextSide
+from digits_world import DigitsWorld, tiny_config
 
 
 @pytest.fixture(scope="module")
-def world(tiny: ClipAdapter):
-    index = load_index("digits", None)
-    return tiny, index, ImageCache(index, tiny.image_size)
+def world(tiny: ClipAdapter) -> DigitsWorld:
+    return DigitsWorld.of(tiny)
 
 
 def tir_config(shots: int = 1, **changes: object) -> RunConfig:
-    config = RunConfig(dataset="digits", method="tir", backbone="tiny", pretrained="none", shots=shots, queries=3)
-    config.train.iterations = 3
-    for key, value in changes.items():
-        section, _, name = key.rpartition("__")
-        setattr(getattr(config, section) if section else config, name, value)
-    return config
+    return tiny_config("tir", shots=shots, **changes)
 
 
-def batch_of(world, config: RunConfig, episodes: list[int]) -> EpisodeBatch:
-    backbone, index, cache = world
-    sampler = EpisodeSampler(index, config.ways, config.shots, config.queries, config.seed)
-    return build_batch(
-        sampler.episodes(episodes), index, cache, config.augment, backbone.normalize, 0, torch.device("cpu")
-    )
+def batch_of(world: DigitsWorld, config: RunConfig, episodes: list[int]) -> EpisodeBatch:
+    return world.batch(config, episodes)
 
 
 def test_context_starts_as_the_embeddings_of_a_photo_of_a(world) -> None:
-    backbone = world[0]
+    backbone = world.backbone
     side = TextSide(backbone, tir_config().resolved())
     side.start(0, [0, 1])
     tokens = backbone.tokenize(["a photo of a"])[0, 1:5]
@@ -54,7 +42,7 @@ def test_context_starts_as_the_embeddings_of_a_photo_of_a(world) -> None:
 @torch.no_grad()
 def test_untrained_learned_prompts_equal_the_template_prompts(world) -> None:
     """Context = "a photo of a", text LoRA B = 0: the learned side gives the frozen features of the template."""
-    backbone = world[0]
+    backbone = world.backbone
     config = tir_config().resolved()
     side = TextSide(backbone, config)
     side.start(0, [0, 1])
@@ -70,37 +58,37 @@ def test_context_and_both_towers_receive_gradients(world) -> None:
     only a non-zero gradient moves them."""
     config = tir_config(train__iterations=1, prompt__weight_decay=0.0)
     batch = batch_of(world, config, [0])
-    method = build_method(config, world[0])
+    method = build_method(config, world.backbone)
     assert isinstance(method, LoraMethod)
     method.fit(batch)
     assert method.lora is not None and method.text_side.lora is not None and method.text_side.context is not None
     assert all(b.abs().sum() > 0 for b in method.lora.lora_b)
     assert all(b.abs().sum() > 0 for b in method.text_side.lora.lora_b)
-    start = TextSide(world[0], method.config)
+    start = TextSide(world.backbone, method.config)
     start.start(0, [0])
     assert (method.text_side.context - start.context).abs().amax(dim=-1).gt(0).all()  # every context vector
 
 
 @pytest.mark.parametrize(("shots", "scale"), [(1, 2.0), (5, 4.0)])
 def test_logit_scale_follows_the_shot_rule(world, shots: int, scale: float) -> None:
-    method = build_method(tir_config(shots=shots), world[0])
-    features = torch.nn.functional.normalize(torch.randn(1, 4, world[0].embed_dim), dim=-1)
-    text = torch.nn.functional.normalize(torch.randn(1, 5, world[0].embed_dim), dim=-1)
+    method = build_method(tir_config(shots=shots), world.backbone)
+    features = torch.nn.functional.normalize(torch.randn(1, 4, world.backbone.embed_dim), dim=-1)
+    text = torch.nn.functional.normalize(torch.randn(1, 5, world.backbone.embed_dim), dim=-1)
     torch.testing.assert_close(method.logits(features, text), scale * features @ text.transpose(1, 2))
 
 
 def test_full_support_batches_see_every_view_each_step(world, monkeypatch: pytest.MonkeyPatch) -> None:
     config = tir_config()
     batch = batch_of(world, config, [0])
-    method = build_method(config, world[0])
+    method = build_method(config, world.backbone)
     sizes: list[int] = []
-    real = world[0].encode_images
+    real = world.backbone.encode_images
 
     def spy(images, *args, **kwargs):  # type: ignore[no-untyped-def]
         sizes.append(images.shape[1])
         return real(images, *args, **kwargs)
 
-    monkeypatch.setattr(world[0], "encode_images", spy)
+    monkeypatch.setattr(world.backbone, "encode_images", spy)
     method.fit(batch)
     assert sizes == [batch.support.shape[1]] * 3 == [5 * 1 * 5] * 3
 
@@ -109,7 +97,7 @@ def test_class_texts_are_recomputed_every_step(world, monkeypatch: pytest.Monkey
     """TIR's Sum uses the learned prompts of the same step (text block 10 of the LoRA'd text tower)."""
     config = tir_config()
     batch = batch_of(world, config, [0])
-    method = build_method(config, world[0])
+    method = build_method(config, world.backbone)
     calls: list[tuple[int, ...]] = []
     real = method.text_side.features
 
@@ -127,12 +115,12 @@ def test_three_episodes_at_once_equal_three_single_runs(world) -> None:
     gradient is at rounding level in one of the two runs may differ by a fraction of a step: tolerance 1e-4 = lr/2."""
     config = tir_config(lora__dropout=0.25)
     episodes = [0, 4, 9]
-    together = build_method(config, world[0])
+    together = build_method(config, world.backbone)
     batch = batch_of(world, config, episodes)
     together.fit(batch)
     logits = together.predict(batch)
     for position, episode in enumerate(episodes):
-        alone = build_method(copy.deepcopy(config), world[0])
+        alone = build_method(copy.deepcopy(config), world.backbone)
         single = batch_of(world, config, [episode])
         alone.fit(single)
         assert alone.text_side.context is not None and together.text_side.context is not None
@@ -148,10 +136,10 @@ def test_tir_release_learns_on_the_tiny_model(world) -> None:
     """A few full-support steps move the learned prompts and LoRA factors and keep predictions finite."""
     config = tir_config(train__iterations=5)
     batch = batch_of(world, config, [2])
-    method = build_method(config, world[0])
+    method = build_method(config, world.backbone)
     method.fit(batch)
     assert method.text_side.context is not None
-    start = TextSide(world[0], method.config)
+    start = TextSide(world.backbone, method.config)
     start.start(0, [2])
     assert not torch.allclose(method.text_side.context, start.context)
     assert any(b.abs().sum() > 0 for b in method.lora.lora_b)

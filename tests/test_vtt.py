@@ -9,15 +9,11 @@ import math
 import pytest
 import torch
 
-from cdfsl.backbone.factory import load_backbone
 from cdfsl.config import RunConfig
-from cdfsl.data.episodes import build_batch
-from cdfsl.data.images import ImageCache
-from cdfsl.data.readers import load_index
-from cdfsl.data.sampler import EpisodeSampler
 from cdfsl.methods import build_method
 from cdfsl.methods.fusion import selective_scan
 from cdfsl.methods.vtt import LossSwitch, aligned_layers, correct_gradient, scan_sequence
+from digits_world import DigitsWorld, tiny_config
 
 # ---------------------------------------------------------------- the selective scan
 
@@ -126,30 +122,20 @@ def test_aligned_layers() -> None:
 
 
 @pytest.fixture(scope="module")
-def world():
-    torch.manual_seed(0)
-    backbone = load_backbone("tiny", "none")
-    index = load_index("digits", None)
-    return backbone, index, ImageCache(index, backbone.image_size)
+def world(tiny) -> DigitsWorld:
+    return DigitsWorld.of(tiny)
 
 
-def vtt_config(**train) -> RunConfig:
-    config = RunConfig(dataset="digits", method="vtt", backbone="tiny", pretrained="none", queries=3)
-    config.train.iterations = train.get("iterations", 3)
-    config.lora.dropout = 0.0
-    return config
+def vtt_config(iterations: int = 3) -> RunConfig:
+    return tiny_config("vtt", train__iterations=iterations, lora__dropout=0.0)
 
 
-def batch_of(world, config: RunConfig, episodes: list[int]):
-    backbone, index, cache = world
-    sampler = EpisodeSampler(index, config.ways, config.shots, config.queries, config.seed)
-    return build_batch(
-        sampler.episodes(episodes), index, cache, config.augment, backbone.normalize, 0, torch.device("cpu")
-    )
+def batch_of(world: DigitsWorld, config: RunConfig, episodes: list[int]):
+    return world.batch(config, episodes)
 
 
 def test_absorbing_the_placeholder_embedding_reproduces_the_prompt(world) -> None:
-    backbone = world[0]
+    backbone = world.backbone
     method = build_method(vtt_config(), backbone)
     extension = method.extension
     tokens, position = extension.tokens, extension.position
@@ -164,7 +150,7 @@ def test_absorbing_the_placeholder_embedding_reproduces_the_prompt(world) -> Non
 
 
 def test_last_layer_feature_is_the_image_feature(world) -> None:
-    backbone = world[0]
+    backbone = world.backbone
     images = torch.randn(1, 2, 3, 64, 64)
     with torch.no_grad():
         output = backbone.encode_images(images, layer_features=True)
@@ -175,7 +161,7 @@ def test_last_layer_feature_is_the_image_feature(world) -> None:
 def test_prediction_needs_no_vtt_module(world) -> None:
     config = vtt_config(iterations=2)
     batch = batch_of(world, config, [0])
-    method = build_method(config, world[0])
+    method = build_method(config, world.backbone)
     method.fit(batch)
     assert method.extension.fusion is None and method.extension.class_layers is None
     method.extension = None  # delete VtT entirely before predicting
@@ -193,7 +179,7 @@ def test_every_fusion_and_scan_trains(world, fusion: str, scan: str) -> None:
     config = vtt_config(iterations=2)
     config.vtt.fusion, config.vtt.scan = fusion, scan
     batch = batch_of(world, config, [0, 1])
-    method = build_method(config, world[0])
+    method = build_method(config, world.backbone)
     before = [t.detach().clone() for t in method._new_vision_lora(batch).tensors()]
     method.fit(batch)
     after = method.lora.tensors()
@@ -203,7 +189,7 @@ def test_every_fusion_and_scan_trains(world, fusion: str, scan: str) -> None:
 
 @pytest.mark.parametrize("hidden", [None, 32])
 def test_fusion_width_defaults_to_the_joint_embedding_width(world, hidden: int | None) -> None:
-    backbone = world[0]
+    backbone = world.backbone
     config = vtt_config()
     config.vtt.hidden, config.vtt.fusion = hidden, "ssm"
     batch = batch_of(world, config, [0])
@@ -218,12 +204,12 @@ def test_vtt_gradient_reaches_lora_and_fusion(world, fusion: str) -> None:
     config = vtt_config()
     config.vtt.fusion = fusion
     batch = batch_of(world, config, [0])
-    method = build_method(config, world[0])
+    method = build_method(config, world.backbone)
     lora = method._new_vision_lora(batch)
     extension = method.extension
     extension.start(batch, lora)
     images = batch.support[:, :5]
-    output = world[0].encode_images(images, lora, layer_features=True)
+    output = world.backbone.encode_images(images, lora, layer_features=True)
     loss = extension.vtt_loss(output, batch.support_labels[:, :5])
     assert loss.shape == (1,) and -1.0 <= loss.item() <= 1.0
     loss.sum().backward()
@@ -235,12 +221,12 @@ def test_episode_axis_matches_single_runs_including_switch_off(world) -> None:
     config = vtt_config(iterations=12)
     config.vtt.window, config.vtt.beta = 3, 50.0  # makes some episodes switch off early (seen: episode 3 at step 4)
     episodes = [0, 1, 2, 3]
-    together = build_method(config, world[0])
+    together = build_method(config, world.backbone)
     together.fit(batch_of(world, config, episodes))
     off_together = [switch.off_at for switch in together.extension.switches]
     assert any(off is not None for off in off_together) and len(set(off_together)) > 1
     for position, episode in enumerate(episodes):
-        alone = build_method(copy.deepcopy(config), world[0])
+        alone = build_method(copy.deepcopy(config), world.backbone)
         alone.fit(batch_of(world, config, [episode]))
         assert alone.extension.switches[0].off_at == off_together[position]
         for a, b in zip(alone.lora.tensors(), together.lora.tensors(), strict=True):
@@ -254,7 +240,7 @@ def test_beta_zero_reproduces_lora(world) -> None:
     lora_config = copy.deepcopy(config)
     lora_config.method = "lora"
     batch = batch_of(world, config, [0, 1])
-    vtt, lora = build_method(config, world[0]), build_method(lora_config, world[0])
+    vtt, lora = build_method(config, world.backbone), build_method(lora_config, world.backbone)
     vtt.fit(batch)
     lora.fit(batch)
     for a, b in zip(vtt.lora.tensors(), lora.lora.tensors(), strict=True):

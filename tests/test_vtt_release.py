@@ -14,40 +14,27 @@ from typer.testing import CliRunner
 
 from cdfsl.cli import app
 from cdfsl.config import RunConfig
-from cdfsl.data.episodes import EpisodeBatch, build_batch
-from cdfsl.data.images import ImageCache
-from cdfsl.data.readers import load_index
-from cdfsl.data.sampler import EpisodeSampler
+from cdfsl.data.episodes import EpisodeBatch
 from cdfsl.engine.runner import Runner
 from cdfsl.engine.store import ResultStore
 from cdfsl.errors import ConfigError
 from cdfsl.methods import build_method
 from cdfsl.methods.fusion import EpisodeLinear, ReleaseFusion
 from cdfsl.methods.vtt import VttExtension, release_grid, release_sequence
+from digits_world import DigitsWorld, tiny_config
 
 
 @pytest.fixture(scope="module")
-def world(tiny):
-    index = load_index("digits", None)
-    return tiny, index, ImageCache(index, tiny.image_size)
+def world(tiny) -> DigitsWorld:
+    return DigitsWorld.of(tiny)
 
 
 def vtt_config(**changes: object) -> RunConfig:
-    config = RunConfig(dataset="digits", method="vtt", backbone="tiny", pretrained="none", queries=3)
-    config.train.iterations = 3
-    config.lora.dropout = 0.0
-    for key, value in changes.items():
-        section, _, name = key.rpartition("__")
-        setattr(getattr(config, section) if section else config, name, value)
-    return config
+    return tiny_config("vtt", **{"lora__dropout": 0.0, **changes})
 
 
-def batch_of(world, config: RunConfig, episodes: list[int]) -> EpisodeBatch:
-    backbone, index, cache = world
-    sampler = EpisodeSampler(index, config.ways, config.shots, config.queries, config.seed)
-    return build_batch(
-        sampler.episodes(episodes), index, cache, config.augment, backbone.normalize, 0, torch.device("cpu")
-    )
+def batch_of(world: DigitsWorld, config: RunConfig, episodes: list[int]) -> EpisodeBatch:
+    return world.batch(config, episodes)
 
 
 # ------------------------------------------------------------------------------------------- sequence and grid
@@ -71,7 +58,7 @@ def test_release_grid_refuses_a_depth_that_is_not_square() -> None:
 
 
 def test_default_fusion_is_the_release_one(world) -> None:
-    method = build_method(vtt_config(), world[0])
+    method = build_method(vtt_config(), world.backbone)
     batch = batch_of(world, vtt_config(), [0])
     method.extension.start(batch, method._new_vision_lora(batch))
     fusion = method.extension.fusion
@@ -84,7 +71,7 @@ def test_default_fusion_is_the_release_one(world) -> None:
 
 def one_step(world, config: RunConfig):
     """Build, start and run the loss of one step by hand; returns (method, lora, output, labels, loss_ce)."""
-    backbone = world[0]
+    backbone = world.backbone
     batch = batch_of(world, config, [0])
     method = build_method(config, backbone)
     lora = method._new_vision_lora(batch)
@@ -106,11 +93,11 @@ def test_tia_off_skips_the_text_encoder(world, monkeypatch: pytest.MonkeyPatch) 
     def refuse(*_, **__):  # type: ignore[no-untyped-def]
         raise AssertionError("the text encoder ran with vtt.tia=false")
 
-    monkeypatch.setattr(world[0], "encode_after_prefix", refuse)
-    monkeypatch.setattr(world[0], "encode_text_tokens", refuse)
+    monkeypatch.setattr(world.backbone, "encode_after_prefix", refuse)
+    monkeypatch.setattr(world.backbone, "encode_text_tokens", refuse)
     loss = extension.vtt_loss(output, labels)
     token = extension.absorption_token(output, labels)
-    assert token.shape[-1] == world[0].embed_dim  # compared with f directly, so of width C
+    assert token.shape[-1] == world.backbone.embed_dim  # compared with f directly, so of width C
     expected = -torch.nn.functional.cosine_similarity(token.float(), output.features.float(), dim=-1).mean(dim=1)
     torch.testing.assert_close(loss, expected)
 
@@ -149,10 +136,10 @@ def switching_config(**changes: object) -> RunConfig:
 
 def test_dlc_off_never_switches(world) -> None:
     batch = batch_of(world, switching_config(), [0, 1, 2, 3])
-    on = build_method(switching_config(), world[0])
+    on = build_method(switching_config(), world.backbone)
     on.fit(batch)
     assert any(r["dlc_off_step"] is not None for r in on.episode_records())
-    off = build_method(switching_config(vtt__dlc=False), world[0])
+    off = build_method(switching_config(vtt__dlc=False), world.backbone)
     off.fit(batch)
     assert all(r["dlc_off_step"] is None for r in off.episode_records())
     assert all(switch.on and switch.history == [1.0] for switch in off.extension.switches)
@@ -160,7 +147,7 @@ def test_dlc_off_never_switches(world) -> None:
 
 def test_switch_off_step_follows_the_history_rule(world) -> None:
     config = switching_config()
-    method = build_method(config, world[0])
+    method = build_method(config, world.backbone)
     method.fit(batch_of(world, config, [0, 1, 2, 3]))
     for switch, record in zip(method.extension.switches, method.episode_records(), strict=True):
         step = record["dlc_off_step"]
@@ -177,7 +164,7 @@ def test_switch_off_step_is_stored_and_reported(world, tmp_path: Path) -> None:
     config.backbone, config.pretrained, config.episodes, config.episode_batch = "tiny", "none", 4, 4
     config.db = str(db)
     result = Runner().run(copy.deepcopy(config))
-    method = build_method(config, world[0])
+    method = build_method(config, world.backbone)
     method.fit(batch_of(world, config, [0, 1, 2, 3]))
     expected = [r["dlc_off_step"] for r in method.episode_records()]
     assert [e["dlc_off_step"] for e in result.to_json()["per_episode"]] == expected
@@ -190,5 +177,5 @@ def test_switch_off_step_is_stored_and_reported(world, tmp_path: Path) -> None:
 
 
 def test_lora_runs_carry_no_switch_off_step(tmp_path: Path) -> None:
-    config = vtt_config(method="lora", episodes=1, db=str(tmp_path / "l.sqlite"), train__iterations=1)
+    config = tiny_config("lora", episodes=1, db=str(tmp_path / "l.sqlite"), train__iterations=1)
     assert "dlc_off_step" not in Runner().run(config).to_json()["per_episode"][0]
