@@ -1,4 +1,4 @@
-"""Image pipeline throughput: decoding every time vs the memory and disk caches (performance.md). Not a test.
+"""Image pipeline throughput: decoding every time vs the memory and disk caches. Not a test.
 
     python benchmarks/data_pipeline.py [--images 200] [--side 1024] [--size 224] [--json PATH]
 

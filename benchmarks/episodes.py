@@ -1,4 +1,4 @@
-"""Episode throughput per method and episode batch (performance.md). A script, not a test.
+"""Episode throughput per method and episode batch. A script, not a test.
 
     python benchmarks/episodes.py [--device cpu|cuda] [--json PATH] [--batches 1,4] [--iterations N]
 

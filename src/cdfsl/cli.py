@@ -232,8 +232,8 @@ def demo_command(
     share = iterations / DEMO_FULL_ITERATIONS
     title = f"digits, tiny CLIP, 5-way {shots}-shot, {episodes} episodes, {share:.0%} of each recipe's iterations"
     table = Table(title=title)
-    for column in ("method", "recipe", "iterations", "lr", "accuracy (%)", "95% CI", "s / episode"):
-        table.add_column(column, justify="left" if column in ("method", "recipe") else "right")
+    for column in ("method", "recipe", "iterations", "accuracy (%)", "95% CI", "s / episode"):
+        table.add_column(column, justify="left" if column in ("method", "recipe") else "right", no_wrap=True)
     for method in DEMO_METHODS:
         config = RunConfig(
             dataset="digits", method=method, backbone="tiny", pretrained=pretrained, shots=shots,
@@ -245,9 +245,10 @@ def demo_command(
         result = run_with_progress(config.validate(), runner)
         seconds = result.seconds / max(result.trained_episodes, 1)
         resolved = result.config
+        trained = resolved.trains
         table.add_row(
-            method, resolved.recipe, str(resolved.train.iterations), f"{resolved.train.lr:g}", f"{result.mean_acc:.2f}",
-            f"± {result.ci95:.2f}", f"{seconds:.2f}",
+            method, resolved.recipe if trained else "–", str(resolved.train.iterations) if trained else "–",
+            f"{result.mean_acc:.2f}", f"± {result.ci95:.2f}", f"{seconds:.2f}",
         )  # fmt: skip
     out.print(table)
 
