@@ -133,8 +133,9 @@ class LoraMethod(Method):
         final, at_layers = self.text_side.features(class_names, layers)
         return final, (at_layers[0] if at_layers else None)
 
-    def _optimizers(self, batch: EpisodeBatch, lora: EpisodeLoRA | None) -> list[torch.optim.Optimizer]:
-        """AdamW over the LoRA factors of both towers (and the extension's groups); SGD over a prompt context."""
+    def _start_training(self, batch: EpisodeBatch, lora: EpisodeLoRA | None) -> list[torch.optim.Optimizer]:
+        """Fresh per-episode state of the text side and the extension, and the optimizers: AdamW over the LoRA factors
+        of both towers (and the extension's groups), SGD over a prompt context."""
         train, prompt = self.config.train, self.config.prompt
         text_lora, context = self.text_side.start(batch.seed, batch.indices)
         lora_params = [*(lora.parameters() if lora is not None else ()), *text_lora]
@@ -157,7 +158,7 @@ class LoraMethod(Method):
         lora = self._new_vision_lora(batch) if self.trains_vision else None
         if lora is not None:
             lora.train()
-        optimizers = self._optimizers(batch, lora)
+        optimizers = self._start_training(batch, lora)
         schedules = learning_rate_schedules(optimizers, self.config)
         views = batch.support.shape[1]
         batch_size = views if train.batch_size == ALL_SUPPORT else int(train.batch_size)
