@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -43,6 +44,17 @@ def configured(config: RunConfig, **changes: object) -> RunConfig:
         section, _, name = key.rpartition("__")
         setattr(getattr(config, section) if section else config, name, value)
     return config
+
+
+def stored_run_config(db: Path, iterations: int, **changes: object) -> RunConfig:
+    """A run for the runner: lora on digits, tiny with random weights, 5-way 1-shot, 4 episodes of `iterations`
+    iterations on the CPU, stored in `db`; then `changes`."""
+    config = RunConfig(
+        dataset="digits", method="lora", backbone="tiny", pretrained="none", shots=1, episodes=4, device="cpu",
+        db=str(db),
+    )  # fmt: skip
+    config.train.iterations = iterations
+    return configured(config, **changes)
 
 
 def tiny_config(method: str, **changes: object) -> RunConfig:

@@ -9,6 +9,7 @@ Defaults give 20 images per class: enough for 5-way episodes with up to 5 shots 
 from __future__ import annotations
 
 import json
+import struct
 import zlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -184,3 +185,49 @@ def _write_all(dataset: str, jobs: list[_Job], reverse_order: bool, grey: bool =
     for path, label, number, fmt in reversed(jobs) if reverse_order else jobs:
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(image_array(dataset, label, number, grey)).save(path, format=fmt)
+
+
+# damaged files -----------------------------------------------------------------------------------
+
+
+def noise_image(path: Path, side: int = 64, seed: int = 0, fmt: str | None = None) -> Path:
+    """A noisy RGB image (compresses badly, so its pixel data spans most of the file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(path, format=fmt)
+    return path
+
+
+def cut_in_half(path: Path) -> None:
+    """Keep the first half of the file: header intact, the rest (and the end marker) gone."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def corrupt_middle(path: Path) -> None:
+    """Zero 400 bytes in the middle of the file; its header and its last bytes stay intact."""
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle - 200 : middle + 200] = bytes(400)
+    path.write_bytes(bytes(data))
+
+
+def png_with_broken_chunk(path: Path, side: int = 64, seed: int = 0) -> Path:
+    """A noisy PNG whose pixel data is split in two IDAT chunks, the second with an invalid chunk type.
+
+    Header and IEND are intact; Pillow opens it but raises `SyntaxError` ("broken PNG file"), not `OSError`, when
+    decoding it.
+    """
+    noise_image(path, side, seed, "PNG")
+    data = path.read_bytes()
+    start = data.find(b"IDAT") - 4
+    length = struct.unpack(">I", data[start : start + 4])[0]
+    payload = data[start + 8 : start + 8 + length]
+    half = len(payload) // 2
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    broken = chunk(b"IDAT", payload[:half]) + chunk(b"\x00\x01\x02\x03", payload[half:])
+    path.write_bytes(data[:start] + broken + data[start + 12 + length :])
+    return path

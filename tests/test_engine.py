@@ -19,6 +19,7 @@ from cdfsl.config import RunConfig
 from cdfsl.data.episodes import EpisodeBatch
 from cdfsl.engine.runner import Progress, Runner, RunResult, chunks, resolve_device, resolve_precision
 from cdfsl.errors import BackboneError, ConfigError, DatasetError, StoreError
+from digits_world import stored_run_config
 
 EPISODES = 4
 QUERIES = 5 * 15
@@ -26,15 +27,7 @@ QUERIES = 5 * 15
 
 def make_config(db: Path, **changes: Any) -> RunConfig:
     """digits, lora, tiny with random weights, 5-way 1-shot, 4 episodes of 3 iterations."""
-    config = RunConfig(
-        dataset="digits", method="lora", backbone="tiny", pretrained="none", shots=1, episodes=EPISODES,
-        device="cpu", db=str(db),
-    )  # fmt: skip
-    config.train.iterations = 3
-    for key, value in changes.items():
-        section, _, name = key.rpartition("__")
-        setattr(getattr(config, section) if section else config, name, value)
-    return config
+    return stored_run_config(db, 3, **changes)
 
 
 def stored_rows(db: Path) -> list[tuple[str, int]]:

@@ -13,8 +13,10 @@ from open_clip.transformer import QuickGELU
 from safetensors.torch import save_file
 
 from cdfsl.backbone.adapter import ClipAdapter
-from cdfsl.backbone.factory import OPENAI_EXTRA_KEYS, load_backbone, resolve_activation
+from cdfsl.backbone.factory import OPENAI_EXTRA_KEYS, load_backbone, resolve_activation, weights_identity
 from cdfsl.backbone.tiny import CONFIG_PATH as TINY_CONFIG_PATH
+from cdfsl.config import RunConfig
+from cdfsl.engine.runner import Runner
 from cdfsl.errors import BackboneError
 
 TEXTS = ["a photo of a dog.", "a diagram"]
@@ -277,6 +279,41 @@ def test_tiny_checkpoint_file(tmp_path: Path) -> None:
     images = torch.rand((2, 3, 64, 64), generator=torch.Generator().manual_seed(1))
     for left, right in zip(features(loaded, images), features(shipped, images), strict=True):
         assert torch.equal(left, right)
+
+
+def save_tiny(adapter: ClipAdapter, path: Path) -> Path:
+    save_file({k: v.clone().contiguous() for k, v in adapter.model.state_dict().items()}, str(path))
+    return path
+
+
+def test_checkpoint_identity_is_its_content(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint's identity is its bytes: the same file under another path reuses the stored run; a file rebuilt
+    at the same path is a new run (and a freshly loaded model, even in the same runner)."""
+    monkeypatch.setenv("CDFSL_CACHE_DIR", str(tmp_path / "cache"))
+    shipped, random = load_backbone("tiny", "openai"), load_backbone("tiny", "none")
+    first = save_tiny(shipped, tmp_path / "a.safetensors")
+    copy = tmp_path / "copy" / "b.safetensors"
+    copy.parent.mkdir()
+    copy.write_bytes(first.read_bytes())
+    assert weights_identity(str(first)) == weights_identity(str(copy))
+    assert weights_identity(str(first)).startswith("sha256:")
+    assert weights_identity("openai") == "openai" and weights_identity("none") == "none"
+
+    def run(pretrained: Path) -> tuple[int, float]:
+        config = RunConfig(
+            dataset="digits", method="zeroshot", backbone="tiny", pretrained=str(pretrained), shots=1, episodes=2,
+            device="cpu", db=str(tmp_path / "results.sqlite"),
+        )  # fmt: skip
+        result = runner.run(config)
+        return result.trained_episodes, result.mean_acc
+
+    runner = Runner()
+    trained, accuracy = run(first)
+    assert trained == 2
+    assert run(copy) == (0, accuracy)  # same bytes, other path: served from the store
+    save_tiny(random, first)  # rebuilt in place
+    retrained, other_accuracy = run(first)
+    assert retrained == 2 and other_accuracy != accuracy
 
 
 def test_tiny_explicit_activation() -> None:

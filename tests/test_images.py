@@ -1,9 +1,8 @@
 """ImageCache: square bilinear resize without crop (torchvision's `Resize([s, s])`), memory reuse, and the disk cache
-shared across instances, keyed by the preprocessing tag."""
+shared across instances, keyed by item content and the preprocessing tag."""
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from pathlib import Path
 
@@ -12,12 +11,16 @@ import pytest
 import torch
 from PIL import Image
 
-from cdfsl.data.images import PREPROCESSING, ImageCache, cache_folder_name, resize_square
-from cdfsl.data.index import ImageIndex
+from cdfsl.data.images import PREPROCESSING, ImageCache, cache_folder, resize_square
+from cdfsl.data.index import ImageIndex, decoded_content
 
 
 class CountingLoader:
-    """Opens in-memory PIL images by key and counts calls per key."""
+    """Opens in-memory PIL images by key and counts calls per key.
+
+    Like the digits loader, it supplies the content digests of its images itself (`item_contents`), so hashing the
+    index is not counted as opening images.
+    """
 
     def __init__(self, images: dict[str, Image.Image]) -> None:
         self.images = images
@@ -28,6 +31,9 @@ class CountingLoader:
         with self._lock:
             self.calls.append(key)
         return self.images[key].copy()
+
+    def item_contents(self, keys: list[str]) -> list:
+        return [decoded_content(self.images[key]) for key in keys]
 
 
 def wide_image() -> Image.Image:
@@ -126,7 +132,10 @@ def test_disk_cache_is_written_and_reused(tmp_path: Path) -> None:
     files = sorted(tmp_path.rglob("*.npy"))
     assert len(files) == 4
     assert not list(tmp_path.rglob("*.tmp*"))
-    assert all(f.parent == tmp_path / "toy" / f"{index.fingerprint()}-16-{PREPROCESSING}" for f in files)
+    folder = tmp_path / "toy" / f"16-{PREPROCESSING}"
+    assert folder == cache_folder(tmp_path, index, 16)
+    assert all(f.parent == folder for f in files)
+    assert sorted(f.name for f in files) == sorted(f"{index.item_digest(p)}.npy" for p in range(4))
     stored = sorted((np.load(f) for f in files), key=lambda a: a.tobytes())
     assert all(a.shape == (16, 16, 3) and a.dtype == np.uint8 for a in stored)
 
@@ -138,56 +147,64 @@ def test_disk_cache_is_written_and_reused(tmp_path: Path) -> None:
     # Another size is another cache: it decodes again and writes its own files.
     ImageCache(other_index, 8, cache_dir=tmp_path, workers=1).get([0])
     assert other_loader.calls == ["a/wide.png"]
-    assert len(list((tmp_path / "toy" / f"{index.fingerprint()}-8-{PREPROCESSING}").glob("*.npy"))) == 1
+    assert len(list(cache_folder(tmp_path, index, 8).glob("*.npy"))) == 1
 
 
 def test_disk_cache_folder_names_the_preprocessing(tmp_path: Path) -> None:
-    """The cache folder carries the preprocessing tag, so a cache written under the old (untagged) rule is not read."""
+    """The cache folder carries the preprocessing tag, so a cache written under an older rule is not read."""
     index, loader = make_index()
-    assert PREPROCESSING and PREPROCESSING in cache_folder_name(index, 16)
+    assert PREPROCESSING and cache_folder(tmp_path, index, 16).name == f"16-{PREPROCESSING}"
     assert "bilinear" in PREPROCESSING and "chestx256" in PREPROCESSING
-    # Plant a stale cache where the untagged rule kept it: a black image under the item's file name.
-    stale_folder = tmp_path / "toy" / f"{index.fingerprint()}-16"
-    stale_folder.mkdir(parents=True)
-    digest = hashlib.sha1(index.items[0].encode()).hexdigest()
-    np.save(stale_folder / f"{digest}.npy", np.zeros((16, 16, 3), dtype=np.uint8))
+    # Plant stale entries under the item's file name where an untagged and the previous rule would keep them.
+    stale_folders = [tmp_path / "toy" / "16", tmp_path / "toy" / "16-bilinear-aa.chestx256"]
+    for stale in stale_folders:
+        stale.mkdir(parents=True)
+        np.save(stale / f"{index.item_digest(0)}.npy", np.zeros((16, 16, 3), dtype=np.uint8))
     batch = ImageCache(index, 16, cache_dir=tmp_path, workers=1).get([0])
-    assert loader.calls == ["a/wide.png"]  # decoded again, not read from the stale folder
+    assert loader.calls == ["a/wide.png"]  # decoded again, not read from a stale folder
     assert np.array_equal(batch[0].permute(1, 2, 0).numpy(), resize_square(index.open(0), 16))
-    written = [f.parent.name for f in tmp_path.rglob("*.npy") if f.parent != stale_folder]
-    assert written == [f"{index.fingerprint()}-16-{PREPROCESSING}"]
+    written = [f.parent.name for f in tmp_path.rglob("*.npy") if f.parent not in stale_folders]
+    assert written == [f"16-{PREPROCESSING}"]
 
 
-def test_disk_cache_keyed_by_dataset_content(tmp_path: Path) -> None:
-    """A different index (another fingerprint) never reads files cached for this one."""
+def test_disk_cache_keyed_by_item_content(tmp_path: Path) -> None:
+    """Entries are named by content: identical images share them across indexes, other pixels under the same key
+    never read them."""
     index, _ = make_index()
     ImageCache(index, 16, cache_dir=tmp_path).get([0])
-    changed, loader = make_index()
-    changed = ImageIndex(
-        name=changed.name,
-        class_keys=changed.class_keys,
+    renamed, loader = make_index()
+    renamed = ImageIndex(
+        name=renamed.name,
+        class_keys=renamed.class_keys,
         class_names=("cat", "dog"),
-        items=changed.items,
-        labels=changed.labels,
+        items=renamed.items,
+        labels=renamed.labels,
         loader=loader,
     )
-    assert changed.fingerprint() != index.fingerprint()
-    ImageCache(changed, 16, cache_dir=tmp_path).get([0])
-    assert loader.calls == ["a/wide.png"]
+    assert renamed.fingerprint() != index.fingerprint()
+    ImageCache(renamed, 16, cache_dir=tmp_path).get([0])
+    assert loader.calls == []  # same pixels: served from the shared entry
+    changed, changed_loader = make_index()
+    changed_loader.images["a/wide.png"] = wide_image().transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    assert changed.item_digest(0) != index.item_digest(0)
+    batch = ImageCache(changed, 16, cache_dir=tmp_path).get([0])
+    assert changed_loader.calls == ["a/wide.png"]
+    assert np.array_equal(batch[0].permute(1, 2, 0).numpy(), resize_square(changed_loader.images["a/wide.png"], 16))
 
 
-def test_file_corrupt_past_its_header_names_the_file(tmp_path: Path) -> None:
+def test_file_damaged_in_the_middle_names_the_file(tmp_path: Path) -> None:
+    """Header and end intact, so indexing keeps the file; decoding it stops with its name."""
     from cdfsl.data.readers import load_index
     from cdfsl.errors import DatasetError
+    from layouts import corrupt_middle, noise_image
 
     root = tmp_path / "data"
     for name in ("a", "b"):
-        (root / name).mkdir(parents=True)
         for i in range(2):
-            Image.new("RGB", (32, 32), (i * 50, 80, 120)).save(root / name / f"{i}.png")
-    data = (root / "b" / "1.png").read_bytes()
-    (root / "b" / "1.png").write_bytes(data[: len(data) // 2])  # header intact, pixel data cut
+            noise_image(root / name / f"{i}.png", seed=i + 2 * (name == "b"))
+    corrupt_middle(root / "b" / "1.png")
     index = load_index("imagefolder", root)
+    assert "b/1.png" in index.items
     cache = ImageCache(index, 16)
     with pytest.raises(DatasetError, match=r"b/1\.png"):
         cache.get(list(range(len(index.items))))

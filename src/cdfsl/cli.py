@@ -6,15 +6,17 @@ User mistakes (`CdfslError`) print one line and exit 2; anything else is a bug a
 from __future__ import annotations
 
 import json
+import os
 import sys
 import warnings
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -24,10 +26,14 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from cdfsl.config import DATASETS, METHODS, RunConfig, apply_override
 from cdfsl.errors import CdfslError, ConfigError
 from cdfsl.recipes import RECIPES
+
+if TYPE_CHECKING:
+    from cdfsl.data.index import ImageIndex
 
 app = typer.Typer(
     help="Source-free cross-domain few-shot learning with CLIP: zeroshot, lora, tir, vtt, tir+vtt.",
@@ -47,22 +53,84 @@ DEMO_METHODS = ("zeroshot", "lora", "tir", "vtt")
 DEMO_FULL_ITERATIONS = 250  # `demo --iterations` is given for a recipe of this many iterations
 
 
+def shown(text: object) -> str:
+    r"""`text` as valid UTF-8 for the terminal: a name that is not valid UTF-8 (surrogate-escaped by the filesystem
+    layer) keeps its undecodable bytes as `\udcff`-style escapes instead of crashing the print."""
+    return str(text).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def plain(text: object) -> Text:
+    """A table cell or message part with user-supplied text: printable (`shown`) and never read as rich markup."""
+    return Text(shown(text))
+
+
 def user_errors(function: F) -> F:
     """Turn `CdfslError` into a one-line message and exit code 2; show warnings as one line each."""
 
     @wraps(function)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         def show(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:
-            console.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
+            text = escape(shown(message))
+            console.print(f"[yellow]warning:[/yellow] {text}", highlight=False, soft_wrap=True)
 
         warnings.showwarning = show  # type: ignore[assignment]
         try:
             return function(*args, **kwargs)
         except CdfslError as error:
-            console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+            console.print(f"[red]error:[/red] {escape(shown(error))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def check_output_file(path: Path, option: str, store: Path | None = None) -> None:
+    """Refuse, before any work, a file output that could not be written afterwards.
+
+    The parent folder must exist (it is never created) and be writable, `path` must not be a folder, and it must
+    not be the result store `store`; an existing file is overwritten.
+    """
+    if path.is_dir():
+        raise ConfigError(f"{option} {path} is a folder; give a file path (an existing file is overwritten)")
+    _check_parent(path, option)
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ConfigError(f"{option} {path} is not writable; change its permissions or choose another path")
+    if store is not None and _same_file(path, store):
+        raise ConfigError(f"{option} {path} is the result store (--db); choose another path")
+
+
+def check_output_folder(path: Path, option: str) -> None:
+    """Refuse, before any work, a folder output that could not be written afterwards.
+
+    `path` must be a folder or not exist; when it does not exist its parent must be an existing, writable folder
+    (the output folder itself is created, deeper trees are not).
+    """
+    if path.exists():
+        if not path.is_dir():
+            raise ConfigError(f"{option} {path} is a file, not a folder; remove it or choose another folder")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ConfigError(f"{option} folder {path} is not writable; change its permissions or choose another")
+        return
+    _check_parent(path, option)
+
+
+def _check_parent(path: Path, option: str) -> None:
+    parent = path.parent
+    if not parent.exists():
+        raise ConfigError(f"{option} {path}: folder {parent} does not exist; create it or choose another path")
+    if not parent.is_dir():
+        raise ConfigError(f"{option} {path}: {parent} is a file, not a folder; choose another path")
+    if not path.exists() and not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{option} {path}: folder {parent} is not writable; choose another path")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether `a` and `b` name one file (an existing one, or the same path to be created)."""
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
 
 
 def build_config(
@@ -78,14 +146,18 @@ def build_config(
     backbone: str,
     pretrained: str,
     iterations: int | None,
-    episode_batch: str,
+    episode_batch: str | None,
     device: str,
     db: Path,
     run_name: str | None,
     cache_dir: Path | None,
     overrides: list[str],
 ) -> RunConfig:
-    """The `RunConfig` the `run` options describe (`--set` applied last)."""
+    """The `RunConfig` the `run` options describe (`--set` applied last).
+
+    The episode batch comes from `--episode-batch` when given (an integer or `auto`), else from `--set
+    episode_batch=N`, else 1; giving both is refused.
+    """
     config = RunConfig(
         dataset=dataset,
         data_root=str(data_root) if data_root else None,
@@ -107,8 +179,15 @@ def build_config(
         config.train.iterations = iterations
     for assignment in overrides:
         apply_override(config, assignment)
+    set_batch = [a for a in overrides if a.split("=", 1)[0].strip() == "episode_batch"]
+    if episode_batch is not None and set_batch:
+        raise ConfigError(
+            f"--episode-batch {episode_batch} and --set {set_batch[-1].strip()} both set the episode batch; "
+            "give only one of them"
+        )
     config.validate()  # before `auto`, which runs trial fits of this config
-    config.episode_batch = parse_episode_batch(episode_batch, config)
+    if episode_batch is not None:
+        config.episode_batch = parse_episode_batch(episode_batch, config)
     return config.validate()
 
 
@@ -177,15 +256,25 @@ def run_command(
     iterations: Annotated[
         int | None, typer.Option(help="Training iterations per episode (default: the recipe's, 250 or 100).")
     ] = None,
-    episode_batch: Annotated[str, typer.Option(help="Episodes trained at once, or 'auto'.")] = "1",
+    episode_batch: Annotated[
+        str | None,
+        typer.Option(
+            help="Episodes trained at once, or 'auto' (default 1). `--set episode_batch=N` also sets it when this "
+            "option is not given; giving both is an error."
+        ),
+    ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     db: Annotated[Path, typer.Option(help="SQLite result store.")] = Path("results.sqlite"),
     run_name: Annotated[str | None, typer.Option(help="A label for reports.")] = None,
     cache_dir: Annotated[Path | None, typer.Option(help="Folder for a disk cache of decoded images.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="key=value for any config field.")] = None,
-    json_path: Annotated[Path | None, typer.Option("--json", help="Write a JSON summary here.")] = None,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Write a JSON summary here (its folder must exist).")
+    ] = None,
 ) -> None:
     """Run a method on a dataset's episodes; finished episodes are stored and skipped on re-runs."""
+    if json_path is not None:
+        check_output_file(json_path, "--json", store=db)
     config = build_config(
         dataset, data_root, method, recipe, ways, shots, queries, episodes, seed, backbone, pretrained, iterations,
         episode_batch, device, db, run_name, cache_dir, set_ or [],
@@ -259,17 +348,31 @@ def report_command(
     db: Annotated[Path, typer.Option(help="SQLite result store.")] = Path("results.sqlite"),
     format_: Annotated[str, typer.Option("--format", help="table, markdown, csv, latex or json.")] = "table",
     paired: Annotated[str | None, typer.Option(help="Compare every method with this one, episode by episode.")] = None,
-    plot: Annotated[Path | None, typer.Option(help="Write bar charts (and paired-difference plots) here.")] = None,
+    plot: Annotated[
+        Path | None,
+        typer.Option(help="Folder for bar charts (and paired-difference plots); created, its parent must exist."),
+    ] = None,
     with_paper_results: Annotated[bool, typer.Option(help="Add the papers' published numbers (quoted).")] = False,
-    output: Annotated[Path | None, typer.Option("--out", help="Write the report to this file.")] = None,
+    output: Annotated[
+        Path | None, typer.Option("--out", help="Write the report to this file (its folder must exist).")
+    ] = None,
 ) -> None:
-    """One row per (method, backbone), one column per (dataset, shots): mean ± 95% interval; paired tests."""
-    from cdfsl.analysis.report import build_report, render, rich_table
+    """One row per (method, backbone), one column per (dataset, shots): mean ± 95% interval; paired tests.
+
+    Reads the store only: it is opened read-only and never changed.
+    """
+    from cdfsl.analysis.report import FORMATS, build_report, render, rich_table
     from cdfsl.engine.store import ResultStore
 
+    if format_ not in FORMATS:
+        raise ConfigError(f"unknown report format {format_!r}; choose one of {', '.join(FORMATS)}")
     if not db.is_file():
         raise ConfigError(f"no result store at {db}; run `cdfsl run` first or pass --db")
-    with ResultStore(db) as store:
+    if output is not None:
+        check_output_file(output, "--out", store=db)
+    if plot is not None:
+        check_output_folder(plot, "--plot")
+    with ResultStore(db, read_only=True) as store:
         report = build_report(store, paired=paired, with_paper_results=with_paper_results)
     if format_ == "table" and output is None:
         out.print(rich_table(report))
@@ -335,10 +438,15 @@ def cost_command(
     shots: Annotated[int, typer.Option(help="Support images per class.")] = 5,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     set_: Annotated[list[str] | None, typer.Option("--set", help="key=value for any config field.")] = None,
-    json_path: Annotated[Path | None, typer.Option("--json", help="Write the numbers as JSON here.")] = None,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Write the numbers as JSON here (its folder must exist).")
+    ] = None,
 ) -> None:
     """Trainable parameters and FLOPs of one training step (one episode) of a method's recipe; VtT beside its paper."""
     from cdfsl.analysis.cost import cost_header, cost_notes, flop_table, parameter_table, training_cost
+
+    if json_path is not None:
+        check_output_file(json_path, "--json")
 
     config = RunConfig(
         method=method, recipe=recipe, backbone=backbone, pretrained=pretrained, ways=ways, shots=shots, device=device
@@ -360,7 +468,13 @@ def cost_command(
 @app.command("pretrain-tiny")
 @user_errors
 def pretrain_tiny_command(
-    output: Annotated[Path, typer.Option("--out", help="Where to write the checkpoint (.safetensors).")],
+    output: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            help="Where to write the checkpoint (.safetensors; its folder must exist), and beside it the .meta.json.",
+        ),
+    ],
     steps: Annotated[int, typer.Option(help="Optimizer steps (supervised warm-up included).")] = 1200,
     supervised_steps: Annotated[int, typer.Option(help="Steps of the supervised warm-up of the vision tower.")] = 500,
     seed: Annotated[int, typer.Option(help="Seed of the weights and the generated source domain.")] = 0,
@@ -371,6 +485,8 @@ def pretrain_tiny_command(
 
     if output.suffix != ".safetensors":
         raise ConfigError(f"--out must end in .safetensors, got {output}")
+    check_output_file(output, "--out")
+    check_output_file(output.with_suffix(".meta.json"), "--out's metadata file")
 
     def log(record: dict[str, Any]) -> None:
         console.print(" ".join(f"{k}={v}" for k, v in record.items()), highlight=False)
@@ -384,6 +500,14 @@ def pretrain_tiny_command(
 def datasets_check(
     dataset: Annotated[str, typer.Option(help=f"One of: {', '.join(DATASETS)}.")],
     data_root: Annotated[Path | None, typer.Option(help="Dataset folder (not needed for digits).")] = None,
+    deep: Annotated[
+        bool,
+        typer.Option(
+            "--deep",
+            help="Also decode every image and list those that do not decode (truncated, corrupt), so a run never "
+            "stops half-way on one. A report: the exit code stays 0.",
+        ),
+    ] = False,
 ) -> None:
     """Validate a dataset layout and print its classes, prompt names and image counts."""
     from cdfsl.data.readers import load_index
@@ -397,15 +521,43 @@ def datasets_check(
     table.add_column("prompt name")
     table.add_column("images", justify="right")
     for label, (key, name, count) in enumerate(zip(index.class_keys, index.class_names, index.counts(), strict=True)):
-        table.add_row(str(label), key, name, str(count))
+        table.add_row(str(label), plain(key), plain(name), str(count))
     out.print(table)
     if index.skipped:
         out.print(f"{len(index.skipped)} files skipped (unreadable or outside the data root)")
     out.print(f"fingerprint {index.fingerprint()}")
+    if deep:
+        deep_check_report(index)
+
+
+def deep_check_report(index: ImageIndex) -> None:
+    """Decode every image of `index`; print the ones that fail (key, reason) and which files to remove."""
+    from cdfsl.data.readers import deep_check
+
+    total = len(index.items)
+    with console.status(f"decoding {total} images …"):
+        failures = deep_check(index)
+    if not failures:
+        out.print(f"deep check: all {total} images decode")
+        return
+    table = Table(title=f"deep check: {len(failures)} of {total} images do not decode", title_justify="left")
+    table.add_column("key", overflow="fold")
+    table.add_column("reason")
+    for key, reason in failures:
+        table.add_row(plain(key), plain(reason))
+    out.print(table)
+    where = f" (keys are relative to {shown(index.root)})" if index.root is not None else ""
+    message = (
+        f"{len(failures)} of {total} images failed to decode: remove (or replace) the files listed above{where}, "
+        "then run `cdfsl datasets check --deep` again"
+    )
+    out.print(plain(message), soft_wrap=True)
 
 
 ProbeDataset = Annotated[str, typer.Option(help=f"One of: {', '.join(DATASETS)}.")]
-ProbeOut = Annotated[Path, typer.Option("--out", help="Folder for the JSON and PNG figures.")]
+ProbeOut = Annotated[
+    Path, typer.Option("--out", help="Folder for the JSON and PNG figures (created; its parent must exist).")
+]
 ProbeRoot = Annotated[Path | None, typer.Option(help="Dataset folder (not needed for digits).")]
 ProbeBackbone = Annotated[str, typer.Option(help="open_clip model name, or 'tiny'.")]
 ProbePretrained = Annotated[str, typer.Option(help="Weights: a tag, a checkpoint PATH, or none.")]
@@ -453,6 +605,8 @@ def diagnose_sink(
     """Sum scores, token norms by Sum, and CLS attention concentration per vision layer, before vs after tuning."""
     from cdfsl.analysis.probes import sink_probe
 
+    check_output_folder(output, "--out")
+
     config = probe_config(dataset, data_root, backbone, pretrained, shots, iterations, set_)
     result = sink_probe(config, tuple(m.strip() for m in methods.split(",")), episodes, output)
     table = Table(title=f"attention sink: deepest layer ({result['layers']} vision layers)")
@@ -483,6 +637,8 @@ def diagnose_lost_layers(
 ) -> None:
     """Accuracy with each text block removed or its residual update scaled by γ, zero-shot and after tuning."""
     from cdfsl.analysis.probes import lost_layers_probe
+
+    check_output_folder(output, "--out")
 
     config = probe_config(dataset, data_root, backbone, pretrained, shots, iterations, set_)
     result = lost_layers_probe(config, method, gamma, episodes, output)
@@ -521,6 +677,8 @@ def diagnose_cka(
 ) -> None:
     """Linear CKA per vision layer between two image sets, optionally masking Sum = K or Sum = 1 tokens."""
     from cdfsl.analysis.probes import cka_probe
+
+    check_output_folder(output, "--out")
 
     config = probe_config(dataset, data_root, backbone, pretrained, shots, iterations, set_, method)
     other = None

@@ -13,8 +13,10 @@ import dataclasses
 import hashlib
 import json
 import math
+import string
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +34,12 @@ PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 ACTIVATIONS = ("auto", "gelu", "quickgelu")
 ALL_SUPPORT = "all"
+MAX_EPISODES = 10_000_000  # the to-do list and the store grow with it; the paper protocol is 400 or 800
+MAX_SEED = 2**63 - 1  # the result store keeps the seed in an SQLite INTEGER, which is signed 64-bit
+MAX_ITERATIONS = 1_000_000  # the recipes train 100 or 250 steps; beyond this a typo, not a run
+MAX_HORIZON = 1e6  # cosine period / iterations (8 in the recipes); from about 1e3 on the rate is constant anyway
+MAX_WIDTH = 4096  # LoRA rank and VtT widths allocate per episode and block; wider than any CLIP's projections
+MAX_DEPTH = 64  # VtT's sequence layers and convolution kernel (2 and 4 in the recipes)
 
 
 @dataclass
@@ -184,23 +192,21 @@ class RunConfig:
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> RunConfig:
-        """Raise `ConfigError` naming the first bad field (checked on the resolved values); return self."""
+        """Raise `ConfigError` naming the first bad field (checked on the resolved values); return self.
+
+        Numeric fields follow `NUMERIC_RULES`; fields left to the recipe are checked once the recipe has filled them.
+        """
         _check_choice("dataset", self.dataset, DATASETS)
         _check_choice("method", self.method, METHODS)
         _check_choice("recipe", self.recipe_name, tuple(RECIPES))
         _check_choice("device", self.device, DEVICES)
         _check_choice("activation", self.activation, ACTIVATIONS)
-        for name in ("ways", "shots", "queries", "episode_batch"):
-            _check_positive(name, getattr(self, name))
-        if self.episodes is not None:
-            _check_positive("episodes", self.episodes)
-        if self.ways < 2:
-            raise ConfigError("ways must be at least 2: an episode needs classes to tell apart")
-        if "{}" not in self.train.template:
-            raise ConfigError(f"train.template must contain '{{}}' for the class name, got {self.train.template!r}")
+        check_numbers(self, unset_ok=True)  # recipe values are computed from shots and dataset
+        check_template(self.train.template)
         if self.dataset not in ("digits",) and not self.data_root:
             raise ConfigError(f"--data-root is required for dataset {self.dataset!r}")
         resolved = self.resolved()
+        check_numbers(resolved)
         _validate_training(resolved)
         _validate_vtt(resolved)
         return self
@@ -230,14 +236,22 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def identity(
-        self, precision: str, index_fingerprint: str, activation: str, device: str = "cpu", images: str = ""
+        self,
+        precision: str,
+        index_fingerprint: str,
+        activation: str,
+        device: str = "cpu",
+        images: str = "",
+        weights: str | None = None,
     ) -> dict[str, Any]:
         """The fields that determine per-episode results, on the resolved config; `run_id` hashes them.
 
         Besides the config: the resolved precision, the dataset index fingerprint, the resolved activation, the device
         type of trained methods (their dropout masks come from generators on the compute device, which draw differently
-        on CPU and CUDA) and the image preprocessing rule. Leaves out what never changes an episode's outcome (how many
-        episodes, the episode batch, where results go) and the sections of methods the run does not use.
+        on CPU and CUDA), the image preprocessing rule, and `weights`: what identifies the pretrained weights (a
+        checkpoint file's content digest; defaults to `pretrained` itself, right for tags and `none`). Leaves out what
+        never changes an episode's outcome (how many episodes, the episode batch, where results go) and the sections
+        of methods the run does not use.
         """
         config = self.resolved()
         ident: dict[str, Any] = {
@@ -250,7 +264,7 @@ class RunConfig:
             "queries": config.queries,
             "seed": config.seed,
             "backbone": config.backbone,
-            "pretrained": config.pretrained,
+            "pretrained": config.pretrained if weights is None else weights,
             "activation": activation,
             "precision": precision,
             "images": images,
@@ -276,22 +290,17 @@ def _validate_training(config: RunConfig) -> None:
     _check_choice("train.schedule", config.train.schedule, SCHEDULES)
     _check_choice("train.precision", config.train.precision, PRECISIONS)
     _check_choice("tir.variant", config.tir.variant, TIR_VARIANTS)
-    _check_positive("lora.rank", config.lora.rank)
-    _check_positive("train.iterations", config.train.iterations, allow_zero=True)
-    batch = config.train.batch_size
-    if batch != ALL_SUPPORT and not (isinstance(batch, int) and batch >= 1):
-        raise ConfigError(f"train.batch_size must be a positive integer or '{ALL_SUPPORT}', got {batch!r}")
     if not config.augment.views:
         raise ConfigError("augment.views needs at least one view, e.g. plain")
-    if not 0.0 <= config.lora.dropout < 1.0:
-        raise ConfigError(f"lora.dropout must be in [0, 1), got {config.lora.dropout}")
-    if not 0.0 < config.tir.ratio <= 1.0:
-        raise ConfigError(f"tir.ratio must be in (0, 1], got {config.tir.ratio}")
     bad_targets = set(config.lora.targets) - {"q", "k", "v"}
     if bad_targets or not config.lora.targets:
         raise ConfigError(f"lora.targets must be a non-empty subset of q,k,v, got {config.lora.targets}")
-    if not (math.isfinite(config.train.schedule_horizon) and config.train.schedule_horizon > 0):
-        raise ConfigError(f"train.schedule_horizon must be a positive number, got {config.train.schedule_horizon}")
+    tir = config.tir
+    if config.uses_tir and tir.alpha is not None and tir.beta is None and tir.alpha >= config.ways:
+        raise ConfigError(
+            f"tir.alpha={tir.alpha:g} with tir.beta=auto (1 / (ways - alpha)) needs alpha < ways = {config.ways}; "
+            "set tir.beta too, or a smaller tir.alpha"
+        )
     if config.prompt.context is not None and config.prompt.context != config.prompt.context.strip():
         raise ConfigError(f"prompt.context must not start or end with spaces, got {config.prompt.context!r}")
 
@@ -301,10 +310,6 @@ def _validate_vtt(config: RunConfig) -> None:
     vtt = config.vtt
     _check_choice("vtt.fusion", vtt.fusion, VTT_FUSIONS)
     _check_choice("vtt.scan", vtt.scan, VTT_SCANS)
-    _check_positive("vtt.window", vtt.window)
-    for name in ("state", "dt_rank", "conv", "ssm_layers", "hidden"):
-        if getattr(vtt, name) is not None:
-            _check_positive(f"vtt.{name}", getattr(vtt, name))
     if config.uses_vtt and config.trains_text():
         raise ConfigError(
             f"{config.method} trains the vision tower only (VtT reads per-layer features of a frozen text tower), but "
@@ -327,9 +332,175 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
 
 
-def _check_positive(name: str, value: int | None, allow_zero: bool = False) -> None:
-    if not isinstance(value, int) or value < (0 if allow_zero else 1):
-        raise ConfigError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} integer, got {value}")
+# ------------------------------------------------------------------------------------------- numeric rules
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What one numeric config field accepts: `allows(value)` decides, `allowed` says the same in words.
+
+    Build rules with `integer`, `number` or `integers`, which derive both from one set of bounds, so the message can
+    never disagree with the check.
+    """
+
+    key: str
+    allows: Callable[[Any], bool]
+    allowed: str
+
+    def check(self, value: Any) -> None:
+        """Raise `ConfigError` naming the key, the value and the allowed range unless `allows(value)`."""
+        if not self.allows(value):
+            raise ConfigError(f"{self.key} must be {self.allowed}, got {value!r}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def integer(
+    key: str, low: int | None = None, high: int | None = None, *, optional: bool = False, why: str = ""
+) -> Rule:
+    """An integer in `[low, high]` (either side may be open-ended); `optional`: None (automatic) is allowed too."""
+
+    def allows(value: Any) -> bool:
+        if value is None:
+            return optional
+        return _is_int(value) and (low is None or value >= low) and (high is None or value <= high)
+
+    if high is not None:
+        kind = {0: "a non-negative integer", 1: "a positive integer"}.get(low) if low is not None else None
+        words = f"{kind} <= {high:,}" if kind else f"an integer in [{low}, {high}]"
+    elif low not in (None, 0, 1):
+        words, why = f"at least {low}", "a whole number" + (f"; {why}" if why else "")
+    else:
+        words = {None: "an integer", 0: "a non-negative integer", 1: "a positive integer"}[low]
+    return Rule(key, allows, _words(words, optional, why))
+
+
+def number(
+    key: str,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+    optional: bool = False,
+    why: str = "",
+) -> Rule:
+    """A finite number between `low` and `high` (each bound closed unless `*_open`, either may be absent)."""
+
+    def allows(value: Any) -> bool:
+        if value is None:
+            return optional
+        if not _is_real(value):
+            return False
+        above = low is None or (value > low if low_open else value >= low)
+        below = high is None or (value < high if high_open else value <= high)
+        return above and below
+
+    if low is not None and high is not None:
+        words = f"a number in {'(' if low_open else '['}{_shown(low)}, {_shown(high)}{')' if high_open else ']'}"
+    elif low is not None:
+        words = f"a finite number {'>' if low_open else '>='} {_shown(low)}"
+    elif high is not None:
+        words = f"a finite number {'<' if high_open else '<='} {_shown(high)}"
+    else:
+        words = "a finite number"
+    return Rule(key, allows, _words(words, optional, why))
+
+
+def _shown(bound: float) -> str:
+    """A bound as a message shows it: `0`, `180`, `1,000,000`, `0.5`."""
+    return f"{int(bound):,}" if float(bound).is_integer() else f"{bound:g}"
+
+
+def integers(key: str, why: str) -> Rule:
+    """A tuple of integers (block indices whose range depends on the backbone: checked when the method is built)."""
+    return Rule(key, lambda v: isinstance(v, tuple) and all(_is_int(i) for i in v), f"a list of integers ({why})")
+
+
+def _batch_size_allows(value: Any) -> bool:
+    return value == ALL_SUPPORT or (_is_int(value) and value >= 1)
+
+
+def _words(words: str, optional: bool, why: str) -> str:
+    return words + (" or none (auto)" if optional else "") + (f" ({why})" if why else "")
+
+
+BLOCK_RANGE = "negative from the end; checked against the backbone's depth when the method is built"
+
+NUMERIC_RULES: dict[str, Rule] = {
+    rule.key: rule
+    for rule in (
+        integer("ways", 2, why="an episode needs classes to tell apart"),
+        integer("shots", 1),
+        integer("queries", 1),
+        integer("episodes", 1, MAX_EPISODES, optional=True),
+        integer("seed", 0, MAX_SEED, why="2**63 - 1, the largest the result store holds"),
+        integer("episode_batch", 1),
+        integer("lora.rank", 1, MAX_WIDTH),
+        number("lora.alpha", 0, low_open=True),
+        number("lora.dropout", 0, 1, high_open=True),
+        number("prompt.lr", 0, low_open=True),
+        number("prompt.momentum", 0, 1, high_open=True),
+        number("prompt.weight_decay", 0),
+        number("augment.rotation", 0, 180, why="degrees either way"),
+        number("augment.jitter", 0, 1),
+        number("augment.flip_p", 0, 1),
+        integer("train.iterations", 0, MAX_ITERATIONS),
+        Rule("train.batch_size", _batch_size_allows, f"a positive integer or '{ALL_SUPPORT}'"),
+        number("train.lr", 0, low_open=True),
+        number("train.weight_decay", 0),
+        number("train.beta1", 0, 1, high_open=True),
+        number("train.beta2", 0, 1, high_open=True),
+        number("train.schedule_horizon", 0, MAX_HORIZON, low_open=True, why="the cosine period in train.iterations"),
+        number("train.min_lr", 0),
+        number("train.logit_scale", 0, low_open=True),
+        integers("tir.blocks", f"vision block indices, {BLOCK_RANGE}"),
+        number("tir.ratio", 0, 1, low_open=True),
+        number("tir.alpha", optional=True),
+        number("tir.beta", optional=True),
+        integer("tir.text_layer", why=f"a text block index, {BLOCK_RANGE}"),
+        number("vtt.beta", 0),
+        integer("vtt.window", 1),
+        number("vtt.lr", 0, low_open=True),
+        integer("vtt.hidden", 1, MAX_WIDTH, optional=True),
+        integer("vtt.state", 1, MAX_WIDTH, optional=True),
+        integer("vtt.dt_rank", 1, MAX_WIDTH, optional=True),
+        integer("vtt.conv", 1, MAX_DEPTH),
+        integer("vtt.ssm_layers", 1, MAX_DEPTH),
+    )
+}
+"""The bounds of every numeric config field, by dotted key; `check_numbers` applies them (a test checks that every
+numeric field has one)."""
+
+
+def check_numbers(config: RunConfig, unset_ok: bool = False) -> None:
+    """Apply `NUMERIC_RULES` to `config`; `unset_ok`: skip fields still `None` (before the recipe fills them)."""
+    for key, rule in NUMERIC_RULES.items():
+        section, _, name = key.rpartition(".")
+        value = getattr(getattr(config, section) if section else config, name)
+        if not (unset_ok and value is None):
+            rule.check(value)
+
+
+def check_template(template: str) -> None:
+    """`train.template` must have exactly one `{}` (the class name) and no other format field (`{0}`, `{x}`, `{!r}`)."""
+    hint = "use {{ and }} for literal braces"
+    try:
+        fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template)]
+    except ValueError as error:
+        raise ConfigError(f"train.template is not a format string ({error}; {hint}), got {template!r}") from None
+    fields = [field for field in fields if field[0] is not None]
+    if fields != [("", "", None)]:
+        raise ConfigError(
+            f"train.template must contain exactly one {{}} for the class name and no other format field ({hint}), "
+            f"got {template!r}"
+        )
 
 
 def apply_override(config: RunConfig, assignment: str) -> None:

@@ -21,5 +21,10 @@ class StoreError(CdfslError):
     """The result store cannot be opened or holds nothing to report."""
 
 
+class TrainingError(CdfslError):
+    """An episode's training or prediction produced a non-finite number (nan or inf): its result would be chance-level
+    noise that looks like a measurement, so it is refused instead (the message names the episodes and what to try)."""
+
+
 class DatasetWarning(UserWarning):
     """A dataset entry was skipped (unreadable image, unsafe or missing file, malformed CSV row)."""

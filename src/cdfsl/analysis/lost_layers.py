@@ -10,6 +10,7 @@ effect.
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,7 @@ def lost_layers_probe(
     Args:
         config: dataset, backbone, episode shape and training recipe (`config.method` is not used).
         method: the fine-tuned condition (`lora`, `tir`, `vtt`, `tir+vtt`); `zeroshot` gives the zero-shot one only.
-        gamma: the factor on a block's residual update in the "emphasized" mode.
+        gamma: the factor on a block's residual update in the "emphasized" mode; a finite number.
         episodes: episodes `0 … episodes−1` of the config's sequence, fitted `config.episode_batch` at a time.
         out: folder for `lost_layers.json` and `lost_layers.png` (created); None writes nothing.
         runner: share loaded backbones and image caches with other runs.
@@ -57,6 +58,8 @@ def lost_layers_probe(
     """
     started = time.perf_counter()
     check_episodes(episodes)
+    if isinstance(gamma, bool) or not isinstance(gamma, int | float) or not math.isfinite(gamma):
+        raise ConfigError(f"gamma must be a finite number (the factor on a block's residual update), got {gamma!r}")
     if method not in METHODS:
         raise ConfigError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
     setup = prepare(config, runner)

@@ -30,6 +30,7 @@ import torch
 from cdfsl.backbone.adapter import ClipAdapter
 from cdfsl.backbone.tiny import CONFIG_PATH as TINY_CONFIG_PATH
 from cdfsl.backbone.tiny import TINY_NAME, create_tiny_model, register_tiny_config
+from cdfsl.data.fingerprint import file_digest
 from cdfsl.errors import BackboneError
 
 TINY = "tiny"
@@ -60,6 +61,14 @@ def resolve_activation(name: str, pretrained: str, activation: str = AUTO) -> st
     TorchScript archive, and for a checkpoint whose activation cannot be told from the file.
     """
     return _resolve(name, pretrained, activation)[0]
+
+
+def weights_identity(pretrained: str) -> str:
+    """What identifies the weights `pretrained` names in a run's identity: `sha256:<hex>` of a checkpoint file's bytes
+    (so a file rebuilt at the same path is a new run, and the same file under another path is the same run), the tag
+    or `none` otherwise. Digests are cached by path and file metadata (`cdfsl.data.fingerprint`)."""
+    checkpoint = _checkpoint_file(pretrained)
+    return pretrained if checkpoint is None else f"sha256:{file_digest(checkpoint)}"
 
 
 def load_backbone(

@@ -4,16 +4,29 @@ Resizing follows the released loaders whose numbers we reproduce (the VtT and TI
 torchvision's `Resize([s, s])` on a PIL image, which is Pillow's bilinear `resize((s, s))` (antialiased when
 downscaling: the filter support widens with the scale factor); square model input, aspect ratio not kept, no crop.
 Dataset-specific steps before it live in the readers' loaders (ChestX: a 256x256 pre-resize, see
-`cdfsl.data.readers.open_chestx`). Decoding a large PNG (ChestX) for every episode is the slow part of a run, so each
-decoded, resized image is kept in memory and, with a cache folder, on disk as a `.npy` file under
-`<cache_dir>/<dataset>/<fingerprint>-<size>-<PREPROCESSING>/`, named by a hash of the item key; a later run or
-process reuses it. `PREPROCESSING` names the decode-and-resize rule, so a cache written under an older rule is never
-read back.
+`cdfsl.data.readers.open_chestx`; 16-bit and float images brought to 8 bits, see `cdfsl.data.readers.to_8bit`).
+
+Decoding a large PNG (ChestX) for every episode is the slow part of a run, so each decoded, resized image is kept in
+memory and, with a cache folder, on disk as a `.npy` file `<cache_dir>/<dataset>/<size>-<PREPROCESSING>/<digest>.npy`,
+named by the item's content digest (`ImageIndex.item_digest`: sha256 of the file's bytes). Different pixels at the
+same path therefore never meet a stale entry, and identical files share one. The dataset name stays in the path
+because the dataset decides the loader (ChestX pre-resizes), and `PREPROCESSING` names the decode-and-resize rule, so
+a cache written under an older rule is never read back.
+
+Entries are written to a name private to the process and thread, then renamed into place (`os.replace`), so runs
+sharing a cache folder never see a half-written entry. An entry that cannot be read back, or holds anything but a
+uint8 `[size, size, 3]` array, is reported with a `DatasetWarning` naming it, decoded again and overwritten; a failed
+write (full disk) is reported once and the run goes on with the memory cache. A file that fails to decode stops the
+run with a `DatasetError` naming it (the readers' indexing check leaves out files cut short; files damaged in the
+middle are found here, or beforehand with `cdfsl.data.readers.deep_check`).
 """
 
 from __future__ import annotations
 
-import hashlib
+import os
+import threading
+import uuid
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -23,13 +36,16 @@ from PIL import Image
 from torch import Tensor
 
 from cdfsl.data.index import ImageIndex
-from cdfsl.errors import DatasetError
+from cdfsl.data.readers import DECODE_ERRORS
+from cdfsl.errors import DatasetError, DatasetWarning
 
-PREPROCESSING = "bilinear-aa.chestx256"
-"""Tag of the decode-and-resize rule, part of the disk cache's folder name. Change it whenever what an image
-becomes changes (the resize filter here, or a reader's loader such as the ChestX pre-resize), so that older caches
-are never reused. History: untagged = bicubic resize, no ChestX pre-resize; `bilinear-aa.chestx256` = Pillow
-bilinear (antialiased) resize as torchvision's `Resize([s, s])`, ChestX first resized to 256x256 by its loader."""
+PREPROCESSING = "bilinear-aa.chestx256.wide8"
+"""Tag of the decode-and-resize rule, part of the disk cache's folder name and of the run identity. Change it whenever
+what an image becomes changes (the resize filter here, or a reader's loader such as the ChestX pre-resize), so that
+older caches are never reused. History: untagged = bicubic resize, no ChestX pre-resize; `bilinear-aa.chestx256` =
+Pillow bilinear (antialiased) resize as torchvision's `Resize([s, s])`, ChestX first resized to 256x256 by its loader;
+`bilinear-aa.chestx256.wide8` = the same, with 16-bit and float images scaled to 8 bits by the loaders instead of
+Pillow's `convert("RGB")` (which made them all white or all black)."""
 
 
 def resize_square(image: Image.Image, size: int) -> np.ndarray:
@@ -41,9 +57,9 @@ def resize_square(image: Image.Image, size: int) -> np.ndarray:
     return np.asarray(image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
 
 
-def cache_folder_name(index: ImageIndex, size: int) -> str:
-    """Disk cache folder of `index` at `size`: `<fingerprint>-<size>-<PREPROCESSING>`."""
-    return f"{index.fingerprint()}-{size}-{PREPROCESSING}"
+def cache_folder(cache_dir: str | Path, index: ImageIndex, size: int) -> Path:
+    """Disk cache folder of `index` at `size`: `<cache_dir>/<dataset>/<size>-<PREPROCESSING>`."""
+    return Path(cache_dir) / index.name / f"{size}-{PREPROCESSING}"
 
 
 class ImageCache:
@@ -52,9 +68,12 @@ class ImageCache:
     Args:
         index: the dataset.
         size: square side in pixels.
-        cache_dir: optional folder for a disk cache shared across runs; files go under
-            `<cache_dir>/<dataset>/<fingerprint>-<size>-<PREPROCESSING>/`.
+        cache_dir: optional folder for a disk cache shared across runs and processes; files go under
+            `cache_folder(cache_dir, index, size)`, named by content digest (see the module docstring).
         workers: decoding threads (PIL releases the GIL while decoding).
+
+    Raises:
+        DatasetError: the disk cache folder cannot be created.
     """
 
     def __init__(self, index: ImageIndex, size: int, cache_dir: str | Path | None = None, workers: int = 4) -> None:
@@ -62,37 +81,86 @@ class ImageCache:
         self.size = size
         self.workers = workers
         self._memory: dict[int, np.ndarray] = {}
-        self._disk = Path(cache_dir) / index.name / cache_folder_name(index, size) if cache_dir else None
+        self._disk = cache_folder(cache_dir, index, size) if cache_dir else None
+        self._write_failed = False
+        self._lock = threading.Lock()
         if self._disk is not None:
-            self._disk.mkdir(parents=True, exist_ok=True)
+            try:
+                self._disk.mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                raise DatasetError(
+                    f"cannot create the image cache folder {self._disk}: {error.strerror or error}; "
+                    "pass a writable --cache-dir or leave it out"
+                ) from None
 
     def _disk_path(self, position: int) -> Path | None:
         if self._disk is None:
             return None
-        digest = hashlib.sha1(self.index.items[position].encode()).hexdigest()
-        return self._disk / f"{digest}.npy"
+        return self._disk / f"{self.index.item_digest(position)}.npy"
 
     def _decode(self, position: int) -> np.ndarray:
         path = self._disk_path(position)
-        if path is not None and path.is_file():
-            return np.load(path)
+        if path is not None:
+            cached = self._read(path)
+            if cached is not None:
+                return cached
         key = self.index.items[position]
         try:
             array = resize_square(self.index.open(position), self.size)
-        except (OSError, ValueError) as error:
-            # Readers check every header; a file corrupt past its header is only found here. Dropping it now
-            # would change the episode, so stop with its name instead.
+        except DECODE_ERRORS as error:
+            # Readers check every file's header and end; a file damaged in the middle is only found here. Dropping
+            # it now would change the episode, so stop with its name instead.
             raise DatasetError(f"cannot decode {key}: {error}; remove or replace the file and re-run") from None
         if path is not None:
-            temporary = path.with_suffix(".tmp.npy")
-            np.save(temporary, array)
-            temporary.replace(path)
+            self._write(path, array)
         return array
+
+    def _read(self, path: Path) -> np.ndarray | None:
+        """The cached array at `path`, or None when there is none or it is unusable (then a warning names it)."""
+        try:
+            array = np.load(path, allow_pickle=False)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, EOFError) as error:
+            problem = f"cannot be read ({error})"
+        else:
+            if isinstance(array, np.ndarray) and array.dtype == np.uint8 and array.shape == (self.size, self.size, 3):
+                return array
+            problem = f"holds {getattr(array, 'dtype', type(array).__name__)} {getattr(array, 'shape', '')}"
+        warnings.warn(
+            f"image cache entry {path} {problem}, not uint8 {(self.size, self.size, 3)}; decoding the image again "
+            "and replacing it",
+            DatasetWarning,
+            stacklevel=2,
+        )
+        return None
+
+    def _write(self, path: Path, array: np.ndarray) -> None:
+        """Write `array` to `path` atomically: a private temporary name, then `os.replace`."""
+        temporary = path.with_name(f"{path.stem}.{os.getpid()}.{threading.get_ident()}.{uuid.uuid4().hex}.tmp.npy")
+        try:
+            with open(temporary, "wb") as handle:
+                np.save(handle, array, allow_pickle=False)
+            os.replace(temporary, path)
+        except OSError as error:
+            temporary.unlink(missing_ok=True)
+            with self._lock:
+                if self._write_failed:
+                    return
+                self._write_failed = True
+            warnings.warn(
+                f"cannot write the image cache entry {path} ({error.strerror or error}); "
+                "going on without storing decoded images on disk",
+                DatasetWarning,
+                stacklevel=2,
+            )
 
     def get(self, positions: list[int]) -> Tensor:
         """Images at item `positions` → uint8 `[N, 3, size, size]`."""
         missing = sorted({p for p in positions if p not in self._memory})
         if missing:
+            if self._disk is not None:
+                self.index.item_digest(missing[0])  # hash the index once, here, not racing in the decode threads
             if len(missing) > 1 and self.workers > 1:
                 with ThreadPoolExecutor(self.workers) as pool:
                     arrays = list(pool.map(self._decode, missing))

@@ -1,18 +1,34 @@
 """What a dataset reader produces: an `ImageIndex` of items, labels and class prompt names.
 
 Items are stable string keys (a path relative to the data root, or `digits/00042` for in-memory images), sorted so
-that the filesystem's listing order never matters. The fingerprint hashes the index content; episode sampling is a
-pure function of it.
+that the filesystem's listing order never matters. Episode sampling is a pure function of the index (its classes and
+its (key, label) items in order).
+
+The fingerprint, which enters a run's identity (`docs/protocol.md`, "Run identity"), hashes the dataset name, the
+classes and, for every item, its key, label, size and content digest, so the same layout with other pixels is another
+dataset, and the same bytes at another data root are the same one. Content digests are:
+
+- for a file-backed index (`root` set): sha256 of each file's bytes (`cdfsl.data.fingerprint.file_contents`,
+  cached across runs by path and file metadata; only the bytes count, not the times);
+- for embedded data, a loader with an `item_contents(keys)` method supplies them (the `digits` loader hashes each
+  item's pixel bytes);
+- for any other in-memory loader, sha256 of each decoded image's mode, size and pixel bytes.
+
+They are computed once per index object, when first needed (`fingerprint`, `item_digest`).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
+
+from cdfsl.data.fingerprint import Content, file_contents
+from cdfsl.errors import DatasetError
 
 
 @dataclass(frozen=True)
@@ -63,14 +79,53 @@ class ImageIndex:
         return self.loader(self.items[position])
 
     def fingerprint(self) -> str:
-        """sha256 (16 hex digits) of name, classes, and (key, label) pairs."""
+        """sha256 (16 hex digits) of name, classes, and (key, label, size, content digest) of every item.
+
+        Raises:
+            DatasetError: an item's file can no longer be read.
+        """
+        return self._fingerprint
+
+    def item_digest(self, position: int) -> str:
+        """sha256 (64 hex digits) of the content of item `position` (see the module docstring)."""
+        return self._contents[position].digest
+
+    @functools.cached_property
+    def _fingerprint(self) -> str:
         digest = hashlib.sha256()
         digest.update(self.name.encode())
         for key, name in zip(self.class_keys, self.class_names, strict=True):
             digest.update(f"\0class\0{key}\0{name}".encode())
-        for item, label in zip(self.items, self.labels, strict=True):
-            digest.update(f"\0item\0{item}\0{label}".encode())
+        for item, label, content in zip(self.items, self.labels, self._contents, strict=True):
+            digest.update(f"\0item\0{item}\0{label}\0{content.size}\0{content.digest}".encode())
         return digest.hexdigest()[:16]
+
+    @functools.cached_property
+    def _contents(self) -> tuple[Content, ...]:
+        """(size, sha256) of every item's content, in index order."""
+        if self.root is not None:
+            try:
+                return tuple(file_contents([self.root / key for key in self.items]))
+            except OSError as error:
+                raise DatasetError(
+                    f"{self.name}: cannot read an image file to fingerprint it ({error}); "
+                    f"check the files under {self.root} and re-run"
+                ) from None
+        supplied = getattr(self.loader, "item_contents", None)
+        if callable(supplied):
+            contents = tuple(supplied(self.items))
+            if len(contents) != len(self.items):
+                raise ValueError("item_contents returned a different number of items")
+            return contents
+        return tuple(decoded_content(self.loader(key)) for key in self.items)
+
+
+def decoded_content(image: Image.Image) -> Content:
+    """Content of a decoded image: sha256 of its mode, size and pixel bytes."""
+    pixels = image.tobytes()
+    digest = hashlib.sha256(f"{image.mode}\0{image.width}x{image.height}\0".encode())
+    digest.update(pixels)
+    return Content(len(pixels), digest.hexdigest())
 
 
 @dataclass(frozen=True)

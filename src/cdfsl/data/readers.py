@@ -22,36 +22,73 @@ Layouts accepted under the data root (`docs/protocol.md`, "Datasets and their on
   are ignored. An optional `root/classnames.json` (`{"folder": "prompt name"}`) overrides prompt names.
 - `digits`: scikit-learn's 8x8 handwritten digits, embedded; the data root is ignored.
 
-Common rules: image files are those with extension .jpg .jpeg .png .bmp .tif .tiff .webp (any case); hidden
-files and folders (name starting with `.`, such as `.DS_Store` or macOS `._x.jpg`) are ignored. Item keys are
-POSIX paths relative to the data root, items are sorted by (label, key) and folder-class keys are sorted, so
-the filesystem's listing order never matters. Loaders open an item as RGB at its stored size (ChestX: at 256x256,
-see above). Every image file gets a cheap header check; unreadable files
-are left out (never shifting other labels), listed in `ImageIndex.skipped`, and reported in one warning per
-reader call. A file name read from a CSV must resolve (symlinks followed) inside the image folder it is
-looked up in, which lies in the data root; `../x.png` or an absolute path is skipped with a warning naming
-it. A class that ends up with no images stays in the class list (the episode sampler excludes and reports it).
+Common rules (the user-facing description is in `docs/protocol.md`): image files are those with extension .jpg
+.jpeg .png .bmp .tif .tiff .webp (any case); hidden files and folders (name starting with `.`, such as `.DS_Store` or
+macOS `._x.jpg`) are ignored. Item keys are POSIX paths relative to the data root, items are sorted by (label, key)
+and folder-class keys are sorted, so the filesystem's listing order never matters. A class that ends up with no
+images stays in the class list (the episode sampler excludes and reports it).
+
+What is left out, never shifting other labels: each kind below is listed in `ImageIndex.skipped` and reported in one
+`DatasetWarning` per reader call that names up to five entries (with `repr`, so any name prints).
+
+- Unreadable files. Every image file gets a cheap check at indexing: Pillow must identify it as one of
+  `IMAGE_FORMATS` (JPEG, PNG, BMP, TIFF, WebP; no other Pillow parser ever runs, whatever the extension says) from
+  its header, and a PNG must end with its IEND chunk and a JPEG with its EOI marker (trailing zero bytes allowed;
+  only the last 4 KiB are read), so a file cut short is left out here rather than stopping a run half-way. Files
+  damaged in the middle pass this check; `deep_check` decodes every item to find them.
+- Folder layouts: entries named like images that are not regular files (a FIFO would hang the reader, a device,
+  a broken symlink), and symlinks whose target resolves outside both the data root and the class folder they are
+  listed in (a class folder that is itself a symlink is followed). Subfolder symlinks are not followed. A folder
+  that cannot be listed (permission denied) is reported, not silently counted as empty.
+- A file name read from a CSV must resolve (symlinks followed) inside the image folder it is looked up in, which
+  lies in the data root; `../x.png`, an absolute path, or a name holding a control character (NUL, newline, ...)
+  is skipped with a warning naming it.
+- File and folder names that are not valid UTF-8 (Python sees them with surrogate escapes) are skipped in every
+  reader; `skipped` holds them with the undecodable bytes written as `\\udcXX`.
+
+Loaders open an item as RGB at its stored size (ChestX: at 256x256, see above). 16-bit and 32-bit integer grey
+images (modes `I;16*`, `I`) are scaled from 0..65535 to 0..255 (rounded, higher values clipped), and float images
+(mode `F`) are scaled by 255 when all values lie in [0, 1], else clipped to [0, 255] with one warning per file;
+Pillow's own `convert("RGB")` would make them all white or all black. Other modes convert as Pillow does. A file
+that fails to decode raises one of `DECODE_ERRORS` (the image cache turns it into a `DatasetError` naming it).
 """
 
 from __future__ import annotations
 
 import csv
 import functools
+import hashlib
 import json
 import os
+import struct
+import threading
 import warnings
 from collections.abc import Callable, Container, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import BinaryIO
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from cdfsl.data.fingerprint import Content, open_regular
 from cdfsl.data.index import ImageIndex
 from cdfsl.errors import DatasetError, DatasetWarning
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
+IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP")
+"""The Pillow formats images are opened with (`Image.open(..., formats=IMAGE_FORMATS)`); no other parser runs."""
+DECODE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,  # includes PIL.UnidentifiedImageError and "image file is truncated"
+    SyntaxError,  # Pillow's "broken PNG file" and other parser errors
+    ValueError,
+    EOFError,
+    IndexError,
+    struct.error,
+    Image.DecompressionBombError,
+)
+"""What opening or decoding a bad image file raises: such a file is unreadable, never a crash."""
 
 EUROSAT_CLASSES: dict[str, str] = {
     "AnnualCrop": "annual crop land",
@@ -90,6 +127,9 @@ DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "e
 CLASSNAMES_FILE = "classnames.json"
 _HEADER_CHECK_WORKERS = 8
 _NAMES_IN_WARNING = 5
+_TAIL_BYTES = 4096  # how much of a file's end the indexing check reads
+_PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the IEND chunk: zero length, type, CRC
+_JPEG_END = b"\xff\xd9"  # the EOI marker
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -118,7 +158,7 @@ def load_index(dataset: str, data_root: str | Path | None) -> ImageIndex:
 def read_eurosat(root: Path) -> ImageIndex:
     """EuroSAT RGB: class folders directly under `root` or under `root/2750/`."""
     base = root / "2750" if (root / "2750").is_dir() else root
-    folders = _class_folders(base)
+    folders = _class_folders(base, "eurosat")
     unknown = sorted(set(folders) - set(EUROSAT_CLASSES))
     if unknown:
         raise DatasetError(
@@ -132,7 +172,7 @@ def read_eurosat(root: Path) -> ImageIndex:
         )
     builder = _IndexBuilder("eurosat", root, folders, [EUROSAT_CLASSES[f] for f in folders])
     for label, folder in enumerate(folders):
-        builder.add_files(label, _list_images(base / folder, root))
+        builder.add_folder(label, base / folder)
     return builder.build()
 
 
@@ -140,7 +180,7 @@ def read_cropdiseases(root: Path) -> ImageIndex:
     """PlantVillage (CropDiseases): class folders directly under `root` or under `root/dataset/train/`."""
     nested = root / "dataset" / "train"
     base = nested if nested.is_dir() else root
-    folders = _class_folders(base)
+    folders = _class_folders(base, "cropdiseases")
     if len(folders) < 2:
         raise DatasetError(
             f"cropdiseases: expected PlantVillage class folders (such as Apple___Apple_scab) in {root} or "
@@ -148,7 +188,7 @@ def read_cropdiseases(root: Path) -> ImageIndex:
         )
     builder = _IndexBuilder("cropdiseases", root, folders, [plantvillage_prompt(f) for f in folders])
     for label, folder in enumerate(folders):
-        builder.add_files(label, _list_images(base / folder, root))
+        builder.add_folder(label, base / folder)
     return builder.build()
 
 
@@ -170,7 +210,7 @@ def read_isic2018(root: Path) -> ImageIndex:
             f"unknown: {_describe(sorted(set(header) - set(columns)))})"
         )
     builder = _IndexBuilder("isic2018", root, list(ISIC_CLASSES), list(ISIC_CLASSES.values()))
-    present = _file_names(input_dir)
+    present = builder.file_names(input_dir)
     not_one_hot: list[str] = []
     for row in rows:
         name = row[ISIC_IMAGE_COLUMN]
@@ -201,8 +241,8 @@ def read_chestx(root: Path) -> ImageIndex:
             f"chestx: {csv_path.name} lacks column(s) {', '.join(missing)}; expected columns including "
             f"{CHESTX_IMAGE_COLUMN!r} and {CHESTX_LABEL_COLUMN!r}; found {', '.join(header) or 'no header'}"
         )
-    locations = _chestx_locations(folders)
     builder = _IndexBuilder("chestx", root, list(CHESTX_CLASSES), list(CHESTX_CLASSES), opener=open_chestx)
+    locations = _chestx_locations(builder, folders)
     for row in rows:
         labels = [part.strip() for part in row[CHESTX_LABEL_COLUMN].split("|")]
         if len(labels) != 1 or labels[0] not in CHESTX_CLASSES:
@@ -214,13 +254,13 @@ def read_chestx(root: Path) -> ImageIndex:
 
 def read_imagefolder(root: Path) -> ImageIndex:
     """Generic class-folder tree; class = immediate subfolder, images directly in it or anywhere below it."""
-    folders = _class_folders(root)
+    folders = _class_folders(root, "imagefolder")
     if len(folders) < 2:
         raise DatasetError(f"imagefolder: expected at least 2 class folders in {root}; found {_describe(folders)}")
     names = _imagefolder_names(root, folders)
     builder = _IndexBuilder("imagefolder", root, folders, names)
     for label, folder in enumerate(folders):
-        builder.add_files(label, _list_images(root / folder, root))
+        builder.add_folder(label, root / folder)
     return builder.build()
 
 
@@ -258,19 +298,69 @@ READERS: dict[str, Callable[[Path], ImageIndex]] = {
 
 
 def open_rgb(root: Path, key: str) -> Image.Image:
-    """Open `root/key` and return it decoded as RGB."""
-    with Image.open(root / key) as image:
-        return image.convert("RGB")
+    """Open `root/key` (one of `IMAGE_FORMATS`) and return it decoded as RGB (wide modes scaled, see `to_8bit`).
+
+    Raises:
+        One of `DECODE_ERRORS`: the file cannot be opened or decoded.
+    """
+    path = root / key
+    with open_regular(path) as handle, Image.open(handle, formats=IMAGE_FORMATS) as image:
+        return to_8bit(image, path).convert("RGB")
 
 
 def open_chestx(root: Path, key: str) -> Image.Image:
     """Open `root/key` as the VtT release's ChestX loader does: resize to 256x256, then convert to RGB.
 
     The resize runs on the image as opened (mode `L` for ChestX) with Pillow's default `resize` filter, which is
-    bicubic for 8-bit grey and RGB images; the image's aspect ratio is not kept.
+    bicubic for 8-bit grey and RGB images; the image's aspect ratio is not kept. A 16-bit or float image is first
+    brought to 8-bit grey (`to_8bit`).
+
+    Raises:
+        One of `DECODE_ERRORS`: the file cannot be opened or decoded.
     """
-    with Image.open(root / key) as image:
-        return image.resize((CHESTX_PRE_RESIZE, CHESTX_PRE_RESIZE)).convert("RGB")
+    path = root / key
+    with open_regular(path) as handle, Image.open(handle, formats=IMAGE_FORMATS) as image:
+        return to_8bit(image, path).resize((CHESTX_PRE_RESIZE, CHESTX_PRE_RESIZE)).convert("RGB")
+
+
+def to_8bit(image: Image.Image, path: str | Path) -> Image.Image:
+    """Wide grey modes as 8-bit grey (`L`); any other image unchanged.
+
+    `I;16*` and `I`: values 0..65535 map linearly to 0..255 (rounded half up; negative values become 0, values
+    above 65535 become 255). `F`: values are multiplied by 255 when all lie in [0, 1]; otherwise they are clipped
+    to [0, 255] (NaN becomes 0) with one `DatasetWarning` per file naming `path`.
+    """
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        values = np.clip(np.asarray(image).astype(np.int64), 0, 65535)
+        return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8))
+    if image.mode == "F":
+        values = np.asarray(image).astype(np.float64)
+        finite = np.isfinite(values)
+        if finite.all() and values.size and values.min() >= 0.0 and values.max() <= 1.0:
+            scaled = values * 255.0
+        else:
+            scaled = np.clip(np.where(finite, values, 0.0), 0.0, 255.0)
+            scaled[np.isposinf(values)] = 255.0
+            _warn_once_per_file(
+                path,
+                f"float image {os.fsdecode(path)!r} has values outside [0, 1]; used them as 0..255 levels, clipped; "
+                "convert it to 8-bit to control how it looks",
+            )
+        return Image.fromarray(np.floor(scaled + 0.5).astype(np.uint8))
+    return image
+
+
+_warned_files: set[str] = set()
+_warned_lock = threading.Lock()
+
+
+def _warn_once_per_file(path: str | Path, message: str) -> None:
+    key = os.fsdecode(path)
+    with _warned_lock:
+        if key in _warned_files:
+            return
+        _warned_files.add(key)
+    warnings.warn(message, DatasetWarning, stacklevel=3)
 
 
 @dataclass(frozen=True, eq=False)
@@ -280,10 +370,50 @@ class DigitsLoader:
     pixels: np.ndarray = field(repr=False)
 
     def __call__(self, key: str) -> Image.Image:
+        return Image.fromarray(self.pixels[self._number(key)]).convert("RGB")
+
+    def item_contents(self, keys: Sequence[str]) -> list[Content]:
+        """(byte count, sha256) of each key's uint8 pixels: the content `ImageIndex.fingerprint` hashes."""
+        contents = []
+        for key in keys:
+            pixels = np.ascontiguousarray(self.pixels[self._number(key)], dtype=np.uint8)
+            contents.append(Content(pixels.nbytes, hashlib.sha256(pixels.tobytes()).hexdigest()))
+        return contents
+
+    def _number(self, key: str) -> int:
         prefix, _, number = key.partition("/")
         if prefix != "digits" or not number.isdigit() or int(number) >= len(self.pixels):
             raise KeyError(f"not a digits key: {key!r}")
-        return Image.fromarray(self.pixels[int(number)]).convert("RGB")
+        return int(number)
+
+
+# ----------------------------------------------------------------------------------------------------
+# checks
+
+
+def deep_check(index: ImageIndex, workers: int = 4) -> list[tuple[str, str]]:
+    """Decode every item of `index` fully, with its loader, on `workers` threads.
+
+    Finds what the cheap indexing check cannot: files damaged in the middle (header and end intact). Slow: it costs
+    one full decode per image.
+
+    Returns:
+        (item key, reason) for each item that fails to decode, in index order; empty when all decode.
+    """
+
+    def failure(key: str) -> str | None:
+        try:
+            index.loader(key)
+        except DECODE_ERRORS as error:
+            return f"{type(error).__name__}: {error}"
+        return None
+
+    if workers > 1 and len(index.items) > 1:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            reasons = list(pool.map(failure, index.items))
+    else:
+        reasons = [failure(key) for key in index.items]
+    return [(key, reason) for key, reason in zip(index.items, reasons, strict=True) if reason is not None]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -321,27 +451,47 @@ def _is_image_name(name: str) -> bool:
     return not _hidden(name) and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def _class_folders(base: Path) -> list[str]:
-    """Sorted names of the non-hidden subfolders of `base`."""
+def _decodable(name: str) -> bool:
+    """False for a name holding bytes that are not UTF-8 (surrogate escapes from the OS listing)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _printable(name: str) -> str:
+    """`name` with undecodable bytes written as `\\udcXX`, safe to print anywhere."""
+    return name.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _class_folders(base: Path, dataset: str) -> list[str]:
+    """Sorted names of the non-hidden subfolders of `base` (symlinks followed); undecodable names warned about.
+
+    Raises:
+        DatasetError: `base` cannot be listed.
+    """
     if not base.is_dir():
         return []
-    with os.scandir(base) as entries:
-        return sorted(e.name for e in entries if e.is_dir() and not _hidden(e.name))
+    names: list[str] = []
+    undecodable: list[str] = []
+    try:
+        with os.scandir(base) as entries:
+            for entry in entries:
+                if _hidden(entry.name) or not _is_dir(entry):
+                    continue
+                (names if _decodable(entry.name) else undecodable).append(entry.name)
+    except OSError as error:
+        raise DatasetError(f"{dataset}: cannot list {base}: {error.strerror or error}; check its permissions") from None
+    _warn_list(sorted(undecodable), f"{dataset}: skipped {{n}} class folder(s) whose name is not valid UTF-8")
+    return sorted(names)
 
 
-def _list_images(folder: Path, root: Path) -> list[str]:
-    """Keys (POSIX, relative to `root`) of image files directly in `folder` or below it, sorted."""
-    keys: list[str] = []
-    for current, dirs, files in os.walk(folder):
-        dirs[:] = [d for d in dirs if not _hidden(d)]
-        relative = Path(current).relative_to(root)
-        keys.extend((relative / name).as_posix() for name in files if _is_image_name(name))
-    return sorted(keys)
-
-
-def _file_names(folder: Path) -> frozenset[str]:
-    with os.scandir(folder) as entries:
-        return frozenset(e.name for e in entries if e.is_file())
+def _is_dir(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
 
 
 def _read_csv(path: Path, dataset: str) -> tuple[list[str], list[dict[str, str]]]:
@@ -376,8 +526,11 @@ def _one_hot_label(values: Sequence[str]) -> int | None:
 
 
 def _unsafe_name(name: str) -> bool:
-    """True for names that are empty, absolute (POSIX or Windows style), or climb with `..`."""
-    if not name or PurePosixPath(name).is_absolute() or PureWindowsPath(name).is_absolute():
+    """True for names that are empty, hold a control character, are absolute (POSIX or Windows style), or climb
+    with `..`."""
+    if not name or any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return True
+    if PurePosixPath(name).is_absolute() or PureWindowsPath(name).is_absolute():
         return True
     return PureWindowsPath(name).drive != "" or ".." in PurePosixPath(name.replace("\\", "/")).parts
 
@@ -389,11 +542,11 @@ def _chestx_image_folders(root: Path) -> list[Path]:
     return folders + spread
 
 
-def _chestx_locations(folders: Sequence[Path]) -> dict[str, Path]:
+def _chestx_locations(builder: _IndexBuilder, folders: Sequence[Path]) -> dict[str, Path]:
     """File name -> the first folder (in the given order) holding a file of that name."""
     locations: dict[str, Path] = {}
     for folder in folders:
-        for name in _file_names(folder):
+        for name in builder.file_names(folder):
             locations.setdefault(name, folder)
     return locations
 
@@ -422,22 +575,34 @@ def _imagefolder_names(root: Path, folders: Sequence[str]) -> list[str]:
     return [mapping.get(folder, folder).strip() for folder in folders]
 
 
-def _header_ok(path: Path) -> bool:
-    """Cheap readability check: PIL identifies the file from its header."""
+def _readable(path: Path) -> bool:
+    """Cheap readability check: a regular file that Pillow identifies as one of `IMAGE_FORMATS` from its header,
+    and, for PNG and JPEG, whose end is the format's end marker (`_ends_complete`)."""
     try:
-        with Image.open(path) as image:
+        with open_regular(path) as handle, Image.open(handle, formats=IMAGE_FORMATS) as image:
             image.size  # noqa: B018 - touching the header is the point
-    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):
+            return _ends_complete(handle, image.format)
+    except DECODE_ERRORS:
         return False
-    return True
 
 
-def _check_headers(root: Path, keys: Sequence[str]) -> list[bool]:
-    """Header check of `root/key` for each key, in the same order, on a thread pool."""
+def _ends_complete(handle: BinaryIO, image_format: str | None) -> bool:
+    """True unless a PNG's last bytes are not the IEND chunk or a JPEG's are not the EOI marker (trailing zero bytes
+    allowed); other formats are not checked. Reads at most the last `_TAIL_BYTES` bytes."""
+    marker = {"PNG": _PNG_END, "JPEG": _JPEG_END, "MPO": _JPEG_END}.get(image_format or "")
+    if marker is None:
+        return True
+    size = os.fstat(handle.fileno()).st_size
+    handle.seek(max(0, size - _TAIL_BYTES))
+    return handle.read(_TAIL_BYTES).rstrip(b"\0").endswith(marker)
+
+
+def _check_files(root: Path, keys: Sequence[str]) -> list[bool]:
+    """`_readable(root/key)` for each key, in the same order, on a thread pool."""
     if not keys:
         return []
     with ThreadPoolExecutor(max_workers=_HEADER_CHECK_WORKERS) as pool:
-        return list(pool.map(_header_ok, (root / key for key in keys), chunksize=64))
+        return list(pool.map(_readable, (root / key for key in keys), chunksize=64))
 
 
 def _warn_list(names: Sequence[str], message: str) -> None:
@@ -451,7 +616,7 @@ def _warn_list(names: Sequence[str], message: str) -> None:
 
 @dataclass
 class _IndexBuilder:
-    """Collects (key, label) pairs, checks headers, reports skipped files and builds the `ImageIndex`.
+    """Collects (key, label) pairs, checks files, reports skipped entries and builds the `ImageIndex`.
 
     `opener(root, key)` opens one item as RGB; the index's loader is `functools.partial(opener, root)`, so the
     opener must be a module-level function for the index to pickle into data-loader workers.
@@ -466,12 +631,94 @@ class _IndexBuilder:
     unsafe: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     duplicate: list[str] = field(default_factory=list)
+    special: list[str] = field(default_factory=list)  # named like images, not regular files
+    escaping: list[str] = field(default_factory=list)  # symlinks resolving outside the data root
+    unlistable: list[str] = field(default_factory=list)  # folders that could not be listed
+    undecodable: list[str] = field(default_factory=list)  # names that are not UTF-8 (surrogate escapes)
     _seen: set[str] = field(default_factory=set)
     _resolved: dict[Path, Path] = field(default_factory=dict)
 
     def add_files(self, label: int, keys: Iterable[str]) -> None:
         for key in keys:
             self._add(label, key)
+
+    def add_folder(self, label: int, folder: Path) -> None:
+        """Add the image files directly in `folder` (a class folder under the root) and in every folder below it.
+
+        Hidden entries are ignored; subfolder symlinks are not followed. An entry named like an image is left out
+        (and reported) when it is not a regular file, when it is a symlink resolving outside both the data root and
+        the resolved `folder`, or when its name is not UTF-8; a folder that cannot be listed is reported.
+        """
+        boundaries = (os.path.realpath(self.root), os.path.realpath(folder))
+        pending = [(folder, Path(folder).relative_to(self.root).as_posix() + "/")]
+        keys: list[str] = []
+        while pending:
+            current, prefix = pending.pop()
+            try:
+                with os.scandir(current) as listing:
+                    entries = list(listing)
+            except OSError:
+                self.unlistable.append(prefix.rstrip("/"))
+                continue
+            for entry in entries:
+                name = entry.name
+                if _hidden(name):
+                    continue
+                if not _decodable(name):
+                    self.undecodable.append(prefix + name)
+                    continue
+                kind = self._kind(entry, boundaries)
+                if kind == "folder":
+                    pending.append((Path(entry.path), prefix + name + "/"))
+                elif kind == "file" and _is_image_name(name):
+                    keys.append(prefix + name)
+                elif kind == "escaping" and _is_image_name(name):
+                    self.escaping.append(prefix + name)
+                elif kind == "special" and _is_image_name(name):
+                    self.special.append(prefix + name)
+        self.add_files(label, sorted(keys))
+
+    @staticmethod
+    def _kind(entry: os.DirEntry[str], boundaries: Sequence[str]) -> str:
+        """`folder` (a real subfolder), `file` (a regular file, or a symlink to one inside a boundary), `escaping`
+        (a symlink resolving outside every boundary), `special` (anything else: FIFO, device, socket, broken or
+        looping symlink), or `link` (a symlink to a folder, not followed)."""
+        try:
+            if not entry.is_symlink():
+                if entry.is_dir(follow_symlinks=False):
+                    return "folder"
+                return "file" if entry.is_file(follow_symlinks=False) else "special"
+            target = os.path.realpath(entry.path)
+            if not any(target == b or target.startswith(b.rstrip(os.sep) + os.sep) for b in boundaries):
+                return "escaping"
+            if entry.is_dir():
+                return "link"
+            return "file" if entry.is_file() else "special"
+        except OSError:
+            return "special"
+
+    def file_names(self, folder: Path) -> frozenset[str]:
+        """Names of the regular files (symlinks followed) in `folder`; names that are not UTF-8 are left out and
+        reported.
+
+        Raises:
+            DatasetError: `folder` cannot be listed.
+        """
+        names: set[str] = set()
+        try:
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    if not _is_regular(entry):
+                        continue
+                    if _decodable(entry.name):
+                        names.add(entry.name)
+                    elif not _hidden(entry.name):
+                        self.undecodable.append((folder / entry.name).relative_to(self.root).as_posix())
+        except OSError as error:
+            raise DatasetError(
+                f"{self.name}: cannot list {folder}: {error.strerror or error}; check its permissions"
+            ) from None
+        return frozenset(names)
 
     def add_csv_entry(self, label: int, folder: Path, name: str, present: Container[str]) -> None:
         """Add `folder/name` named by a CSV row unless unsafe or missing (`present`: names in `folder`)."""
@@ -497,7 +744,7 @@ class _IndexBuilder:
 
     def build(self) -> ImageIndex:
         pairs = sorted(self.pairs)
-        readable = _check_headers(self.root, [key for _, key in pairs])
+        readable = _check_files(self.root, [key for _, key in pairs])
         unreadable = [key for (_, key), ok in zip(pairs, readable, strict=True) if not ok]
         pairs = [pair for pair, ok in zip(pairs, readable, strict=True) if ok]
         self._report(unreadable)
@@ -505,7 +752,8 @@ class _IndexBuilder:
             raise DatasetError(
                 f"{self.name}: zero images found under {self.root} (expected image files with extensions "
                 f"{', '.join(sorted(IMAGE_EXTENSIONS))}; {len(unreadable)} unreadable, "
-                f"{len(self.missing)} missing, {len(self.unsafe)} unsafe)"
+                f"{len(self.missing)} missing, {len(self.unsafe)} unsafe, "
+                f"{len(self.special) + len(self.escaping) + len(self.undecodable)} other skipped)"
             )
         with_images = sorted({label for label, _ in pairs})
         if len(with_images) < 2:
@@ -521,14 +769,48 @@ class _IndexBuilder:
             labels=tuple(label for label, _ in pairs),
             loader=functools.partial(self.opener, self.root),
             root=self.root,
-            skipped=tuple(sorted(self.unsafe)) + tuple(sorted(self.missing)) + tuple(unreadable),
+            skipped=(
+                tuple(sorted(self.unsafe))
+                + tuple(sorted(self.missing))
+                + tuple(unreadable)
+                + tuple(sorted(self.escaping))
+                + tuple(sorted(self.special))
+                + tuple(sorted(_printable(n) for n in self.undecodable))
+            ),
         )
 
     def _report(self, unreadable: Sequence[str]) -> None:
         _warn_list(
             sorted(self.unsafe),
-            f"{self.name}: skipped {{n}} CSV entr(ies) whose file name does not resolve inside the image folder",
+            f"{self.name}: skipped {{n}} CSV entr(ies) whose file name is unsafe (a control character) or does not "
+            "resolve inside the image folder",
         )
         _warn_list(sorted(self.missing), f"{self.name}: skipped {{n}} CSV row(s) whose image file is missing")
         _warn_list(sorted(self.duplicate), f"{self.name}: ignored {{n}} repeated entr(ies) for the same file")
+        _warn_list(
+            sorted(self.unlistable),
+            f"{self.name}: could not list {{n}} folder(s) (permission denied?), so their images are left out; "
+            "fix the permissions to include them",
+        )
+        _warn_list(
+            sorted(self.undecodable),
+            f"{self.name}: skipped {{n}} file or folder name(s) that are not valid UTF-8; rename them to include them",
+        )
+        _warn_list(
+            sorted(self.escaping),
+            f"{self.name}: skipped {{n}} symlink(s) whose target lies outside the data root",
+        )
+        _warn_list(
+            sorted(self.special),
+            f"{self.name}: skipped {{n}} entr(ies) named like images that are not regular files "
+            "(FIFO, device, socket, broken symlink)",
+        )
         _warn_list(unreadable, f"{self.name}: skipped {{n}} unreadable image file(s)")
+
+
+def _is_regular(entry: os.DirEntry[str]) -> bool:
+    """True for a regular file, symlinks followed (a FIFO, device or broken link is not)."""
+    try:
+        return entry.is_file()
+    except OSError:
+        return False

@@ -3,14 +3,35 @@
 A run is identified by a hash of everything that determines its per-episode results (`RunConfig.identity`), so
 re-running the same command finds its stored episodes and trains only the missing ones; the episode batch size, the
 number of episodes and the result file are not part of it. A batch of episodes is stored in one transaction after it
-finishes, so an interrupted run loses at most the batch in flight and never stores a partial one.
+finishes, so an interrupted run loses at most the batch in flight and never stores a partial one. The run's row is
+written in the same transaction as its first stored episodes: a run that fails before any episode (a bad checkpoint,
+an unknown backbone) leaves nothing in the store.
+
+Concurrency: several processes may run the same command on the same store (on one machine, or on a filesystem
+whose locking SQLite can trust) and share its episodes. Each `Runner` has a unique `owner` id (host, process id,
+random). It claims the next `episode_batch` episodes that are neither stored nor claimed by a live lease, in
+ascending order, in one transaction (`ResultStore.claim_episodes`); trains them; stores the rows and deletes its
+claims in one transaction; and repeats. Claims whose lease expired (their owner was killed) are taken over. When
+nothing is left to claim, it polls the store every `poll_seconds` (or sooner, when the next lease expires) until
+every episode is stored, taking over episodes whose lease expired or that were handed back, and then returns the
+full result. A lease lasts `lease_seconds` (default 30 minutes) from the moment its batch is claimed, and each new
+batch is claimed with a fresh lease: choose it longer than one batch takes to train. If a batch outlives its lease,
+another process may train the same episodes as well; the rows are the same (episodes are deterministic by index and
+the method starts afresh per batch) and the first stored row is kept, so only the work is doubled. An interrupted
+or failed runner hands back its claims (`try/finally`) and stores nothing of the batch in flight. `trained_episodes`
+counts the episodes this process trained; progress counts every stored episode, whoever trained it.
 """
 
 from __future__ import annotations
 
+import math
+import os
+import secrets
+import socket
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +40,7 @@ import torch
 
 from cdfsl.analysis.stats import mean_ci95
 from cdfsl.backbone.adapter import ClipAdapter
-from cdfsl.backbone.factory import load_backbone, resolve_activation
+from cdfsl.backbone.factory import load_backbone, resolve_activation, weights_identity
 from cdfsl.config import RunConfig, run_id_of
 from cdfsl.data.episodes import build_batch
 from cdfsl.data.images import PREPROCESSING, ImageCache
@@ -27,7 +48,7 @@ from cdfsl.data.index import ImageIndex
 from cdfsl.data.readers import load_index
 from cdfsl.data.sampler import EpisodeSampler
 from cdfsl.engine.store import EpisodeResult, ResultStore
-from cdfsl.errors import ConfigError, DatasetWarning
+from cdfsl.errors import ConfigError, DatasetWarning, StoreError
 from cdfsl.methods import build_method
 
 
@@ -110,20 +131,74 @@ def chunks(items: Sequence[int], size: int) -> Iterator[list[int]]:
         yield list(items[start : start + size])
 
 
+class _Tally:
+    """Running count, mean and spread of a run's stored episodes below `total` (whoever stored them), updated from
+    the rows added since the last look, so each update costs time in the new rows only (Chan et al.'s merge)."""
+
+    def __init__(self, store: ResultStore, run_id: str, total: int) -> None:
+        self._store, self._run_id, self._total = store, run_id, total
+        self._marker = 0
+        self.count = 0
+        self._mean = 0.0
+        self._m2 = 0.0
+        self.refresh()
+
+    def refresh(self) -> bool:
+        """Add the rows stored since the last refresh; True when there were any."""
+        accuracies, self._marker = self._store.accuracies_since(self._run_id, self._total, self._marker)
+        if not accuracies:
+            return False
+        values = torch.tensor(accuracies, dtype=torch.float64) * 100.0
+        n, mean = values.numel(), float(values.mean())
+        m2 = float(((values - mean) ** 2).sum())
+        count = self.count + n
+        delta = mean - self._mean
+        self._mean += delta * n / count
+        self._m2 += m2 + delta * delta * self.count * n / count
+        self.count = count
+        return True
+
+    def mean_ci95(self) -> tuple[float, float]:
+        """As `mean_ci95` over the stored accuracies, in percent."""
+        if self.count == 0:
+            return float("nan"), float("nan")
+        return self._mean, 1.96 * math.sqrt(max(self._m2, 0.0) / self.count) / math.sqrt(self.count)
+
+
+def _owner_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
 class Runner:
     """Runs configs, keeping loaded backbones and image caches for later runs in the same process.
 
     Args:
-        progress: called after every finished batch of episodes.
+        progress: called after every finished batch of episodes (this process's or, while it waits, others').
+        lease_seconds: how long a claim on a batch of episodes holds before other processes may take it over; it
+            starts when the batch is claimed, so it must exceed the time one batch takes (default 30 minutes).
+        poll_seconds: how often to look at the store while other processes finish the last episodes.
+
+    `owner` is this runner's unique id in the store's claims and in `episodes.trained_by`.
     """
 
-    def __init__(self, progress: Callable[[Progress], None] | None = None) -> None:
+    def __init__(
+        self,
+        progress: Callable[[Progress], None] | None = None,
+        lease_seconds: float = 30 * 60.0,
+        poll_seconds: float = 5.0,
+    ) -> None:
+        if lease_seconds <= 0 or poll_seconds <= 0:
+            raise ValueError(f"lease_seconds and poll_seconds must be positive, not {lease_seconds}, {poll_seconds}")
         self.progress = progress
-        self._backbones: dict[tuple[str, str, str, str], ClipAdapter] = {}
+        self.lease_seconds = lease_seconds
+        self.poll_seconds = poll_seconds
+        self.owner = _owner_id()
+        self._backbones: dict[tuple[str, str, str, str, str], ClipAdapter] = {}
         self._caches: dict[tuple[str, int, str | None], ImageCache] = {}
 
     def backbone(self, config: RunConfig, device: torch.device) -> ClipAdapter:
-        key = (config.backbone, config.pretrained, config.activation, str(device))
+        # Keyed by the weights' content too: a checkpoint rebuilt at the same path is loaded afresh.
+        key = (config.backbone, config.pretrained, weights_identity(config.pretrained), config.activation, str(device))
         if key not in self._backbones:
             self._backbones[key] = load_backbone(config.backbone, config.pretrained, device, config.activation)
         return self._backbones[key]
@@ -138,6 +213,8 @@ class Runner:
         """Run (or resume) `config`; return its results over episodes `0 … episodes−1`.
 
         The config is resolved first (its recipe fills every unset field); the result carries the resolved config.
+        Other processes may work on the same run in the same store at the same time: episodes are shared through
+        claims (see the module docstring), and this call returns once every episode is stored, whoever trained it.
         """
         config = config.validate().resolved()
         device = resolve_device(config.device)
@@ -153,20 +230,20 @@ class Runner:
             )
         total = config.resolved_episodes()
         activation = resolve_activation(config.backbone, config.pretrained, config.activation)
-        identity = config.identity(precision, index.fingerprint(), activation, device.type, PREPROCESSING)
+        weights = weights_identity(config.pretrained)
+        identity = config.identity(precision, index.fingerprint(), activation, device.type, PREPROCESSING, weights)
         run_id = run_id_of(identity)
         with ResultStore(Path(config.db)) as store:
-            store.register_run(run_id, config.to_dict(), identity)
-            finished = store.finished_episodes(run_id)
-            todo = [i for i in range(total) if i not in finished]
-            resumed = total - len(todo)
             started = time.perf_counter()
-            if todo:
+            tally = _Tally(store, run_id, total)
+            resumed = tally.count
+            trained = 0
+            if resumed < total:
                 backbone = self.backbone(config, device)
                 method = build_method(config, backbone, autocast_dtype)
                 cache = self.image_cache(index, backbone.image_size, config.cache_dir)
-                accuracies = [a for i, a in store.episode_accuracies(run_id).items() if i < total]
-                for chunk in chunks(todo, config.episode_batch):
+
+                def train(chunk: list[int]) -> list[EpisodeResult]:
                     batch_start = time.perf_counter()
                     batch = build_batch(
                         sampler.episodes(chunk),
@@ -184,19 +261,31 @@ class Runner:
                     seconds = (time.perf_counter() - batch_start) / len(chunk)
                     total_queries = batch.query_labels.shape[1]
                     records = method.episode_records() or [{} for _ in chunk]
-                    results = [
+                    return [
                         EpisodeResult(i, c, total_queries, seconds, record.get("dlc_off_step"))
                         for i, c, record in zip(chunk, correct, records, strict=True)
                     ]
-                    store.add_episodes(run_id, results)
-                    accuracies += [r.accuracy for r in results]
+
+                def report() -> None:
                     if self.progress is not None:
-                        mean, ci = mean_ci95(accuracies)
-                        done = len(accuracies)
-                        elapsed = time.perf_counter() - started
-                        self.progress(Progress(done, total, resumed, mean, ci, elapsed))
-            stored = store.episode_accuracies(run_id)
-            dlc_off_steps = store.episode_dlc_off_steps(run_id) if config.uses_vtt else {}
+                        mean, ci = tally.mean_ci95()
+                        self.progress(Progress(tally.count, total, resumed, mean, ci, time.perf_counter() - started))
+
+                try:
+                    trained = self._share(store, run_id, total, config, identity, tally, train, report)
+                except BaseException:
+                    # Interrupted or failed: hand back the claims of the batch in flight (nothing of it is stored).
+                    with suppress(StoreError):
+                        store.release_claims(run_id, self.owner)
+                    raise
+            store.register_run(run_id, config.to_dict(), identity)  # only updates a given run name by now
+            stored = store.episode_accuracies(run_id, below=total)
+            dlc_off_steps = store.episode_dlc_off_steps(run_id, below=total) if config.uses_vtt else {}
+            if len(stored) < total:
+                raise StoreError(
+                    f"result store {store.path} lost episodes of run {run_id} while it ran ({len(stored)} of {total} "
+                    "left); were rows deleted? run the command again to train them"
+                )
         per_episode = [(i, stored[i] * 100.0) for i in range(total)]
         mean, ci = mean_ci95([a / 100.0 for _, a in per_episode])
         return RunResult(
@@ -205,11 +294,54 @@ class Runner:
             mean_acc=mean,
             ci95=ci,
             per_episode=per_episode,
-            trained_episodes=len(todo),
+            trained_episodes=trained,
             excluded_classes=sampler.excluded_classes,
             seconds=time.perf_counter() - started,
             dlc_off_steps={i: dlc_off_steps.get(i) for i in range(total)} if config.uses_vtt else {},
         )
+
+    def _share(
+        self,
+        store: ResultStore,
+        run_id: str,
+        total: int,
+        config: RunConfig,
+        identity: dict[str, Any],
+        tally: _Tally,
+        train: Callable[[list[int]], list[EpisodeResult]],
+        report: Callable[[], None],
+    ) -> int:
+        """Claim, train and store batches until every episode below `total` is stored; return how many this
+        process trained.
+
+        One ascending sweep claims every free episode; then, while other owners hold live claims, poll: when an
+        episode is neither stored nor held by a live claim (its owner was killed or interrupted), sweep again.
+        """
+        trained = 0
+        position = 0
+        while True:
+            chunk, position = store.claim_episodes(
+                run_id, total, config.episode_batch, self.owner, self.lease_seconds, position
+            )
+            if chunk:
+                results = train(chunk)
+                store.add_episodes(run_id, results, owner=self.owner, config=config.to_dict(), identity=identity)
+                trained += len(chunk)
+                tally.refresh()
+                report()
+                continue
+            pending = store.pending(run_id, total)
+            if pending.stored >= total:
+                if tally.refresh():
+                    report()
+                return trained
+            if pending.stored + pending.claimed < total:
+                position = 0  # an episode came free behind the sweep
+                continue
+            if tally.refresh():
+                report()
+            until_expiry = (pending.next_expiry or 0.0) - time.time()
+            time.sleep(min(self.poll_seconds, max(until_expiry, 0.0) + 0.01))
 
 
 def run(config: RunConfig, progress: Callable[[Progress], None] | None = None) -> RunResult:

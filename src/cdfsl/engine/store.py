@@ -3,21 +3,44 @@
 Schema (bound parameters only; names and config values are data, never SQL):
 
 - `runs(run_id PK, run_name, dataset, method, backbone, pretrained, ways, shots, queries, seed, config_json,
-  identity_json, created_at, recipe)`; `config_json` is the resolved config (every recipe value filled in).
-- `episodes(run_id, episode, correct, total, accuracy, seconds, finished_at, dlc_off_step, PK(run_id, episode))`,
-  accuracy in [0, 1]; `dlc_off_step` is the training step at which VtT's DGSO switched `L_VtT` off (NULL: never, or
-  not VtT).
+  identity_json, created_at, recipe)`; `config_json` is the resolved config (every recipe value filled in). A run
+  gets its row in the same transaction as its first stored episodes, so a run that failed before finishing an
+  episode leaves no row.
+- `episodes(run_id, episode, correct, total, accuracy, seconds, finished_at, dlc_off_step, trained_by,
+  PK(run_id, episode))`, accuracy in [0, 1]; `dlc_off_step` is the training step at which VtT's DGSO switched
+  `L_VtT` off (NULL: never, or not VtT); `trained_by` is the owner id of the process that trained the episode (NULL
+  in rows written before it existed, or through `add_episodes` without an owner).
+- `claims(run_id, episode, owner, expires_at, PK(run_id, episode))`: episodes a process is training now.
+  `expires_at` is a Unix time in seconds; a claim whose time has passed is a lease nobody holds any more.
 
-Stores written before a column existed gain it when opened (NULL for their rows). WAL mode and a busy timeout let
-several worker processes append to one file.
+Concurrency: the store is in WAL mode with a 60 s busy timeout, so several processes (the same command started
+twice, or several workers) can share one file on one machine. Every write is one `BEGIN IMMEDIATE` transaction.
+`claim_episodes` picks, in ascending order, the next episodes that are neither stored nor held by a live claim
+(an expired claim, left by a killed process, is taken over) and records them with a lease, all in one transaction,
+so two processes never hold the same episode at once. `add_episodes(..., owner=...)` stores a finished batch,
+registers its run and deletes the owner's claims on it in one transaction: a batch is either fully stored or not
+at all, and an episode stored twice (a lease that expired while its owner was still training) keeps its first row.
+`release_claims` hands back an interrupted owner's claims. Rows never depend on which process trained an episode.
+
+Read-only mode (`ResultStore(path, read_only=True)`, what reports use): the file is opened through SQLite's URI
+`file:…?mode=ro`; nothing is created, no table is added or altered and the journal mode is left as it is. A WAL
+store in a folder the reader cannot write (SQLite cannot create its `-shm` file there) is opened with
+`immutable=1`, unless its `-wal` file holds changes not yet merged, which such a reader would not see (then a
+`StoreError` says so). Stores written before a column existed read as NULL in that column.
+
+In read-write mode, stores written before a column existed gain it when opened (NULL for their rows). A SQLite file
+with tables of another program is refused in both modes, and so is a read-only or damaged file: every SQLite error
+at this boundary becomes a one-line `StoreError` naming the file and what to do.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
+import time
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,8 +48,8 @@ from typing import Any
 
 from cdfsl.errors import StoreError
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS runs (
+_TABLES = {
+    "runs": """CREATE TABLE IF NOT EXISTS runs (
     run_id TEXT PRIMARY KEY,
     run_name TEXT,
     dataset TEXT NOT NULL,
@@ -41,8 +64,8 @@ CREATE TABLE IF NOT EXISTS runs (
     identity_json TEXT NOT NULL,
     created_at TEXT NOT NULL,
     recipe TEXT
-);
-CREATE TABLE IF NOT EXISTS episodes (
+)""",
+    "episodes": """CREATE TABLE IF NOT EXISTS episodes (
     run_id TEXT NOT NULL REFERENCES runs(run_id),
     episode INTEGER NOT NULL,
     correct INTEGER NOT NULL,
@@ -51,11 +74,35 @@ CREATE TABLE IF NOT EXISTS episodes (
     seconds REAL NOT NULL,
     finished_at TEXT NOT NULL,
     dlc_off_step INTEGER,
+    trained_by TEXT,
     PRIMARY KEY (run_id, episode)
-);
-"""
+)""",
+    "claims": """CREATE TABLE IF NOT EXISTS claims (
+    run_id TEXT NOT NULL,
+    episode INTEGER NOT NULL,
+    owner TEXT NOT NULL,
+    expires_at REAL NOT NULL,
+    PRIMARY KEY (run_id, episode)
+)""",
+}
+# Columns of the first release, which every cdfsl store has.
+_REQUIRED_COLUMNS = {
+    "runs": {
+        "run_id", "run_name", "dataset", "method", "backbone", "pretrained", "ways", "shots", "queries", "seed",
+        "config_json", "identity_json", "created_at",
+    },
+    "episodes": {"run_id", "episode", "correct", "total", "accuracy", "seconds", "finished_at"},
+    "claims": {"run_id", "episode", "owner", "expires_at"},
+}  # fmt: skip
 # Columns added after the first release, per table: (name, SQL type), appended to older stores when opened.
-_ADDED_COLUMNS = {"runs": (("recipe", "TEXT"),), "episodes": (("dlc_off_step", "INTEGER"),)}
+_ADDED_COLUMNS = {"runs": (("recipe", "TEXT"),), "episodes": (("dlc_off_step", "INTEGER"), ("trained_by", "TEXT"))}
+_BUSY_TIMEOUT_S = 60.0
+# The largest range of episode indices `claim_episodes` reads at once while it skips stored or claimed episodes.
+_MAX_WINDOW = 1 << 16
+
+# SQLite's primary result codes (the low byte of an extended code).
+_SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_READONLY, _SQLITE_IOERR = 5, 6, 8, 10
+_SQLITE_CORRUPT, _SQLITE_FULL, _SQLITE_CANTOPEN, _SQLITE_NOTADB = 11, 13, 14, 26
 
 
 @dataclass(frozen=True)
@@ -94,28 +141,220 @@ class RunRecord:
     recipe: str | None = None
 
 
+@dataclass(frozen=True)
+class Pending:
+    """Where a run stands among all processes: `stored` of its first episodes are stored, `claimed` more are held
+    by live claims, and the earliest of those claims expires at Unix time `next_expiry` (None: no live claim)."""
+
+    stored: int
+    claimed: int
+    next_expiry: float | None
+
+
 class ResultStore:
-    """A SQLite file of runs and finished episodes. Use as a context manager or call `close()`."""
+    """A SQLite file of runs and finished episodes. Use as a context manager or call `close()`.
 
-    def __init__(self, path: str | Path) -> None:
+    Args:
+        path: the SQLite file; in read-write mode it is created when missing (its folder must exist).
+        read_only: open without writing anything (see the module docstring); a missing file is a `StoreError`.
+    """
+
+    def __init__(self, path: str | Path, read_only: bool = False) -> None:
         self.path = Path(path)
-        if self.path.parent and not self.path.parent.exists():
-            raise StoreError(f"cannot create result store {self.path}: folder {self.path.parent} does not exist")
+        self.read_only = read_only
+        self._columns: dict[str, set[str]] = {}
+        self._db = self._open_read_only() if read_only else self._open_read_write()
         try:
-            self._db = sqlite3.connect(self.path, timeout=60.0)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.executescript(_SCHEMA)
-            self._add_missing_columns()
-        except sqlite3.DatabaseError as error:
-            raise StoreError(f"cannot open result store {self.path}: {error} (is it a cdfsl SQLite file?)") from None
+            with self._guard():
+                self._inspect()
+                if not read_only:
+                    self._prepare()
+        except BaseException:
+            self._db.close()
+            raise
 
-    def _add_missing_columns(self) -> None:
-        with self._db:
+    # ------------------------------------------------------------------------------------------------------
+    # opening
+
+    def _connect(self, target: str | Path, uri: bool = False) -> sqlite3.Connection:
+        with self._guard():
+            return sqlite3.connect(target, timeout=_BUSY_TIMEOUT_S, isolation_level=None, uri=uri)
+
+    def _open_read_write(self) -> sqlite3.Connection:
+        folder = self.path.parent
+        if not folder.is_dir():
+            raise StoreError(f"cannot create result store {self.path}: folder {folder} does not exist")
+        if self.path.exists():
+            if not self.path.is_file():
+                raise StoreError(f"result store {self.path} is not a file; pass a SQLite file with --db")
+            if not os.access(self.path, os.W_OK):
+                raise StoreError(self._read_only_message())
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise StoreError(self._read_only_message())
+        return self._connect(self.path)
+
+    def _open_read_only(self) -> sqlite3.Connection:
+        if not self.path.exists():
+            raise StoreError(f"no result store at {self.path}; run `cdfsl run` first or pass --db")
+        if not self.path.is_file():
+            raise StoreError(f"result store {self.path} is not a file; pass a SQLite file with --db")
+        uri = self.path.resolve().as_uri() + "?mode=ro"
+        db = self._connect(uri, uri=True)
+        try:
+            db.execute("SELECT COUNT(*) FROM sqlite_master").fetchall()
+            return db
+        except sqlite3.Error as error:
+            db.close()
+            if _primary_code(error) not in (_SQLITE_READONLY, _SQLITE_CANTOPEN):
+                raise self._store_error(error) from None
+        # A WAL store in a folder this process cannot write: SQLite cannot create the `-shm` file it reads
+        # through. Nobody can be writing it either, so read the file as it is, unless its `-wal` holds changes.
+        wal = Path(f"{self.path}-wal")
+        if wal.exists() and wal.stat().st_size > 0:
+            raise StoreError(
+                f"result store {self.path} has changes in {wal} that a reader of a read-only folder cannot see; "
+                f"open it once with write access to {self.path.parent} (e.g. run `cdfsl report` as its owner) or "
+                "copy the folder elsewhere"
+            )
+        db = self._connect(uri + "&immutable=1", uri=True)
+        try:
+            with self._guard():
+                db.execute("SELECT COUNT(*) FROM sqlite_master").fetchall()
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _inspect(self) -> None:
+        """Read which tables and columns the file has; refuse another program's file; touch every table's and
+        primary key's root page, so a damaged store fails on opening rather than halfway through a run."""
+        names = [row[0] for row in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        tables = {name for name in names if not name.startswith("sqlite_")}
+        if tables and not tables & {"runs", "episodes"}:
+            raise StoreError(
+                f"{self.path} is not a cdfsl result store (it holds tables {', '.join(sorted(tables))}); pass a store "
+                "written by `cdfsl run`, or a new file, with --db"
+            )
+        self._columns = {}
+        for table in _TABLES:
+            if table in tables:
+                self._columns[table] = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+                missing = _REQUIRED_COLUMNS[table] - self._columns[table]
+                if missing:
+                    raise StoreError(
+                        f"{self.path} is not a cdfsl result store (its table {table} lacks "
+                        f"{', '.join(sorted(missing))}); pass a store written by `cdfsl run`, or a new file, with --db"
+                    )
+                key = "episode" if table != "runs" else "run_id"
+                self._db.execute(f"SELECT * FROM {table} NOT INDEXED LIMIT 1").fetchall()
+                self._db.execute(f"SELECT {key} FROM {table} WHERE run_id = '' LIMIT 1").fetchall()
+
+    def _prepare(self) -> None:
+        """Switch to WAL, create missing tables and columns, and check that the file can be written."""
+        if self._db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+            self._db.execute("PRAGMA journal_mode=WAL").fetchall()
+        with self._write() as db:
+            for create in _TABLES.values():
+                db.execute(create)
             for table, columns in _ADDED_COLUMNS.items():
-                present = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+                present = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
                 for name, sql_type in columns:
                     if name not in present:
-                        self._db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {sql_type}")
+                        db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {sql_type}")
+            # A write that changes nothing: SQLite refuses it at once when the file cannot be written.
+            db.execute("DELETE FROM claims WHERE 0")
+            self._columns = {table: {row[1] for row in db.execute(f"PRAGMA table_info({table})")} for table in _TABLES}
+
+    # ------------------------------------------------------------------------------------------------------
+    # errors and transactions
+
+    @contextmanager
+    def _guard(self) -> Iterator[None]:
+        """Turn SQLite errors (and unreadable stored JSON) into a `StoreError` naming the file."""
+        try:
+            yield
+        except sqlite3.Error as error:
+            raise self._store_error(error) from None
+        except json.JSONDecodeError as error:
+            raise StoreError(self._damaged_message(f"unreadable stored config: {error}")) from None
+
+    def _store_error(self, error: sqlite3.Error) -> StoreError:
+        code = _primary_code(error)
+        path = self.path
+        if code == _SQLITE_READONLY:
+            return StoreError(self._read_only_message())
+        if code == _SQLITE_CORRUPT:
+            return StoreError(self._damaged_message(str(error)))
+        if code == _SQLITE_NOTADB:
+            return StoreError(
+                f"{path} is not a SQLite file ({error}); pass the result store `cdfsl run` wrote with --db"
+            )
+        if code in (_SQLITE_BUSY, _SQLITE_LOCKED):
+            return StoreError(
+                f"result store {path} stayed locked by another process for {_BUSY_TIMEOUT_S:.0f} s ({error}); "
+                "retry when it is done"
+            )
+        if code == _SQLITE_FULL:
+            return StoreError(
+                f"result store {path}: the disk is full; free space and run again (stored episodes are kept)"
+            )
+        if code == _SQLITE_CANTOPEN:
+            return StoreError(
+                f"cannot open result store {path} ({error}); check that it and its folder exist and are readable "
+                "(and writable for `cdfsl run`)"
+            )
+        if code == _SQLITE_IOERR:
+            return StoreError(f"cannot read or write result store {path} ({error}); check the disk and its filesystem")
+        return StoreError(f"result store {path} failed: {error}")
+
+    def _read_only_message(self) -> str:
+        if self.path.exists() and not os.access(self.path, os.W_OK):
+            return (
+                f"result store {self.path} is read-only; make it writable (chmod u+w {self.path}) or pass another --db"
+            )
+        return (
+            f"result store {self.path} is in a read-only folder (SQLite writes its journal beside it); make "
+            f"{self.path.parent} writable or pass another --db"
+        )
+
+    def _damaged_message(self, detail: str) -> str:
+        return (
+            f"result store {self.path} is damaged ({detail}); restore it from a backup, or salvage its rows with "
+            f"`sqlite3 {self.path} .recover | sqlite3 recovered.sqlite` and pass that file with --db"
+        )
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One `BEGIN IMMEDIATE` transaction: committed when the block ends, rolled back on any exception."""
+        if self.read_only:
+            raise StoreError(f"result store {self.path} was opened read-only; open it without read_only to write")
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+            self._db.execute("COMMIT")
+        except BaseException:
+            if self._db.in_transaction:
+                with suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+            raise
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        """One read transaction: every query in the block sees the same snapshot."""
+        self._db.execute("BEGIN")
+        try:
+            yield self._db
+        finally:
+            if self._db.in_transaction:
+                with suppress(sqlite3.Error):
+                    self._db.execute("COMMIT")
+
+    def _has(self, table: str, column: str | None = None) -> bool:
+        return table in self._columns and (column is None or column in self._columns[table])
+
+    def _rows(self, sql: str, parameters: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        with self._guard():
+            return self._db.execute(sql, parameters).fetchall()
 
     def __enter__(self) -> ResultStore:
         return self
@@ -126,83 +365,226 @@ class ResultStore:
     def close(self) -> None:
         self._db.close()
 
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._db:
-            yield self._db
+    # ------------------------------------------------------------------------------------------------------
+    # writing
 
     def register_run(self, run_id: str, config: dict[str, Any], identity: dict[str, Any]) -> None:
         """Record a run's configuration once; a later call with the same id only updates a given run name."""
-        with self._transaction() as db:
-            db.execute(
-                "INSERT OR IGNORE INTO runs (run_id, run_name, dataset, method, backbone, pretrained, ways, shots,"
-                " queries, seed, config_json, identity_json, created_at, recipe)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    run_id,
-                    config.get("run_name"),
-                    config["dataset"],
-                    config["method"],
-                    config["backbone"],
-                    config["pretrained"],
-                    config["ways"],
-                    config["shots"],
-                    config["queries"],
-                    config["seed"],
-                    json.dumps(config, sort_keys=True),
-                    json.dumps(identity, sort_keys=True),
-                    _now(),
-                    config.get("recipe"),
-                ),
-            )
-            if config.get("run_name"):
-                db.execute("UPDATE runs SET run_name = ? WHERE run_id = ?", (config["run_name"], run_id))
+        with self._guard(), self._write() as db:
+            self._register(db, run_id, config, identity)
 
-    def finished_episodes(self, run_id: str) -> set[int]:
-        rows = self._db.execute("SELECT episode FROM episodes WHERE run_id = ?", (run_id,))
-        return {row[0] for row in rows}
+    @staticmethod
+    def _register(db: sqlite3.Connection, run_id: str, config: dict[str, Any], identity: dict[str, Any]) -> None:
+        db.execute(
+            "INSERT OR IGNORE INTO runs (run_id, run_name, dataset, method, backbone, pretrained, ways, shots,"
+            " queries, seed, config_json, identity_json, created_at, recipe)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                run_id,
+                config.get("run_name"),
+                config["dataset"],
+                config["method"],
+                config["backbone"],
+                config["pretrained"],
+                config["ways"],
+                config["shots"],
+                config["queries"],
+                config["seed"],
+                json.dumps(config, sort_keys=True),
+                json.dumps(identity, sort_keys=True),
+                _now(),
+                config.get("recipe"),
+            ),
+        )
+        if config.get("run_name"):
+            db.execute("UPDATE runs SET run_name = ? WHERE run_id = ?", (config["run_name"], run_id))
 
-    def add_episodes(self, run_id: str, results: Iterable[EpisodeResult]) -> None:
-        """Store finished episodes in one transaction; an episode already stored is kept as it was."""
+    def add_episodes(
+        self,
+        run_id: str,
+        results: Iterable[EpisodeResult],
+        *,
+        owner: str | None = None,
+        config: dict[str, Any] | None = None,
+        identity: dict[str, Any] | None = None,
+    ) -> None:
+        """Store finished episodes in one transaction; an episode already stored is kept as it was.
+
+        With `config` and `identity`, the run is registered (as `register_run`) in the same transaction. With
+        `owner`, the rows record it as `trained_by` and the owner's claims on these episodes are deleted.
+        """
         finished = _now()
-        with self._transaction() as db:
+        results = list(results)
+        with self._guard(), self._write() as db:
+            if config is not None and identity is not None:
+                self._register(db, run_id, config, identity)
             db.executemany(
                 "INSERT OR IGNORE INTO episodes (run_id, episode, correct, total, accuracy, seconds, finished_at,"
-                " dlc_off_step) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                " dlc_off_step, trained_by) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
-                    (run_id, r.episode, r.correct, r.total, r.accuracy, r.seconds, finished, r.dlc_off_step)
+                    (run_id, r.episode, r.correct, r.total, r.accuracy, r.seconds, finished, r.dlc_off_step, owner)
                     for r in results
                 ],
             )
+            if owner is not None:
+                db.executemany(
+                    "DELETE FROM claims WHERE run_id = ? AND episode = ? AND owner = ?",
+                    [(run_id, r.episode, owner) for r in results],
+                )
 
-    def episode_accuracies(self, run_id: str) -> dict[int, float]:
-        """Episode index → accuracy in [0, 1], for every stored episode of the run."""
-        rows = self._db.execute("SELECT episode, accuracy FROM episodes WHERE run_id = ? ORDER BY episode", (run_id,))
-        return {episode: accuracy for episode, accuracy in rows}
+    def claim_episodes(
+        self, run_id: str, below: int, count: int, owner: str, lease_seconds: float, start: int = 0
+    ) -> tuple[list[int], int]:
+        """Claim up to `count` episodes in `[start, below)`, ascending, that are neither stored nor held by a live
+        claim (expired claims are taken over), for `lease_seconds` from now, in one transaction.
 
-    def episode_dlc_off_steps(self, run_id: str) -> dict[int, int | None]:
-        """Episode index → the step at which DGSO switched `L_VtT` off (None: never, or not VtT)."""
-        rows = self._db.execute(
-            "SELECT episode, dlc_off_step FROM episodes WHERE run_id = ? ORDER BY episode", (run_id,)
-        )
-        return {episode: step for episode, step in rows}
+        Returns the claimed episodes and where to continue: every episode in `[start, next)` is now stored or
+        claimed. Reading is windowed, so a scan costs time linear in the episodes it passes and memory bounded by
+        `max(count, 65536)` indices.
+        """
+        claimed: list[int] = []
+        position = start
+        window = max(count, 64)
+        with self._guard(), self._write() as db:
+            now = time.time()
+            while len(claimed) < count and position < below:
+                end = min(below, position + window)
+                window = min(window * 4, max(count, _MAX_WINDOW))
+                stored_count = db.execute(
+                    "SELECT COUNT(*) FROM episodes WHERE run_id = ? AND episode >= ? AND episode < ?",
+                    (run_id, position, end),
+                ).fetchone()[0]
+                if stored_count == end - position:
+                    position = end
+                    continue
+                taken = {
+                    row[0]
+                    for row in db.execute(
+                        "SELECT episode FROM episodes WHERE run_id = ? AND episode >= ? AND episode < ?"
+                        " UNION SELECT episode FROM claims WHERE run_id = ? AND episode >= ? AND episode < ?"
+                        " AND expires_at > ?",
+                        (run_id, position, end, run_id, position, end, now),
+                    )
+                }
+                while position < end and len(claimed) < count:
+                    if position not in taken:
+                        claimed.append(position)
+                    position += 1
+            db.executemany(
+                "INSERT OR REPLACE INTO claims (run_id, episode, owner, expires_at) VALUES (?, ?, ?, ?)",
+                [(run_id, episode, owner, now + lease_seconds) for episode in claimed],
+            )
+        return claimed, position
 
-    def episode_seconds(self, run_id: str) -> dict[int, float]:
-        rows = self._db.execute("SELECT episode, seconds FROM episodes WHERE run_id = ? ORDER BY episode", (run_id,))
-        return {episode: seconds for episode, seconds in rows}
+    def release_claims(self, run_id: str, owner: str) -> None:
+        """Delete `owner`'s claims on the run's episodes, so other processes may train them at once."""
+        with self._guard(), self._write() as db:
+            db.execute("DELETE FROM claims WHERE run_id = ? AND owner = ?", (run_id, owner))
+
+    # ------------------------------------------------------------------------------------------------------
+    # reading
+
+    def pending(self, run_id: str, below: int) -> Pending:
+        """How many of episodes `0 … below−1` are stored, and how many more are held by live claims."""
+        with self._guard(), self._read() as db:
+            now = time.time()
+            stored = db.execute(
+                "SELECT COUNT(*) FROM episodes WHERE run_id = ? AND episode < ?", (run_id, below)
+            ).fetchone()[0]
+            claimed, next_expiry = 0, None
+            if self._has("claims"):
+                claimed, next_expiry = db.execute(
+                    "SELECT COUNT(*), MIN(c.expires_at) FROM claims c WHERE c.run_id = ? AND c.episode < ?"
+                    " AND c.expires_at > ? AND NOT EXISTS"
+                    " (SELECT 1 FROM episodes e WHERE e.run_id = c.run_id AND e.episode = c.episode)",
+                    (run_id, below, now),
+                ).fetchone()
+        return Pending(stored, claimed, next_expiry)
+
+    def accuracies_since(self, run_id: str, below: int, marker: int = 0) -> tuple[list[float], int]:
+        """Accuracies of the run's episodes `< below` stored after `marker` (0: all), and the marker to pass next.
+
+        The marker is the largest row id seen; rows are never deleted, so later rows have larger ids. Reading
+        after a marker costs time in the rows added since, not in the rows stored before.
+        """
+        if not self._has("episodes"):
+            return [], marker
+        with self._guard(), self._read() as db:
+            if marker == 0:
+                rows = db.execute(
+                    "SELECT accuracy FROM episodes WHERE run_id = ? AND episode < ?", (run_id, below)
+                ).fetchall()
+            else:  # `+` keeps SQLite on the row-id range rather than the (run_id, episode) index
+                rows = db.execute(
+                    "SELECT accuracy FROM episodes WHERE rowid > ? AND +run_id = ? AND +episode < ?",
+                    (marker, run_id, below),
+                ).fetchall()
+            latest = db.execute("SELECT MAX(rowid) FROM episodes").fetchone()[0]
+        return [row[0] for row in rows], max(marker, latest or 0)
+
+    def finished_episodes(self, run_id: str) -> set[int]:
+        """The run's stored episode indices."""
+        if not self._has("episodes"):
+            return set()
+        return {row[0] for row in self._rows("SELECT episode FROM episodes WHERE run_id = ?", (run_id,))}
+
+    def _per_episode(self, column: str, run_id: str, below: int | None) -> dict[int, Any]:
+        if not self._has("episodes"):
+            return {}
+        value = column if self._has("episodes", column) else "NULL"
+        if below is None:
+            sql, parameters = "WHERE run_id = ?", (run_id,)
+        else:
+            sql, parameters = "WHERE run_id = ? AND episode < ?", (run_id, below)
+        rows = self._rows(f"SELECT episode, {value} FROM episodes {sql} ORDER BY episode", parameters)
+        return {episode: item for episode, item in rows}
+
+    def episode_accuracies(self, run_id: str, below: int | None = None) -> dict[int, float]:
+        """Episode index → accuracy in [0, 1], for every stored episode of the run (only those `< below`)."""
+        return self._per_episode("accuracy", run_id, below)
+
+    def episode_dlc_off_steps(self, run_id: str, below: int | None = None) -> dict[int, int | None]:
+        """Episode index → the step at which DGSO switched `L_VtT` off (None: never, not VtT, or not recorded)."""
+        return self._per_episode("dlc_off_step", run_id, below)
+
+    def episode_seconds(self, run_id: str, below: int | None = None) -> dict[int, float]:
+        """Episode index → wall seconds attributed to the episode."""
+        return self._per_episode("seconds", run_id, below)
 
     def runs(self) -> list[RunRecord]:
         """All runs with at least one stored episode, oldest first."""
-        rows = self._db.execute(
+        if not (self._has("runs") and self._has("episodes")):
+            return []
+        recipe = "r.recipe" if self._has("runs", "recipe") else "NULL"
+        rows = self._rows(
             "SELECT r.run_id, r.run_name, r.dataset, r.method, r.backbone, r.pretrained, r.ways, r.shots,"
-            " r.queries, r.seed, r.config_json, r.created_at, COUNT(e.episode), r.recipe"
+            f" r.queries, r.seed, r.config_json, r.created_at, COUNT(e.episode), {recipe}"
             " FROM runs r JOIN episodes e ON e.run_id = r.run_id"
             " GROUP BY r.run_id ORDER BY r.created_at, r.run_id"
         )
-        return [
-            RunRecord(*row[:10], config=json.loads(row[10]), created_at=row[11], episodes=row[12], recipe=row[13])
-            for row in rows
-        ]
+        with self._guard():
+            return [
+                RunRecord(*row[:10], config=json.loads(row[10]), created_at=row[11], episodes=row[12], recipe=row[13])
+                for row in rows
+            ]
+
+
+def _primary_code(error: sqlite3.Error) -> int | None:
+    code = getattr(error, "sqlite_errorcode", None)
+    if code is not None:
+        return int(code) & 0xFF
+    message = str(error).lower()  # errors raised before SQLite returned a code
+    if "readonly" in message or "read-only" in message:
+        return _SQLITE_READONLY
+    if "malformed" in message:
+        return _SQLITE_CORRUPT
+    if "not a database" in message:
+        return _SQLITE_NOTADB
+    if "locked" in message:
+        return _SQLITE_BUSY
+    if "unable to open" in message:
+        return _SQLITE_CANTOPEN
+    return None
 
 
 def _now() -> str:

@@ -18,6 +18,7 @@ from torch import Tensor
 from cdfsl.backbone.adapter import BlockInputHook, ClipAdapter, VisionOutput
 from cdfsl.config import RunConfig
 from cdfsl.data.episodes import EpisodeBatch
+from cdfsl.errors import TrainingError
 
 Observer = Callable[[int, Tensor], None]
 """Called with (layer, tokens `[E, B, T, D]` entering that vision block, before any recalibration)."""
@@ -78,13 +79,57 @@ class Method(ABC):
 
     @torch.no_grad()
     def predict(self, batch: EpisodeBatch) -> Tensor:
-        """Query logits `[E, Q, K]` for the episodes last given to `fit`."""
+        """Query logits `[E, Q, K]` for the episodes last given to `fit`.
+
+        Raises `TrainingError` if any logit is nan or inf: argmax would turn it into a chance-level accuracy that
+        looks like a result.
+        """
         features = self.encode(batch.query, batch.class_names).features
-        return self.logits(features, self.class_features(batch.class_names))
+        logits = self.logits(features, self.class_features(batch.class_names))
+        raise_unless_finite(torch.isfinite(logits).flatten(1).all(dim=1), batch, "the query logits", self.remedies())
+        return logits
+
+    def remedies(self) -> str:
+        """What to try when an episode's numbers are not finite, with the values this run used."""
+        config = self.config
+        tries = []
+        if config.trains:
+            rates = [f"train.lr={config.train.lr:g}"]
+            if config.uses_vtt:
+                rates.append(f"vtt.lr={config.vtt.lr:g}")
+            if config.prompt.context:
+                rates.append(f"prompt.lr={config.prompt.lr:g}")
+            tries.append(f"a lower learning rate (now {', '.join(rates)})")
+            if config.uses_vtt:
+                tries.append(f"a smaller vtt.beta (now {config.vtt.beta:g})")
+            if config.uses_tir and (config.tir.alpha is not None or config.tir.beta is not None):
+                tries.append("tir.alpha=auto tir.beta=auto")
+        else:
+            tries.append(f"another checkpoint (--pretrained {config.pretrained})")
+        tries.append(f"a smaller train.logit_scale (now {config.train.logit_scale:g})")
+        if self.autocast_dtype is not None:
+            tries.append("--set train.precision=fp32")
+        return ", ".join(tries[:-1]) + " or " + tries[-1]
 
     def episode_records(self) -> list[dict[str, Any]]:
         """Per fitted episode, what training recorded beyond accuracy (e.g. VtT's `dlc_off_step`); stored as is."""
         return []
+
+
+def raise_unless_finite(finite: Tensor, batch: EpisodeBatch, what: str, remedies: str) -> None:
+    """Raise `TrainingError` naming the episodes of `batch` whose entry of `finite` (`[E]` bool) is false.
+
+    One host synchronisation: call it once per batch, not per step. `what` names the numbers (`"the query logits"`),
+    `remedies` what to try.
+    """
+    bad = [i for i, ok in zip(batch.indices, finite.tolist(), strict=True) if not ok]
+    if bad:
+        several = len(bad) > 1
+        raise TrainingError(
+            f"episode{'s' if several else ''} {', '.join(map(str, bad))}: {what} became nan or inf, which would "
+            f"count as a chance-level accuracy; no result is stored for this batch (episodes "
+            f"{', '.join(map(str, batch.indices))}). Try {remedies}"
+        )
 
 
 def observed(observe: Observer | None, inner: BlockInputHook | None) -> BlockInputHook | None:
@@ -99,4 +144,4 @@ def observed(observe: Observer | None, inner: BlockInputHook | None) -> BlockInp
     return hook
 
 
-__all__ = ["Method", "Observer", "observed"]
+__all__ = ["Method", "Observer", "observed", "raise_unless_finite"]

@@ -26,7 +26,8 @@ from cdfsl.backbone.adapter import BlockInputHook, ClipAdapter, QkvProjection, V
 from cdfsl.backbone.lora import EpisodeLoRA
 from cdfsl.config import ALL_SUPPORT, RunConfig
 from cdfsl.data.episodes import EpisodeBatch
-from cdfsl.methods.base import Method, Observer, observed
+from cdfsl.errors import TrainingError
+from cdfsl.methods.base import Method, Observer, observed, raise_unless_finite
 from cdfsl.methods.text_side import TextSide
 from cdfsl.seeding import torch_stream
 
@@ -51,8 +52,9 @@ class TrainingExtension(Protocol):
         """Create per-episode state for `batch`; return extra AdamW parameter groups."""
         ...
 
-    def backward(self, loss_ce: Tensor, output: VisionOutput, labels: Tensor, lora: EpisodeLoRA) -> None:
-        """Fill `.grad` of every trainable tensor from the per-episode CE losses `[E]` and the vision output."""
+    def backward(self, loss_ce: Tensor, output: VisionOutput, labels: Tensor, lora: EpisodeLoRA) -> Tensor:
+        """Fill `.grad` of every trainable tensor from the per-episode CE losses `[E]` and the vision output; return
+        the per-episode loss `[E]` whose gradients it filled (the loop checks that it stays finite)."""
         ...
 
     def finish(self) -> list[dict[str, Any]]:
@@ -107,6 +109,7 @@ class LoraMethod(Method):
         self.text_side = TextSide(backbone, config)
         self.lora: EpisodeLoRA | None = None
         self._records: list[dict[str, Any]] = []
+        self._failure: TrainingError | None = None  # the last fit diverged: predicting from it is refused
 
     @property
     def trains_vision(self) -> bool:
@@ -153,7 +156,15 @@ class LoraMethod(Method):
         return optimizers
 
     def fit(self, batch: EpisodeBatch) -> None:
+        """Train the episodes of `batch` (see the module docstring).
+
+        Raises `TrainingError` naming the episodes whose loss (L_ce, or with an extension the loss it backpropagated)
+        became nan or inf at any step. The check costs no host synchronisation per step: a per-episode flag on the
+        device accumulates `isfinite` and is read once after the loop. After such a failure `predict` and `encode`
+        refuse until the next successful `fit`.
+        """
         train = self.config.train
+        self._failure = None
         assert train.iterations is not None and train.batch_size is not None
         lora = self._new_vision_lora(batch) if self.trains_vision else None
         if lora is not None:
@@ -161,13 +172,14 @@ class LoraMethod(Method):
         optimizers = self._start_training(batch, lora)
         schedules = learning_rate_schedules(optimizers, self.config)
         views = batch.support.shape[1]
-        batch_size = views if train.batch_size == ALL_SUPPORT else int(train.batch_size)
+        batch_size = views if train.batch_size == ALL_SUPPORT else min(int(train.batch_size), views)
         orders = [ViewOrder(views, batch_size, torch_stream(batch.seed, i, "batch_order")) for i in batch.indices]
         learns_text = self.text_side.trainable
         fixed = None if learns_text else self._texts(batch.class_names)
         fixed_hook = self._hook(fixed[1]) if fixed is not None else None
         rows = torch.arange(len(batch), device=batch.support.device)[:, None]
         projection: QkvProjection = lora if lora is not None else plain_qkv
+        finite = torch.ones(len(batch), dtype=torch.bool, device=batch.support.device)  # [E], read after the loop
         for _ in range(train.iterations):
             positions = torch.stack([order.next() for order in orders]).to(batch.support.device)  # [E, b]
             images, labels = batch.support[rows, positions], batch.support_labels[rows, positions]
@@ -184,9 +196,11 @@ class LoraMethod(Method):
             loss_ce = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none").mean(dim=1)  # [E]
             if self.extension is not None:
                 assert lora is not None
-                self.extension.backward(loss_ce, output, labels, lora)
+                loss = self.extension.backward(loss_ce, output, labels, lora)
             else:
+                loss = loss_ce
                 loss_ce.sum().backward()
+            finite &= torch.isfinite(loss_ce.detach()) & torch.isfinite(loss.detach())
             for optimizer in optimizers:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -195,6 +209,11 @@ class LoraMethod(Method):
         self._records = self.extension.finish() if self.extension is not None else []
         self.text_side.train(False)
         self.lora = lora
+        try:
+            raise_unless_finite(finite, batch, "the training loss", self.remedies())
+        except TrainingError as error:
+            self._failure = error
+            raise
 
     def _hook(self, text_at_layer: Tensor | None) -> BlockInputHook | None:
         if self.recalibration is None or text_at_layer is None:
@@ -215,6 +234,8 @@ class LoraMethod(Method):
         observe: Observer | None = None,
         keep_cls_attention: bool = False,
     ) -> VisionOutput:
+        if self._failure is not None:
+            raise TrainingError(f"cannot predict after a failed fit: {self._failure}")
         lora = self.lora
         hook = None
         if self.recalibration is not None and self.recalibration.at_prediction:

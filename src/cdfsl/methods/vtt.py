@@ -253,17 +253,21 @@ class VttExtension:
         cos = F.cosine_similarity(absorbed.float().view(e, b, -1), output.features.float(), dim=-1)
         return -cos.mean(dim=1)
 
-    def backward(self, loss_ce: Tensor, output: VisionOutput, labels: Tensor, lora: EpisodeLoRA) -> None:
-        """Fill gradients: plain CE for episodes whose `L_VtT` is off; L_comb with DGSO for the rest."""
+    def backward(self, loss_ce: Tensor, output: VisionOutput, labels: Tensor, lora: EpisodeLoRA) -> Tensor:
+        """Fill gradients: plain CE for episodes whose `L_VtT` is off; L_comb with DGSO for the rest.
+
+        Returns the per-episode loss `[E]` that was backpropagated (L_comb, or L_ce once every episode's `L_VtT` is
+        off), which the training loop checks for nan and inf.
+        """
         vtt = self.vtt
         active = torch.tensor([s.on for s in self.switches], device=loss_ce.device)
         if not bool(active.any()):
             loss_ce.sum().backward()
-            return
+            return loss_ce
         combined = loss_ce + vtt.beta * self.vtt_loss(output, labels) * active.to(loss_ce.dtype)
         if not (vtt.correction or vtt.dlc):
             combined.sum().backward()
-            return
+            return combined
         tensors = lora.tensors()
         ce_grads = torch.autograd.grad(loss_ce.sum(), tensors, retain_graph=True, allow_unused=True)
         combined.sum().backward()
@@ -280,6 +284,7 @@ class VttExtension:
             for switch, on, c in zip(self.switches, active.tolist(), mean_cos, strict=True):
                 if on:
                     switch.update(c)
+        return combined
 
     def finish(self) -> list[dict[str, Any]]:
         """Drop the fusion; return, per episode, the step at which DLC switched `L_VtT` off (None: never)."""

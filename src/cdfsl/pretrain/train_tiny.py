@@ -37,6 +37,7 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import open_clip
@@ -49,6 +50,7 @@ from torch import nn
 
 from cdfsl.backbone.tiny import create_tiny_model, register_tiny_config
 from cdfsl.backbone.trimmed_text import encode_text_trimmed
+from cdfsl.errors import ConfigError
 from cdfsl.pretrain.source_domain import DIGIT_NAMES, IMAGE_SIZE, NUM_CONCEPTS, digit_prompt, generate_batch
 
 MAX_CHECKPOINT_BYTES = 16_000_000
@@ -78,7 +80,7 @@ def pretrain_tiny(
 ) -> dict:
     """Train the tiny CLIP from scratch for `steps` optimizer steps and save it to `out` (fp16 safetensors).
 
-    The first `min(supervised_steps, steps)` steps are the supervised warm-up of the vision tower, the rest the
+    The first `supervised_steps` steps (at most `steps`) are the supervised warm-up of the vision tower, the rest the
     label-aware contrastive phase. `target_share` is the share of target-like digits (`generate_batch`) in the
     contrastive phase; the warm-up starts at 1 and decays to it over its second half. `log` receives dicts:
     training records every `log_every` steps (`phase`, `step`, `loss`, `lr`, `seconds`, ...) and zero-shot records
@@ -86,8 +88,23 @@ def pretrain_tiny(
     check, including the final one stored in the metadata.
 
     Writes `out` (state dict keys exactly `model.state_dict()`'s, fp16, at most `MAX_CHECKPOINT_BYTES`) and
-    `out.with_suffix(".meta.json")`; returns the metadata dict.
+    `out.with_suffix(".meta.json")`; returns the metadata dict. Arguments out of range are a `ConfigError`, raised
+    before any work.
     """
+    _check_arguments(
+        steps=steps,
+        supervised_steps=supervised_steps,
+        seed=seed,
+        threads=threads,
+        batch_size=batch_size,
+        target_share=target_share,
+        lr=lr,
+        weight_decay=weight_decay,
+        warmup_fraction=warmup_fraction,
+        log_every=log_every,
+        eval_every=eval_every,
+        eval_episodes=eval_episodes,
+    )
     emit: Log = log if log is not None else (lambda record: None)
     previous_threads = torch.get_num_threads()
     if threads is not None:
@@ -97,7 +114,7 @@ def pretrain_tiny(
         torch.manual_seed(seed)
         model = create_tiny_model(load_weights=False).train()
         rng = np.random.default_rng(seed)
-        warm = min(supervised_steps, steps)
+        warm = supervised_steps
         clock = _Clock(start)
         for record in _supervised_phase(model, rng, warm, batch_size, target_share, lr, weight_decay, warmup_fraction):
             _maybe_log(emit, record, log_every, warm, clock)
@@ -128,6 +145,43 @@ def pretrain_tiny(
         return meta
     finally:
         torch.set_num_threads(previous_threads)
+
+
+WARM_UP = "(the warm-up's steps are part of the steps)"
+MAX_TORCH_SEED = 2**64 - 1  # torch.manual_seed's limit (numpy's default_rng takes any non-negative integer)
+
+
+def _check_arguments(**arguments: Any) -> None:
+    """`ConfigError` for the first argument of `pretrain_tiny` out of range, naming it, its value and the range."""
+    steps = arguments["steps"]
+    rules: list[tuple[str, bool, str]] = [("steps", _whole(steps, 1), "a positive integer")]
+    if rules[0][1]:
+        rules += [
+            ("supervised_steps", _whole(arguments["supervised_steps"], 0, steps), f"in [0, steps={steps}] {WARM_UP}"),
+            ("seed", _whole(arguments["seed"], 0, MAX_TORCH_SEED), f"an integer in [0, {MAX_TORCH_SEED}]"),
+            ("threads", arguments["threads"] is None or _whole(arguments["threads"], 1), "a positive integer or None"),
+            *((name, _whole(arguments[name], 1), "a positive integer") for name in _COUNTS),
+            ("target_share", _real(arguments["target_share"], 0, 1), "a number in [0, 1]"),
+            ("lr", _real(arguments["lr"], 0, math.inf, low_open=True), "a finite number > 0"),
+            ("weight_decay", _real(arguments["weight_decay"], 0, math.inf), "a finite number >= 0"),
+            ("warmup_fraction", _real(arguments["warmup_fraction"], 0, 1), "a number in [0, 1]"),
+        ]
+    for name, allowed, words in rules:
+        if not allowed:
+            raise ConfigError(f"pretrain-tiny: {name} must be {words}, got {arguments[name]!r}")
+
+
+_COUNTS = ("batch_size", "log_every", "eval_every", "eval_episodes")
+
+
+def _whole(value: object, low: int, high: float = math.inf) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _real(value: object, low: float, high: float, *, low_open: bool = False) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return False
+    return (low < value if low_open else low <= value) and value <= high
 
 
 def save_checkpoint(model: nn.Module, out: Path, meta: dict) -> None:
