@@ -1,5 +1,6 @@
 import pathlib
 import sys
+from collections.abc import Iterator
 
 import pytest
 
@@ -7,6 +8,15 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 
 from cdfsl.backbone.adapter import ClipAdapter
 from cdfsl.backbone.factory import load_backbone
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_digest_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[pathlib.Path]:
+    """File digests go to a folder of the test session, never to the user's cache (subprocesses inherit it)."""
+    folder = tmp_path_factory.mktemp("cdfsl-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CDFSL_CACHE_DIR", str(folder))
+        yield folder
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,7 @@ import cdfsl.engine.store as store_module
 import cdfsl.pretrain.train_tiny as train_tiny_module
 from cdfsl.cli import app
 from cdfsl.errors import DatasetWarning
-from layouts import make_imagefolder
+from layouts import make_imagefolder, make_isic2018, noise_image, png_with_broken_chunk
 
 TINY = ["--backbone", "tiny", "--pretrained", "none", "--device", "cpu"]
 PROBE = ["--pretrained", "none", "--episodes", "1", "--iterations", "1", "--set", "device=cpu"]
@@ -437,3 +437,121 @@ def test_pretrain_tiny_steps_not_positive(steps: str, tmp_path: Path, monkeypatc
     result = invoke(["pretrain-tiny", "--out", str(out), "--steps", steps])
     assert_one_line_error(result, "steps")
     assert not out.exists() and not out.with_suffix(".meta.json").exists()
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. the bad-input corpus through `cdfsl run`: refused inputs leave the store as it was; skipped inputs are named
+
+
+def folder_run(db: Path, root: Path, *extra: str) -> list[str]:
+    """Zero-shot on an imagefolder tree of 5 classes x 4 images, 1-shot 3 queries: every episode uses every image."""
+    return [
+        "run", "--dataset", "imagefolder", "--data-root", str(root), "--method", "zeroshot", *TINY,
+        "--shots", "1", "--queries", "3", "--episodes", "2", "--db", str(db), *extra,
+    ]  # fmt: skip
+
+
+REFUSED_SETTINGS = {
+    "train.lr=nan": "train.lr",
+    "train.lr=inf": "train.lr",
+    "train.lr=-1": "train.lr",
+    "lora.alpha=nan": "lora.alpha",
+    "train.logit_scale=nan": "train.logit_scale",
+    "augment.rotation=nan": "augment.rotation",
+    "train.template={} and {}": "train.template",
+    "train.template=a {kind} of {}": "train.template",
+}
+
+
+@pytest.mark.parametrize("assignment", list(REFUSED_SETTINGS))
+def test_refused_setting(assignment: str, store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    forbid(monkeypatch, runner_module.Runner, "run")
+    before = snapshot(store)
+    args = run_args(store, "--set", assignment)
+    args[args.index("zeroshot")] = "lora"
+    assert_one_line_error(invoke(args), REFUSED_SETTINGS[assignment])
+    assert snapshot(store) == before
+
+
+def test_training_that_diverges_stores_nothing(store: Path) -> None:
+    """A finite but absurd learning rate: the loss turns nan within two steps; the run stops and stores nothing."""
+    before = snapshot(store)
+    args = run_args(store, "--iterations", "2", "--set", "train.lr=1e30")
+    args[args.index("zeroshot")] = "lora"
+    assert_one_line_error(invoke(args), "nan or inf", "no result is stored")
+    assert snapshot(store) == before
+
+
+def test_image_that_fails_to_decode_mid_run(store: Path, tmp_path: Path) -> None:
+    root = make_imagefolder(tmp_path / "data", per_class=4)
+    png_with_broken_chunk(root / "dog" / "img_002.png")  # header and end intact: only decoding finds it
+    before = snapshot(store)
+    assert_one_line_error(invoke(folder_run(store, root)), "dog/img_002.png", "broken PNG")
+    assert snapshot(store) == before
+
+
+def test_damaged_store_is_named_and_left_as_it_was(store: Path) -> None:
+    data = bytearray(store.read_bytes())
+    data[4096 : 2 * 4096] = bytes(4096)  # zero the second page
+    store.write_bytes(bytes(data))
+    for args in (run_args(store), ["report", "--db", str(store)]):
+        assert_one_line_error(invoke(args), str(store), "damaged")
+        assert store.read_bytes() == bytes(data)
+
+
+def test_read_only_store_file_even_with_nothing_to_train(store: Path) -> None:
+    store.chmod(0o444)
+    if os.access(store, os.W_OK):
+        pytest.skip("needs POSIX permissions that bind (not root)")
+    data = store.read_bytes()
+    assert_one_line_error(invoke(run_args(store)), str(store), "read-only")  # every episode is already stored
+    assert store.read_bytes() == data
+
+
+def warning_lines(result: Any) -> list[str]:
+    return [line for line in result.output.splitlines() if line.startswith("warning: ")]
+
+
+def test_skipped_inputs_are_named_and_the_run_goes_on(tmp_path: Path) -> None:
+    """Files a run cannot use are skipped with a warning naming them, and never hang it: a FIFO named like an image,
+    a symlink leading out of the data root, a file cut short, and an EPS file named `.jpg`."""
+    root = make_imagefolder(tmp_path / "data", per_class=5)
+    outside = noise_image(tmp_path / "elsewhere" / "secret.png")
+    os.mkfifo(root / "cat" / "pipe.png")
+    (root / "dog" / "link.png").symlink_to(outside)
+    truncated = noise_image(root / "bird" / "short.png")
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    (root / "fish" / "doc.jpg").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n")
+    result = invoke(folder_run(tmp_path / "r.sqlite", root))
+    assert result.exit_code == 0, result.output
+    warned = " ".join(warning_lines(result))
+    for name in ("cat/pipe.png", "dog/link.png", "bird/short.png", "fish/doc.jpg"):
+        assert name in warned, warned
+
+
+def test_unsafe_csv_name_is_named_and_the_run_goes_on(tmp_path: Path) -> None:
+    root = make_isic2018(tmp_path / "isic", per_class=2, extra_rows=['"ISIC_00\x0099",1.0,0.0,0.0,0.0,0.0,0.0,0.0'])
+    args = ["run", "--dataset", "isic2018", "--data-root", str(root), "--method", "zeroshot", *TINY]
+    result = invoke([*args, "--shots", "1", "--queries", "1", "--episodes", "1", "--db", str(tmp_path / "r.sqlite")])
+    assert result.exit_code == 0, result.output
+    assert any("unsafe" in line and "\\x00" in line for line in warning_lines(result)), result.output
+
+
+def test_corrupt_cache_entry_is_named_and_replaced(tmp_path: Path) -> None:
+    root = make_imagefolder(tmp_path / "data", per_class=4)
+    cache = tmp_path / "cache"
+    first = invoke([*folder_run(tmp_path / "a.sqlite", root), "--cache-dir", str(cache)])
+    assert first.exit_code == 0, first.output
+    entries = sorted(cache.rglob("*.npy"))
+    assert len(entries) == 20
+    entries[0].write_bytes(b"not an array")
+    entries[1].write_bytes(entries[1].read_bytes()[:100])
+    second = invoke([*folder_run(tmp_path / "b.sqlite", root), "--cache-dir", str(cache)])
+    assert second.exit_code == 0, second.output
+    warned = " ".join(warning_lines(second))
+    assert entries[0].name in warned and entries[1].name in warned, warned
+
+    def summary(result: Any) -> str:  # the result line up to the store it names
+        return result.stdout.strip().splitlines()[-1].split(" from ")[0]
+
+    assert summary(second) == summary(first)

@@ -229,7 +229,11 @@ def run_with_progress(config: RunConfig, runner: Any = None) -> Any:
 
         runner = runner or Runner()
         runner.progress = update
-        result = runner.run(config)
+        try:
+            result = runner.run(config)
+        except BaseException:
+            bar.live.transient = True  # a failed run ends with its error line alone
+            raise
         bar.update(task, completed=len(result.per_episode), accuracy=f"{result.mean_acc:.2f} ± {result.ci95:.2f}%")
     return result
 
