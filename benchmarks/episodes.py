@@ -35,7 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from cdfsl.backbone.factory import load_backbone
 from cdfsl.config import RunConfig
 from cdfsl.engine.autobatch import synthetic_batch
-from cdfsl.engine.runner import resolve_precision
+from cdfsl.engine.context import resolve_precision
 from cdfsl.methods import build_method
 
 METHODS = ("lora", "tir", "vtt", "tir+vtt")

@@ -19,6 +19,18 @@ def private_digest_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[p
         yield folder
 
 
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Torch on one intra-op thread for the test: the tiny model's ops are too small to gain from threads, which on a
+    busy machine slow them many times over (use with `pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def tiny() -> ClipAdapter:
     """The tiny architecture with its seeded random weights, built once per test module."""

@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-import cdfsl.engine.runner as runner_module
+import cdfsl.engine.context as context_module
 from cdfsl.cli import app
+from cdfsl.data.readers import DATASETS
 from layouts import (
     CHESTX_CLASSES,
     CHESTX_DROPPED_LABELS,
@@ -28,7 +29,6 @@ from layouts import (
     make_isic2018,
 )
 
-DATASETS = ("eurosat", "isic2018", "cropdiseases", "chestx", "imagefolder", "digits")
 TINY = ["--backbone", "tiny", "--pretrained", "none", "--device", "cpu"]
 WIDE = {"COLUMNS": "200"}  # rich wraps at the console width; keep tables on one line per row
 
@@ -51,23 +51,23 @@ def invoke(args: list[str], **kwargs: Any) -> Any:
 
 
 def root_args(dataset: str, roots: dict[str, Path]) -> list[str]:
-    return [] if dataset == "digits" else ["--data-root", str(roots[dataset])]
+    return ["--data-root", str(roots[dataset])] if DATASETS[dataset].needs_root else []
 
 
 def record_batches(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     seen: list[Any] = []
-    original = runner_module.build_batch
+    original = context_module.build_batch
 
     def recording(*args: Any, **kwargs: Any) -> Any:
         batch = original(*args, **kwargs)
         seen.append(batch)
         return batch
 
-    monkeypatch.setattr(runner_module, "build_batch", recording)
+    monkeypatch.setattr(context_module, "build_batch", recording)
     return seen
 
 
-@pytest.mark.parametrize("dataset", DATASETS)
+@pytest.mark.parametrize("dataset", list(DATASETS))
 def test_run_on_every_dataset(
     dataset: str, roots: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -239,7 +239,7 @@ def test_error_bad_options(extra: list[str], fragments: list[str], tmp_path: Pat
 
 def test_error_bad_method_and_dataset(tmp_path: Path) -> None:
     bad_method = invoke(["run", "--dataset", "digits", "--method", "finetune", *TINY, "--db", str(tmp_path / "r")])
-    assert_user_error(bad_method, "method must be one of", "'finetune'")
+    assert_user_error(bad_method, "is not a base followed by plug-ins", "'finetune'")
     bad_dataset = invoke(["run", "--dataset", "mnist", "--method", "lora", *TINY, "--db", str(tmp_path / "r")])
     assert_user_error(bad_dataset, "dataset must be one of", "'mnist'")
     check = invoke(["datasets", "check", "--dataset", "mnist"])
@@ -264,7 +264,7 @@ def test_error_message_is_one_line(tmp_path: Path) -> None:
     assert result.exit_code == 2
     message = [line for line in result.stderr.splitlines() if line.strip()]
     assert message[-1].startswith("error: unknown config key 'nosuch'")
-    assert message[-1].rstrip().endswith("vtt.placeholder")
+    assert message[-1].rstrip().endswith("maple.warmup_lr")
 
 
 @pytest.fixture(scope="module")

@@ -143,7 +143,7 @@ def test_default_config_is_valid() -> None:
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"method": "finetune"}, "method must be one of"),
+        ({"method": "finetune"}, "method .finetune. is not a base followed by plug-ins"),
         ({"dataset": "mnist"}, "dataset must be one of"),
         ({"device": "tpu"}, "device must be one of"),
         ({"ways": 1}, "ways must be at least 2"),

@@ -134,6 +134,22 @@ def test_learned_text_side_is_split(runner: Runner) -> None:
     assert parameters["total"] == sum(v for k, v in parameters.items() if k != "total")
 
 
+def test_maple_parts_are_the_hand_counts(runner: Runner) -> None:
+    """MaPLe at depth 9 with 2 context tokens: context 2·Wt, compound prompts 8·2·Wt, maps 9·(Wt·Wv + Wv); one step
+    is one batch of `maple.batch_size` views."""
+    result = training_cost(tiny_config("maple"), runner)
+    parameters = result["parameters"]
+    assert parameters["maple_context"] == 2 * WIDTH
+    assert parameters["maple_compound"] == 8 * 2 * WIDTH
+    assert parameters["maple_coupling"] == 9 * (WIDTH * WIDTH + WIDTH)
+    assert parameters["total"] == sum(v for k, v in parameters.items() if k != "total")
+    assert result["batch_size"] == 4 and result["base_method"] is None
+
+
+def test_vtt_cost_is_measured_against_the_method_without_vtt(runner: Runner) -> None:
+    assert training_cost(tiny_config("lora+tir+vtt"), runner)["base_method"] == "lora+tir"
+
+
 def test_vtt_flops_exceed_the_base_step_by_at_least_its_pieces(
     vtt_cost: dict[str, Any], lora_cost: dict[str, Any]
 ) -> None:
@@ -205,7 +221,7 @@ def test_cli_cost_lora_prints_no_vtt_lines() -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--method", "vtx", *TINY], "method must be one of"),
+        (["--method", "vtx", *TINY], "is not a base followed by plug-ins"),
         (["--method", "vtt", "--backbone", "ViT-X", "--device", "cpu"], "unknown backbone"),
         (["--method", "zeroshot", *TINY], "does not train"),
         (["--method", "vtt", *TINY, "--set", "vtt.nope=1"], "unknown config key"),

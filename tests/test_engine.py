@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-import cdfsl.engine.runner as runner_module
-from cdfsl.analysis.stats import mean_ci95
+import cdfsl.engine.context as context_module
 from cdfsl.config import RunConfig
 from cdfsl.data.episodes import EpisodeBatch
-from cdfsl.engine.runner import Progress, Runner, RunResult, chunks, resolve_device, resolve_precision
+from cdfsl.engine.context import chunks, resolve_device, resolve_precision
+from cdfsl.engine.runner import Progress, Runner, RunResult
 from cdfsl.errors import BackboneError, ConfigError, DatasetError, StoreError
+from cdfsl.stats import mean_ci95
 from digits_world import stored_run_config
 
 EPISODES = 4
@@ -196,14 +197,14 @@ def test_merged_and_unmerged_predictions_agree(runner: Runner) -> None:
 
 def record_batches(monkeypatch: pytest.MonkeyPatch) -> list[EpisodeBatch]:
     seen: list[EpisodeBatch] = []
-    original = runner_module.build_batch
+    original = context_module.build_batch
 
     def recording(*args: Any, **kwargs: Any) -> EpisodeBatch:
         batch = original(*args, **kwargs)
         seen.append(batch)
         return batch
 
-    monkeypatch.setattr(runner_module, "build_batch", recording)
+    monkeypatch.setattr(context_module, "build_batch", recording)
     return seen
 
 

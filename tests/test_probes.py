@@ -145,10 +145,20 @@ def test_lost_layers_probe(tmp_path: Path, runner: Runner) -> None:
 
 
 def test_lost_layers_with_gamma_one_is_the_unmodified_model(runner: Runner) -> None:
-    result = lost_layers_probe(tiny_config(), method="tir", gamma=1.0, episodes=2, runner=runner)
+    result = lost_layers_probe(tiny_config(), method="lora+tir", gamma=1.0, episodes=2, runner=runner)
     for row in result["conditions"].values():
         assert row["emphasized"] == [row["unmodified"]] * LAYERS
         assert row["per_episode"]["emphasized"] == [[u] * LAYERS for u in row["per_episode"]["unmodified"]]
+
+
+@pytest.mark.parametrize("method", ["coop", "maple"])
+def test_lost_layers_runs_on_bases_that_learn_their_class_texts(method: str, runner: Runner) -> None:
+    """Every base works; one whose class texts are learned is scored against the frozen template (with a warning)."""
+    config = tiny_config()
+    config.train.iterations, config.maple.epochs, config.maple.batch_size = 2, 1, 25
+    with pytest.warns(UserWarning, match=f"{method} learns its class texts"):
+        result = lost_layers_probe(config, method=method, gamma=2.0, episodes=1, runner=runner)
+    assert len(result["conditions"][method]["removed"]) == LAYERS
 
 
 def test_cka_probe_before_and_after(tmp_path: Path, runner: Runner) -> None:

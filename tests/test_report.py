@@ -15,9 +15,9 @@ from scipy.stats import wilcoxon
 
 from cdfsl.analysis.plots import plot_report
 from cdfsl.analysis.report import Column, Report, build_report, render, rich_table
-from cdfsl.analysis.stats import paired_difference
 from cdfsl.engine.store import EpisodeResult, ResultStore
 from cdfsl.errors import ConfigError, StoreError
+from cdfsl.stats import paired_difference
 
 TOTAL = 75  # 5 ways x 15 queries
 # Mean accuracy per method; the synthetic episodes scatter around it.

@@ -27,13 +27,7 @@ from cdfsl.pretrain.train_tiny import (
     pretrain_tiny,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_same_seed_same_batch():

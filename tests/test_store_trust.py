@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-import cdfsl.engine.runner as runner_module
+import cdfsl.engine.context as context_module
 from cdfsl.analysis.report import build_report
 from cdfsl.config import RunConfig
 from cdfsl.engine.runner import Progress, Runner, RunResult
@@ -355,7 +355,7 @@ def test_a_run_that_fails_before_its_first_episode_leaves_no_row(
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise OSError("image cache on a full disk")
 
-    monkeypatch.setattr(runner_module, "build_batch", broken)  # fails after claiming its first batch
+    monkeypatch.setattr(context_module, "build_batch", broken)  # fails after claiming its first batch
     with pytest.raises(OSError, match="full disk"):
         Runner().run(make_config(db))
     for table in ("runs", "episodes", "claims"):
@@ -505,7 +505,7 @@ def test_interrupt_hands_back_claims_and_stores_nothing_partial(
     reference: RunResult, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     db = tmp_path / "results.sqlite"
-    original = runner_module.build_batch
+    original = context_module.build_batch
     calls = 0
 
     def interrupt_second(*args: Any, **kwargs: Any) -> Any:
@@ -516,7 +516,7 @@ def test_interrupt_hands_back_claims_and_stores_nothing_partial(
         return original(*args, **kwargs)
 
     with monkeypatch.context() as patch:
-        patch.setattr(runner_module, "build_batch", interrupt_second)
+        patch.setattr(context_module, "build_batch", interrupt_second)
         with pytest.raises(KeyboardInterrupt):
             Runner().run(make_config(db, episode_batch=2))
     assert [row[1] for row in table_rows(db, "episodes")] == [0, 1]
@@ -527,12 +527,13 @@ def test_interrupt_hands_back_claims_and_stores_nothing_partial(
 
 WORKER = """
 import json, pathlib, sys, time
+import cdfsl.engine.context as context_module
 import cdfsl.engine.runner as runner_module
 from cdfsl.config import RunConfig
 
 db, out, barrier, name = sys.argv[1:5]
 trained = []
-original = runner_module.build_batch
+original = context_module.build_batch
 
 def recording(episodes, *args, **kwargs):
     trained.extend(episode.index for episode in episodes)
@@ -543,7 +544,7 @@ def recording(episodes, *args, **kwargs):
             time.sleep(0.02)
     return original(episodes, *args, **kwargs)
 
-runner_module.build_batch = recording
+context_module.build_batch = recording
 config = RunConfig(
     dataset="digits", method="lora", backbone="tiny", pretrained="none", shots=1, episodes=6, episode_batch=1,
     device="cpu", db=db,

@@ -50,6 +50,9 @@ out = Console()
 
 F = TypeVar("F", bound=Callable[..., Any])
 DEMO_METHODS = ("zeroshot", "lora", "tir", "vtt")
+MethodOption = Annotated[
+    str, typer.Option(help="A base and plug-ins, e.g. lora, coop+lora+tir, maple, lora+vtt; see `cdfsl methods`.")
+]
 DEMO_FULL_ITERATIONS = 250  # `demo --iterations` is given for a recipe of this many iterations
 
 
@@ -242,7 +245,9 @@ def run_with_progress(config: RunConfig, runner: Any = None) -> Any:
 @user_errors
 def run_command(
     dataset: Annotated[str, typer.Option(help=f"One of: {', '.join(DATASETS)}.")],
-    method: Annotated[str, typer.Option(help=f"One of: {', '.join(METHODS)}.")],
+    method: Annotated[
+        str, typer.Option(help="A base and plug-ins, e.g. lora, coop+lora+tir, maple; see `cdfsl methods`.")
+    ],
     data_root: Annotated[Path | None, typer.Option(help="Dataset folder (not needed for digits).")] = None,
     recipe: Annotated[
         str | None,
@@ -393,6 +398,31 @@ def report_command(
         console.print(f"wrote {len(written)} figures to {plot}")
 
 
+@app.command("methods")
+@user_errors
+def methods_command() -> None:
+    """Every method name: its base, plug-ins, default recipe and one line on what it does (docs/methods.md)."""
+    from cdfsl.registry import BASES, PLUGINS, default_recipe, describe, parse_method
+
+    table = Table(title="methods: a base, then plug-ins joined by + (e.g. coop+lora+tir)", title_justify="left")
+    for column in ("method", "base", "plug-ins", "recipe", "what it does"):
+        table.add_column(column, overflow="fold", no_wrap=column == "method")
+    for name in METHODS:
+        recipe = default_recipe(name)
+        spec = parse_method(name, recipe)
+        plugins = ", ".join(p.name for p in spec.plugins) or "–"
+        table.add_row(name, spec.base.name, plugins, recipe, describe(name))
+    out.print(table)
+    sources = Table(title="sources", title_justify="left")
+    for column in ("name", "trains", "source"):
+        sources.add_column(column, overflow="fold")
+    for base in BASES.values():
+        sources.add_row(base.name, base.trains, base.source)
+    for plugin in PLUGINS.values():
+        sources.add_row(plugin.name, f"plug-in (config section {plugin.section})", plugin.source)
+    out.print(sources)
+
+
 @app.command("recipes")
 @user_errors
 def recipes_command(
@@ -401,7 +431,7 @@ def recipes_command(
     shots: Annotated[int, typer.Option(help="Resolve shot-dependent values for this many shots.")] = 5,
 ) -> None:
     """Every recipe's values with the source of each (paper section or release file); docs/recipes.md explains."""
-    from cdfsl.recipes import DEFAULT_RECIPE
+    from cdfsl.registry import default_recipe
 
     if recipe is not None and recipe not in RECIPES:
         raise ConfigError(f"--recipe must be one of {', '.join(RECIPES)}; got {recipe!r}")
@@ -410,7 +440,7 @@ def recipes_command(
     for spec in RECIPES.values():
         if recipe is not None and spec.name != recipe:
             continue
-        defaults = [m for m, r in DEFAULT_RECIPE.items() if r == spec.name]
+        defaults = [m for m in METHODS if default_recipe(m) == spec.name]
         example = RunConfig(dataset=dataset, data_root=".", shots=shots, recipe=spec.name).resolved()
         table = Table(
             title=f"{spec.name}: {spec.summary}\n(default for: {', '.join(defaults) or 'no method'})",
@@ -430,7 +460,9 @@ def recipes_command(
 @app.command("cost")
 @user_errors
 def cost_command(
-    method: Annotated[str, typer.Option(help=f"One of: {', '.join(METHODS)}.")],
+    method: Annotated[
+        str, typer.Option(help="A base and plug-ins, e.g. lora, coop+lora+tir, maple; see `cdfsl methods`.")
+    ],
     backbone: Annotated[str, typer.Option(help="open_clip model name, or 'tiny' for the embedded model.")] = "ViT-B-16",
     pretrained: Annotated[
         str, typer.Option(help="Weights: a tag, a checkpoint PATH, or none (the cost does not depend on them).")

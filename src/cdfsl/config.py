@@ -20,15 +20,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from cdfsl.data.readers import DATASETS as DATASET_SPECS
 from cdfsl.errors import ConfigError
-from cdfsl.recipes import DEFAULT_RECIPE, RECIPES, Recipe
+from cdfsl.recipes import RECIPES, Recipe
+from cdfsl.registry import MethodSpec, default_recipe, method_names, parse_method
 
-DATASETS = ("eurosat", "isic2018", "cropdiseases", "chestx", "imagefolder", "digits")
-METHODS = ("zeroshot", "lora", "tir", "vtt", "tir+vtt")
+DATASETS = tuple(DATASET_SPECS)
+METHODS = method_names()  # every name `cdfsl methods` lists; others of the grammar are accepted too
 TIR_VARIANTS = ("full", "inhibit", "enhance", "simplified")
 VTT_FUSIONS = ("release", "ssm", "attention", "lstm", "gru", "none")
 VTT_SCANS = ("deep_to_shallow", "shallow_to_deep", "bidirectional")
-LORA_TOWERS = ("vision", "text", "both")
+LORA_TOWERS = ("vision", "text", "both", "none")  # none: the coop base
 SCHEDULES = ("cosine", "none")
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -69,6 +71,24 @@ class PromptConfig:
     lr: float = 2e-3
     momentum: float = 0.9
     weight_decay: float = 5e-4
+
+
+@dataclass
+class MapleConfig:
+    """MaPLe (multi-modal prompt learning, Khattak et al., CVPR 2023): learnable text context in the first `depth`
+    text blocks and vision prompts coupled from it by per-block linear maps (docs/methods.md). Defaults are the
+    release's (muzairkhattak/multimodal-prompt-learning, `configs/trainers/MaPLe/vit_b16_c2_ep5_batch4_2ctx.yaml`)."""
+
+    context: str = "a photo of a"  # CTX_INIT; its first `tokens` token embeddings initialise the context
+    tokens: int = 2  # N_CTX
+    depth: int = 9  # PROMPT_DEPTH: blocks (from the first) that get learned prompts, in both towers
+    lr: float = 0.0035
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 4  # support views per step
+    epochs: int = 5  # passes over the support views
+    warmup_epochs: int = 1  # constant-rate warm-up, then cosine
+    warmup_lr: float = 1e-5
 
 
 @dataclass
@@ -138,7 +158,8 @@ class VttConfig:
 class RunConfig:
     """One run: a method on a dataset's episodes. Field names are the public `--set` names.
 
-    `recipe` names the training loop (docs/recipes.md); `None` is the method's default (`DEFAULT_RECIPE`).
+    `method` is a base and plug-ins (`cdfsl.registry`: `lora`, `coop+lora+tir`, `maple`, ...). `recipe` names the
+    training loop (docs/recipes.md); `None` is the method's default (`cdfsl.registry.default_recipe`).
     """
 
     dataset: str = "digits"
@@ -164,22 +185,42 @@ class RunConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     tir: TirConfig = field(default_factory=TirConfig)
     vtt: VttConfig = field(default_factory=VttConfig)
+    maple: MapleConfig = field(default_factory=MapleConfig)
 
     # ------------------------------------------------------------------ recipe
     @property
     def recipe_name(self) -> str:
         """The recipe this run follows: `recipe`, or the method's default."""
-        return self.recipe if self.recipe is not None else DEFAULT_RECIPE.get(self.method, "vtt-release")
+        return self.recipe if self.recipe is not None else default_recipe(self.method)
+
+    @property
+    def spec(self) -> MethodSpec:
+        """The method's base and plug-ins (raises `ConfigError` for an unknown name or an impossible combination)."""
+        return parse_method(self.method, self.recipe_name)
 
     def resolved(self) -> RunConfig:
-        """A copy with every unset (`None`) recipe field filled from the recipe, and `recipe` named.
+        """A copy with the base's own fields and every unset (`None`) recipe field filled, and `recipe` named.
 
-        Idempotent; fields the user set (by `--set` or in Python) are kept.
+        Idempotent; fields the user set (by `--set` or in Python) are kept, except that a field the base decides
+        (`lora` has no learned context, `coop` no LoRA) may only be set to the base's value.
         """
-        _check_choice("method", self.method, METHODS)
         _check_choice("recipe", self.recipe_name, tuple(RECIPES))
+        base = self.spec.base
         config = copy.deepcopy(self)
         config.recipe = self.recipe_name
+        for key, decided in base.decides.items():
+            section, _, name = key.rpartition(".")
+            owner = getattr(config, section)
+            if getattr(owner, name) not in (None, decided):
+                raise ConfigError(
+                    f"{key}={getattr(owner, name)!r} does not fit method {self.method}: the {base.name} base has "
+                    f"{key}={decided!r}; choose the base that has it (see `cdfsl methods`)"
+                )
+            setattr(owner, name, decided)
+        for key, default in base.defaults.items():
+            section, _, name = key.rpartition(".")
+            if getattr(getattr(config, section), name) is None:
+                setattr(getattr(config, section), name, default)
         for value in RECIPES[config.recipe].values:
             section, _, name = value.key.rpartition(".")
             owner = getattr(config, section) if section else config
@@ -197,13 +238,13 @@ class RunConfig:
         Numeric fields follow `NUMERIC_RULES`; fields left to the recipe are checked once the recipe has filled them.
         """
         _check_choice("dataset", self.dataset, DATASETS)
-        _check_choice("method", self.method, METHODS)
         _check_choice("recipe", self.recipe_name, tuple(RECIPES))
+        self.spec  # noqa: B018 (refuses an unknown method or an impossible combination)
         _check_choice("device", self.device, DEVICES)
         _check_choice("activation", self.activation, ACTIVATIONS)
         check_numbers(self, unset_ok=True)  # recipe values are computed from shots and dataset
         check_template(self.train.template)
-        if self.dataset not in ("digits",) and not self.data_root:
+        if DATASET_SPECS[self.dataset].needs_root and not self.data_root:
             raise ConfigError(f"--data-root is required for dataset {self.dataset!r}")
         resolved = self.resolved()
         check_numbers(resolved)
@@ -213,19 +254,20 @@ class RunConfig:
 
     @property
     def uses_tir(self) -> bool:
-        return self.method in ("tir", "tir+vtt")
+        return self.spec.uses("tir")
 
     @property
     def uses_vtt(self) -> bool:
-        return self.method in ("vtt", "tir+vtt")
+        return self.spec.uses("vtt")
 
     @property
     def trains(self) -> bool:
-        return self.method != "zeroshot"
+        return self.spec.base.trains_anything
 
     def trains_text(self) -> bool:
-        """Whether the text side learns (a prompt context, or LoRA on the text tower); needs a resolved config."""
-        return bool(self.prompt.context) or self.lora.towers in ("text", "both")
+        """Whether the text side learns (the base's own prompts, a prompt context, or LoRA on the text tower); needs a
+        resolved config."""
+        return self.spec.base.learns_text or bool(self.prompt.context) or self.lora.towers in ("text", "both")
 
     def resolved_episodes(self) -> int:
         if self.episodes is not None:
@@ -272,15 +314,10 @@ class RunConfig:
         }
         if config.trains:
             ident["device"] = device
-            ident["lora"] = dataclasses.asdict(config.lora)
-            ident["prompt"] = dataclasses.asdict(config.prompt)
-            ident["augment"] = dataclasses.asdict(config.augment)
         else:
             ident["train"] = {"template": config.train.template, "logit_scale": config.train.logit_scale}
-        if config.uses_tir:
-            ident["tir"] = dataclasses.asdict(config.tir)
-        if config.uses_vtt:
-            ident["vtt"] = dataclasses.asdict(config.vtt)
+        for section in config.spec.sections:
+            ident[section] = dataclasses.asdict(getattr(config, section))
         return ident
 
 
@@ -292,6 +329,11 @@ def _validate_training(config: RunConfig) -> None:
     _check_choice("tir.variant", config.tir.variant, TIR_VARIANTS)
     if not config.augment.views:
         raise ConfigError("augment.views needs at least one view, e.g. plain")
+    base = config.spec.base.name
+    if config.lora.towers == "none" and base in ("lora", "coop+lora"):
+        raise ConfigError(f"lora.towers=none leaves method {config.method} without LoRA; use the coop base for that")
+    if base in ("coop", "coop+lora") and not config.prompt.context:
+        raise ConfigError(f"method {config.method} learns a prompt context: prompt.context needs its first words")
     bad_targets = set(config.lora.targets) - {"q", "k", "v"}
     if bad_targets or not config.lora.targets:
         raise ConfigError(f"lora.targets must be a non-empty subset of q,k,v, got {config.lora.targets}")
@@ -310,7 +352,7 @@ def _validate_vtt(config: RunConfig) -> None:
     vtt = config.vtt
     _check_choice("vtt.fusion", vtt.fusion, VTT_FUSIONS)
     _check_choice("vtt.scan", vtt.scan, VTT_SCANS)
-    if config.uses_vtt and config.trains_text():
+    if config.uses_vtt and config.trains_text():  # the lora base with text-tower LoRA (other bases: the registry)
         raise ConfigError(
             f"{config.method} trains the vision tower only (VtT reads per-layer features of a frozen text tower), but "
             f"recipe {config.recipe} trains the text side (lora.towers={config.lora.towers}, "
@@ -473,6 +515,15 @@ NUMERIC_RULES: dict[str, Rule] = {
         integer("vtt.dt_rank", 1, MAX_WIDTH, optional=True),
         integer("vtt.conv", 1, MAX_DEPTH),
         integer("vtt.ssm_layers", 1, MAX_DEPTH),
+        integer("maple.tokens", 1, MAX_DEPTH),
+        integer("maple.depth", 1, MAX_DEPTH, why="checked against the backbone's depth when the method is built"),
+        number("maple.lr", 0, low_open=True),
+        number("maple.momentum", 0, 1, high_open=True),
+        number("maple.weight_decay", 0),
+        integer("maple.batch_size", 1),
+        integer("maple.epochs", 1, MAX_ITERATIONS),
+        integer("maple.warmup_epochs", 0, MAX_ITERATIONS),
+        number("maple.warmup_lr", 0, low_open=True),
     )
 }
 """The bounds of every numeric config field, by dotted key; `check_numbers` applies them (a test checks that every

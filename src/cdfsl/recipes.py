@@ -156,12 +156,3 @@ RECIPES: dict[str, Recipe] = {
         ),
     ),
 }
-
-# The recipe each method runs by default: the release its published numbers came from.
-DEFAULT_RECIPE: dict[str, str] = {
-    "zeroshot": "vtt-release",
-    "lora": "vtt-release",
-    "tir": "tir-release",
-    "vtt": "vtt-release",
-    "tir+vtt": "vtt-release",
-}

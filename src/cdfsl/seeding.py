@@ -1,8 +1,8 @@
 """Explicit random streams: every draw is a pure function of (seed, episode index, purpose).
 
-Each purpose (episode sampling, support views, LoRA init and dropout of each tower, batch order, VtT init) has its own
-stream, so two methods see the same views and the same LoRA start on the same episode, and a batch of E episodes gives
-each one the same draws as running it alone.
+Each purpose (episode sampling, support views, LoRA init and dropout of each tower, batch order, VtT init, MaPLe
+init) has its own stream, so two methods see the same views and the same LoRA start on the same episode, and a batch of
+E episodes gives each one the same draws as running it alone.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ PURPOSES = {
     "probe": 6,
     "text_lora_init": 7,
     "text_dropout": 8,
+    "maple_init": 9,
 }
 
 

@@ -39,11 +39,13 @@ from cdfsl.backbone.lora import EpisodeLoRA
 from cdfsl.config import ALL_SUPPORT, RunConfig
 from cdfsl.data.episodes import EpisodeBatch
 from cdfsl.data.index import Episode
-from cdfsl.engine.runner import Runner, resolve_device, resolve_precision
+from cdfsl.engine.context import build_context
+from cdfsl.engine.runner import Runner
 from cdfsl.errors import ConfigError
-from cdfsl.methods import build_method
+from cdfsl.methods import Method, build_method
 from cdfsl.methods.fusion import parameter_count
 from cdfsl.methods.lora import LoraMethod
+from cdfsl.methods.maple import MapleMethod
 from cdfsl.methods.vtt import VttExtension, state_sizes
 
 # Quoted: the VtT paper's cost table (its counting convention for FLOPs is not stated).
@@ -65,7 +67,15 @@ FLOP_CONVENTION = (
 )
 
 # The base method of each method with the VtT plug-in.
-BASE_METHOD = {"vtt": "lora", "tir+vtt": "tir"}
+
+
+def without_vtt(config: RunConfig) -> str | None:
+    """The method `config.method` names without its VtT plug-in (what VtT's added cost is measured against), or None
+    when it has none: `lora+tir+vtt` → `lora+tir`, `vtt` → its base under the recipe (`lora`)."""
+    spec = config.spec
+    if not spec.uses("vtt"):
+        return None
+    return "+".join([spec.base.name, *(p.name for p in spec.plugins if p.name != "vtt")])
 
 
 def _cpu_attention_flops(
@@ -148,7 +158,7 @@ class StepCount:
     """
 
     flops: int
-    method: LoraMethod
+    method: Method
     parameters: dict[str, int] = field(default_factory=dict)
     total: int = 0
 
@@ -162,6 +172,8 @@ def count_step(
     computes them once per class name; a learned text side recomputes them inside the step, and they count there.
     """
     method = build_method(config, backbone, autocast_dtype)
+    if isinstance(method, MapleMethod):
+        return _count_maple_step(method, batch)
     if not isinstance(method, LoraMethod):
         raise ConfigError(f"{config.method} does not train: it has no training step to count")
     method.class_features(batch.class_names)
@@ -201,6 +213,21 @@ def count_step(
     if total != sum(parts.values()):
         parts["other"] = total - sum(parts.values())
     return StepCount(int(counter.get_total_flops()), method, parts, total)
+
+
+def _count_maple_step(method: MapleMethod, batch: EpisodeBatch) -> StepCount:
+    """One MaPLe step: its config has one epoch without warm-up and `batch` one batch of support views (see
+    `training_cost`), so a fit is one step; the prompts it learned are counted by part."""
+    with flop_counter() as counter:
+        method.fit(batch)
+    prompts = method.prompts
+    assert prompts is not None
+    parts = {
+        "maple_context": per_episode_count([prompts.context]),
+        "maple_compound": per_episode_count([prompts.compound]),
+        "maple_coupling": per_episode_count([prompts.weight, prompts.bias]),
+    }
+    return StepCount(int(counter.get_total_flops()), method, parts, sum(parts.values()))
 
 
 def vtt_piece_flops(step: StepCount, batch: EpisodeBatch, batch_size: int) -> dict[str, int]:
@@ -274,7 +301,7 @@ def training_cost(config: RunConfig, runner: Runner | None = None) -> dict[str, 
 
     Args:
         config: the run config (validated and resolved here; `train.iterations` is set to 1, `lora.dropout` kept).
-        runner: supplies (and caches) the backbone; a fresh `Runner` when None.
+        runner: supplies (and caches) the backbone; loaded for this call alone when None.
 
     Returns:
         Plain numbers: `method`, `base_method` (None without VtT), `recipe`, `backbone`, `pretrained`, `device`,
@@ -291,22 +318,28 @@ def training_cost(config: RunConfig, runner: Runner | None = None) -> dict[str, 
     config = config.validate().resolved()
     if not config.trains:
         raise ConfigError(f"{config.method} does not train: it has no training step to count; use lora, tir or vtt")
+    context = build_context(config, runner.loads if runner is not None else None, load_data=False)
+    config, device, backbone = context.config, context.device, context.backbone
     config.train.iterations = 1
-    device = resolve_device(config.device)
-    precision, autocast_dtype = resolve_precision(config.train.precision, device)
-    backbone = (runner or Runner()).backbone(config, device)
+    precision, autocast_dtype = context.precision, context.autocast_dtype
     batch = synthetic_batch(config, backbone)
     support_views = batch.support.shape[1]
     assert config.train.batch_size is not None
     batch_size = support_views if config.train.batch_size == ALL_SUPPORT else int(config.train.batch_size)
     batch_size = min(batch_size, support_views)
+    if config.spec.base.name == "maple":  # one step = one epoch of one batch, at the full rate
+        batch_size = min(config.maple.batch_size, support_views)
+        config.maple.epochs, config.maple.warmup_epochs = 1, 0
+        batch = dataclasses.replace(
+            batch, support=batch.support[:, :batch_size], support_labels=batch.support_labels[:, :batch_size]
+        )
 
     step = count_step(config, backbone, batch, autocast_dtype)
     parameters = {**step.parameters, "total": step.total}
     flops: dict[str, int] = {"step": step.flops}
     result: dict[str, Any] = {
         "method": config.method,
-        "base_method": BASE_METHOD.get(config.method),
+        "base_method": without_vtt(config),
         "recipe": config.recipe,
         "backbone": config.backbone,
         "pretrained": config.pretrained,
@@ -330,7 +363,7 @@ def training_cost(config: RunConfig, runner: Runner | None = None) -> dict[str, 
         "flop_convention": FLOP_CONVENTION,
     }
     if config.uses_vtt:
-        base_config = dataclasses.replace(config, method=BASE_METHOD[config.method])  # same recipe, resolved
+        base_config = dataclasses.replace(config, method=without_vtt(config))  # same recipe, resolved
         base = count_step(base_config, backbone, batch, autocast_dtype)
         pieces = vtt_piece_flops(step, batch, batch_size)
         flops["base_step"] = base.flops
@@ -357,6 +390,9 @@ _PART_LABELS = {
     "text_lora": "text-tower LoRA",
     "prompt_context": "prompt context",
     "vtt_fusion": "VtT modules (fusion)",
+    "maple_context": "MaPLe text context",
+    "maple_compound": "MaPLe compound text prompts",
+    "maple_coupling": "MaPLe text-to-vision maps",
     "other": "other (held by the optimizers)",
 }
 
@@ -445,6 +481,13 @@ def cost_notes(result: dict[str, Any]) -> list[str]:
     """How the FLOPs were counted; with VtT, how our parameter count relates to the paper's 3.9 M and the release's
     count (quoted figures)."""
     notes = [f"FLOPs: {result['flop_convention']}."]
+    if "maple_coupling" in result["parameters"]:
+        ours = result["parameters"]["total"]
+        notes.append(
+            f"VtT paper's cost table (quoted): MaPLe {PAPER_MAPLE_PARAMETERS / 1e6:.1f} M trainable parameters, "
+            f"{PAPER_MAPLE_GFLOPS:g} GFLOPs (convention not stated); ours on {result['backbone']}: {ours:,} "
+            f"({ours / 1e6:.2f} M), one step of {result['batch_size']} views."
+        )
     reference = result.get("reference")
     if reference is None:
         return notes

@@ -10,8 +10,10 @@ effect.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +25,10 @@ from torch import Tensor
 from cdfsl.analysis.figure_style import paper_style
 from cdfsl.analysis.probe_output import condition_color, new_figure, save_figure, write_result
 from cdfsl.analysis.probe_setup import ProbeSetup, accuracy, check_episodes, encode, fit, prepare
-from cdfsl.analysis.stats import mean_ci95
-from cdfsl.config import METHODS, RunConfig
+from cdfsl.config import RunConfig
 from cdfsl.engine.runner import Runner
 from cdfsl.errors import ConfigError
+from cdfsl.stats import mean_ci95
 
 ZEROSHOT = "zeroshot"
 
@@ -60,8 +62,14 @@ def lost_layers_probe(
     check_episodes(episodes)
     if isinstance(gamma, bool) or not isinstance(gamma, int | float) or not math.isfinite(gamma):
         raise ConfigError(f"gamma must be a finite number (the factor on a block's residual update), got {gamma!r}")
-    if method not in METHODS:
-        raise ConfigError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
+    spec = dataclasses.replace(config, method=method).spec  # refuses a name that is no method
+    if spec.base.learns_text:
+        warnings.warn(
+            f"{method} learns its class texts (base {spec.base.name}); lost-layers scores its image features against "
+            "the frozen template's class features with each text block removed or emphasized, not against its "
+            "learned prompts (docs/diagnostics.md)",
+            stacklevel=2,
+        )
     setup = prepare(config, runner)
     blocks = setup.backbone.num_text_blocks
     conditions = [ZEROSHOT] if method == ZEROSHOT else [ZEROSHOT, method]

@@ -1,8 +1,10 @@
-"""What every diagnostic probe needs: backbone, episodes and batches from a `RunConfig`, fitted methods, and an
-observed vision pass.
+"""What every diagnostic probe needs: a config's run context (backbone, episodes and batches), fitted methods, and
+an observed vision pass.
 
-The probes reuse the engine's own pieces (`Runner` for the backbone and image cache, `EpisodeSampler`, `build_batch`,
-`build_method`), so a probe sees exactly the episodes, views and fine-tuning that `cdfsl run` does for the same config.
+`prepare` builds the probes' `ProbeSetup` around the engine's own run context (`engine.context.build_context`, which
+`Runner.run` uses too, sharing backbones and image caches through the runner), and the probes use fitted methods
+only through the `Method` interface; so a probe sees exactly the episodes, views and fine-tuning that `cdfsl run`
+does for the same config.
 
 "Layer l" of the vision tower means, in every probe, the hidden tokens entering vision block l (TIR's insertion
 points are block inputs too); L layers for an L-block tower. With token recalibration active, the observed tokens are
@@ -22,12 +24,10 @@ from torch import Tensor
 
 from cdfsl.backbone.adapter import ClipAdapter, VisionOutput
 from cdfsl.config import RunConfig
-from cdfsl.data.episodes import EpisodeBatch, build_batch
-from cdfsl.data.images import ImageCache
+from cdfsl.data.episodes import EpisodeBatch
 from cdfsl.data.index import ImageIndex
-from cdfsl.data.readers import load_index
-from cdfsl.data.sampler import EpisodeSampler
-from cdfsl.engine.runner import Runner, chunks, resolve_device, resolve_precision
+from cdfsl.engine.context import RunContext, build_context
+from cdfsl.engine.runner import Runner
 from cdfsl.errors import ConfigError
 from cdfsl.methods import Method, build_method
 from cdfsl.methods.base import Observer
@@ -37,54 +37,47 @@ IMAGE_SETS = ("query", "support")
 
 @dataclass
 class ProbeSetup:
-    """A config's backbone, dataset and episode machinery, ready for probing.
+    """A config's run context, loaded and ready for probing.
 
     Attributes:
-        config: the run config (validated).
-        backbone: the frozen adapter.
-        index, sampler, cache: the dataset, its episode sampler and image cache.
-        device: the compute device; `autocast_dtype` the method's autocast (None in fp32).
+        config: the config as given (validated, not resolved): `method(name)` builds each method from it, so a method
+            other than `config.method` follows its own default recipe unless `config.recipe` names one.
+        context: its run context (`build_context`; `context.config` is the resolved config): device, autocast dtype,
+            dataset, episode sampler, and the backbone and image cache, both loaded.
     """
 
     config: RunConfig
-    backbone: ClipAdapter
-    index: ImageIndex
-    sampler: EpisodeSampler
-    cache: ImageCache
-    device: torch.device
-    autocast_dtype: torch.dtype | None
+    context: RunContext
+
+    @property
+    def backbone(self) -> ClipAdapter:
+        """The frozen adapter."""
+        return self.context.backbone
+
+    @property
+    def index(self) -> ImageIndex:
+        """The dataset's image index."""
+        return self.context.data()[0]
+
+    @property
+    def device(self) -> torch.device:
+        """The compute device."""
+        return self.context.device
 
     def batches(self, episodes: int, with_views: bool = True) -> Iterator[EpisodeBatch]:
-        """Episodes `0 … episodes−1` as batches of `config.episode_batch` episodes."""
-        cfg = self.config
-        for chunk in chunks(range(episodes), cfg.episode_batch):
-            yield build_batch(
-                self.sampler.episodes(chunk),
-                self.index,
-                self.cache,
-                cfg.augment,
-                self.backbone.normalize,
-                cfg.seed,
-                self.device,
-                with_views=with_views,
-            )
+        """Episodes `0 … episodes−1` as batches of `config.episode_batch` episodes (`RunContext.batches`)."""
+        return self.context.batches(range(episodes), with_views)
 
     def method(self, name: str) -> Method:
         """The method `name` built from this config (its other knobs unchanged)."""
-        return build_method(dataclasses.replace(self.config, method=name), self.backbone, self.autocast_dtype)
+        return build_method(dataclasses.replace(self.config, method=name), self.backbone, self.context.autocast_dtype)
 
 
 def prepare(config: RunConfig, runner: Runner | None = None) -> ProbeSetup:
     """Validate `config` and load what its probes need (the backbone and caches are shared through `runner`)."""
-    config.validate()
-    runner = runner or Runner()
-    device = resolve_device(config.device)
-    _, autocast_dtype = resolve_precision(config.train.precision, device)
-    index = load_index(config.dataset, config.data_root)
-    sampler = EpisodeSampler(index, config.ways, config.shots, config.queries, config.seed)
-    backbone = runner.backbone(config, device)
-    cache = runner.image_cache(index, backbone.image_size, config.cache_dir)
-    return ProbeSetup(config, backbone, index, sampler, cache, device, autocast_dtype)
+    context = build_context(config, runner.loads if runner is not None else None)
+    context.load()
+    return ProbeSetup(config, context)
 
 
 def check_episodes(episodes: int) -> None:

@@ -23,7 +23,7 @@ Paired mode (`paired="lora"`): for every row of another method, per dataset colu
 differences against the baseline method's run in the same column and backbone (the baseline row with the same
 recipe and variant if there is one, else the same recipe, else the baseline's only row), matched on the episodes
 both runs finished — see
-`cdfsl.analysis.stats.paired_difference`. Runs with different ways, queries or seed are not paired (their
+`cdfsl.stats.paired_difference`. Runs with different ways, queries or seed are not paired (their
 episode indices name different images); unequal episode sets are matched on the shared ones and noted.
 
 Quoted paper rows (`with_paper_results=True`, from `cdfsl.analysis.paper_results`) fill the mean columns only,
@@ -47,10 +47,11 @@ from rich.table import Table
 from rich.text import Text
 
 from cdfsl.analysis.paper_results import BENCHMARKS, PaperResult, paper_results
-from cdfsl.analysis.stats import PairedStats, episode_differences, mean_ci95, paired_difference
 from cdfsl.config import METHODS
 from cdfsl.engine.store import ResultStore, RunRecord
 from cdfsl.errors import ConfigError, StoreError
+from cdfsl.registry import split_method
+from cdfsl.stats import PairedStats, episode_differences, mean_ci95, paired_difference
 
 PROTOCOL_WAYS = 5
 FORMATS = ("table", "markdown", "csv", "latex", "json")
@@ -71,7 +72,6 @@ _NEUTRAL_KEYS = frozenset(
     }
 )
 _DATASET_ORDER = ("eurosat", "isic2018", "cropdiseases", "chestx")
-VTT_METHODS = ("vtt", "tir+vtt")
 _BLANK = "–"
 
 
@@ -257,7 +257,7 @@ def build_report(store: ResultStore, paired: str | None = None, with_paper_resul
         rows += _add_quoted(quoted, columns, cells, notes)
     report = Report(str(store.path), rows, columns, cells, paired, notes=notes)
     for key, run in placed.items():
-        if run.method in VTT_METHODS:
+        if _uses_vtt(run.method):
             report.dlc_off_steps[key] = list(store.episode_dlc_off_steps(run.run_id).values())
     if paired is not None:
         report.paired = _pair_all(report, paired, placed, accuracies, notes)
@@ -324,6 +324,14 @@ def _flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def _differing_keys(configs: list[dict[str, Any]]) -> set[str]:
     keys = set().union(*configs) - _NEUTRAL_KEYS
     return {key for key in keys if len({json.dumps(config.get(key), sort_keys=True) for config in configs}) > 1}
+
+
+def _uses_vtt(method: str) -> bool:
+    """Whether a stored run's method has the VtT plug-in (names of other versions count as without)."""
+    try:
+        return "vtt" in split_method(method)[1]
+    except ConfigError:
+        return False
 
 
 def _method_order(method: str) -> tuple[int, str]:

@@ -49,6 +49,7 @@ from cdfsl.config import METHODS, RunConfig
 from cdfsl.engine.runner import Runner
 from cdfsl.errors import ConfigError
 from cdfsl.methods.tir import resolve_blocks
+from cdfsl.registry import split_method
 
 BEFORE = "before"
 TOP_SHARE = 0.01
@@ -222,9 +223,9 @@ def _check_methods(methods: Sequence[str]) -> tuple[str, ...]:
         methods = (methods,)
     trained = tuple(m for m in METHODS if m != "zeroshot")
     for name in methods:
-        if name not in trained:
+        if split_method(name)[0] == "zeroshot":  # raises for a name that is no method
             raise ConfigError(
-                f"sink probe methods must be trained methods ({', '.join(trained)}); got {name!r} "
+                f"sink probe methods must be trained methods (such as {', '.join(trained)}); got {name!r} "
                 "(the plain backbone is always the 'before' condition)"
             )
     if len(set(methods)) != len(methods):

@@ -4,8 +4,19 @@ It runs both towers with an explicit block loop over the model's own weights, wh
 the methods need without forking CLIP: an episode axis through the vision tower, a pluggable q/k/v projection (LoRA),
 token recalibration at block inputs (TIR), per-layer hidden tokens and pooled features (VtT, diagnostics), text
 features per block, text encoding with one token embedding replaced (VtT absorption; the prompt's fixed prefix
-cached once), and block skipping or residual scaling in the text tower (the lost-layer probe). Tests check the loop
-against open_clip's own `encode_image` and `encode_text`.
+cached once), block skipping or residual scaling in the text tower (the lost-layer probe), and deep prompts: learned
+tokens written into prompt slots at block inputs of either tower (MaPLe; see `encode_images` and
+`encode_text_embeddings`, argument `prompts`). Tests check the loop against open_clip's own `encode_image` and
+`encode_text`.
+
+Deep prompts, the same rule in both towers: `prompts[l]` holds the P prompt tokens at the input of block l, for
+l < J = len(prompts); blocks J and later carry on whatever block J - 1 made of the P slots (the MaPLe release does not
+drop them). Vision: the slots are P extra tokens after the CLS and patch tokens; `prompts[0]` is appended to the
+embedded image before `ln_pre` (without positional embedding), `prompts[l >= 1]` replace the last P tokens entering
+block l. The pooled output stays the CLS token (index 0), and patches keep indices 1..M. Text: the slots are the P
+positions after the start token; `prompts[0]` replaces those token embeddings before the positional embedding is
+added, `prompts[l >= 1]` replace the P hidden tokens entering block l. Prompts are `[E, P, D]` (shared by an
+episode's images or prompts) or `[E, B, P, D]` (one set per image or prompt).
 
 Supported: open_clip `CLIP`/`CustomTextCLIP` models whose towers are open_clip `VisionTransformer` and
 `TextTransformer`-style stacks of `ResidualAttentionBlock` (OpenAI CLIP, LAION and DataComp ViTs, the tiny model).
@@ -186,6 +197,11 @@ class ClipAdapter(nn.Module):
     def device(self) -> torch.device:
         return self.visual.proj.device
 
+    @property
+    def logit_scale(self) -> float:
+        """The model's own learned logit scale, `exp(logit_scale)` (100 for OpenAI CLIP; 1/0.07 untrained)."""
+        return float(self.model.logit_scale.detach().exp())
+
     # ------------------------------------------------------------------ shared block pieces
     @staticmethod
     def _split_heads(block: nn.Module, qkv: Tensor) -> Tensor:
@@ -232,13 +248,20 @@ class ClipAdapter(nn.Module):
         """`[..., 3, H, W]` floats in [0, 1] → normalized with the model's mean and std."""
         return (images - self.mean) / self.std
 
-    def embed_images(self, images: Tensor) -> Tensor:
-        """Normalized images `[N, 3, H, W]` → tokens entering block 0 `[N, 1 + M, D]`."""
+    def embed_images(self, images: Tensor, prompts: Tensor | None = None) -> Tensor:
+        """Normalized images `[N, 3, H, W]` → tokens entering block 0 `[N, 1 + M, D]`.
+
+        `prompts` `[N, P, D]`: tokens appended after the patch tokens, after the positional embedding and before
+        `ln_pre` (deep prompting's first-block prompts, as VPT and MaPLe add them); then the result is
+        `[N, 1 + M + P, D]`.
+        """
         visual = self.visual
         x = visual.conv1(images.to(visual.conv1.weight.dtype))
         x = x.flatten(2).transpose(1, 2)
         cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)
+        if prompts is not None:
+            x = torch.cat([x, prompts.to(x.dtype)], dim=1)
         return visual.ln_pre(x)
 
     def vision_block(
@@ -275,18 +298,27 @@ class ClipAdapter(nn.Module):
         layer_features: bool = False,
         keep_block_inputs: bool = False,
         keep_cls_attention: bool = False,
+        prompts: Sequence[Tensor] = (),
     ) -> VisionOutput:
         """Encode normalized images `[E, B, 3, H, W]` for E episodes at once.
 
         `qkv_projection` supplies each block's q/k/v (per-episode LoRA); `block_input_hook(layer, x)` may rewrite the
         tokens entering block `layer` (TIR). The frozen weights are shared: the E·B images form one batch.
+
+        `prompts`: deep prompts (module docstring), `prompts[l]` `[E, P, D]` or `[E, B, P, D]` for blocks l < J; the
+        tokens are then `[E, B, 1 + M + P, D]` in every block (the hook, block inputs and CLS attention see all of
+        them) and the features are still the CLS token's. Empty: the plain path, unchanged.
         """
         e, b = images.shape[:2]
-        x = self.embed_images(images.flatten(0, 1))
+        slots = self._prompt_slots(prompts, e, b)
+        first = slots[0].flatten(0, 1) if slots else None
+        x = self.embed_images(images.flatten(0, 1), first)
         x = x.reshape(e, b, *x.shape[1:])
         per_layer: list[Tensor] = []
         output = VisionOutput(features=x)
         for layer in range(self.num_vision_blocks):
+            if 0 < layer < len(slots):
+                x = torch.cat([x[:, :, : -slots[layer].shape[2]], slots[layer].to(x.dtype)], dim=2)
             if block_input_hook is not None:
                 x = block_input_hook(layer, x)
             if keep_block_inputs:
@@ -300,6 +332,15 @@ class ClipAdapter(nn.Module):
         if layer_features:
             output.layer_features = torch.stack(per_layer)
         return output
+
+    @staticmethod
+    def _prompt_slots(prompts: Sequence[Tensor], e: int, b: int) -> list[Tensor]:
+        """Deep prompts, each `[E, P, D]` or `[E, B, P, D]`, as `[E, B, P, D]` (expanded, not copied); one P for all."""
+        slots = [p[:, None].expand(e, b, *p.shape[1:]) if p.dim() == 3 else p for p in prompts]
+        if slots and (any(s.shape[:2] != (e, b) for s in slots) or len({s.shape[2] for s in slots}) != 1):
+            shapes = ", ".join(str(tuple(p.shape)) for p in prompts)
+            raise ValueError(f"deep prompts must be [E={e}, P, D] or [E, B={b}, P, D] with one P; got {shapes}")
+        return slots
 
     # ------------------------------------------------------------------ text
     def tokenize(self, texts: Sequence[str]) -> Tensor:
@@ -367,8 +408,9 @@ class ClipAdapter(nn.Module):
         layers: Sequence[int] | None = None,
         skip_blocks: Sequence[int] = (),
         block_scale: dict[int, float] | None = None,
+        prompts: Sequence[Tensor] = (),
     ) -> TextOutput:
-        """Encode token embeddings of N prompts for E episodes at once (CoOp contexts, text-tower LoRA).
+        """Encode token embeddings of N prompts for E episodes at once (CoOp contexts, text-tower LoRA, MaPLe).
 
         Args:
             embeddings: input token embeddings without positions `[E, N, S, W]`.
@@ -377,6 +419,10 @@ class ClipAdapter(nn.Module):
             layers: text blocks (non-negative indices) whose pooled token is also returned, through the final norm
                 and projection, in the order given.
             skip_blocks, block_scale: as in `encode_text_tokens`.
+            prompts: deep prompts (module docstring), `prompts[l]` `[E, P, W]` or `[E, N, P, W]` for blocks l < J, in
+                positions 1..P (after the start token; they must come before every pooled token). `prompts[0]`
+                replaces those embeddings before the positional embedding is added; `prompts[l >= 1]` replace the
+                hidden tokens entering block l (a skipped block's input too). Empty: the plain path, unchanged.
 
         With a causal mask, tokens after the last pooled token cannot affect any pooled feature, so the sequence is
         cut there.
@@ -385,6 +431,12 @@ class ClipAdapter(nn.Module):
         pooled = pooled.expand(e, n) if pooled.dim() == 1 else pooled
         mask = self._causal_mask()
         x = embeddings
+        slots = self._prompt_slots(prompts, e, n)
+        if slots:
+            width = slots[0].shape[2]
+            if int(pooled.min()) <= width:
+                raise ValueError(f"{width} prompt tokens after the start token reach a pooled token")
+            x = self._replace_text_slots(x, slots[0])
         if mask is not None:
             length = int(pooled.max()) + 1
             x, mask = x[:, :, :length], mask[:length, :length].to(x.dtype)
@@ -395,6 +447,8 @@ class ClipAdapter(nn.Module):
         per_layer: list[Tensor | None] = [None] * len(wanted)
         scale = block_scale or {}
         for layer in range(self.num_text_blocks):
+            if 0 < layer < len(slots):
+                x = self._replace_text_slots(x, slots[layer])
             if layer not in skip_blocks:
                 updated = self.text_block(layer, x, mask, qkv_projection)
                 x = x + scale[layer] * (updated - x) if layer in scale else updated
@@ -402,6 +456,11 @@ class ClipAdapter(nn.Module):
                 per_layer[wanted[layer]] = self._project_text(x[episode_rows, prompt_rows, pooled])
         stacked = torch.stack([f for f in per_layer if f is not None]) if wanted else None
         return TextOutput(features=self._project_text(x[episode_rows, prompt_rows, pooled]), layer_features=stacked)
+
+    @staticmethod
+    def _replace_text_slots(x: Tensor, tokens: Tensor) -> Tensor:
+        """`x` `[E, N, T, W]` with positions 1..P set to `tokens` `[E, N, P, W]`."""
+        return torch.cat([x[:, :, :1], tokens.to(x.dtype), x[:, :, 1 + tokens.shape[2] :]], dim=2)
 
     @staticmethod
     def _text_qkv(block: nn.Module, x: Tensor) -> Tensor:

@@ -137,18 +137,18 @@ _JPEG_END = b"\xff\xd9"  # the EOI marker
 
 
 def load_index(dataset: str, data_root: str | Path | None) -> ImageIndex:
-    """Index `dataset` found under `data_root` (ignored for `digits`).
+    """Index `dataset` found under `data_root` (ignored for datasets that need no root, such as `digits`).
 
     Raises:
         DatasetError: unknown dataset name, or a missing/malformed dataset; the message says what was expected
             and what was found.
     """
-    reader = READERS.get(dataset)
-    if reader is None:
-        raise DatasetError(f"unknown dataset {dataset!r}; known datasets: {', '.join(READERS)}")
-    if dataset == "digits":
-        return read_digits()
-    return reader(_require_root(dataset, data_root))
+    spec = DATASETS.get(dataset)
+    if spec is None:
+        raise DatasetError(f"unknown dataset {dataset!r}; known datasets: {', '.join(DATASETS)}")
+    if not spec.needs_root:
+        return spec.read(None)
+    return spec.read(_require_root(dataset, data_root))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -283,14 +283,35 @@ def read_digits() -> ImageIndex:
     )
 
 
-READERS: dict[str, Callable[[Path], ImageIndex]] = {
-    "eurosat": read_eurosat,
-    "cropdiseases": read_cropdiseases,
-    "isic2018": read_isic2018,
-    "chestx": read_chestx,
-    "imagefolder": read_imagefolder,
-    "digits": lambda _root: read_digits(),
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A dataset name, its reader (given the data root, or None when it needs none) and whether it needs a root."""
+
+    name: str
+    read: Callable[[Path | None], ImageIndex]
+    needs_root: bool = True
+
+
+def _rooted(reader: Callable[[Path], ImageIndex]) -> Callable[[Path | None], ImageIndex]:
+    def read(root: Path | None) -> ImageIndex:
+        assert root is not None
+        return reader(root)
+
+    return read
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    spec.name: spec
+    for spec in (
+        DatasetSpec("eurosat", _rooted(read_eurosat)),
+        DatasetSpec("isic2018", _rooted(read_isic2018)),
+        DatasetSpec("cropdiseases", _rooted(read_cropdiseases)),
+        DatasetSpec("chestx", _rooted(read_chestx)),
+        DatasetSpec("imagefolder", _rooted(read_imagefolder)),
+        DatasetSpec("digits", lambda _root: read_digits(), needs_root=False),
+    )
 }
+"""Every dataset `--dataset` accepts: the one table the config, the CLI and the tests read."""
 
 
 # ----------------------------------------------------------------------------------------------------

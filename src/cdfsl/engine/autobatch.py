@@ -41,17 +41,22 @@ def synthetic_batch(config: RunConfig, episodes: int, image_size: int, device: t
     )
 
 
-def _peak_bytes(config: RunConfig, episodes: int, device: torch.device) -> int:
-    from cdfsl.backbone.factory import load_backbone
-    from cdfsl.engine.runner import resolve_precision
+def _peak_bytes(config: RunConfig, episodes: int) -> int:
+    """Peak CUDA memory in bytes of a two-iteration fit and a prediction of `episodes` synthetic episodes of `config`
+    on its device (the backbone's weights included; each trial loads its own backbone)."""
+    from cdfsl.engine.context import build_context
     from cdfsl.methods import build_method
 
-    backbone = load_backbone(config.backbone, "none" if config.backbone != "tiny" else config.pretrained, device)
     trial = copy.deepcopy(config)
     trial.train.iterations = 2
-    _, dtype = resolve_precision(trial.train.precision, device)
-    method = build_method(trial, backbone, dtype)
-    batch = synthetic_batch(trial, episodes, backbone.image_size, device)
+    # Memory does not depend on the weights' values: every backbone but the embedded tiny one gets random weights
+    # (`none`) on purpose, so a trial never downloads or reads the run's checkpoint.
+    if trial.backbone != "tiny":
+        trial.pretrained = "none"
+    context = build_context(trial, load_data=False)  # no dataset: the images are synthetic
+    device = context.device
+    method = build_method(context.config, context.backbone, context.autocast_dtype)
+    batch = synthetic_batch(context.config, episodes, context.backbone.image_size, device)
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     method.fit(batch)
@@ -62,13 +67,13 @@ def _peak_bytes(config: RunConfig, episodes: int, device: torch.device) -> int:
 
 def auto_episode_batch(config: RunConfig) -> int:
     """The episode batch for `config` on its device (see module docstring)."""
-    from cdfsl.engine.runner import resolve_device
+    from cdfsl.engine.context import resolve_device
 
     device = resolve_device(config.device)
     limit = min(MAX_EPISODE_BATCH, config.resolved_episodes())
     if device.type != "cuda":
         return min(CPU_EPISODE_BATCH, limit)
-    one, two = _peak_bytes(config, 1, device), _peak_bytes(config, 2, device)
+    one, two = _peak_bytes(config, 1), _peak_bytes(config, 2)
     per_episode = max(two - one, 1)
     base = one - per_episode
     free, _ = torch.cuda.mem_get_info(device)

@@ -29,8 +29,7 @@ import os
 import secrets
 import socket
 import time
-import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,18 +37,16 @@ from typing import Any
 
 import torch
 
-from cdfsl.analysis.stats import mean_ci95
 from cdfsl.backbone.adapter import ClipAdapter
-from cdfsl.backbone.factory import load_backbone, resolve_activation, weights_identity
+from cdfsl.backbone.factory import resolve_activation, weights_identity
 from cdfsl.config import RunConfig, run_id_of
-from cdfsl.data.episodes import build_batch
 from cdfsl.data.images import PREPROCESSING, ImageCache
 from cdfsl.data.index import ImageIndex
-from cdfsl.data.readers import load_index
-from cdfsl.data.sampler import EpisodeSampler
+from cdfsl.engine.context import LoadCache, build_context
 from cdfsl.engine.store import EpisodeResult, ResultStore
-from cdfsl.errors import ConfigError, DatasetWarning, StoreError
+from cdfsl.errors import StoreError
 from cdfsl.methods import build_method
+from cdfsl.stats import mean_ci95
 
 
 @dataclass(frozen=True)
@@ -110,27 +107,6 @@ class RunResult:
         return entry
 
 
-def resolve_device(name: str) -> torch.device:
-    """`auto` → CUDA when available, else CPU; `cuda` without a GPU is a `ConfigError`."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
-    return torch.device(name)
-
-
-def resolve_precision(precision: str, device: torch.device) -> tuple[str, torch.dtype | None]:
-    """(label, autocast dtype): `auto` is bf16 on CUDA and fp32 elsewhere."""
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    return precision, (torch.bfloat16 if precision == "bf16" else None)
-
-
-def chunks(items: Sequence[int], size: int) -> Iterator[list[int]]:
-    for start in range(0, len(items), size):
-        yield list(items[start : start + size])
-
-
 class _Tally:
     """Running count, mean and spread of a run's stored episodes below `total` (whoever stored them), updated from
     the rows added since the last look, so each update costs time in the new rows only (Chan et al.'s merge)."""
@@ -178,7 +154,8 @@ class Runner:
             starts when the batch is claimed, so it must exceed the time one batch takes (default 30 minutes).
         poll_seconds: how often to look at the store while other processes finish the last episodes.
 
-    `owner` is this runner's unique id in the store's claims and in `episodes.trained_by`.
+    `owner` is this runner's unique id in the store's claims and in `episodes.trained_by`; `loads` keeps the loaded
+    backbones and image caches (`engine.context.LoadCache`), which each run's context (`build_context`) draws on.
     """
 
     def __init__(
@@ -193,21 +170,15 @@ class Runner:
         self.lease_seconds = lease_seconds
         self.poll_seconds = poll_seconds
         self.owner = _owner_id()
-        self._backbones: dict[tuple[str, str, str, str, str], ClipAdapter] = {}
-        self._caches: dict[tuple[str, int, str | None], ImageCache] = {}
+        self.loads = LoadCache()
 
     def backbone(self, config: RunConfig, device: torch.device) -> ClipAdapter:
-        # Keyed by the weights' content too: a checkpoint rebuilt at the same path is loaded afresh.
-        key = (config.backbone, config.pretrained, weights_identity(config.pretrained), config.activation, str(device))
-        if key not in self._backbones:
-            self._backbones[key] = load_backbone(config.backbone, config.pretrained, device, config.activation)
-        return self._backbones[key]
+        """`config`'s frozen backbone on `device`, loaded once per weights (see `LoadCache`)."""
+        return self.loads.backbone(config, device)
 
     def image_cache(self, index: ImageIndex, size: int, cache_dir: str | None) -> ImageCache:
-        key = (index.fingerprint(), size, cache_dir)
-        if key not in self._caches:
-            self._caches[key] = ImageCache(index, size, cache_dir)
-        return self._caches[key]
+        """The images of `index` at `size`² pixels, loaded once per (index, size, cache folder)."""
+        return self.loads.image_cache(index, size, cache_dir)
 
     def run(self, config: RunConfig) -> RunResult:
         """Run (or resume) `config`; return its results over episodes `0 … episodes−1`.
@@ -216,22 +187,15 @@ class Runner:
         Other processes may work on the same run in the same store at the same time: episodes are shared through
         claims (see the module docstring), and this call returns once every episode is stored, whoever trained it.
         """
-        config = config.validate().resolved()
-        device = resolve_device(config.device)
-        precision, autocast_dtype = resolve_precision(config.train.precision, device)
-        index = load_index(config.dataset, config.data_root)
-        sampler = EpisodeSampler(index, config.ways, config.shots, config.queries, config.seed)
-        if sampler.excluded_classes:
-            warnings.warn(
-                f"{config.dataset}: classes with fewer than shots + queries = {config.shots + config.queries} images "
-                f"cannot appear in episodes: {', '.join(sampler.excluded_classes)}",
-                DatasetWarning,
-                stacklevel=2,
-            )
+        context = build_context(config, self.loads)
+        config = context.config
+        index, sampler = context.data()
         total = config.resolved_episodes()
         activation = resolve_activation(config.backbone, config.pretrained, config.activation)
         weights = weights_identity(config.pretrained)
-        identity = config.identity(precision, index.fingerprint(), activation, device.type, PREPROCESSING, weights)
+        identity = config.identity(
+            context.precision, index.fingerprint(), activation, context.device.type, PREPROCESSING, weights
+        )
         run_id = run_id_of(identity)
         with ResultStore(Path(config.db)) as store:
             started = time.perf_counter()
@@ -239,22 +203,12 @@ class Runner:
             resumed = tally.count
             trained = 0
             if resumed < total:
-                backbone = self.backbone(config, device)
-                method = build_method(config, backbone, autocast_dtype)
-                cache = self.image_cache(index, backbone.image_size, config.cache_dir)
+                method = build_method(config, context.backbone, context.autocast_dtype)
+                context.load()  # the image cache, before the first claim
 
                 def train(chunk: list[int]) -> list[EpisodeResult]:
                     batch_start = time.perf_counter()
-                    batch = build_batch(
-                        sampler.episodes(chunk),
-                        index,
-                        cache,
-                        config.augment,
-                        backbone.normalize,
-                        config.seed,
-                        device,
-                        with_views=config.trains,
-                    )
+                    batch = context.batch(chunk, with_views=config.trains)
                     method.fit(batch)
                     logits = method.predict(batch)
                     correct = (logits.argmax(dim=-1) == batch.query_labels).sum(dim=1).tolist()

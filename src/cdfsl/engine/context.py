@@ -1,0 +1,182 @@
+"""The run context: what a `RunConfig` builds before anything trains, built in one place (`build_context`).
+
+From a config it builds, in this order: the config validated (a bad one is a `ConfigError` before anything is loaded)
+and resolved (every recipe value filled in); the compute device; the precision label and the methods' autocast dtype;
+the dataset's image index and episode sampler (warning about classes too small for an episode); and, on first use, the
+frozen backbone and the image cache. Backbones and image caches are kept across contexts in a `LoadCache`.
+
+Who builds one: the episode runner (`engine.runner.Runner.run`, whose `Runner` keeps one `LoadCache` for all its runs),
+the diagnostic probes (`analysis.probe_setup.prepare`), the training-cost count (`analysis.cost.training_cost`) and
+`--episode-batch auto`'s trial fits (`engine.autobatch`; the last two without a dataset, `load_data=False`). So a probe
+or a trial sees the same device, precision, episodes and images as `cdfsl run` does for the same config.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import torch
+
+from cdfsl.backbone.adapter import ClipAdapter
+from cdfsl.backbone.factory import load_backbone, weights_identity
+from cdfsl.config import RunConfig
+from cdfsl.data.episodes import EpisodeBatch, build_batch
+from cdfsl.data.images import ImageCache
+from cdfsl.data.index import ImageIndex
+from cdfsl.data.readers import load_index
+from cdfsl.data.sampler import EpisodeSampler
+from cdfsl.errors import ConfigError, DatasetWarning
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` → CUDA when available, else CPU; `cuda` without a GPU is a `ConfigError`."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+    return torch.device(name)
+
+
+def resolve_precision(precision: str, device: torch.device) -> tuple[str, torch.dtype | None]:
+    """(label, autocast dtype): `auto` is bf16 on CUDA and fp32 elsewhere."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    return precision, (torch.bfloat16 if precision == "bf16" else None)
+
+
+def chunks(items: Sequence[int], size: int) -> Iterator[list[int]]:
+    """`items` in consecutive lists of `size` (the last one shorter)."""
+    for start in range(0, len(items), size):
+        yield list(items[start : start + size])
+
+
+class LoadCache:
+    """Backbones and image caches loaded for earlier contexts, kept for later ones in the same process.
+
+    A backbone is keyed by (name, pretrained, the weights' identity, activation, device), so a checkpoint rebuilt at
+    the same path is loaded afresh; an image cache by (index fingerprint, image size, cache folder).
+    """
+
+    def __init__(self) -> None:
+        self._backbones: dict[tuple[str, str, str, str, str], ClipAdapter] = {}
+        self._caches: dict[tuple[str, int, str | None], ImageCache] = {}
+
+    def backbone(self, config: RunConfig, device: torch.device) -> ClipAdapter:
+        """The frozen backbone of `config` (name, pretrained weights, activation) on `device`."""
+        key = (config.backbone, config.pretrained, weights_identity(config.pretrained), config.activation, str(device))
+        if key not in self._backbones:
+            self._backbones[key] = load_backbone(config.backbone, config.pretrained, device, config.activation)
+        return self._backbones[key]
+
+    def image_cache(self, index: ImageIndex, size: int, cache_dir: str | None) -> ImageCache:
+        """The images of `index` decoded at `size`² pixels, on disk under `cache_dir` too when given."""
+        key = (index.fingerprint(), size, cache_dir)
+        if key not in self._caches:
+            self._caches[key] = ImageCache(index, size, cache_dir)
+        return self._caches[key]
+
+
+@dataclass
+class RunContext:
+    """What a run of `config` builds before it trains (see the module docstring); made by `build_context`.
+
+    Attributes:
+        config: the run config, validated and resolved (every recipe value filled in).
+        device: the compute device; `precision` its label (`fp32` or `bf16`), `autocast_dtype` the methods' autocast
+            dtype (None in fp32).
+        index, sampler: the dataset's image index and its episode sampler; None in a context built without its
+            dataset (`load_data=False`).
+        loads: where `backbone` and `cache` are loaded from and kept.
+
+    `backbone` (the frozen adapter) and `cache` (the dataset's images at the backbone's input size) are loaded on
+    first use, so a run whose episodes are all stored already never loads its backbone.
+    """
+
+    config: RunConfig
+    device: torch.device
+    precision: str
+    autocast_dtype: torch.dtype | None
+    index: ImageIndex | None
+    sampler: EpisodeSampler | None
+    loads: LoadCache = field(repr=False)
+
+    @cached_property
+    def backbone(self) -> ClipAdapter:
+        """The frozen backbone on `device`."""
+        return self.loads.backbone(self.config, self.device)
+
+    @cached_property
+    def cache(self) -> ImageCache:
+        """The dataset's image cache at the backbone's input size (loads the backbone first)."""
+        index, _ = self.data()
+        return self.loads.image_cache(index, self.backbone.image_size, self.config.cache_dir)
+
+    def data(self) -> tuple[ImageIndex, EpisodeSampler]:
+        """(index, sampler); a `RuntimeError` in a context built without its dataset."""
+        if self.index is None or self.sampler is None:
+            raise RuntimeError("this run context was built without its dataset (load_data=False)")
+        return self.index, self.sampler
+
+    def load(self) -> None:
+        """Load the backbone and, with a dataset, the image cache now (in that order) rather than on first use."""
+        _ = self.backbone
+        if self.index is not None:
+            _ = self.cache
+
+    def batch(self, episodes: Sequence[int], with_views: bool = True) -> EpisodeBatch:
+        """The episodes with these indices (in the config's episode sequence) as one batch of E = len(episodes).
+
+        Support views `[E, S·V, 3, H, W]` (`with_views=False`: the plain image only, V = 1), query images
+        `[E, Q, 3, H, W]`, both normalized for the backbone, and labels `[E, S·V]`, `[E, Q]`, on `device`.
+        """
+        index, sampler = self.data()
+        config = self.config
+        return build_batch(
+            sampler.episodes(episodes),
+            index,
+            self.cache,
+            config.augment,
+            self.backbone.normalize,
+            config.seed,
+            self.device,
+            with_views=with_views,
+        )
+
+    def batches(self, episodes: Sequence[int], with_views: bool = True) -> Iterator[EpisodeBatch]:
+        """`batch` over `episodes` in consecutive chunks of `config.episode_batch` episodes."""
+        for chunk in chunks(episodes, self.config.episode_batch):
+            yield self.batch(chunk, with_views)
+
+
+def build_context(config: RunConfig, loads: LoadCache | None = None, *, load_data: bool = True) -> RunContext:
+    """Validate and resolve `config` and build its run context; the backbone and image cache come from `loads`.
+
+    A bad config is a `ConfigError` before anything is loaded. With `load_data`, the dataset's index and episode
+    sampler are loaded, and classes with fewer than shots + queries images are named in a `DatasetWarning`; without
+    it, the context has no dataset (for fits on synthetic images). `loads=None` keeps what is loaded in this context
+    only.
+    """
+    config = config.validate().resolved()
+    device = resolve_device(config.device)
+    precision, autocast_dtype = resolve_precision(config.train.precision, device)
+    index, sampler = None, None
+    if load_data:
+        index = load_index(config.dataset, config.data_root)
+        sampler = EpisodeSampler(index, config.ways, config.shots, config.queries, config.seed)
+        _warn_excluded(config, sampler)
+    return RunContext(
+        config, device, precision, autocast_dtype, index, sampler, LoadCache() if loads is None else loads
+    )
+
+
+def _warn_excluded(config: RunConfig, sampler: EpisodeSampler) -> None:
+    if sampler.excluded_classes:
+        warnings.warn(
+            f"{config.dataset}: classes with fewer than shots + queries = {config.shots + config.queries} images "
+            f"cannot appear in episodes: {', '.join(sampler.excluded_classes)}",
+            DatasetWarning,
+            stacklevel=4,  # the caller of `Runner.run` or of a probe's `prepare`
+        )

@@ -1,0 +1,322 @@
+"""`maple`: multi-modal prompt learning (MaPLe, Khattak et al., CVPR 2023), E episodes at once on one frozen CLIP.
+
+What MaPLe learns (release: muzairkhattak/multimodal-prompt-learning, `trainers/maple.py` and the prompt-aware blocks
+`ResidualAttentionBlock_MaPLe` / `VisionTransformer_MaPLe` in `clip/model.py`):
+
+- Text: the class prompt is `"{CTX_INIT} {class name}."` = "a photo of a {class}."; its first N_CTX = 2 word tokens
+  after the start token ("a photo") become a learned context, initialised from their own token embeddings, while the
+  rest ("of a {class}.") stays fixed tokens. The context enters with the embeddings (positional embedding added).
+  At the input of text blocks 1..J-1 (J = PROMPT_DEPTH = 9) the two context positions are overwritten by further
+  learned vectors, the compound prompts (initialised N(0, 0.02²), no positional embedding). From block J on, the
+  context positions carry what block J-1 made of them.
+- Vision: J linear maps (text width → vision width; `nn.Linear` default init) couple the towers. Block 0's vision
+  prompts are the map of the text context, appended after the patch tokens before `ln_pre`; block l's (1 <= l < J)
+  are the l-th map of the l-th compound prompt and replace the prompt tokens entering block l. From block J on the
+  prompt tokens stay in the sequence as block J-1 left them (the release does not drop them). The image feature is
+  the CLS token as usual.
+- Training: cross-entropy on `exp(logit_scale) · cos` (CLIP's own learned scale, `CustomCLIP.forward`), only the
+  prompt learner trains: SGD lr 0.0035, momentum 0.9, weight decay 5e-4 (Dassl's defaults `OPTIM.MOMENTUM`,
+  `OPTIM.WEIGHT_DECAY`), batch 4, 5 epochs, cosine over MAX_EPOCH = 5 after 1 warm-up epoch at the constant rate 1e-5
+  (`configs/trainers/MaPLe/vit_b16_c2_ep5_batch4_2ctx.yaml`). These are `MapleConfig`'s defaults.
+
+Schedule, as Dassl runs it (`dassl/optim/lr_scheduler.py`: `CosineAnnealingLR(T_max=MAX_EPOCH)` wrapped in
+`ConstantWarmupScheduler`, WARMUP_RECOUNT on; the trainer calls `update_lr()` after the last batch of each epoch): the
+rate is constant within an epoch; epoch e < W runs at `warmup_lr`, epoch e >= W at `lr · (1 + cos(π (e − W) / epochs))
+/ 2`. With the defaults: 1e-5, 3.5e-3, 3.17e-3, 2.29e-3, 1.21e-3 (the cosine never reaches its end). Checked against
+Dassl's own classes under our torch; `epoch_learning_rates` computes it.
+
+Epochs on a few-shot support set: the support batch holds S images × V augmented views per episode (`EpisodeBatch`);
+one epoch is one pass over those S·V views in batches of `maple.batch_size`, in a fresh order per pass from the
+episode's own `batch_order` stream (`ViewOrder`, as the LoRA loop), the last batch of a pass smaller when S·V is not a
+multiple. So a fit is `epochs · ceil(S·V / batch_size)` steps. E episodes of a batch have the same S·V, so they step and
+change rate together.
+
+Episode batching: every learnable tensor has a leading episode axis: context `[E, n, Wt]`, compound prompts
+`[E, J-1, n, Wt]`, coupling weights `[E, J, Wt, Wv]` and biases `[E, J, Wv]`, drawn from each episode's own
+`maple_init` stream (block-0 map, then the compound prompts, then the deeper map, the release's order). The loss is
+the sum of per-episode mean losses, so each episode gets exactly its own gradient, and SGD with momentum and weight
+decay is elementwise: E episodes at once follow the trajectories they would follow alone. The frozen towers run once
+over all E·K prompts and E·B images (`ClipAdapter`'s deep prompts). Why our own code: the release (on Dassl) and
+prompt-tuning libraries such as peft train one prompt set per model; none trains many independent prompt sets, each
+with its own coupling maps, in one batched forward against one frozen backbone.
+
+Deviations from the release, all deliberate:
+- Data: the release draws a fresh random-resized crop and flip of each training image every epoch; we pass over the
+  benchmark's fixed support views (the same views every method sees, docs/protocol.md).
+- Last batch: Dassl's train loader drops the last incomplete batch (`drop_last` when the set holds at least one
+  batch); we keep it, smaller, so every support view is seen in every epoch.
+- Precision: the release runs CLIP in fp16 (PREC fp16) with the block-0 map and the context in fp16; we keep every
+  learned tensor in fp32 and run the towers under the run's autocast (bf16 on GPU, fp32 on CPU), as other methods.
+- Widths: the release hard-codes 512 → 768 (ViT-B/16); we take the backbone's text and vision widths.
+- Initialisation: the release draws from the global torch RNG; we draw from per-episode streams (same distributions,
+  and the deeper maps still share one initialisation, as the release's `_get_clones` deep copy of one `nn.Linear`).
+- Context words: the release falls back to random N(0, 0.02²) context ("X X ...") when N_CTX > 4, and with fewer
+  context words than N_CTX silently takes end/padding tokens; we refuse `maple.tokens` beyond the words' tokens.
+- Class names: the release replaces `_` by spaces; ours are already prompt names.
+- Text length: sequences are cut after the batch's last end token (exact under the causal mask).
+- Probes: `encode`'s observer and CLS attention see the CLS and patch tokens only (the first 1 + M); the P prompt
+  tokens are hidden from them so patch-indexed analyses keep their meaning (the attention left out is the prompts').
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cdfsl.backbone.adapter import ClipAdapter, VisionOutput
+from cdfsl.config import MapleConfig, RunConfig
+from cdfsl.data.episodes import EpisodeBatch
+from cdfsl.errors import ConfigError, TrainingError
+from cdfsl.methods.base import Method, Observer, raise_unless_finite
+from cdfsl.methods.lora import ViewOrder
+from cdfsl.methods.text_side import text_block_index
+from cdfsl.seeding import torch_stream
+
+COMPOUND_STD = 0.02  # the release's nn.init.normal_(std=0.02) of the compound text prompts
+
+
+def epoch_learning_rates(config: MapleConfig) -> list[float]:
+    """The rate of each epoch, as Dassl's constant warm-up + cosine scheduler steps it once per epoch."""
+    rates = []
+    for epoch in range(config.epochs):
+        if epoch < config.warmup_epochs:
+            rates.append(config.warmup_lr)
+        else:
+            rates.append(config.lr * (1 + math.cos(math.pi * (epoch - config.warmup_epochs) / config.epochs)) / 2)
+    return rates
+
+
+class EpisodePrompts(nn.Module):
+    """MaPLe's learned tensors for E episodes.
+
+    Args:
+        context_init: token embeddings `[n, Wt]` of the context words (every episode starts from them).
+        depth: J, the number of blocks (from the first) with learned prompts in each tower.
+        vision_width: Wv.
+        generators: one CPU generator per episode (its `maple_init` stream).
+    """
+
+    def __init__(
+        self, context_init: Tensor, depth: int, vision_width: int, generators: Sequence[torch.Generator]
+    ) -> None:
+        super().__init__()
+        n, width = context_init.shape
+        episodes = len(generators)
+        draws = [self._draw(g, depth, n, width, vision_width) for g in generators]
+        self.context = nn.Parameter(context_init.float().expand(episodes, n, width).clone())  # [E, n, Wt]
+        self.compound = nn.Parameter(torch.stack([d[0] for d in draws]))  # [E, J-1, n, Wt]
+        self.weight = nn.Parameter(torch.stack([d[1] for d in draws]))  # [E, J, Wt, Wv]
+        self.bias = nn.Parameter(torch.stack([d[2] for d in draws]))  # [E, J, Wv]
+
+    @staticmethod
+    def _draw(
+        generator: torch.Generator, depth: int, n: int, width: int, vision_width: int
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """One episode's compound prompts `[J-1, n, Wt]`, map weights `[J, Wt, Wv]` and biases `[J, Wv]`.
+
+        Maps as `nn.Linear(Wt, Wv)` initialises them (weight and bias uniform in ±1/√Wt); the deeper J-1 maps share
+        one draw, as the release's deep copies of one layer.
+        """
+        bound = 1.0 / math.sqrt(width)
+
+        def uniform(*shape: int) -> Tensor:
+            return (torch.rand(shape, generator=generator) * 2 - 1) * bound
+
+        first_weight, first_bias = uniform(vision_width, width), uniform(vision_width)
+        compound = torch.randn((depth - 1, n, width), generator=generator) * COMPOUND_STD
+        deep_weight, deep_bias = uniform(vision_width, width), uniform(vision_width)
+        weight = torch.stack([first_weight, *[deep_weight] * (depth - 1)]).transpose(1, 2).contiguous()
+        bias = torch.stack([first_bias, *[deep_bias] * (depth - 1)])
+        return compound, weight, bias
+
+    @property
+    def depth(self) -> int:
+        return int(self.weight.shape[1])
+
+    def text_prompts(self) -> list[Tensor]:
+        """The text prompts of blocks 0..J-1, each `[E, n, Wt]`: the context, then the compound prompts."""
+        return [self.context, *self.compound.unbind(1)]
+
+    def vision_prompts(self) -> list[Tensor]:
+        """The vision prompts of blocks 0..J-1, each `[E, n, Wv]`: block l's map of block l's text prompts."""
+        text = torch.cat([self.context[:, None], self.compound], dim=1)  # [E, J, n, Wt]
+        mapped = torch.einsum("ejnt,ejtv->ejnv", text, self.weight) + self.bias[:, :, None]
+        return list(mapped.unbind(1))
+
+
+class MapleMethod(Method):
+    """MaPLe over E episodes (module docstring)."""
+
+    name = "maple"
+
+    def __init__(self, backbone: ClipAdapter, config: RunConfig, autocast_dtype: torch.dtype | None = None) -> None:
+        super().__init__(backbone, config, autocast_dtype)
+        cfg = config.maple
+        towers = min(backbone.num_vision_blocks, backbone.num_text_blocks)
+        if not 1 <= cfg.depth <= towers:
+            raise ConfigError(f"maple.depth={cfg.depth} must be 1..{towers}, the depth of {backbone.name}'s towers")
+        self.context_init = self._context_embeddings(cfg.context, cfg.tokens)
+        self.prompts: EpisodePrompts | None = None
+        self._tokens_cache: tuple[list[list[str]], Tensor, Tensor] | None = None
+        self._records: list[dict[str, Any]] = []
+        self._failure: TrainingError | None = None  # the last fit diverged: predicting from it is refused
+
+    # ------------------------------------------------------------------ text
+    def _context_embeddings(self, words: str, n: int) -> Tensor:
+        """Token embeddings `[n, Wt]` of the first n tokens of the context words."""
+        tokens = self.backbone.tokenize([words])
+        available = int(self.backbone.pool_positions(tokens)[0]) - 1
+        if n > available:
+            raise ConfigError(
+                f"maple.tokens={n} exceeds the {available} tokens of maple.context {words!r}; use at most {available}"
+            )
+        with torch.no_grad():
+            return self.backbone.token_embedding(tokens[0, 1 : 1 + n]).float().clone()
+
+    def _tokens(self, class_names: Sequence[Sequence[str]]) -> tuple[Tensor, Tensor]:
+        """Token ids `[E, K, T]` of `"{context} {class name}."` and pooled positions `[E, K]` (kept while repeated)."""
+        names = [list(episode) for episode in class_names]
+        if self._tokens_cache is not None and self._tokens_cache[0] == names:
+            return self._tokens_cache[1], self._tokens_cache[2]
+        words, n = self.config.maple.context, self.config.maple.tokens
+        tokens = self.backbone.tokenize([f"{words} {name}." for episode in names for name in episode])
+        alone = self.backbone.tokenize([words])[0, 1 : 1 + n]
+        if not bool((tokens[:, 1 : 1 + n] == alone).all()):
+            raise ConfigError(f"maple.context {words!r} does not tokenize alike before class names")
+        pooled = self.backbone.pool_positions(tokens)
+        shape = (len(names), len(names[0]))
+        self._tokens_cache = (names, tokens.view(*shape, -1), pooled.view(shape))
+        return self._tokens_cache[1], self._tokens_cache[2]
+
+    def _texts(
+        self, prompts: EpisodePrompts, class_names: Sequence[Sequence[str]], layers: Sequence[int] = ()
+    ) -> tuple[Tensor, list[Tensor]]:
+        """Normalized class features through the prompted text tower: final `[E, K, C]` and one per block in
+        `layers` (fp32; with gradients when grad mode is on)."""
+        tokens, pooled = self._tokens(class_names)
+        with torch.no_grad():
+            embeddings = self.backbone.token_embedding(tokens)  # [E, K, T, Wt]; context slots overwritten
+        output = self.backbone.encode_text_embeddings(embeddings, pooled, layers=layers, prompts=prompts.text_prompts())
+        final = F.normalize(output.features.float(), dim=-1)
+        at_layers = [] if output.layer_features is None else list(F.normalize(output.layer_features.float(), dim=-1))
+        return final, at_layers
+
+    # ------------------------------------------------------------------ training
+    def fit(self, batch: EpisodeBatch) -> None:
+        """Train fresh prompts for the episodes of `batch` (module docstring: epochs, schedule, batching).
+
+        Raises `TrainingError` naming the episodes whose training loss became nan or inf at any step; the check is
+        one per-episode flag on the device, read once after the loop. After such a failure `predict` and `encode`
+        refuse until the next successful `fit`.
+        """
+        cfg = self.config.maple
+        self._failure = None
+        device = batch.support.device
+        prompts = EpisodePrompts(
+            self.context_init,
+            cfg.depth,
+            self.backbone.vision_width,
+            [torch_stream(batch.seed, i, "maple_init") for i in batch.indices],
+        ).to(device)
+        optimizer = torch.optim.SGD(
+            prompts.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+        views = batch.support.shape[1]
+        batch_size = min(cfg.batch_size, views)
+        steps = math.ceil(views / batch_size)
+        orders = [ViewOrder(views, batch_size, torch_stream(batch.seed, i, "batch_order")) for i in batch.indices]
+        rows = torch.arange(len(batch), device=device)[:, None]
+        finite = torch.ones(len(batch), dtype=torch.bool, device=device)  # [E], read after the loop
+        epoch_loss = torch.zeros((cfg.epochs, len(batch)), device=device)  # view-weighted mean loss per epoch
+        for epoch, rate in enumerate(epoch_learning_rates(cfg)):
+            for group in optimizer.param_groups:
+                group["lr"] = rate
+            for _ in range(steps):
+                positions = torch.stack([order.next() for order in orders]).to(device)  # [E, b]
+                images, labels = batch.support[rows, positions], batch.support_labels[rows, positions]
+                with self.autocast():
+                    text, _ = self._texts(prompts, batch.class_names)
+                    features = self.backbone.encode_images(images, prompts=prompts.vision_prompts()).features
+                logits = self.logits(features, text)  # [E, b, K]
+                loss = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none").mean(dim=1)  # [E]
+                loss.sum().backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                finite &= torch.isfinite(loss.detach())
+                epoch_loss[epoch] += loss.detach() * positions.shape[1] / views
+        self.prompts = prompts.requires_grad_(False)
+        losses = epoch_loss.cpu()
+        self._records = [
+            {"maple_first_epoch_loss": float(losses[0, e]), "maple_last_epoch_loss": float(losses[-1, e])}
+            for e in range(len(batch))
+        ]
+        try:
+            raise_unless_finite(finite, batch, "the training loss", self.remedies())
+        except TrainingError as error:
+            self._failure = error
+            raise
+
+    def logits(self, image_features: Tensor, text: Tensor) -> Tensor:
+        """`exp(logit_scale) · cos` with the backbone's own learned scale, as the release (not `train.logit_scale`):
+        image features `[E, N, C]`, normalized text `[E, K, C]` → `[E, N, K]` (fp32)."""
+        images = F.normalize(image_features.float(), dim=-1)
+        return self.backbone.logit_scale * images @ text.transpose(1, 2)
+
+    def remedies(self) -> str:
+        tries = [f"a lower maple.lr (now {self.config.maple.lr:g})", "a smaller maple.depth"]
+        if self.autocast_dtype is not None:
+            tries.append("--set train.precision=fp32")
+        return ", ".join(tries[:-1]) + " or " + tries[-1]
+
+    # ------------------------------------------------------------------ prediction
+    def _fitted(self) -> EpisodePrompts:
+        if self._failure is not None:
+            raise TrainingError(f"cannot predict after a failed fit: {self._failure}")
+        if self.prompts is None:
+            raise RuntimeError("MapleMethod has no prompts yet: call fit first")
+        return self.prompts
+
+    @torch.no_grad()
+    def class_features(self, class_names: Sequence[Sequence[str]], layer: int | None = None) -> Tensor:
+        prompts = self._fitted()
+        blocks = () if layer is None else (text_block_index(layer, self.backbone.num_text_blocks, "text layer"),)
+        with self.autocast():
+            final, at_layers = self._texts(prompts, class_names, blocks)
+        return final if layer is None else at_layers[0]
+
+    @torch.no_grad()
+    def encode(
+        self,
+        images: Tensor,
+        class_names: Sequence[Sequence[str]],
+        observe: Observer | None = None,
+        keep_cls_attention: bool = False,
+    ) -> VisionOutput:
+        """The prompted vision pass; `observe` and the CLS attention see the CLS and patch tokens only."""
+        prompts = self._fitted()
+        image_tokens = 1 + self.backbone.num_patches
+        hook = None
+        if observe is not None:
+
+            def hook(layer: int, x: Tensor) -> Tensor:
+                observe(layer, x[:, :, :image_tokens])
+                return x
+
+        with self.autocast():
+            output = self.backbone.encode_images(
+                images, block_input_hook=hook, keep_cls_attention=keep_cls_attention, prompts=prompts.vision_prompts()
+            )
+        output.cls_attention = [attention[..., :image_tokens] for attention in output.cls_attention]
+        return output
+
+    def episode_records(self) -> list[dict[str, Any]]:
+        """Per fitted episode, the mean training loss of the first and of the last epoch."""
+        return self._records
+
+
+__all__ = ["EpisodePrompts", "MapleMethod", "epoch_learning_rates"]
