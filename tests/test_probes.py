@@ -152,13 +152,21 @@ def test_lost_layers_with_gamma_one_is_the_unmodified_model(runner: Runner) -> N
 
 
 @pytest.mark.parametrize("method", ["coop", "maple"])
-def test_lost_layers_runs_on_bases_that_learn_their_class_texts(method: str, runner: Runner) -> None:
-    """Every base works; one whose class texts are learned is scored against the frozen template (with a warning)."""
+def test_lost_layers_varies_the_learned_prompts(method: str, runner: Runner) -> None:
+    """A base that learns its class texts is scored against its own prompts with each block varied: with γ = 1 the
+    emphasized rows equal the unmodified one, and the unmodified row is the method's own prediction accuracy."""
     config = tiny_config()
     config.train.iterations, config.maple.epochs, config.maple.batch_size = 2, 1, 25
-    with pytest.warns(UserWarning, match=f"{method} learns its class texts"):
-        result = lost_layers_probe(config, method=method, gamma=2.0, episodes=1, runner=runner)
-    assert len(result["conditions"][method]["removed"]) == LAYERS
+    result = lost_layers_probe(config, method=method, gamma=1.0, episodes=2, runner=runner)
+    row = result["conditions"][method]
+    assert len(row["removed"]) == LAYERS
+    assert row["per_episode"]["emphasized"] == [[u] * LAYERS for u in row["per_episode"]["unmodified"]]
+    setup = prepare(dataclasses.replace(config, episode_batch=2), runner)
+    batch = next(setup.batches(2))
+    fitted = setup.method(method)
+    fitted.fit(batch)
+    predicted = (fitted.predict(batch).argmax(-1) == batch.query_labels).double().mean(dim=1) * 100.0
+    assert row["per_episode"]["unmodified"] == pytest.approx(predicted.tolist())
 
 
 def test_cka_probe_before_and_after(tmp_path: Path, runner: Runner) -> None:

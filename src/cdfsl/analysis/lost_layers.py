@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ from cdfsl.analysis.probe_setup import ProbeSetup, accuracy, check_episodes, enc
 from cdfsl.config import RunConfig
 from cdfsl.engine.runner import Runner
 from cdfsl.errors import ConfigError
+from cdfsl.methods import Method
 from cdfsl.stats import mean_ci95
 
 ZEROSHOT = "zeroshot"
@@ -46,7 +46,9 @@ def lost_layers_probe(
 
     Args:
         config: dataset, backbone, episode shape and training recipe (`config.method` is not used).
-        method: the fine-tuned condition (`lora`, `tir`, `vtt`, `tir+vtt`); `zeroshot` gives the zero-shot one only.
+        method: the fine-tuned condition, any method (`lora`, `coop`, `maple`, `lora+tir`, ...); `zeroshot` gives the
+            zero-shot one only. A method that learns its class texts is scored against its own learned prompts with
+            each block varied; the others against the template's features, varied once for the dataset.
         gamma: the factor on a block's residual update in the "emphasized" mode; a finite number.
         episodes: episodes `0 … episodes−1` of the config's sequence, fitted `config.episode_batch` at a time.
         out: folder for `lost_layers.json` and `lost_layers.png` (created); None writes nothing.
@@ -62,14 +64,7 @@ def lost_layers_probe(
     check_episodes(episodes)
     if isinstance(gamma, bool) or not isinstance(gamma, int | float) or not math.isfinite(gamma):
         raise ConfigError(f"gamma must be a finite number (the factor on a block's residual update), got {gamma!r}")
-    spec = dataclasses.replace(config, method=method).spec  # refuses a name that is no method
-    if spec.base.learns_text:
-        warnings.warn(
-            f"{method} learns its class texts (base {spec.base.name}); lost-layers scores its image features against "
-            "the frozen template's class features with each text block removed or emphasized, not against its "
-            "learned prompts (docs/diagnostics.md)",
-            stacklevel=2,
-        )
+    dataclasses.replace(config, method=method).spec  # noqa: B018 (refuses a name that is no method)
     setup = prepare(config, runner)
     blocks = setup.backbone.num_text_blocks
     conditions = [ZEROSHOT] if method == ZEROSHOT else [ZEROSHOT, method]
@@ -80,9 +75,14 @@ def lost_layers_probe(
         for name in conditions:
             fitted = fit(setup, name, batch)
             features = encode(fitted, batch.query, batch.class_names).features  # [E, Q, C]
-            for mode, texts in variants.items():
+            learned = _learned_variants(fitted, batch.class_names, blocks, float(gamma))
+            for mode, texts in (learned or variants).items():
                 scores = torch.stack(
-                    [accuracy(fitted, features, text[classes], batch.query_labels) for text in texts], dim=1
+                    [
+                        accuracy(fitted, features, text if learned else text[classes], batch.query_labels)
+                        for text in texts
+                    ],
+                    dim=1,
                 )  # [E, variants]
                 per_episode[name][mode] += scores.tolist()
     result: dict[str, Any] = {
@@ -120,6 +120,26 @@ def _text_variants(setup: ProbeSetup, gamma: float) -> dict[str, Tensor]:
         "unmodified": features()[None],
         "removed": torch.stack([features(skip_blocks=[block]) for block in blocks]),
         "emphasized": torch.stack([features(block_scale={block: gamma}) for block in blocks]),
+    }
+
+
+def _learned_variants(
+    method: Method, class_names: list[list[str]], blocks: int, gamma: float
+) -> dict[str, list[Tensor]] | None:
+    """For a method that learns its class texts, its own class features `[E, K, C]` per variant (unmodified, each
+    block removed, each block emphasized), from its learned prompts; None for one whose texts are the template's."""
+    if method.varied_class_features(class_names) is None:
+        return None
+
+    def vary(**change: Any) -> Tensor:
+        features = method.varied_class_features(class_names, **change)
+        assert features is not None
+        return features
+
+    return {
+        "unmodified": [vary()],
+        "removed": [vary(skip_blocks=[block]) for block in range(blocks)],
+        "emphasized": [vary(block_scale={block: gamma}) for block in range(blocks)],
     }
 
 

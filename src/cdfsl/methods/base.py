@@ -66,6 +66,18 @@ class Method(ABC):
         """Normalized class text features `[E, K, C]` as prediction uses them: final (`layer=None`) or the pooled
         token after text block `layer` through the final norm and projection."""
 
+    def varied_class_features(
+        self,
+        class_names: Sequence[Sequence[str]],
+        skip_blocks: Sequence[int] = (),
+        block_scale: dict[int, float] | None = None,
+    ) -> Tensor | None:
+        """Normalized final class features `[E, K, C]` of the fitted episodes with text blocks `skip_blocks` removed
+        and the residual update of the blocks in `block_scale` scaled (the lost-layer probe), for a method that
+        learns its class texts; None for one whose class texts are the frozen template's (the probe varies those
+        itself, once for the dataset)."""
+        return None
+
     @abstractmethod
     def encode(
         self,

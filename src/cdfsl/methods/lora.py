@@ -227,6 +227,18 @@ class LoraMethod(Method):
         return final if layer is None else at_layers[0]
 
     @torch.no_grad()
+    def varied_class_features(
+        self,
+        class_names: Sequence[Sequence[str]],
+        skip_blocks: Sequence[int] = (),
+        block_scale: dict[int, float] | None = None,
+    ) -> Tensor | None:
+        if not self.text_side.trainable:
+            return None
+        with self.autocast():
+            return self.text_side.features(class_names, skip_blocks=skip_blocks, block_scale=block_scale)[0]
+
+    @torch.no_grad()
     def encode(
         self,
         images: Tensor,

@@ -194,14 +194,21 @@ class MapleMethod(Method):
         return self._tokens_cache[1], self._tokens_cache[2]
 
     def _texts(
-        self, prompts: EpisodePrompts, class_names: Sequence[Sequence[str]], layers: Sequence[int] = ()
+        self,
+        prompts: EpisodePrompts,
+        class_names: Sequence[Sequence[str]],
+        layers: Sequence[int] = (),
+        **variation: Any,
     ) -> tuple[Tensor, list[Tensor]]:
         """Normalized class features through the prompted text tower: final `[E, K, C]` and one per block in
-        `layers` (fp32; with gradients when grad mode is on)."""
+        `layers` (fp32; with gradients when grad mode is on); `variation`: `skip_blocks` / `block_scale` of
+        `ClipAdapter.encode_text_embeddings` (the lost-layer probe)."""
         tokens, pooled = self._tokens(class_names)
         with torch.no_grad():
             embeddings = self.backbone.token_embedding(tokens)  # [E, K, T, Wt]; context slots overwritten
-        output = self.backbone.encode_text_embeddings(embeddings, pooled, layers=layers, prompts=prompts.text_prompts())
+        output = self.backbone.encode_text_embeddings(
+            embeddings, pooled, layers=layers, prompts=prompts.text_prompts(), **variation
+        )
         final = F.normalize(output.features.float(), dim=-1)
         at_layers = [] if output.layer_features is None else list(F.normalize(output.layer_features.float(), dim=-1))
         return final, at_layers
@@ -288,6 +295,17 @@ class MapleMethod(Method):
         with self.autocast():
             final, at_layers = self._texts(prompts, class_names, blocks)
         return final if layer is None else at_layers[0]
+
+    @torch.no_grad()
+    def varied_class_features(
+        self,
+        class_names: Sequence[Sequence[str]],
+        skip_blocks: Sequence[int] = (),
+        block_scale: dict[int, float] | None = None,
+    ) -> Tensor | None:
+        prompts = self._fitted()
+        with self.autocast():
+            return self._texts(prompts, class_names, skip_blocks=skip_blocks, block_scale=block_scale)[0]
 
     @torch.no_grad()
     def encode(

@@ -134,11 +134,18 @@ class TextSide:
         if self.lora is not None:
             self.lora.train(mode)
 
-    def features(self, class_names: Sequence[Sequence[str]], layers: Sequence[int] = ()) -> tuple[Tensor, list[Tensor]]:
+    def features(
+        self,
+        class_names: Sequence[Sequence[str]],
+        layers: Sequence[int] = (),
+        skip_blocks: Sequence[int] = (),
+        block_scale: dict[int, float] | None = None,
+    ) -> tuple[Tensor, list[Tensor]]:
         """L2-normalized class features: final `[E, K, C]` and one `[E, K, C]` per text block in `layers` (fp32).
 
         Frozen: cached, no gradient. Learned: computed now from the current context and LoRA (with gradients when
-        grad mode is on).
+        grad mode is on), with `skip_blocks` and `block_scale` as `ClipAdapter.encode_text_embeddings` takes them
+        (learned side only: the frozen side is varied by the lost-layer probe itself).
         """
         depth = self.backbone.num_text_blocks
         blocks = [text_block_index(layer, depth, "text layer") for layer in layers]
@@ -154,7 +161,12 @@ class TextSide:
             context = self.context[:, None].to(embeddings.dtype).expand(e, k, n, -1)
             embeddings = torch.cat([embeddings[:, :, :1], context, embeddings[:, :, 1 + n :]], dim=2)
         output = self.backbone.encode_text_embeddings(
-            embeddings, pooled, self.lora if self.lora is not None else plain_qkv, layers=blocks
+            embeddings,
+            pooled,
+            self.lora if self.lora is not None else plain_qkv,
+            layers=blocks,
+            skip_blocks=skip_blocks,
+            block_scale=block_scale,
         )
         final = F.normalize(output.features.float(), dim=-1)
         at_layers = [] if output.layer_features is None else list(F.normalize(output.layer_features.float(), dim=-1))
