@@ -239,7 +239,7 @@ class RunConfig:
         """
         _check_choice("dataset", self.dataset, DATASETS)
         _check_choice("recipe", self.recipe_name, tuple(RECIPES))
-        self.spec  # noqa: B018 (refuses an unknown method or an impossible combination)
+        parse_method(self.method, self.recipe_name)  # refuses an unknown method or an impossible combination
         _check_choice("device", self.device, DEVICES)
         _check_choice("activation", self.activation, ACTIVATIONS)
         check_numbers(self, unset_ok=True)  # recipe values are computed from shots and dataset

@@ -28,6 +28,7 @@ from cdfsl.config import RunConfig
 from cdfsl.engine.runner import Runner
 from cdfsl.errors import ConfigError
 from cdfsl.methods import Method
+from cdfsl.registry import parse_method
 from cdfsl.stats import mean_ci95
 
 ZEROSHOT = "zeroshot"
@@ -64,7 +65,7 @@ def lost_layers_probe(
     check_episodes(episodes)
     if isinstance(gamma, bool) or not isinstance(gamma, int | float) or not math.isfinite(gamma):
         raise ConfigError(f"gamma must be a finite number (the factor on a block's residual update), got {gamma!r}")
-    dataclasses.replace(config, method=method).spec  # noqa: B018 (refuses a name that is no method)
+    parse_method(method, dataclasses.replace(config, method=method).recipe_name)  # refuses a name that is no method
     setup = prepare(config, runner)
     blocks = setup.backbone.num_text_blocks
     conditions = [ZEROSHOT] if method == ZEROSHOT else [ZEROSHOT, method]
