@@ -297,3 +297,25 @@ def test_console_script_error_is_one_line(console_script: subprocess.CompletedPr
     lines = [line for line in console_script.stderr.splitlines() if line.strip()]
     assert lines[-1].startswith("error: eurosat: a 12-way episode")
     assert lines[-1].rstrip().endswith("Use fewer ways, shots or queries.")
+
+
+def test_module_entry_point_and_version() -> None:
+    from cdfsl import __version__
+
+    result = subprocess.run(
+        [sys.executable, "-m", "cdfsl", "--version"], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"cdfsl {__version__}"
+
+
+def test_help_loads_neither_torch_nor_open_clip() -> None:
+    """`cdfsl --help` stays quick: the command line and `import cdfsl` import the heavy libraries only when used."""
+    script = (
+        "import sys, cdfsl, cdfsl.cli; "
+        "print(sorted(m for m in ('torch', 'open_clip') if m in sys.modules)); "
+        "cdfsl.run; print('torch' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[:2] == ["[]", "True"]

@@ -5,11 +5,29 @@ import cdfsl
 result = cdfsl.run(cdfsl.RunConfig(dataset="digits", method="tir", backbone="tiny", shots=1, episodes=20))
 result.mean_acc, result.ci95, result.per_episode
 ```
+
+The runner's names (`run`, `Runner`, `RunResult`, `Progress`) are imported on first use, so `import cdfsl` and the
+command line's help do not load torch and open_clip.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from cdfsl.config import RunConfig
-from cdfsl.engine.runner import Progress, Runner, RunResult, run
 from cdfsl.errors import CdfslError
+
+if TYPE_CHECKING:
+    from cdfsl.engine.runner import Progress, Runner, RunResult, run
 
 __all__ = ["CdfslError", "Progress", "RunConfig", "RunResult", "Runner", "run"]
 __version__ = "0.1.0"
+
+_LAZY = {"Progress", "Runner", "RunResult", "run"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module("cdfsl.engine.runner"), name)
+    raise AttributeError(f"module 'cdfsl' has no attribute {name!r}")

@@ -36,7 +36,8 @@ if TYPE_CHECKING:
     from cdfsl.data.index import ImageIndex
 
 app = typer.Typer(
-    help="Source-free cross-domain few-shot learning with CLIP: zeroshot, lora, tir, vtt, tir+vtt.",
+    help="Source-free cross-domain few-shot learning with CLIP: a base (zeroshot, lora, coop, coop+lora, maple) with "
+    "plug-ins (tir, vtt) on a dataset's episodes; `cdfsl methods` lists them.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -729,6 +730,23 @@ def diagnose_cka(
         table.add_row(mask, " ".join(f"{float(v):.2f}" for v in values))
     out.print(table)
     print_figures(result, output)
+
+
+def show_version(value: bool) -> None:
+    if value:
+        from cdfsl import __version__
+
+        out.print(f"cdfsl {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def options(
+    version: Annotated[
+        bool, typer.Option("--version", callback=show_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Options of the `cdfsl` command itself."""
 
 
 def main() -> None:
