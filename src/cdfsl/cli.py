@@ -5,9 +5,11 @@ User mistakes (`CdfslError`) print one line and exit 2; anything else is a bug a
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import sys
+import tomllib
 import warnings
 from collections.abc import Callable
 from functools import wraps
@@ -137,50 +139,51 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
+# `run` options that set a config field, by parameter name: (config key, how the option's value is stored).
+RUN_OPTIONS: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "dataset": ("dataset", str),
+    "data_root": ("data_root", lambda v: str(v) if v else None),
+    "method": ("method", str),
+    "recipe": ("recipe", lambda v: v),
+    "ways": ("ways", int),
+    "shots": ("shots", int),
+    "queries": ("queries", int),
+    "episodes": ("episodes", lambda v: v),
+    "seed": ("seed", int),
+    "backbone": ("backbone", str),
+    "pretrained": ("pretrained", str),
+    "device": ("device", str),
+    "db": ("db", str),
+    "run_name": ("run_name", lambda v: v),
+    "cache_dir": ("cache_dir", lambda v: str(v) if v else None),
+    "iterations": ("train.iterations", lambda v: v),
+}
+
+
 def build_config(
-    dataset: str,
-    data_root: Path | None,
-    method: str,
-    recipe: str | None,
-    ways: int,
-    shots: int,
-    queries: int,
-    episodes: int | None,
-    seed: int,
-    backbone: str,
-    pretrained: str,
-    iterations: int | None,
-    episode_batch: str | None,
-    device: str,
-    db: Path,
-    run_name: str | None,
-    cache_dir: Path | None,
+    options: dict[str, Any],
     overrides: list[str],
+    episode_batch: str | None = None,
+    base: RunConfig | None = None,
+    given: set[str] | None = None,
 ) -> RunConfig:
-    """The `RunConfig` the `run` options describe (`--set` applied last).
+    """The `RunConfig` the `run` options describe: `base` (a `--config` file) or the defaults, then the options
+    (with a `base`, only those in `given`, the ones typed on the command line), then `--set`.
 
     The episode batch comes from `--episode-batch` when given (an integer or `auto`), else from `--set
-    episode_batch=N`, else 1; giving both is refused.
+    episode_batch=N` or the file, else 1; giving both `--episode-batch` and `--set episode_batch` is refused.
     """
-    config = RunConfig(
-        dataset=dataset,
-        data_root=str(data_root) if data_root else None,
-        method=method,
-        recipe=recipe,
-        ways=ways,
-        shots=shots,
-        queries=queries,
-        episodes=episodes,
-        seed=seed,
-        backbone=backbone,
-        pretrained=pretrained,
-        device=device,
-        db=str(db),
-        run_name=run_name,
-        cache_dir=str(cache_dir) if cache_dir else None,
-    )
-    if iterations is not None:
-        config.train.iterations = iterations
+    config = copy.deepcopy(base) if base is not None else RunConfig()
+    for name, (key, convert) in RUN_OPTIONS.items():
+        value = options.get(name)
+        if base is not None and name not in (given or set()):
+            continue
+        if value is None and name in ("dataset", "method"):
+            raise ConfigError(f"--{name} is required (or a --config file that sets {name})")
+        if value is None and name == "iterations":
+            continue
+        section, _, field = key.rpartition(".")
+        setattr(getattr(config, section) if section else config, field, convert(value))
     for assignment in overrides:
         apply_override(config, assignment)
     set_batch = [a for a in overrides if a.split("=", 1)[0].strip() == "episode_batch"]
@@ -193,6 +196,31 @@ def build_config(
     if episode_batch is not None:
         config.episode_batch = parse_episode_batch(episode_batch, config)
     return config.validate()
+
+
+def _typed(ctx: typer.Context, name: str) -> bool:
+    """Whether option `name` was given on the command line (not a default)."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name == "COMMANDLINE"
+
+
+def load_config_file(path: Path) -> RunConfig:
+    """A `RunConfig` from a TOML or JSON file: the config's keys (sections as tables), or a `cdfsl run --json`
+    summary, whose `config` reproduces the run."""
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: no such file")
+    try:
+        if path.suffix == ".toml":
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        elif path.suffix == ".json":
+            data = json.loads(path.read_text(encoding="utf-8"))
+        else:
+            raise ConfigError(f"--config {path}: give a .toml or .json file")
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError(f"--config {path} is not valid {path.suffix[1:].upper()}: {error}") from None
+    if isinstance(data, dict) and isinstance(data.get("config"), dict) and "run_id" in data:
+        data = data["config"]  # a --json summary
+    return RunConfig.from_dict(data, source=f"--config {path}")
 
 
 def parse_episode_batch(value: str, config: RunConfig) -> int:
@@ -245,10 +273,20 @@ def run_with_progress(config: RunConfig, runner: Any = None) -> Any:
 @app.command("run")
 @user_errors
 def run_command(
-    dataset: Annotated[str, typer.Option(help=f"One of: {', '.join(DATASETS)}.")],
+    ctx: typer.Context,
+    dataset: Annotated[str | None, typer.Option(help=f"One of: {', '.join(DATASETS)}.")] = None,
     method: Annotated[
-        str, typer.Option(help="A base and plug-ins, e.g. lora, coop+lora+tir, maple; see `cdfsl methods`.")
-    ],
+        str | None,
+        typer.Option(help="A base and plug-ins, e.g. lora, coop+lora+tir, maple; see `cdfsl methods`."),
+    ] = None,
+    config_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            help="A TOML or JSON file of config keys (sections as tables), or a --json summary to reproduce; options "
+            "typed here and --set override it.",
+        ),
+    ] = None,
     data_root: Annotated[Path | None, typer.Option(help="Dataset folder (not needed for digits).")] = None,
     recipe: Annotated[
         str | None,
@@ -283,12 +321,13 @@ def run_command(
     ] = None,
 ) -> None:
     """Run a method on a dataset's episodes; finished episodes are stored and skipped on re-runs."""
+    base = load_config_file(config_file) if config_file is not None else None
+    given = {name for name in ctx.params if _typed(ctx, name)}
     if json_path is not None:
-        check_output_file(json_path, "--json", store=db)
-    config = build_config(
-        dataset, data_root, method, recipe, ways, shots, queries, episodes, seed, backbone, pretrained, iterations,
-        episode_batch, device, db, run_name, cache_dir, set_ or [],
-    )  # fmt: skip
+        store = db if base is None or "db" in given else Path(base.db)
+        check_output_file(json_path, "--json", store=store)
+    options = {name: value for name, value in ctx.params.items() if name in RUN_OPTIONS}
+    config = build_config(options, set_ or [], episode_batch, base, given)
     result = run_with_progress(config)
     trained = result.trained_episodes
     resumed = len(result.per_episode) - trained

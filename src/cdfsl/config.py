@@ -16,7 +16,7 @@ import math
 import string
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -186,6 +186,22 @@ class RunConfig:
     tir: TirConfig = field(default_factory=TirConfig)
     vtt: VttConfig = field(default_factory=VttConfig)
     maple: MapleConfig = field(default_factory=MapleConfig)
+
+    def __post_init__(self) -> None:
+        # Sections given as mappings (`RunConfig(train={"lr": 1e-3})`) become their dataclasses.
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Mapping) and f.default_factory is not dataclasses.MISSING:
+                setattr(self, f.name, _filled(f.default_factory(), value, f"{f.name}.", "config"))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "config") -> RunConfig:
+        """A config from a nested mapping, as a TOML or JSON file or a `--json` summary's `config` holds it: top-level
+        keys, sections as mappings, lists where a field holds a tuple. Keys left out keep their defaults; an
+        unknown key is a `ConfigError` naming it (and `source`). Values are checked by `validate`."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{source} must hold a table of config keys, got {type(data).__name__}")
+        return _filled(cls(), data, "", source)
 
     # ------------------------------------------------------------------ recipe
     @property
@@ -571,6 +587,23 @@ def apply_override(config: RunConfig, assignment: str) -> None:
     if name not in types_of or dataclasses.is_dataclass(getattr(target, name)):
         raise ConfigError(f"unknown config key {key!r}; known keys: {', '.join(config_keys())}")
     setattr(target, name, _parse_value(key, raw, types_of[name]))
+
+
+def _filled(target: Any, data: Mapping[str, Any], prefix: str, source: str) -> Any:
+    """`target` (a config dataclass) with the fields in `data` set; sections recurse, lists become tuples."""
+    types_of = _field_types(target)
+    for name, value in data.items():
+        key = prefix + str(name)
+        if name not in types_of:
+            raise ConfigError(f"{source}: unknown config key {key!r}; known keys: {', '.join(config_keys())}")
+        current = getattr(target, name)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{source}: {key} is a section; give it as a table of keys, got {value!r}")
+            _filled(current, value, key + ".", source)
+        else:
+            setattr(target, name, tuple(value) if isinstance(value, list) else value)
+    return target
 
 
 def config_keys(obj: Any = None, prefix: str = "") -> list[str]:
