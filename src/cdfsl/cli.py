@@ -438,6 +438,50 @@ def report_command(
         console.print(f"wrote {len(written)} figures to {plot}")
 
 
+@app.command("compare")
+@user_errors
+def compare_command(
+    first: Annotated[
+        str, typer.Argument(help="Run A: a run id, a unique id prefix (4+ characters), a run name or a method name.")
+    ],
+    second: Annotated[str, typer.Argument(help="Run B, compared with A episode by episode (A − B).")],
+    db: Annotated[Path, typer.Option(help="SQLite result store.")] = Path("results.sqlite"),
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the numbers as JSON here.")] = None,
+) -> None:
+    """Two stored runs on their shared episodes: mean difference, 95% interval, Wilcoxon p, n (t-interval below 30)."""
+    from cdfsl.analysis.compare import compare_runs
+    from cdfsl.engine.store import ResultStore
+
+    if json_path is not None:
+        check_output_file(json_path, "--json", store=db)
+    if not db.is_file():
+        raise ConfigError(f"no result store at {db}; run `cdfsl run` first or pass --db")
+    with ResultStore(db, read_only=True) as store:
+        result = compare_runs(store, first, second)
+    table = Table(title=f"{result['n']} shared episodes", title_justify="left")
+    for column in ("run", "id", "method", "recipe", "backbone", "episodes", "accuracy (%)"):
+        table.add_column(column, justify="right" if column in ("episodes", "accuracy (%)") else "left")
+    for label in ("a", "b"):
+        side = result[label]
+        name = f"{label.upper()}" + (f" ({side['run_name']})" if side["run_name"] else "")
+        accuracy = f"{side['mean']:.2f} ± {side['ci95']:.2f}"
+        table.add_row(
+            plain(name), side["run_id"], plain(side["method"]), side["recipe"] or "–", plain(side["backbone"]),
+            str(side["episodes"]), accuracy,
+        )  # fmt: skip
+    out.print(table)
+    line = (
+        f"A − B = {result['mean_diff']:+.2f} ± {result['ci95']:.2f} points (95%), Wilcoxon p = {result['p_value']:.3g}"
+    )
+    if result["t_ci95"] is not None:
+        line += f"; t-interval ± {result['t_ci95']:.2f} (n < 30)"
+    if result["only_a"] or result["only_b"]:
+        line += f"; left out: {result['only_a']} episodes only in A, {result['only_b']} only in B"
+    out.print(line, highlight=False)
+    if json_path is not None:
+        json_path.write_text(json.dumps(result, indent=2))
+
+
 @app.command("methods")
 @user_errors
 def methods_command() -> None:

@@ -551,6 +551,13 @@ class ResultStore:
         """Episode index → wall seconds attributed to the episode."""
         return self._per_episode("seconds", run_id, below)
 
+    def run_identity(self, run_id: str) -> dict[str, Any]:
+        """The stored identity of run `run_id` (what its id hashes: `RunConfig.identity`); empty when unknown."""
+        if not self._has("runs"):
+            return {}
+        rows = self._rows("SELECT identity_json FROM runs WHERE run_id = ?", (run_id,))
+        return dict(json.loads(rows[0][0])) if rows else {}
+
     def runs(self) -> list[RunRecord]:
         """All runs with at least one stored episode, oldest first."""
         if not (self._has("runs") and self._has("episodes")):

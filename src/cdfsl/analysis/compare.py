@@ -1,0 +1,99 @@
+"""Any two stored runs, episode by episode (`cdfsl compare A B`): two methods, two settings of one method (an
+ablation, two templates, DGSO on and off), or two backbones.
+
+A run is named by its id (or a unique prefix of at least 4 hex digits), its run name, or its method when the store
+holds one run of that method. Two runs are paired only when
+their episodes are the same images: the same dataset content (index fingerprint), ways, shots, queries and seed;
+otherwise the comparison is refused, since unpaired accuracies say nothing episode by episode. On the shared
+episodes: the mean difference `a − b` in points with its 95% interval (`1.96 · std / sqrt(n)`, as `report`), the
+two-sided Wilcoxon signed-rank p-value, n, and, when n < 30, where the normal interval is too narrow, Student's t
+interval (`t_{0.975, n−1} · s / sqrt(n)` with the sample standard deviation, ddof = 1).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from scipy.stats import t as student_t
+
+from cdfsl.engine.store import ResultStore, RunRecord
+from cdfsl.errors import ConfigError, StoreError
+from cdfsl.stats import episode_differences, mean_ci95, paired_difference
+
+PAIRING_KEYS = ("dataset", "index", "ways", "shots", "queries", "seed")
+SMALL_SAMPLE = 30
+
+
+def find_run(runs: list[RunRecord], reference: str) -> RunRecord:
+    """The run `reference` names: an exact id, a unique run name, a unique id prefix (at least 4 characters) or the
+    method of a single run."""
+    exact = [r for r in runs if r.run_id == reference]
+    named = [r for r in runs if r.run_name == reference]
+    prefixed = [r for r in runs if len(reference) >= 4 and r.run_id.startswith(reference)]
+    by_method = [r for r in runs if r.method == reference]
+    for matches in (exact, named, prefixed, by_method):
+        if len(matches) == 1:
+            return matches[0]
+        if len(matches) > 1:
+            listed = ", ".join(f"{r.run_id} ({r.method}, {r.dataset})" for r in matches[:6])
+            raise ConfigError(f"{reference!r} names {len(matches)} runs: {listed}; give a run id")
+    raise ConfigError(
+        f"no run {reference!r} in the store (a run id, a prefix of 4+ characters, a run name or a method)"
+    )
+
+
+def compare_runs(store: ResultStore, first: str, second: str) -> dict[str, Any]:
+    """Compare runs `first` (a) and `second` (b) of `store` on their shared episodes (module docstring).
+
+    Returns plain numbers: `a`, `b` (run id, name, method, recipe, backbone, episodes, mean and ci95 in percent),
+    `n`, `only_a`, `only_b`, `mean_diff`, `ci95`, `p_value` (Wilcoxon), `t_ci95` (None from 30 episodes on).
+    """
+    runs = store.runs()
+    if not runs:
+        raise StoreError(f"result store {store.path} holds no runs")
+    a, b = find_run(runs, first), find_run(runs, second)
+    if a.run_id == b.run_id:
+        raise ConfigError(f"{first!r} and {second!r} are the same run {a.run_id}")
+    ident_a, ident_b = store.run_identity(a.run_id), store.run_identity(b.run_id)
+    differing = [key for key in PAIRING_KEYS if ident_a.get(key) != ident_b.get(key)]
+    if differing:
+        raise ConfigError(
+            f"runs {a.run_id} and {b.run_id} are not on the same episodes ({', '.join(differing)} differ): "
+            "compare runs of one dataset, episode shape and seed"
+        )
+    acc_a, acc_b = store.episode_accuracies(a.run_id), store.episode_accuracies(b.run_id)
+    paired = paired_difference(acc_a, acc_b)
+    if paired.shared == 0:
+        raise ConfigError(f"runs {a.run_id} and {b.run_id} share no finished episode")
+    diffs = np.array(list(episode_differences(acc_a, acc_b).values()))
+    n = diffs.size
+    t_ci95 = None
+    if 1 < n < SMALL_SAMPLE:
+        t_ci95 = float(student_t.ppf(0.975, n - 1) * diffs.std(ddof=1) / math.sqrt(n))
+    return {
+        "a": _side(a, acc_a),
+        "b": _side(b, acc_b),
+        "n": paired.shared,
+        "only_a": paired.only_a,
+        "only_b": paired.only_b,
+        "mean_diff": paired.mean_diff,
+        "ci95": paired.ci95,
+        "p_value": paired.p_value,
+        "t_ci95": t_ci95,
+    }
+
+
+def _side(run: RunRecord, accuracies: dict[int, float]) -> dict[str, Any]:
+    mean, ci = mean_ci95(list(accuracies.values()))
+    return {
+        "run_id": run.run_id,
+        "run_name": run.run_name,
+        "method": run.method,
+        "recipe": run.recipe,
+        "backbone": run.backbone,
+        "episodes": len(accuracies),
+        "mean": mean,
+        "ci95": ci,
+    }
