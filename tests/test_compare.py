@@ -14,6 +14,7 @@ from scipy.stats import wilcoxon
 from typer.testing import CliRunner
 
 from cdfsl.analysis.compare import compare_runs
+from cdfsl.analysis.report import build_report
 from cdfsl.cli import app
 from cdfsl.engine.store import EpisodeResult, ResultStore
 from cdfsl.errors import ConfigError
@@ -22,12 +23,18 @@ TOTAL = 75
 
 
 def add_run(
-    store: ResultStore, run_id: str, method: str, correct: list[int], run_name: str | None = None, **identity: Any
+    store: ResultStore,
+    run_id: str,
+    method: str,
+    correct: list[int],
+    run_name: str | None = None,
+    lr: float = 2e-4,
+    **identity: Any,
 ) -> None:
     """A run of `method` with `correct[i]` of 75 queries right in episode i, on digits 5-way 1-shot seed 0."""
     config = {
         "dataset": "digits", "method": method, "backbone": "tiny", "pretrained": "none", "ways": 5, "shots": 1,
-        "queries": 15, "seed": 0, "run_name": run_name,
+        "queries": 15, "seed": identity.get("seed", 0), "run_name": run_name, "train": {"lr": lr},
     }  # fmt: skip
     ident = {"dataset": "digits", "index": "abc", "ways": 5, "shots": 1, "queries": 15, "seed": 0, **identity}
     store.register_run(run_id, config, ident)
@@ -39,7 +46,7 @@ def db(tmp_path: Path) -> Path:
     path = tmp_path / "results.sqlite"
     with ResultStore(path) as store:
         add_run(store, "aaaa111122223333", "lora", [60, 62, 58, 70, 66, 61], run_name="ablation-on")
-        add_run(store, "bbbb111122223333", "lora", [55, 63, 50, 64, 60, 61, 59], run_name="ablation-off")
+        add_run(store, "bbbb111122223333", "lora", [55, 63, 50, 64, 60, 61, 59], run_name="ablation-off", lr=1e-3)
         add_run(store, "cccc111122223333", "zeroshot", [50] * 6)
         add_run(store, "dddd111122223333", "coop", [60] * 6, seed=1)
     return path
@@ -84,3 +91,15 @@ def test_cli_table_and_json(db: Path, tmp_path: Path) -> None:
     assert db.read_bytes() == before  # read-only
     refused = CliRunner().invoke(app, ["compare", "lora", "zeroshot", "--db", str(db)], env={"COLUMNS": "200"})
     assert refused.exit_code == 2 and refused.output.startswith("error: 'lora' names 2 runs")
+
+
+def test_report_paired_with_a_run(db: Path) -> None:
+    """`report --paired RUN`: every other run of that run's column against it, as `compare` computes it."""
+    with ResultStore(db, read_only=True) as store:
+        report = build_report(store, paired="ablation-off")
+        expected = compare_runs(store, "ablation-on", "ablation-off")
+    by_run = {cell.run_id: cell for cell in report.paired.values()}
+    assert set(by_run) == {"aaaa111122223333", "cccc111122223333"}  # the coop run (seed 1) is on other episodes
+    assert by_run["aaaa111122223333"].stats.mean_diff == pytest.approx(expected["mean_diff"])
+    assert by_run["aaaa111122223333"].baseline_run_id == "bbbb111122223333"
+    assert any("not paired" in note for note in report.notes)

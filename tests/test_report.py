@@ -128,7 +128,9 @@ def test_paired_difference_edge_cases() -> None:
 
 
 def test_unknown_baseline_and_empty_store(store: ResultStore, tmp_path: Path) -> None:
-    with pytest.raises(StoreError, match=r"unknown baseline method 'vtt'.*zeroshot, lora, tir"):
+    with pytest.raises(
+        StoreError, match=r"unknown baseline 'vtt' for --paired: neither a method .zeroshot, lora, tir."
+    ):
         build_report(store, paired="vtt")
     with ResultStore(tmp_path / "empty.sqlite") as empty, pytest.raises(StoreError, match="no finished episodes"):
         build_report(empty)

@@ -396,7 +396,13 @@ def demo_command(
 def report_command(
     db: Annotated[Path, typer.Option(help="SQLite result store.")] = Path("results.sqlite"),
     format_: Annotated[str, typer.Option("--format", help="table, markdown, csv, latex or json.")] = "table",
-    paired: Annotated[str | None, typer.Option(help="Compare every method with this one, episode by episode.")] = None,
+    paired: Annotated[
+        str | None,
+        typer.Option(
+            help="Compare every method with this one, episode by episode; or every run of one column with one run "
+            "(its id, a 4+ character prefix, or its run name)."
+        ),
+    ] = None,
     plot: Annotated[
         Path | None,
         typer.Option(help="Folder for bar charts (and paired-difference plots); created, its parent must exist."),

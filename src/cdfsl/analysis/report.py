@@ -46,6 +46,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from cdfsl.analysis.compare import find_run
 from cdfsl.analysis.paper_results import BENCHMARKS, PaperResult, paper_results
 from cdfsl.config import METHODS
 from cdfsl.engine.store import ResultStore, RunRecord
@@ -233,10 +234,15 @@ def build_report(store: ResultStore, paired: str | None = None, with_paper_resul
     if not runs:
         raise StoreError(f"no finished episodes in {store.path}; run `cdfsl run` first")
     methods = sorted({run.method for run in runs}, key=_method_order)
+    baseline_run = None
     if paired is not None and paired not in methods:
-        raise StoreError(
-            f"unknown baseline method {paired!r} for --paired: {store.path} has runs of {', '.join(methods)}"
-        )
+        try:
+            baseline_run = find_run(runs, paired)
+        except ConfigError:
+            raise StoreError(
+                f"unknown baseline {paired!r} for --paired: neither a method ({', '.join(methods)}) nor a run id, "
+                f"id prefix or run name in {store.path}"
+            ) from None
     notes: list[str] = []
     runs = _keep_protocol_ways(runs, notes)
     variants = _variants(runs)
@@ -259,9 +265,38 @@ def build_report(store: ResultStore, paired: str | None = None, with_paper_resul
     for key, run in placed.items():
         if _uses_vtt(run.method):
             report.dlc_off_steps[key] = list(store.episode_dlc_off_steps(run.run_id).values())
-    if paired is not None:
+    if baseline_run is not None:
+        report.paired = _pair_with_run(baseline_run, placed, accuracies, notes)
+    elif paired is not None:
         report.paired = _pair_all(report, paired, placed, accuracies, notes)
     return report
+
+
+def _pair_with_run(
+    baseline: RunRecord,
+    placed: Mapping[tuple[Row, Column], RunRecord],
+    accuracies: Mapping[str, dict[int, float]],
+    notes: list[str],
+) -> dict[tuple[Row, Column], PairedCell]:
+    """Every other run of the baseline run's column (same dataset and shots) against that one run."""
+    reference = next(((row, column) for (row, column), run in placed.items() if run.run_id == baseline.run_id), None)
+    if reference is None:
+        notes.append(f"run {baseline.run_id} is not in the report (not the protocol's ways): nothing paired")
+        return {}
+    base_row, base_column = reference
+    paired: dict[tuple[Row, Column], PairedCell] = {}
+    for (row, column), run in placed.items():
+        if column != base_column or run.run_id == baseline.run_id:
+            continue
+        mismatch = _episode_mismatch(run, baseline)
+        if mismatch:
+            notes.append(f"{row.label} vs run {baseline.run_id}, {column.label}: not paired, {mismatch}")
+            continue
+        a, b = accuracies[run.run_id], accuracies[baseline.run_id]
+        paired[(row, column)] = PairedCell(
+            paired_difference(a, b), run.run_id, baseline.run_id, base_row, episode_differences(a, b)
+        )
+    return paired
 
 
 def _group_key(run: RunRecord) -> tuple[str, str | None, str, str, int]:
