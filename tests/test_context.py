@@ -10,8 +10,9 @@ import torch
 
 import cdfsl.engine.context as context_module
 from cdfsl.analysis.probe_setup import prepare
+from cdfsl.config import RunConfig
 from cdfsl.data.episodes import EpisodeBatch
-from cdfsl.engine.context import LoadCache, build_context
+from cdfsl.engine.context import LoadCache, build_context, resolve_device
 from cdfsl.engine.runner import Runner
 from cdfsl.errors import ConfigError, DatasetWarning
 from digits_world import stored_run_config
@@ -109,3 +110,30 @@ def test_classes_too_small_for_an_episode_are_named_in_a_warning() -> None:
     with pytest.warns(DatasetWarning, match=r"shots \+ queries = 177 images cannot appear in episodes: \w+$"):
         context = build_context(config)
     assert len(context.data()[1].excluded_classes) == 1
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:0", "cuda:12", "mps"])
+def test_device_names_accepted(device: str) -> None:
+    RunConfig(device=device).validate()
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda:", "cuda:x", "cuda:-1", "cuda:１", "gpu"])
+def test_device_names_refused(device: str) -> None:
+    with pytest.raises(ConfigError, match="device must be one of auto, cpu, cuda, cuda:N"):
+        RunConfig(device=device).validate()
+
+
+def test_devices_that_are_not_here(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    for name in ("cuda", "cuda:1"):
+        with pytest.raises(ConfigError, match=f"--device {name} was asked for but no CUDA GPU"):
+            resolve_device(name)
+    with pytest.raises(ConfigError, match="Metal backend is not available"):
+        resolve_device("mps")
+    assert resolve_device("auto") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(ConfigError, match=r"--device cuda:2: this machine has 2 CUDA GPU\(s\), cuda:0 … cuda:1"):
+        resolve_device("cuda:2")

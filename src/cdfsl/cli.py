@@ -311,7 +311,7 @@ def run_command(
             "option is not given; giving both is an error."
         ),
     ] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     db: Annotated[Path, typer.Option(help="SQLite result store.")] = Path("results.sqlite"),
     run_name: Annotated[str | None, typer.Option(help="A label for reports.")] = None,
     cache_dir: Annotated[Path | None, typer.Option(help="Folder for a disk cache of decoded images.")] = None,
@@ -562,7 +562,7 @@ def cost_command(
     ] = None,
     ways: Annotated[int, typer.Option(help="Classes per episode.")] = 5,
     shots: Annotated[int, typer.Option(help="Support images per class.")] = 5,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     set_: Annotated[list[str] | None, typer.Option("--set", help="key=value for any config field.")] = None,
     json_path: Annotated[
         Path | None, typer.Option("--json", help="Write the numbers as JSON here (its folder must exist).")

@@ -33,7 +33,7 @@ VTT_SCANS = ("deep_to_shallow", "shallow_to_deep", "bidirectional")
 LORA_TOWERS = ("vision", "text", "both", "none")  # none: the coop base
 SCHEDULES = ("cosine", "none")
 PRECISIONS = ("auto", "fp32", "bf16")
-DEVICES = ("auto", "cpu", "cuda")
+DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")  # cuda:N: the GPU of index N
 ACTIVATIONS = ("auto", "gelu", "quickgelu")
 ALL_SUPPORT = "all"
 MAX_EPISODES = 10_000_000  # the to-do list and the store grow with it; the paper protocol is 400 or 800
@@ -256,7 +256,7 @@ class RunConfig:
         _check_choice("dataset", self.dataset, DATASETS)
         _check_choice("recipe", self.recipe_name, tuple(RECIPES))
         parse_method(self.method, self.recipe_name)  # refuses an unknown method or an impossible combination
-        _check_choice("device", self.device, DEVICES)
+        check_device(self.device)
         _check_choice("activation", self.activation, ACTIVATIONS)
         check_numbers(self, unset_ok=True)  # recipe values are computed from shots and dataset
         check_template(self.train.template)
@@ -553,6 +553,16 @@ def check_numbers(config: RunConfig, unset_ok: bool = False) -> None:
         value = getattr(getattr(config, section) if section else config, name)
         if not (unset_ok and value is None):
             rule.check(value)
+
+
+def check_device(device: object) -> None:
+    """`device` must be `auto`, `cpu`, `cuda`, `cuda:N` (N a GPU index) or `mps`; whether it exists is checked when
+    the run starts (`cdfsl.engine.context.resolve_device`)."""
+    name = device if isinstance(device, str) else ""
+    index = name.partition(":")[2] if name.startswith("cuda:") else None
+    if name in ("auto", "cpu", "cuda", "mps") or (index is not None and index.isdigit() and index.isascii()):
+        return
+    raise ConfigError(f"device must be one of auto, cpu, cuda, cuda:N (a GPU index) or mps; got {device!r}")
 
 
 def check_template(template: str) -> None:

@@ -32,11 +32,19 @@ from cdfsl.errors import ConfigError, DatasetWarning
 
 
 def resolve_device(name: str) -> torch.device:
-    """`auto` → CUDA when available, else CPU; `cuda` without a GPU is a `ConfigError`."""
+    """`auto` → CUDA when available, else CPU; `cuda`, `cuda:N` and `mps` must exist here, else a `ConfigError`."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {name} was asked for but no CUDA GPU is available; use --device cpu")
+        device = torch.device(name)
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"--device {name}: this machine has {count} CUDA GPU(s), cuda:0 … cuda:{count - 1}")
+        return device
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("--device mps was asked for but Apple's Metal backend is not available; use --device cpu")
     return torch.device(name)
 
 
