@@ -3,7 +3,6 @@ plain template at depth 1, gradients, E episodes equal E single runs, learning, 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any
 
@@ -17,6 +16,7 @@ from cdfsl.errors import ConfigError, TrainingError
 from cdfsl.methods.maple import EpisodePrompts, MapleMethod, epoch_learning_rates
 from cdfsl.seeding import torch_stream
 from digits_world import DigitsWorld, tiny_config
+from poison import Poison
 
 SMALL = {"shots": 1, "queries": 2, "augment__views": ("plain", "flip")}  # 5 ways x 1 shot x 2 views = 10 views
 
@@ -247,24 +247,6 @@ def test_fit_lowers_the_training_loss(tiny: ClipAdapter, world: DigitsWorld) -> 
     method.fit(batch)
     after = support_loss(method, batch)
     assert (after < before - 0.01).all(), (before, after)
-
-
-class Poison:
-    """Makes `ClipAdapter.encode_images` return nan features for chosen episodes of a batch."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, rows: list[int]) -> None:
-        self.rows = rows
-        original = ClipAdapter.encode_images
-
-        def encode_images(adapter: ClipAdapter, *args: Any, **kwargs: Any) -> VisionOutput:
-            output = original(adapter, *args, **kwargs)
-            if not self.rows:
-                return output
-            features = output.features.clone()
-            features[self.rows] = float("nan")
-            return dataclasses.replace(output, features=features)
-
-        monkeypatch.setattr(ClipAdapter, "encode_images", encode_images)
 
 
 def test_non_finite_loss_is_a_training_error(

@@ -49,6 +49,7 @@ from cdfsl.pretrain.train_tiny import pretrain_tiny
 from cdfsl.recipes import RECIPES
 from cdfsl.seeding import seed_of
 from digits_world import DigitsWorld, tiny_config
+from poison import Poison
 
 NAN = float("nan")
 
@@ -285,24 +286,6 @@ def test_pretrain_tiny_refuses_bad_arguments_before_any_work(
 @pytest.fixture(scope="module")
 def world(tiny: ClipAdapter) -> DigitsWorld:
     return DigitsWorld.of(tiny)
-
-
-class Poison:
-    """Makes `ClipAdapter.encode_images` return nan features for chosen episodes of a batch, while switched on."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.rows: list[int] = []
-        original = ClipAdapter.encode_images
-
-        def encode_images(adapter: ClipAdapter, *args: Any, **kwargs: Any) -> VisionOutput:
-            output = original(adapter, *args, **kwargs)
-            if not self.rows:
-                return output
-            features = output.features.clone()
-            features[self.rows] = NAN
-            return dataclasses.replace(output, features=features)
-
-        monkeypatch.setattr(ClipAdapter, "encode_images", encode_images)
 
 
 def short(method: str, **changes: object) -> RunConfig:

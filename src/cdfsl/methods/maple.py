@@ -74,7 +74,7 @@ from cdfsl.data.episodes import EpisodeBatch
 from cdfsl.errors import ConfigError, TrainingError
 from cdfsl.methods.base import Method, Observer, raise_unless_finite
 from cdfsl.methods.lora import ViewOrder
-from cdfsl.methods.text_side import text_block_index
+from cdfsl.methods.text_side import PromptTokens, text_block_index
 from cdfsl.seeding import torch_stream
 
 COMPOUND_STD = 0.02  # the release's nn.init.normal_(std=0.02) of the compound text prompts
@@ -162,7 +162,9 @@ class MapleMethod(Method):
             raise ConfigError(f"maple.depth={cfg.depth} must be 1..{towers}, the depth of {backbone.name}'s towers")
         self.context_init = self._context_embeddings(cfg.context, cfg.tokens)
         self.prompts: EpisodePrompts | None = None
-        self._tokens_cache: tuple[list[list[str]], Tensor, Tensor] | None = None
+        self._tokens = PromptTokens(
+            backbone, lambda name: f"{cfg.context} {name}.", ("maple.context", cfg.context, cfg.tokens)
+        )
         self._records: list[dict[str, Any]] = []
         self._failure: TrainingError | None = None  # the last fit diverged: predicting from it is refused
 
@@ -177,21 +179,6 @@ class MapleMethod(Method):
             )
         with torch.no_grad():
             return self.backbone.token_embedding(tokens[0, 1 : 1 + n]).float().clone()
-
-    def _tokens(self, class_names: Sequence[Sequence[str]]) -> tuple[Tensor, Tensor]:
-        """Token ids `[E, K, T]` of `"{context} {class name}."` and pooled positions `[E, K]` (kept while repeated)."""
-        names = [list(episode) for episode in class_names]
-        if self._tokens_cache is not None and self._tokens_cache[0] == names:
-            return self._tokens_cache[1], self._tokens_cache[2]
-        words, n = self.config.maple.context, self.config.maple.tokens
-        tokens = self.backbone.tokenize([f"{words} {name}." for episode in names for name in episode])
-        alone = self.backbone.tokenize([words])[0, 1 : 1 + n]
-        if not bool((tokens[:, 1 : 1 + n] == alone).all()):
-            raise ConfigError(f"maple.context {words!r} does not tokenize alike before class names")
-        pooled = self.backbone.pool_positions(tokens)
-        shape = (len(names), len(names[0]))
-        self._tokens_cache = (names, tokens.view(*shape, -1), pooled.view(shape))
-        return self._tokens_cache[1], self._tokens_cache[2]
 
     def _texts(
         self,

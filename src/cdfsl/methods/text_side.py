@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +69,39 @@ def text_block_index(layer: int, depth: int, what: str) -> int:
     return layer % depth
 
 
+class PromptTokens:
+    """Token ids `[E, K, T]` and pooled positions `[E, K]` of each episode's class prompts, kept while the episodes'
+    class names repeat (training asks for them every step).
+
+    Args:
+        backbone: the adapter (its tokenizer).
+        prompt: the prompt of one class name.
+        context: with learned context vectors, (the setting's name, its words, n): the words' first n tokens must
+            stand unchanged right after the start token of every prompt, where the vectors replace them.
+    """
+
+    def __init__(
+        self, backbone: ClipAdapter, prompt: Callable[[str], str], context: tuple[str, str, int] | None = None
+    ) -> None:
+        self.backbone, self.prompt, self.context = backbone, prompt, context
+        self._last: tuple[list[list[str]], Tensor, Tensor] | None = None
+
+    def __call__(self, class_names: Sequence[Sequence[str]]) -> tuple[Tensor, Tensor]:
+        names = [list(episode) for episode in class_names]
+        if self._last is not None and self._last[0] == names:
+            return self._last[1], self._last[2]
+        tokens = self.backbone.tokenize([self.prompt(name) for episode in names for name in episode])
+        if self.context is not None:
+            setting, words, n = self.context
+            alone = self.backbone.tokenize([words])[0, 1 : 1 + n]
+            if not bool((tokens[:, 1 : 1 + n] == alone).all()):
+                raise ConfigError(f"{setting} {words!r} does not tokenize alike before class names")
+        pooled = self.backbone.pool_positions(tokens)
+        shape = (len(names), len(names[0]))
+        self._last = (names, tokens.view(*shape, -1), pooled.view(shape))
+        return self._last[1], self._last[2]
+
+
 class TextSide:
     """Class text features `[E, K, C]` for E episodes: final, and after chosen text blocks (e.g. TIR's text layer).
 
@@ -85,10 +118,12 @@ class TextSide:
         self._frozen: dict[int | None, ClassText] = {}
         self.context: nn.Parameter | None = None
         self.lora: EpisodeLoRA | None = None
-        self._prompts: tuple[list[list[str]], Tensor, Tensor] | None = None
         self._context_init: Tensor | None = None
+        context = None
         if self.context_words:
             self._context_init = self._context_embeddings(self.context_words)
+            context = ("prompt.context", self.context_words, self._context_init.shape[0])
+        self._tokens = PromptTokens(backbone, self._prompt, context)
 
     @property
     def trainable(self) -> bool:
@@ -109,7 +144,6 @@ class TextSide:
         device = self.backbone.device
         lora_params: list[Tensor] = []
         context_params: list[Tensor] = []
-        self._prompts = None
         if self._context_init is not None:
             init = self._context_init.to(device)
             self.context = nn.Parameter(init.expand(len(episodes), *init.shape).clone())
@@ -177,22 +211,6 @@ class TextSide:
             self._frozen[layer] = ClassText(self.backbone, self.config.train.template, layer)
         return self._frozen[layer]
 
-    def _tokens(self, class_names: Sequence[Sequence[str]]) -> tuple[Tensor, Tensor]:
-        """Token ids `[E, K, T]` and pooled positions `[E, K]` of the episodes' prompts (kept while they repeat)."""
-        names = [list(n) for n in class_names]
-        if self._prompts is not None and self._prompts[0] == names:
-            return self._prompts[1], self._prompts[2]
-        if self.context_words:
-            prompts = [f"{self.context_words} {name}." for episode in names for name in episode]
-        else:
-            prompts = [self.config.train.template.format(name) for episode in names for name in episode]
-        tokens = self.backbone.tokenize(prompts)
-        if self._context_init is not None:
-            n = self._context_init.shape[0]
-            alone = self.backbone.tokenize([self.context_words])[0, 1 : 1 + n]
-            if not bool((tokens[:, 1 : 1 + n] == alone).all()):
-                raise ConfigError(f"prompt.context {self.context_words!r} does not tokenize alike before class names")
-        pooled = self.backbone.pool_positions(tokens)
-        shape = (len(names), len(names[0]))
-        self._prompts = (names, tokens.view(*shape, -1), pooled.view(shape))
-        return self._prompts[1], self._prompts[2]
+    def _prompt(self, name: str) -> str:
+        """The class prompt: `"{context} {name}."` with a learned context, else `train.template`."""
+        return f"{self.context_words} {name}." if self.context_words else self.config.train.template.format(name)
