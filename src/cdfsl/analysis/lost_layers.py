@@ -129,7 +129,8 @@ def _learned_variants(
 ) -> dict[str, list[Tensor]] | None:
     """For a method that learns its class texts, its own class features `[E, K, C]` per variant (unmodified, each
     block removed, each block emphasized), from its learned prompts; None for one whose texts are the template's."""
-    if method.varied_class_features(class_names) is None:
+    unmodified = method.varied_class_features(class_names)
+    if unmodified is None:
         return None
 
     def vary(**change: Any) -> Tensor:
@@ -138,7 +139,7 @@ def _learned_variants(
         return features
 
     return {
-        "unmodified": [vary()],
+        "unmodified": [unmodified],
         "removed": [vary(skip_blocks=[block]) for block in range(blocks)],
         "emphasized": [vary(block_scale={block: gamma}) for block in range(blocks)],
     }
