@@ -43,10 +43,6 @@ def get(config: RunConfig, key: str) -> object:
 def test_every_recipe_resolves_every_recipe_field(recipe: str, method: str) -> None:
     config = RunConfig(method=method, recipe=recipe)
     assert all(get(config, key) is None for key in RECIPE_FIELDS)
-    if recipe == "tir-release" and method in ("vtt", "tir+vtt"):  # the recipe's base (coop+lora) learns text
-        with pytest.raises(ConfigError, match="learns the text side"):
-            config.resolved()
-        return
     resolved = config.resolved()
     assert resolved.recipe == recipe
     assert all(get(resolved, key) is not None for key in RECIPE_FIELDS)
@@ -123,8 +119,6 @@ def test_set_wins_over_the_recipe() -> None:
     ("changes", "message"),
     [
         ({"recipe": "nope"}, "recipe must be one of"),
-        ({"method": "vtt", "recipe": "tir-release"}, "learns the text side"),
-        ({"method": "vtt", "lora__towers": "both"}, "trains the vision tower only"),
         ({"method": "vtt", "vtt__fusion": "none", "vtt__tia": False}, "nothing to learn"),
         ({"train__batch_size": "most"}, "train.batch_size must be"),
         ({"train__batch_size": 0}, "train.batch_size must be"),

@@ -338,8 +338,10 @@ def test_nan_in_the_vtt_loss_alone_is_caught_in_training(
     """L_ce stays finite; the combined loss the extension backpropagates does not: fit refuses, not only predict."""
     original = vtt_module.VttExtension.vtt_loss
 
-    def vtt_loss(self: vtt_module.VttExtension, output: VisionOutput, labels: torch.Tensor) -> torch.Tensor:
-        loss = original(self, output, labels)
+    def vtt_loss(
+        self: vtt_module.VttExtension, output: VisionOutput, labels: torch.Tensor, class_layers: torch.Tensor
+    ) -> torch.Tensor:
+        loss = original(self, output, labels, class_layers)
         return torch.cat([loss[:1], loss[1:] * NAN])
 
     monkeypatch.setattr(vtt_module.VttExtension, "vtt_loss", vtt_loss)

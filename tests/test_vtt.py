@@ -12,6 +12,7 @@ import torch
 from cdfsl.config import RunConfig
 from cdfsl.methods import build_method
 from cdfsl.methods.fusion import selective_scan
+from cdfsl.methods.text_side import TemplateAbsorber
 from cdfsl.methods.vtt import LossSwitch, aligned_layers, correct_gradient, scan_sequence
 from digits_world import DigitsWorld, tiny_config
 
@@ -136,17 +137,16 @@ def batch_of(world: DigitsWorld, config: RunConfig, episodes: list[int]):
 
 def test_absorbing_the_placeholder_embedding_reproduces_the_prompt(world) -> None:
     backbone = world.backbone
-    method = build_method(vtt_config(), backbone)
-    extension = method.extension
-    tokens, position = extension.tokens, extension.position
+    absorb = build_method(vtt_config(), backbone).text_side.absorber("X")
+    assert isinstance(absorb, TemplateAbsorber) and absorb.prefix is not None  # the cached "a photo of a"
+    tokens, position = absorb.tokens, absorb.position
     with torch.no_grad():
-        own_embedding = backbone.token_embedding(tokens[:, position])
+        own_embedding = backbone.token_embedding(tokens[:, position])  # [1, W]
         injected = backbone.encode_text_tokens(tokens, position, own_embedding)
         plain = backbone.model.encode_text(backbone.tokenize(["a photo of a X."]))
-        assert extension.prefix is not None  # the path training takes: the cached "a photo of a"
-        injected_after_prefix = backbone.encode_after_prefix(extension.prefix, own_embedding)
+        through_absorber = absorb(own_embedding.expand(2, 3, -1))  # [E, B, C]
     assert torch.allclose(injected, plain, atol=1e-5)
-    assert torch.allclose(injected_after_prefix, plain, atol=1e-5)
+    assert torch.allclose(through_absorber, plain.expand(2, 3, -1), atol=1e-5)
 
 
 def test_last_layer_feature_is_the_image_feature(world) -> None:
@@ -163,7 +163,7 @@ def test_prediction_needs_no_vtt_module(world) -> None:
     batch = batch_of(world, config, [0])
     method = build_method(config, world.backbone)
     method.fit(batch)
-    assert method.extension.fusion is None and method.extension.class_layers is None
+    assert method.extension.fusion is None and method.extension.absorb is None
     method.extension = None  # delete VtT entirely before predicting
     logits = method.predict(batch)
     assert logits.shape == (1, 15, 5)
@@ -194,7 +194,7 @@ def test_fusion_width_defaults_to_the_joint_embedding_width(world, hidden: int |
     config.vtt.hidden, config.vtt.fusion = hidden, "ssm"
     batch = batch_of(world, config, [0])
     method = build_method(config, backbone)
-    method.extension.start(batch, method._new_vision_lora(batch))
+    method._start_extension(batch, method._new_vision_lora(batch))
     width = hidden or backbone.embed_dim  # 64 on the tiny model
     assert method.extension.fusion.position.shape == (1, 2 * backbone.num_vision_blocks, width)
 
@@ -207,10 +207,11 @@ def test_vtt_gradient_reaches_lora_and_fusion(world, fusion: str) -> None:
     method = build_method(config, world.backbone)
     lora = method._new_vision_lora(batch)
     extension = method.extension
-    extension.start(batch, lora)
+    method._start_extension(batch, lora)
     images = batch.support[:, :5]
     output = world.backbone.encode_images(images, lora, layer_features=True)
-    loss = extension.vtt_loss(output, batch.support_labels[:, :5])
+    class_layers = method._texts(batch.class_names)[2]
+    loss = extension.vtt_loss(output, batch.support_labels[:, :5], class_layers)
     assert loss.shape == (1,) and -1.0 <= loss.item() <= 1.0
     loss.sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in extension.fusion.parameters())

@@ -60,7 +60,7 @@ def test_release_grid_refuses_a_depth_that_is_not_square() -> None:
 def test_default_fusion_is_the_release_one(world) -> None:
     method = build_method(vtt_config(), world.backbone)
     batch = batch_of(world, vtt_config(), [0])
-    method.extension.start(batch, method._new_vision_lora(batch))
+    method._start_extension(batch, method._new_vision_lora(batch))
     fusion = method.extension.fusion
     assert isinstance(fusion, ReleaseFusion) and fusion.grid == 5
     assert fusion.head is not None  # tiny: text width 96 ≠ joint width 64
@@ -70,24 +70,25 @@ def test_default_fusion_is_the_release_one(world) -> None:
 
 
 def one_step(world, config: RunConfig):
-    """Build, start and run the loss of one step by hand; returns (method, lora, output, labels, loss_ce)."""
+    """Build, start and run the loss of one step by hand; returns (method, lora, output, labels, loss_ce, class
+    layers)."""
     backbone = world.backbone
     batch = batch_of(world, config, [0])
     method = build_method(config, backbone)
     lora = method._new_vision_lora(batch)
-    method.extension.start(batch, lora)
+    method._start_extension(batch, lora)
     images, labels = batch.support[:, :10], batch.support_labels[:, :10]
     output = backbone.encode_images(images, lora, layer_features=True)
     text = method.class_features(batch.class_names)
     loss_ce = torch.nn.functional.cross_entropy(
         method.logits(output.features, text).transpose(1, 2), labels, reduction="none"
     ).mean(dim=1)
-    return method, lora, output, labels, loss_ce
+    return method, lora, output, labels, loss_ce, method._texts(batch.class_names)[2]
 
 
 def test_tia_off_skips_the_text_encoder(world, monkeypatch: pytest.MonkeyPatch) -> None:
     config = vtt_config(vtt__tia=False)
-    method, _, output, labels, _ = one_step(world, config)
+    method, _, output, labels, _, layers = one_step(world, config)
     extension: VttExtension = method.extension
 
     def refuse(*_, **__):  # type: ignore[no-untyped-def]
@@ -95,26 +96,28 @@ def test_tia_off_skips_the_text_encoder(world, monkeypatch: pytest.MonkeyPatch) 
 
     monkeypatch.setattr(world.backbone, "encode_after_prefix", refuse)
     monkeypatch.setattr(world.backbone, "encode_text_tokens", refuse)
-    loss = extension.vtt_loss(output, labels)
-    token = extension.absorption_token(output, labels)
+    loss = extension.vtt_loss(output, labels, layers)
+    token = extension.absorption_token(output, labels, layers)
     assert token.shape[-1] == world.backbone.embed_dim  # compared with f directly, so of width C
     expected = -torch.nn.functional.cosine_similarity(token.float(), output.features.float(), dim=-1).mean(dim=1)
     torch.testing.assert_close(loss, expected)
 
 
 def test_fusion_none_absorbs_the_final_feature(world) -> None:
-    method, _, output, labels, _ = one_step(world, vtt_config(vtt__fusion="none"))
+    method, _, output, labels, _, layers = one_step(world, vtt_config(vtt__fusion="none"))
     extension = method.extension
     assert isinstance(extension.fusion, EpisodeLinear)  # only the C → W map of the tiny model's widths
-    torch.testing.assert_close(extension.absorption_token(output, labels), extension.fusion(output.features.float()))
+    torch.testing.assert_close(
+        extension.absorption_token(output, labels, layers), extension.fusion(output.features.float())
+    )
 
 
 def test_correction_off_steps_on_the_raw_combined_gradient(world) -> None:
     config = vtt_config(vtt__correction=False, vtt__beta=50.0)
-    method, lora, output, labels, loss_ce = one_step(world, config)
-    combined = loss_ce + 50.0 * method.extension.vtt_loss(output, labels)
+    method, lora, output, labels, loss_ce, layers = one_step(world, config)
+    combined = loss_ce + 50.0 * method.extension.vtt_loss(output, labels, layers)
     expected = torch.autograd.grad(combined.sum(), lora.tensors(), retain_graph=True)
-    method.extension.backward(loss_ce, output, labels, lora)
+    method.extension.backward(loss_ce, output, labels, layers)
     for tensor, raw in zip(lora.tensors(), expected, strict=True):
         torch.testing.assert_close(tensor.grad, raw)
     assert len(method.extension.switches[0].history) == 2  # DLC still sees the step's agreement
@@ -122,10 +125,10 @@ def test_correction_off_steps_on_the_raw_combined_gradient(world) -> None:
 
 def test_correction_on_changes_conflicting_gradients(world) -> None:
     config = vtt_config(vtt__beta=50.0)
-    method, lora, output, labels, loss_ce = one_step(world, config)
-    combined = loss_ce + 50.0 * method.extension.vtt_loss(output, labels)
+    method, lora, output, labels, loss_ce, layers = one_step(world, config)
+    combined = loss_ce + 50.0 * method.extension.vtt_loss(output, labels, layers)
     raw = torch.autograd.grad(combined.sum(), lora.tensors(), retain_graph=True)
-    method.extension.backward(loss_ce, output, labels, lora)
+    method.extension.backward(loss_ce, output, labels, layers)
     assert any(not torch.allclose(t.grad, g) for t, g in zip(lora.tensors(), raw, strict=True))
 
 

@@ -368,13 +368,6 @@ def _validate_vtt(config: RunConfig) -> None:
     vtt = config.vtt
     _check_choice("vtt.fusion", vtt.fusion, VTT_FUSIONS)
     _check_choice("vtt.scan", vtt.scan, VTT_SCANS)
-    if config.uses_vtt and config.trains_text():  # the lora base with text-tower LoRA (other bases: the registry)
-        raise ConfigError(
-            f"{config.method} trains the vision tower only (VtT reads per-layer features of a frozen text tower), but "
-            f"recipe {config.recipe} trains the text side (lora.towers={config.lora.towers}, "
-            f"prompt.context={config.prompt.context!r}); use --recipe vtt-release or paper, or "
-            "--set lora.towers=vision --set prompt.context="
-        )
     if config.uses_vtt and vtt.fusion == "none" and not vtt.tia:
         raise ConfigError("vtt.fusion=none with vtt.tia=false leaves VtT nothing to learn (-cos(f, f) is constant)")
 

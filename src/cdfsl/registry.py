@@ -71,19 +71,12 @@ class PlugIn:
 def _tir_refuses(base: Base) -> str | None:
     if not base.trains_anything:
         return "zeroshot trains nothing for TIR to recalibrate; use lora+tir or coop+lora+tir"
-    if base.name == "maple":
-        return "MaPLe adds prompt tokens to the vision blocks TIR reweights, and TIR's weights are defined over patches"
     return None
 
 
 def _vtt_refuses(base: Base) -> str | None:
     if not base.trains_anything:
         return "zeroshot trains nothing for VtT's loss to shape; use lora+vtt"
-    if base.learns_text:
-        return (
-            f"{base.name} learns the text side, and VtT's absorption reads a frozen text tower with fixed class "
-            "texts; use lora+vtt (with lora.towers=vision)"
-        )
     return None
 
 

@@ -8,10 +8,10 @@ multiplications, convolutions and attention: elementwise work (the SSM scan and 
 fusion, norms, activations, the optimizer update) is not counted. Its registry knows the CUDA attention kernels but
 not the CPU one, so `flop_counter` adds the same formulas for the CPU kernel: counts do not depend on the device.
 
-For a method with the VtT plug-in (`vtt`, `tir+vtt`) the same step is also counted for the base method (the config
-with the plug-in removed, same recipe: `vtt` → `lora`, `tir+vtt` → `tir`), and the plug-in's two pieces are counted
-alone on inputs of the step's shapes: the fusion (forward and backward, gradients flowing to its inputs as in the
-step) and the absorption text pass (the frozen text tower, forward and backward to the absorbed token).
+For a method with the VtT plug-in (`vtt`, `tir+vtt`, `maple+vtt`, …) the same step is also counted for the method
+without it (same recipe: `vtt` → `lora`, `tir+vtt` → `lora+tir`, `maple+vtt` → `maple`), and the plug-in's two pieces
+are counted alone on inputs of the step's shapes: the fusion (forward and backward, gradients flowing to its inputs
+as in the step) and the absorption text pass (the base's text tower, forward and backward to the absorbed token).
 
 Trainable parameters are counted per episode from the modules the step built (`parameter_count`: a parameter
 `[E, ...]` counts `prod(shape[1:])`), split by part; their total is what the step's optimizers held.
@@ -35,7 +35,6 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from cdfsl.backbone.adapter import ClipAdapter, VisionOutput
-from cdfsl.backbone.lora import EpisodeLoRA
 from cdfsl.config import ALL_SUPPORT, RunConfig
 from cdfsl.data.episodes import EpisodeBatch
 from cdfsl.data.index import Episode
@@ -166,23 +165,18 @@ class StepCount:
 def count_step(
     config: RunConfig, backbone: ClipAdapter, batch: EpisodeBatch, autocast_dtype: torch.dtype | None = None
 ) -> StepCount:
-    """Count one training step of `config` (resolved, `train.iterations = 1`) on `batch` (E = 1).
+    """Count one training step of `config` (resolved, `train.iterations = 1`; MaPLe: one epoch of one batch) on
+    `batch` (E = 1).
 
     The frozen class texts (final, TIR's text layer, VtT's per-layer ones) are computed before counting, as a run
     computes them once per class name; a learned text side recomputes them inside the step, and they count there.
     """
     method = build_method(config, backbone, autocast_dtype)
-    if isinstance(method, MapleMethod):
-        return _count_maple_step(method, batch)
-    if not isinstance(method, LoraMethod):
+    if not isinstance(method, LoraMethod | MapleMethod):
         raise ConfigError(f"{config.method} does not train: it has no training step to count")
-    method.class_features(batch.class_names)
-    if config.uses_tir:
-        method.class_features(batch.class_names, config.tir.text_layer)
+    if isinstance(method, LoraMethod) and not method.text_side.trainable:
+        method._texts(batch.class_names)  # the frozen texts every step reads, computed once per name
     extension = method.extension
-    if isinstance(extension, VttExtension):
-        extension._class_layer_features(batch.class_names)  # the per-layer class texts, computed once per name
-
     held: dict[int, Tensor] = {}
     fusions: list[nn.Module] = []
 
@@ -200,13 +194,7 @@ def count_step(
     finally:
         handle.remove()
 
-    parts: dict[str, int] = {}
-    if method.lora is not None:
-        parts["vision_lora"] = parameter_count(method.lora)
-    if method.text_side.lora is not None:
-        parts["text_lora"] = parameter_count(method.text_side.lora)
-    if method.text_side.context is not None:
-        parts["prompt_context"] = per_episode_count([method.text_side.context])
+    parts = _base_parts(method)
     if config.uses_vtt:
         parts["vtt_fusion"] = sum(parameter_count(f) for f in fusions)
     total = per_episode_count(held.values())
@@ -215,40 +203,51 @@ def count_step(
     return StepCount(int(counter.get_total_flops()), method, parts, total)
 
 
-def _count_maple_step(method: MapleMethod, batch: EpisodeBatch) -> StepCount:
-    """One MaPLe step: its config has one epoch without warm-up and `batch` one batch of support views (see
-    `training_cost`), so a fit is one step; the prompts it learned are counted by part."""
-    with flop_counter() as counter:
-        method.fit(batch)
-    prompts = method.prompts
-    assert prompts is not None
-    parts = {
-        "maple_context": per_episode_count([prompts.context]),
-        "maple_compound": per_episode_count([prompts.compound]),
-        "maple_coupling": per_episode_count([prompts.weight, prompts.bias]),
-    }
-    return StepCount(int(counter.get_total_flops()), method, parts, sum(parts.values()))
+def _base_parts(method: LoraMethod | MapleMethod) -> dict[str, int]:
+    """Per-episode parameter counts of what the fitted base learned, by part."""
+    if isinstance(method, MapleMethod):
+        prompts = method.prompts
+        assert prompts is not None
+        return {
+            "maple_context": per_episode_count([prompts.context]),
+            "maple_compound": per_episode_count([prompts.compound]),
+            "maple_coupling": per_episode_count([prompts.weight, prompts.bias]),
+        }
+    parts: dict[str, int] = {}
+    if method.lora is not None:
+        parts["vision_lora"] = parameter_count(method.lora)
+    if method.text_side.lora is not None:
+        parts["text_lora"] = parameter_count(method.text_side.lora)
+    if method.text_side.context is not None:
+        parts["prompt_context"] = per_episode_count([method.text_side.context])
+    return parts
 
 
 def vtt_piece_flops(step: StepCount, batch: EpisodeBatch, batch_size: int) -> dict[str, int]:
     """FLOPs of VtT's pieces alone, each forward + backward, on inputs of one step's shapes (E = 1, b views).
 
     - `vtt_fusion`: the absorption token from per-layer CLS features `[L, 1, b, C]`, the final feature `[1, b, C]`
-      (both requiring gradients, as the LoRA-tuned vision features do) and the class texts of the labels; backward
-      to the fusion's parameters and its inputs.
-    - `vtt_absorption` (when `vtt.tia`): the frozen text tower over "a photo of a X." with X's embedding replaced by
-      tokens `[b, W]`, backward to those tokens.
+      (both requiring gradients, as the trained vision features do) and per-layer class texts `[1, K, L, C]`;
+      backward to the fusion's parameters and its inputs.
+    - `vtt_absorption` (when `vtt.tia`): the base's text tower over its class prompt with the class name's embedding
+      replaced by tokens `[1, b, W]` ("a photo of a X." through the frozen tower for the lora base), backward to those
+      tokens.
 
     Uses the extension of `step.method` (after its counted step) with fresh per-episode state, dropped afterwards.
     """
     method = step.method
-    extension = method.extension
-    if not isinstance(extension, VttExtension) or method.lora is None:
+    extension = getattr(method, "extension", None)
+    if not isinstance(extension, VttExtension):
         raise ValueError("vtt_piece_flops needs the counted step of a method with the VtT plug-in")
     backbone = method.backbone
     device = backbone.device
-    lora: EpisodeLoRA = method.lora
-    extension.start(batch, lora)
+    if isinstance(method, MapleMethod):
+        assert method.prompts is not None
+        absorb = method._absorber(method.prompts)
+    else:
+        assert isinstance(method, LoraMethod)
+        absorb = method.text_side.absorber(method.config.vtt.placeholder)
+    extension.start(batch, [], absorb)
     try:
         generator = torch.Generator().manual_seed(batch.seed)
         width = backbone.embed_dim
@@ -256,22 +255,20 @@ def vtt_piece_flops(step: StepCount, batch: EpisodeBatch, batch_size: int) -> di
         features = torch.randn(1, batch_size, width, generator=generator).to(device).requires_grad_()
         layers = torch.randn(backbone.num_vision_blocks, 1, batch_size, width, generator=generator)
         output = VisionOutput(features=features, layer_features=layers.to(device).requires_grad_())
+        classes = len(batch.class_names[0])
+        class_layers = torch.randn(1, classes, len(extension.text_layers), width, generator=generator).to(device)
         with flop_counter() as fusion_counter:
             with extension.autocast():
-                token = extension.absorption_token(output, labels)
+                token = extension.absorption_token(output, labels, class_layers)
             if token.requires_grad:
                 token.float().sum().backward()
         pieces = {"vtt_fusion": int(fusion_counter.get_total_flops())}
         if extension.vtt.tia:
-            replacement = torch.randn(batch_size, backbone.text_width, generator=generator).to(device)
+            replacement = torch.randn(1, batch_size, backbone.text_width, generator=generator).to(device)
             replacement.requires_grad_()
             with flop_counter() as text_counter:
                 with extension.autocast():
-                    if extension.prefix is not None:
-                        absorbed = backbone.encode_after_prefix(extension.prefix, replacement)
-                    else:
-                        tokens = extension.tokens.expand(batch_size, -1)
-                        absorbed = backbone.encode_text_tokens(tokens, extension.position, replacement)
+                    absorbed = absorb(replacement)
                 absorbed.float().sum().backward()
             pieces["vtt_absorption"] = int(text_counter.get_total_flops())
     finally:

@@ -417,7 +417,7 @@ class ClipAdapter(nn.Module):
             pooled: index of each prompt's pooled (EOS) token, `[N]` or `[E, N]`.
             qkv_projection: each text block's q/k/v (per-episode LoRA on the text tower), as in the vision tower.
             layers: text blocks (non-negative indices) whose pooled token is also returned, through the final norm
-                and projection, in the order given.
+                and projection, in the order given (a block may be named more than once).
             skip_blocks, block_scale: as in `encode_text_tokens`.
             prompts: deep prompts (module docstring), `prompts[l]` `[E, P, W]` or `[E, N, P, W]` for blocks l < J, in
                 positions 1..P (after the start token; they must come before every pooled token). `prompts[0]`
@@ -443,8 +443,8 @@ class ClipAdapter(nn.Module):
         x = x + self.text.positional_embedding[: x.shape[2]].to(x.dtype)
         episode_rows = torch.arange(e, device=x.device)[:, None]
         prompt_rows = torch.arange(n, device=x.device)[None]
-        wanted = {layer: position for position, layer in enumerate(layers or ())}
-        per_layer: list[Tensor | None] = [None] * len(wanted)
+        wanted = list(layers or ())
+        found: dict[int, Tensor] = {}
         scale = block_scale or {}
         for layer in range(self.num_text_blocks):
             if 0 < layer < len(slots):
@@ -453,8 +453,8 @@ class ClipAdapter(nn.Module):
                 updated = self.text_block(layer, x, mask, qkv_projection)
                 x = x + scale[layer] * (updated - x) if layer in scale else updated
             if layer in wanted:
-                per_layer[wanted[layer]] = self._project_text(x[episode_rows, prompt_rows, pooled])
-        stacked = torch.stack([f for f in per_layer if f is not None]) if wanted else None
+                found[layer] = self._project_text(x[episode_rows, prompt_rows, pooled])
+        stacked = torch.stack([found[layer] for layer in wanted]) if wanted else None
         return TextOutput(features=self._project_text(x[episode_rows, prompt_rows, pooled]), layer_features=stacked)
 
     @staticmethod

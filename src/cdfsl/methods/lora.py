@@ -8,15 +8,17 @@ the learning-rate schedule stepped once. E episodes train at once: the loss is t
 each episode's parameters get exactly their own gradient, and AdamW and SGD act elementwise, so each episode's
 trajectory is the one it would have alone.
 
-Extension points:
+Plug-ins (`cdfsl.methods.training`):
 - a `Recalibration` (TIR) rewrites the tokens entering chosen vision blocks, in training and optionally at prediction;
-- a `TrainingExtension` (VtT) adds per-episode modules and optimizer groups and owns the backward pass.
+- a `TrainingExtension` (VtT) adds per-episode modules and optimizer groups and owns the backward pass; it absorbs
+  through the text side's own prompt (`TextSide.absorber`) and corrects the LoRA factors of both towers and the
+  context.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,51 +31,15 @@ from cdfsl.data.episodes import EpisodeBatch
 from cdfsl.errors import TrainingError
 from cdfsl.methods.base import Method, Observer, observed, raise_unless_finite
 from cdfsl.methods.text_side import TextSide
+from cdfsl.methods.training import (
+    Recalibration,
+    TrainedTensor,
+    TrainingExtension,
+    ViewOrder,
+    plugin_text_layers,
+    split_plugin_texts,
+)
 from cdfsl.seeding import torch_stream
-
-
-class Recalibration(Protocol):
-    """Token recalibration attached to a method (TIR)."""
-
-    at_prediction: bool
-    text_layer: int
-
-    def hook(self, text: Tensor) -> BlockInputHook:
-        """A block-input hook for E episodes with these normalized class texts `[E, K, C]` (after `text_layer`)."""
-        ...
-
-
-class TrainingExtension(Protocol):
-    """An objective extension (VtT): its own per-episode modules, optimizer groups and backward pass."""
-
-    wants_layer_features: bool
-
-    def start(self, batch: EpisodeBatch, lora: EpisodeLoRA) -> list[dict[str, Any]]:
-        """Create per-episode state for `batch`; return extra AdamW parameter groups."""
-        ...
-
-    def backward(self, loss_ce: Tensor, output: VisionOutput, labels: Tensor, lora: EpisodeLoRA) -> Tensor:
-        """Fill `.grad` of every trainable tensor from the per-episode CE losses `[E]` and the vision output; return
-        the per-episode loss `[E]` whose gradients it filled (the loop checks that it stays finite)."""
-        ...
-
-    def finish(self) -> list[dict[str, Any]]:
-        """Drop per-episode state (nothing of it is needed at prediction); return per-episode records."""
-        ...
-
-
-class ViewOrder:
-    """Batches of support-view positions for one episode: a fresh permutation per pass, cut into `batch_size` chunks."""
-
-    def __init__(self, views: int, batch_size: int, generator: torch.Generator) -> None:
-        self.views, self.batch_size, self.generator = views, batch_size, generator
-        self._pending: list[Tensor] = []
-
-    def next(self) -> Tensor:
-        """The next batch of positions `[b]` (b = batch_size, or the remainder at the end of a pass)."""
-        if not self._pending:
-            self._pending = list(torch.randperm(self.views, generator=self.generator).split(self.batch_size))
-        return self._pending.pop(0)
 
 
 def learning_rate_schedules(
@@ -130,11 +96,23 @@ class LoraMethod(Method):
         )
         return lora.to(device)
 
-    def _texts(self, class_names: Sequence[Sequence[str]]) -> tuple[Tensor, Tensor | None]:
-        """Final class features `[E, K, C]` and, with TIR, those after its text layer (both normalized)."""
-        layers = (self.recalibration.text_layer,) if self.recalibration is not None else ()
+    def _texts(self, class_names: Sequence[Sequence[str]]) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """Final class features `[E, K, C]` (normalized), TIR's texts after its text layer (normalized `[E, K, C]`)
+        and VtT's raw per-layer texts `[E, K, L, C]` (None without the plug-in)."""
+        layers = plugin_text_layers(self.recalibration, self.extension)
         final, at_layers = self.text_side.features(class_names, layers)
-        return final, (at_layers[0] if at_layers else None)
+        return final, *split_plugin_texts(at_layers, self.recalibration, self.extension)
+
+    def trained_tensors(self, lora: EpisodeLoRA | None) -> list[TrainedTensor]:
+        """Every tensor this base trains (vision LoRA, then the text side's), for DGSO."""
+        vision = [(t, t.shape[1]) for t in lora.tensors()] if lora is not None else []
+        return vision + self.text_side.trained_tensors()
+
+    def _start_extension(self, batch: EpisodeBatch, lora: EpisodeLoRA | None) -> list[dict[str, Any]]:
+        """Start the extension on `batch` with this base's trained tensors and absorption; its optimizer groups."""
+        assert self.extension is not None
+        absorb = self.text_side.absorber(self.config.vtt.placeholder)
+        return self.extension.start(batch, self.trained_tensors(lora), absorb)
 
     def _start_training(self, batch: EpisodeBatch, lora: EpisodeLoRA | None) -> list[torch.optim.Optimizer]:
         """Fresh per-episode state of the text side and the extension, and the optimizers: AdamW over the LoRA factors
@@ -144,8 +122,7 @@ class LoraMethod(Method):
         lora_params = [*(lora.parameters() if lora is not None else ()), *text_lora]
         groups: list[dict[str, Any]] = [{"params": lora_params, "lr": train.lr}]
         if self.extension is not None:
-            assert lora is not None
-            groups += [g for g in self.extension.start(batch, lora) if g["params"]]
+            groups += [g for g in self._start_extension(batch, lora) if g["params"]]
         optimizers: list[torch.optim.Optimizer] = [
             torch.optim.AdamW(groups, lr=train.lr, betas=(train.beta1, train.beta2), weight_decay=train.weight_decay)
         ]
@@ -184,8 +161,8 @@ class LoraMethod(Method):
             positions = torch.stack([order.next() for order in orders]).to(batch.support.device)  # [E, b]
             images, labels = batch.support[rows, positions], batch.support_labels[rows, positions]
             with self.autocast():
-                text, text_at_layer = fixed if fixed is not None else self._texts(batch.class_names)
-                hook = fixed_hook if fixed is not None else self._hook(text_at_layer)
+                text, tir_text, class_layers = fixed if fixed is not None else self._texts(batch.class_names)
+                hook = fixed_hook if fixed is not None else self._hook(tir_text)
                 output = self.backbone.encode_images(
                     images,
                     projection,
@@ -195,8 +172,8 @@ class LoraMethod(Method):
             logits = self.logits(output.features, text)  # [E, b, K]
             loss_ce = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none").mean(dim=1)  # [E]
             if self.extension is not None:
-                assert lora is not None
-                loss = self.extension.backward(loss_ce, output, labels, lora)
+                assert class_layers is not None
+                loss = self.extension.backward(loss_ce, output, labels, class_layers)
             else:
                 loss = loss_ce
                 loss_ce.sum().backward()
@@ -215,16 +192,16 @@ class LoraMethod(Method):
             self._failure = error
             raise
 
-    def _hook(self, text_at_layer: Tensor | None) -> BlockInputHook | None:
-        if self.recalibration is None or text_at_layer is None:
+    def _hook(self, tir_text: Tensor | None) -> BlockInputHook | None:
+        if self.recalibration is None or tir_text is None:
             return None
-        return self.recalibration.hook(text_at_layer)
+        return self.recalibration.hook(tir_text)
 
     @torch.no_grad()
     def class_features(self, class_names: Sequence[Sequence[str]], layer: int | None = None) -> Tensor:
         with self.autocast():
             final, at_layers = self.text_side.features(class_names, () if layer is None else (layer,))
-        return final if layer is None else at_layers[0]
+        return final if layer is None else F.normalize(at_layers[0], dim=-1)
 
     @torch.no_grad()
     def varied_class_features(

@@ -72,9 +72,17 @@ from cdfsl.backbone.adapter import ClipAdapter, VisionOutput
 from cdfsl.config import MapleConfig, RunConfig
 from cdfsl.data.episodes import EpisodeBatch
 from cdfsl.errors import ConfigError, TrainingError
-from cdfsl.methods.base import Method, Observer, raise_unless_finite
-from cdfsl.methods.lora import ViewOrder
-from cdfsl.methods.text_side import PromptTokens, text_block_index
+from cdfsl.methods.base import Method, Observer, observed, raise_unless_finite
+from cdfsl.methods.text_side import PromptTokens, placeholder_embeddings, text_block_index
+from cdfsl.methods.training import (
+    Absorb,
+    Recalibration,
+    TrainedTensor,
+    TrainingExtension,
+    ViewOrder,
+    plugin_text_layers,
+    split_plugin_texts,
+)
 from cdfsl.seeding import torch_stream
 
 COMPOUND_STD = 0.02  # the release's nn.init.normal_(std=0.02) of the compound text prompts
@@ -138,6 +146,12 @@ class EpisodePrompts(nn.Module):
     def depth(self) -> int:
         return int(self.weight.shape[1])
 
+    def trained_tensors(self) -> list[TrainedTensor]:
+        """Every learned tensor with the number of the release's parameters it stacks (for VtT's DGSO): the context
+        (one), the J-1 compound prompts, the J coupling weights and biases."""
+        depth = self.depth
+        return [(self.context, 1), (self.compound, depth - 1), (self.weight, depth), (self.bias, depth)]
+
     def text_prompts(self) -> list[Tensor]:
         """The text prompts of blocks 0..J-1, each `[E, n, Wt]`: the context, then the compound prompts."""
         return [self.context, *self.compound.unbind(1)]
@@ -154,8 +168,17 @@ class MapleMethod(Method):
 
     name = "maple"
 
-    def __init__(self, backbone: ClipAdapter, config: RunConfig, autocast_dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        backbone: ClipAdapter,
+        config: RunConfig,
+        autocast_dtype: torch.dtype | None = None,
+        recalibration: Recalibration | None = None,
+        extension: TrainingExtension | None = None,
+    ) -> None:
         super().__init__(backbone, config, autocast_dtype)
+        self.recalibration = recalibration
+        self.extension = extension
         cfg = config.maple
         towers = min(backbone.num_vision_blocks, backbone.num_text_blocks)
         if not 1 <= cfg.depth <= towers:
@@ -187,8 +210,8 @@ class MapleMethod(Method):
         layers: Sequence[int] = (),
         **variation: Any,
     ) -> tuple[Tensor, list[Tensor]]:
-        """Normalized class features through the prompted text tower: final `[E, K, C]` and one per block in
-        `layers` (fp32; with gradients when grad mode is on); `variation`: `skip_blocks` / `block_scale` of
+        """Class features through the prompted text tower: final, normalized `[E, K, C]`, and one raw `[E, K, C]` per
+        block in `layers` (fp32; with gradients when grad mode is on); `variation`: `skip_blocks` / `block_scale` of
         `ClipAdapter.encode_text_embeddings` (the lost-layer probe)."""
         tokens, pooled = self._tokens(class_names)
         with torch.no_grad():
@@ -197,8 +220,22 @@ class MapleMethod(Method):
             embeddings, pooled, layers=layers, prompts=prompts.text_prompts(), **variation
         )
         final = F.normalize(output.features.float(), dim=-1)
-        at_layers = [] if output.layer_features is None else list(F.normalize(output.layer_features.float(), dim=-1))
-        return final, at_layers
+        return final, [] if output.layer_features is None else list(output.layer_features.float())
+
+    def _absorber(self, prompts: EpisodePrompts) -> Absorb:
+        """VtT's absorption: `"{maple.context} X."` through the prompted text tower, X's embedding replaced by each
+        token `[E, B, W]` → `[E, B, C]` (the prompts enter as they do for the class prompts)."""
+        tokens, position = self.backbone.placeholder_position(
+            f"{self.config.maple.context} {{}}.", self.config.vtt.placeholder
+        )
+
+        def absorb(token: Tensor) -> Tensor:
+            e, b = token.shape[:2]
+            embeddings = placeholder_embeddings(self.backbone, tokens, position, token)
+            pooled = self.backbone.pool_positions(tokens).expand(e, b)
+            return self.backbone.encode_text_embeddings(embeddings, pooled, prompts=prompts.text_prompts()).features
+
+        return absorb
 
     # ------------------------------------------------------------------ training
     def fit(self, batch: EpisodeBatch) -> None:
@@ -220,13 +257,26 @@ class MapleMethod(Method):
         optimizer = torch.optim.SGD(
             prompts.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
         )
+        optimizers: list[torch.optim.Optimizer] = [optimizer]
+        if self.extension is not None:
+            groups = self.extension.start(batch, prompts.trained_tensors(), self._absorber(prompts))
+            if any(g["params"] for g in groups):
+                train = self.config.train
+                optimizers.append(
+                    torch.optim.AdamW(
+                        [g for g in groups if g["params"]],
+                        betas=(train.beta1, train.beta2),
+                        weight_decay=train.weight_decay,
+                    )
+                )
+        layers = plugin_text_layers(self.recalibration, self.extension)
         views = batch.support.shape[1]
         batch_size = min(cfg.batch_size, views)
         steps = math.ceil(views / batch_size)
         orders = [ViewOrder(views, batch_size, torch_stream(batch.seed, i, "batch_order")) for i in batch.indices]
         rows = torch.arange(len(batch), device=device)[:, None]
         finite = torch.ones(len(batch), dtype=torch.bool, device=device)  # [E], read after the loop
-        epoch_loss = torch.zeros((cfg.epochs, len(batch)), device=device)  # view-weighted mean loss per epoch
+        epoch_loss = torch.zeros((cfg.epochs, len(batch)), device=device)  # view-weighted mean CE per epoch
         for epoch, rate in enumerate(epoch_learning_rates(cfg)):
             for group in optimizer.param_groups:
                 group["lr"] = rate
@@ -234,20 +284,33 @@ class MapleMethod(Method):
                 positions = torch.stack([order.next() for order in orders]).to(device)  # [E, b]
                 images, labels = batch.support[rows, positions], batch.support_labels[rows, positions]
                 with self.autocast():
-                    text, _ = self._texts(prompts, batch.class_names)
-                    features = self.backbone.encode_images(images, prompts=prompts.vision_prompts()).features
-                logits = self.logits(features, text)  # [E, b, K]
-                loss = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none").mean(dim=1)  # [E]
-                loss.sum().backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                finite &= torch.isfinite(loss.detach())
-                epoch_loss[epoch] += loss.detach() * positions.shape[1] / views
+                    text, at_layers = self._texts(prompts, batch.class_names, layers)
+                    tir_text, class_layers = split_plugin_texts(at_layers, self.recalibration, self.extension)
+                    output = self.backbone.encode_images(
+                        images,
+                        block_input_hook=self.recalibration.hook(tir_text) if tir_text is not None else None,
+                        layer_features=self.extension is not None,
+                        prompts=prompts.vision_prompts(),
+                    )
+                logits = self.logits(output.features, text)  # [E, b, K]
+                loss_ce = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none").mean(dim=1)  # [E]
+                if self.extension is not None:
+                    assert class_layers is not None
+                    loss = self.extension.backward(loss_ce, output, labels, class_layers)
+                else:
+                    loss = loss_ce
+                    loss.sum().backward()
+                for each in optimizers:
+                    each.step()
+                    each.zero_grad(set_to_none=True)
+                finite &= torch.isfinite(loss_ce.detach()) & torch.isfinite(loss.detach())
+                epoch_loss[epoch] += loss_ce.detach() * positions.shape[1] / views
         self.prompts = prompts.requires_grad_(False)
         losses = epoch_loss.cpu()
+        plugin_records = self.extension.finish() if self.extension is not None else [{} for _ in batch.indices]
         self._records = [
-            {"maple_first_epoch_loss": float(losses[0, e]), "maple_last_epoch_loss": float(losses[-1, e])}
-            for e in range(len(batch))
+            {"maple_first_epoch_loss": float(losses[0, e]), "maple_last_epoch_loss": float(losses[-1, e]), **extra}
+            for e, extra in enumerate(plugin_records)
         ]
         try:
             raise_unless_finite(finite, batch, "the training loss", self.remedies())
@@ -263,6 +326,8 @@ class MapleMethod(Method):
 
     def remedies(self) -> str:
         tries = [f"a lower maple.lr (now {self.config.maple.lr:g})", "a smaller maple.depth"]
+        if self.extension is not None:
+            tries.append(f"a smaller vtt.beta (now {self.config.vtt.beta:g})")
         if self.autocast_dtype is not None:
             tries.append("--set train.precision=fp32")
         return ", ".join(tries[:-1]) + " or " + tries[-1]
@@ -281,7 +346,7 @@ class MapleMethod(Method):
         blocks = () if layer is None else (text_block_index(layer, self.backbone.num_text_blocks, "text layer"),)
         with self.autocast():
             final, at_layers = self._texts(prompts, class_names, blocks)
-        return final if layer is None else at_layers[0]
+        return final if layer is None else F.normalize(at_layers[0], dim=-1)
 
     @torch.no_grad()
     def varied_class_features(
@@ -302,19 +367,25 @@ class MapleMethod(Method):
         observe: Observer | None = None,
         keep_cls_attention: bool = False,
     ) -> VisionOutput:
-        """The prompted vision pass; `observe` and the CLS attention see the CLS and patch tokens only."""
+        """The prompted vision pass (with TIR's recalibration when it acts at prediction); `observe` and the CLS
+        attention see the CLS and patch tokens only."""
         prompts = self._fitted()
         image_tokens = 1 + self.backbone.num_patches
-        hook = None
+        tir = None
+        if self.recalibration is not None and self.recalibration.at_prediction:
+            tir = self.recalibration.hook(self.class_features(class_names, self.recalibration.text_layer))
+        shown = None
         if observe is not None:
 
-            def hook(layer: int, x: Tensor) -> Tensor:
+            def shown(layer: int, x: Tensor) -> None:
                 observe(layer, x[:, :, :image_tokens])
-                return x
 
         with self.autocast():
             output = self.backbone.encode_images(
-                images, block_input_hook=hook, keep_cls_attention=keep_cls_attention, prompts=prompts.vision_prompts()
+                images,
+                block_input_hook=observed(shown, tir),
+                keep_cls_attention=keep_cls_attention,
+                prompts=prompts.vision_prompts(),
             )
         output.cls_attention = [attention[..., :image_tokens] for attention in output.cls_attention]
         return output

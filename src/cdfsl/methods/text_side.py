@@ -6,6 +6,9 @@
   token embeddings of `prompt.context` ("a photo of a"), in the prompt `"{context} {class name}."`, and/or LoRA on the
   text tower's q, k, v. The class features are recomputed at every training step from the learned prompts, with
   gradients, as the TIR release does; E episodes carry their own context `[E, n, W]` and LoRA factors.
+
+Either side also absorbs (VtT, `absorb`): its own class prompt with a token in place of the class name ("a photo of a
+X." frozen, "{context} X." learned), through the text tower as it stands.
 """
 
 from __future__ import annotations
@@ -58,6 +61,45 @@ class ClassText:
             features = self.backbone.text_layer_features(prompts)[self.layer]
         features = features.float()
         self._cache.update(zip(missing, F.normalize(features, dim=-1) if self.normalize else features, strict=True))
+
+
+class TemplateAbsorber:
+    """The frozen text tower over `template` with the embedding of `placeholder` (in place of `{}`) replaced:
+    tokens `[E, B, W]` → features `[E, B, C]`. With a causal tower the prompt's prefix ("a photo of a") is run once
+    and cached (`ClipAdapter.cache_text_prefix`)."""
+
+    def __init__(self, backbone: ClipAdapter, template: str, placeholder: str) -> None:
+        self.backbone = backbone
+        self.tokens, self.position = backbone.placeholder_position(template, placeholder)
+        self.prefix = backbone.cache_text_prefix(self.tokens, self.position) if backbone.text_is_causal else None
+
+    def __call__(self, token: Tensor) -> Tensor:
+        e, b = token.shape[:2]
+        flat = token.flatten(0, 1)
+        if self.prefix is not None:
+            absorbed = self.backbone.encode_after_prefix(self.prefix, flat)
+        else:
+            absorbed = self.backbone.encode_text_tokens(self.tokens.expand(e * b, -1), self.position, flat)
+        return absorbed.view(e, b, -1)
+
+
+def placeholder_embeddings(
+    backbone: ClipAdapter, tokens: Tensor, position: int, token: Tensor, context: Tensor | None = None
+) -> Tensor:
+    """Input embeddings `[E, B, S, W]` of one prompt's tokens `[1, S]` for E·B absorptions: the token at `position`
+    replaced by `token` `[E, B, W]` and, with a learned context `[E, n, W]`, positions 1..n by it."""
+    e, b = token.shape[:2]
+    with torch.no_grad():
+        base = backbone.token_embedding(tokens[0])  # [S, W]
+    pieces = [base[None, None, :1].expand(e, b, 1, -1)]
+    start = 1
+    if context is not None:
+        n = context.shape[1]
+        pieces.append(context[:, None].to(base.dtype).expand(e, b, n, -1))
+        start = 1 + n
+    pieces += [base[start:position].expand(e, b, -1, -1), token[:, :, None].to(base.dtype)]
+    pieces.append(base[position + 1 :].expand(e, b, -1, -1))
+    return torch.cat(pieces, dim=2)
 
 
 def text_block_index(layer: int, depth: int, what: str) -> int:
@@ -175,7 +217,8 @@ class TextSide:
         skip_blocks: Sequence[int] = (),
         block_scale: dict[int, float] | None = None,
     ) -> tuple[Tensor, list[Tensor]]:
-        """L2-normalized class features: final `[E, K, C]` and one `[E, K, C]` per text block in `layers` (fp32).
+        """Class features: final, L2-normalized `[E, K, C]`, and one raw (unnormalized) `[E, K, C]` per text block in
+        `layers`: the pooled token after that block through the final norm and projection (fp32).
 
         Frozen: cached, no gradient. Learned: computed now from the current context and LoRA (with gradients when
         grad mode is on), with `skip_blocks` and `block_scale` as `ClipAdapter.encode_text_embeddings` takes them
@@ -203,13 +246,37 @@ class TextSide:
             block_scale=block_scale,
         )
         final = F.normalize(output.features.float(), dim=-1)
-        at_layers = [] if output.layer_features is None else list(F.normalize(output.layer_features.float(), dim=-1))
-        return final, at_layers
+        return final, [] if output.layer_features is None else list(output.layer_features.float())
 
     def _frozen_text(self, layer: int | None) -> ClassText:
+        """The frozen template's features: final (normalized) or after block `layer` (raw)."""
         if layer not in self._frozen:
-            self._frozen[layer] = ClassText(self.backbone, self.config.train.template, layer)
+            self._frozen[layer] = ClassText(self.backbone, self.config.train.template, layer, normalize=layer is None)
         return self._frozen[layer]
+
+    def trained_tensors(self) -> list[tuple[Tensor, int]]:
+        """The text side's trained tensors for DGSO: the LoRA factors (`[E, P, ...]`) and the context (one)."""
+        tensors = [(t, t.shape[1]) for t in self.lora.tensors()] if self.lora is not None else []
+        return tensors + ([(self.context, 1)] if self.context is not None else [])
+
+    def absorber(self, placeholder: str) -> Callable[[Tensor], Tensor]:
+        """VtT's absorption through this text side: tokens `[E, B, W]` → features `[E, B, C]`, each token in place
+        of the class name of the class prompt. Frozen: the template through the frozen tower (its prefix cached when
+        the tower is causal). Learned: `"{context} X."` with the current context and text LoRA, with gradients."""
+        if not self.trainable:
+            return TemplateAbsorber(self.backbone, self.config.train.template, placeholder)
+        tokens, position = self.backbone.placeholder_position(f"{self.context_words} {{}}.", placeholder)
+
+        def absorb(token: Tensor) -> Tensor:
+            e, b = token.shape[:2]
+            embeddings = placeholder_embeddings(self.backbone, tokens, position, token, self.context)
+            if self.lora is not None:
+                self.lora.dropout_layout = (b, tokens.shape[1])
+            pooled = self.backbone.pool_positions(tokens).expand(e, b)
+            projection = self.lora if self.lora is not None else plain_qkv
+            return self.backbone.encode_text_embeddings(embeddings, pooled, projection).features
+
+        return absorb
 
     def _prompt(self, name: str) -> str:
         """The class prompt: `"{context} {name}."` with a learned context, else `train.template`."""

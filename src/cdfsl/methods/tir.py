@@ -4,7 +4,7 @@ At the input of chosen vision blocks, every patch token is projected into the jo
 norm and projection, each class text marks its top `k = floor(ratio · M)` tokens, and `Sum` counts how many classes
 marked each token. Tokens claimed by every class (sinks) are cut, tokens claimed by one class amplified:
 `w = 1 − β · (Sum − α)` clamped at 0, `w = 1` where `Sum = 0`. Weights are constants for autograd; the CLS token is
-never touched.
+never touched, nor are prompt tokens after the patches (MaPLe's): TIR's weights are defined over the M patches.
 """
 
 from __future__ import annotations
@@ -97,7 +97,8 @@ class TokenRecalibration:
     """TIR as a component: gives block-input hooks that reweight patch tokens for E episodes.
 
     The method supplies the class texts (`hook(text)`): the frozen template prompts' features after text block
-    `text_layer`, or, with a learned text side (recipe tir-release), the learned prompts' features from the same step.
+    `text_layer`, or, with a learned text side (coop, coop+lora, maple), the learned prompts' features from the same
+    step.
 
     Args:
         config: TIR knobs.
@@ -126,10 +127,13 @@ class TokenRecalibration:
         """A block-input hook for E episodes whose normalized class texts after `text_layer` are `text` `[E, K, C]`."""
         text = text.detach()
 
+        end = 1 + self.backbone.num_patches
+
         def recalibrate(layer: int, x: Tensor) -> Tensor:
             if layer not in self.blocks:
                 return x
-            weights = self.weights(x[:, :, 1:], text)
-            return torch.cat([x[:, :, :1], x[:, :, 1:] * weights[..., None].to(x.dtype)], dim=2)
+            weights = self.weights(x[:, :, 1:end], text)
+            patches = x[:, :, 1:end] * weights[..., None].to(x.dtype)
+            return torch.cat([x[:, :, :1], patches, x[:, :, end:]], dim=2)
 
         return recalibrate

@@ -1,11 +1,18 @@
-"""VtT — teach the Vision to Think like the Text (docs/vtt.md), as a training extension of the LoRA loop.
+"""VtT — teach the Vision to Think like the Text (docs/vtt.md), a training extension that plugs into any base.
 
 Per training step and episode: per-layer CLS features `f^l` and class-text EOS features `t^l` (of each sample's own
-class) form a sequence that a fusion turns into an absorption token `A`; `A` replaces the placeholder X in
-"a photo of a X." and the frozen text encoder turns it into `A'`; `L_VtT = −mean_b cos(A', f)`. DGSO removes, per LoRA
-tensor, the part of the combined gradient that opposes the classification gradient (`correction`), and switches
-`L_VtT` off for the rest of an episode once the recent mean gradient agreement drops to 0 or below (`dlc`). Nothing
-of this is used at prediction: `finish()` drops it and returns each episode's switch-off step.
+class) form a sequence that a fusion turns into an absorption token `A`; `A` replaces the class name in the base's
+class prompt ("a photo of a X." for a frozen text side) and the base's text tower turns it into `A'`;
+`L_VtT = −mean_b cos(A', f)`. DGSO removes, per trained tensor of the base, the part of the combined gradient that
+opposes the classification gradient (`correction`), and switches `L_VtT` off for the rest of an episode once the
+recent mean gradient agreement drops to 0 or below (`dlc`). Nothing of this is used at prediction: `finish()` drops it
+and returns each episode's switch-off step.
+
+On a base whose text side learns (coop, coop+lora, maple; cdfsl's extension of the release, which has LoRA on the
+vision tower only): `t^l` are the base's class texts of the same step, taken as inputs (no gradient flows back
+through them, as none can through the release's frozen ones); the absorption runs the base's own learned prompt
+("{context} X.", MaPLe's prompted tower), so `L_VtT` reaches the learned text side through it; DGSO covers every
+tensor the base trains (LoRA factors of either tower, the context, MaPLe's prompts and coupling maps).
 
 Fusions (`vtt.fusion`):
 - `release` (the default, recipe vtt-release): the released code's fusion (`ReleaseFusion`) over 2L+1 raw
@@ -33,11 +40,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cdfsl.backbone.adapter import ClipAdapter, VisionOutput
-from cdfsl.backbone.lora import EpisodeLoRA
 from cdfsl.config import RunConfig
 from cdfsl.data.episodes import EpisodeBatch
 from cdfsl.errors import ConfigError
 from cdfsl.methods.fusion import EpisodeLinear, ReleaseFusion, ScanningFusion
+from cdfsl.methods.training import Absorb, TrainedTensor
 from cdfsl.seeding import torch_stream
 
 
@@ -150,7 +157,7 @@ def release_grid(layers: int) -> int:
 
 
 class VttExtension:
-    """The VtT objective on top of the LoRA loop (see `methods.lora.TrainingExtension`).
+    """The VtT objective on top of a base's loop (see `methods.training.TrainingExtension`).
 
     Args:
         config: the resolved run config.
@@ -171,26 +178,14 @@ class VttExtension:
         self.vtt = config.vtt
         self.backbone = backbone
         self.autocast = autocast
-        self.tokens, self.position = backbone.placeholder_position(config.train.template, config.vtt.placeholder)
-        self.prefix = backbone.cache_text_prefix(self.tokens, self.position) if backbone.text_is_causal else None
         depth = min(backbone.num_vision_blocks, backbone.num_text_blocks)
         self.vision_layers = aligned_layers(backbone.num_vision_blocks, depth)
         self.text_layers = aligned_layers(backbone.num_text_blocks, depth)
         self.grid = release_grid(depth) if self.vtt.fusion == "release" else 0
-        self._text_cache: dict[str, Tensor] = {}
         self.fusion: nn.Module | None = None
         self.switches: list[LossSwitch] = []
-        self.class_layers: Tensor | None = None
-
-    def _class_layer_features(self, class_names: list[list[str]]) -> Tensor:
-        """Raw per-layer class text features `[E, K, L, C]` (frozen text tower: computed once per name, in fp32)."""
-        missing = sorted({n for names in class_names for n in names} - self._text_cache.keys())
-        if missing:
-            with torch.no_grad(), torch.autocast(self.backbone.device.type, enabled=False):
-                prompts = [self.config.train.template.format(n) for n in missing]
-                layers = self.backbone.text_layer_features(prompts)[self.text_layers]  # [L, K, C]
-            self._text_cache.update(zip(missing, layers.float().transpose(0, 1), strict=True))
-        return torch.stack([torch.stack([self._text_cache[n] for n in names]) for names in class_names])
+        self.tensors: list[TrainedTensor] = []
+        self.absorb: Absorb | None = None
 
     def _build_fusion(self, generators: list[torch.Generator]) -> nn.Module | None:
         """The episode batch's fusion; outputs a token of the text width W (or of C when it is compared with f)."""
@@ -213,47 +208,43 @@ class VttExtension:
             bidirectional=vtt.scan == "bidirectional",
         )
 
-    def start(self, batch: EpisodeBatch, lora: EpisodeLoRA) -> list[dict[str, Any]]:
+    def start(self, batch: EpisodeBatch, tensors: list[TrainedTensor], absorb: Absorb) -> list[dict[str, Any]]:
         generators = [torch_stream(batch.seed, i, "vtt_init") for i in batch.indices]
         fusion = self._build_fusion(generators)
         self.fusion = fusion.to(self.backbone.device) if fusion is not None else None
         self.switches = [LossSwitch(self.vtt.window) for _ in batch.indices]
-        self.class_layers = self._class_layer_features(batch.class_names)
+        self.tensors, self.absorb = tensors, absorb
         params = list(self.fusion.parameters()) if self.fusion is not None else []
         return [{"params": params, "lr": self.vtt.lr}]
 
-    def absorption_token(self, output: VisionOutput, labels: Tensor) -> Tensor:
-        """The fused token per sample `[E, B, W]` (or `[E, B, C]` with `tia` off) of a step's vision output."""
-        assert self.class_layers is not None and output.layer_features is not None
+    def absorption_token(self, output: VisionOutput, labels: Tensor, class_layers: Tensor) -> Tensor:
+        """The fused token per sample `[E, B, W]` (or `[E, B, C]` with `tia` off) of a step's vision output, labels
+        `[E, B]` and raw per-layer class texts `[E, K, L, C]`."""
+        assert output.layer_features is not None
         fusion = self.vtt.fusion
         if fusion == "none":
             final = output.features.float()
             return self.fusion(final) if self.fusion is not None else final
         assert self.fusion is not None
         rows = torch.arange(labels.shape[0], device=labels.device)[:, None]
-        text = self.class_layers[rows, labels]  # [E, B, L, C]
+        text = class_layers.detach().float()[rows, labels]  # [E, B, L, C]
         vision = output.layer_features[self.vision_layers].float()  # [L, E, B, C]
         if fusion == "release":
             return self.fusion(release_sequence(vision, text))
         sequence = scan_sequence(F.normalize(vision, dim=-1), F.normalize(text, dim=-1), self.vtt.scan)
         return self.fusion(sequence)
 
-    def vtt_loss(self, output: VisionOutput, labels: Tensor) -> Tensor:
-        """`L_VtT` per episode `[E]` from the vision output of a step and its labels `[E, B]`."""
-        e, b = labels.shape
+    def vtt_loss(self, output: VisionOutput, labels: Tensor, class_layers: Tensor) -> Tensor:
+        """`L_VtT` per episode `[E]` from the vision output of a step, its labels `[E, B]` and the raw per-layer class
+        texts `[E, K, L, C]`."""
+        assert self.absorb is not None
         with self.autocast():
-            token = self.absorption_token(output, labels)
-            if not self.vtt.tia:
-                absorbed = token
-            elif self.prefix is not None:
-                absorbed = self.backbone.encode_after_prefix(self.prefix, token.flatten(0, 1))
-            else:
-                tokens = self.tokens.expand(e * b, -1)
-                absorbed = self.backbone.encode_text_tokens(tokens, self.position, token.flatten(0, 1))
-        cos = F.cosine_similarity(absorbed.float().view(e, b, -1), output.features.float(), dim=-1)
+            token = self.absorption_token(output, labels, class_layers)
+            absorbed = self.absorb(token) if self.vtt.tia else token
+        cos = F.cosine_similarity(absorbed.float(), output.features.float(), dim=-1)
         return -cos.mean(dim=1)
 
-    def backward(self, loss_ce: Tensor, output: VisionOutput, labels: Tensor, lora: EpisodeLoRA) -> Tensor:
+    def backward(self, loss_ce: Tensor, output: VisionOutput, labels: Tensor, class_layers: Tensor) -> Tensor:
         """Fill gradients: plain CE for episodes whose `L_VtT` is off; L_comb with DGSO for the rest.
 
         Returns the per-episode loss `[E]` that was backpropagated (L_comb, or L_ce once every episode's `L_VtT` is
@@ -264,20 +255,21 @@ class VttExtension:
         if not bool(active.any()):
             loss_ce.sum().backward()
             return loss_ce
-        combined = loss_ce + vtt.beta * self.vtt_loss(output, labels) * active.to(loss_ce.dtype)
+        combined = loss_ce + vtt.beta * self.vtt_loss(output, labels, class_layers) * active.to(loss_ce.dtype)
         if not (vtt.correction or vtt.dlc):
             combined.sum().backward()
             return combined
-        tensors = lora.tensors()
+        tensors = [tensor for tensor, _ in self.tensors]
         ce_grads = torch.autograd.grad(loss_ce.sum(), tensors, retain_graph=True, allow_unused=True)
         combined.sum().backward()
         cosines = []
-        for tensor, g_ce in zip(tensors, ce_grads, strict=True):
+        for (tensor, parameters), g_ce in zip(self.tensors, ce_grads, strict=True):
             g = tensor.grad if tensor.grad is not None else torch.zeros_like(tensor)
             g_ce = g_ce if g_ce is not None else torch.zeros_like(tensor)
-            corrected, cos = _correct(g, g_ce, dims=tuple(range(2, tensor.dim())))  # cos [E, P]
+            shape = (tensor.shape[0], parameters, -1)  # one cosine per (episode, parameter)
+            corrected, cos = _correct(g.reshape(shape), g_ce.reshape(shape), dims=(2,))  # cos [E, P]
             if vtt.correction:
-                tensor.grad = corrected
+                tensor.grad = corrected.view_as(tensor)
             cosines.append(cos)
         if vtt.dlc:
             mean_cos = torch.cat(cosines, dim=1).mean(dim=1).tolist()  # [E]
@@ -289,6 +281,5 @@ class VttExtension:
     def finish(self) -> list[dict[str, Any]]:
         """Drop the fusion; return, per episode, the step at which DLC switched `L_VtT` off (None: never)."""
         records = [{"dlc_off_step": switch.off_at} for switch in self.switches]
-        self.fusion = None
-        self.class_layers = None
+        self.fusion, self.tensors, self.absorb = None, [], None
         return records
