@@ -411,8 +411,21 @@ def report_command(
     output: Annotated[
         Path | None, typer.Option("--out", help="Write the report to this file (its folder must exist).")
     ] = None,
+    per_class: Annotated[
+        bool,
+        typer.Option(
+            "--per-class",
+            help="Per run: per-class accuracy and the confusion matrix (rows: true class); --plot draws the "
+            "matrices; formats table, markdown, csv or json.",
+        ),
+    ] = False,
+    run: Annotated[
+        str | None,
+        typer.Option(help="With --per-class: this run only (its id, a 4+ character prefix, its run name or method)."),
+    ] = None,
 ) -> None:
-    """One row per (method, backbone), one column per (dataset, shots): mean ± 95% interval; paired tests.
+    """One row per (method, backbone), one column per (dataset, shots): mean ± 95% interval; paired tests. With
+    --per-class: per-class accuracy and confusion matrices per run.
 
     Reads the store only: it is opened read-only and never changed.
     """
@@ -421,12 +434,19 @@ def report_command(
 
     if format_ not in FORMATS:
         raise ConfigError(f"unknown report format {format_!r}; choose one of {', '.join(FORMATS)}")
+    if per_class and paired is not None:
+        raise ConfigError("--per-class and --paired are separate reports; ask for one at a time")
+    if run is not None and not per_class:
+        raise ConfigError("--run picks the run of --per-class; the main report covers every run")
     if not db.is_file():
         raise ConfigError(f"no result store at {db}; run `cdfsl run` first or pass --db")
     if output is not None:
         check_output_file(output, "--out", store=db)
     if plot is not None:
         check_output_folder(plot, "--plot")
+    if per_class:
+        _per_class_report(db, format_, run, output, plot)
+        return
     with ResultStore(db, read_only=True) as store:
         report = build_report(store, paired=paired, with_paper_results=with_paper_results)
     if format_ == "table" and output is None:
@@ -441,6 +461,30 @@ def report_command(
         from cdfsl.analysis.plots import plot_report
 
         written = plot_report(report, plot)
+        console.print(f"wrote {len(written)} figures to {plot}")
+
+
+def _per_class_report(db: Path, format_: str, run: str | None, output: Path | None, plot: Path | None) -> None:
+    """`report --per-class` (the checks of `report_command` done)."""
+    from cdfsl.analysis.per_class import PER_CLASS_FORMATS, per_class_results, render_per_class, rich_per_class
+    from cdfsl.engine.store import ResultStore
+
+    if format_ not in PER_CLASS_FORMATS:
+        raise ConfigError(f"--per-class comes as {', '.join(PER_CLASS_FORMATS)}, not {format_!r}")
+    with ResultStore(db, read_only=True) as store:
+        results = per_class_results(store, run)
+    if format_ == "table" and output is None:
+        out.print(rich_per_class(results))
+    else:
+        text = render_per_class(results, "markdown" if format_ == "table" else format_)
+        if output is not None:
+            output.write_text(text)
+        else:
+            out.print(text, markup=False, highlight=False, soft_wrap=True, end="")
+    if plot is not None:
+        from cdfsl.analysis.plots import plot_confusions
+
+        written = plot_confusions(results, plot)
         console.print(f"wrote {len(written)} figures to {plot}")
 
 

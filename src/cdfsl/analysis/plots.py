@@ -1,4 +1,5 @@
-"""Report figures: accuracy bars per shots value; in paired mode, per-episode differences to the baseline.
+"""Report figures: accuracy bars per shots value; in paired mode, per-episode differences to the baseline; with
+`--per-class`, a confusion matrix per run.
 
 Every figure is a `matplotlib.figure.Figure` drawn with the Agg renderer (no pyplot, no global figure state),
 sized for a paper column (3.5 in wide, 7 in when many bars need it), fonts of 8 pt, saved as PNG at 200 dpi.
@@ -16,6 +17,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from cdfsl.analysis.figure_style import COLUMN_WIDTH_IN, DPI, PAGE_WIDTH_IN, TEXT_LINE_IN, paper_style
+from cdfsl.analysis.per_class import MAX_PRINTED_CLASSES, ClassResults
 from cdfsl.analysis.report import Column, PairedCell, Report, Row, format_p
 
 # More bars than this in one chart and it gets the full page width.
@@ -183,6 +185,45 @@ def _summary_figure(report: Report) -> Figure:
 def _wrap(label: str, width: int) -> str:
     """A row label broken into lines of at most `width` characters (at spaces), so variants stay readable whole."""
     return "\n".join(textwrap.wrap(label, width, break_long_words=False)) or label
+
+
+def plot_confusions(results: list[ClassResults], out_dir: Path) -> list[Path]:
+    """One `confusion_{method}_{dataset}_{N}shot_{run id}.png` per run with per-query labels: each row's shares of
+    its true class's queries, true class down, predicted across (the shares printed up to 12 classes)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    with paper_style():
+        for result in results:
+            if result.classes:
+                run = result.run
+                stem = f"confusion_{_slug(run.method)}_{_slug(run.dataset)}_{run.shots}shot_{run.run_id}"
+                written.append(_save(_confusion_figure(result), out_dir, stem, written))
+    return written
+
+
+def _confusion_figure(result: ClassResults) -> Figure:
+    k = len(result.classes)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        shares = np.nan_to_num(result.confusion / result.queries[:, None])
+    side = min(PAGE_WIDTH_IN, max(COLUMN_WIDTH_IN, 0.3 * k + 1.8))
+    figure = Figure(figsize=(side, side), layout="constrained")
+    axes = figure.add_subplot()
+    image = axes.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    axes.set_xticks(range(k), result.classes, rotation=90)
+    axes.set_yticks(range(k), result.classes)
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("true class")
+    if k <= MAX_PRINTED_CLASSES:
+        for i in range(k):
+            for j in range(k):
+                if result.confusion[i, j]:
+                    color = "white" if shares[i, j] > 0.5 else "black"
+                    axes.text(j, i, f"{100 * shares[i, j]:.0f}", ha="center", va="center", color=color)
+    run = result.run
+    axes.set_title(f"{run.method} · {run.dataset} · {run.shots}-shot", loc="left")
+    figure.colorbar(image, ax=axes, shrink=0.8, label="share of the true class's queries")
+    return figure
 
 
 def _slug(text: str) -> str:

@@ -43,7 +43,7 @@ from cdfsl.config import RunConfig, run_id_of
 from cdfsl.data.images import PREPROCESSING, ImageCache
 from cdfsl.data.index import ImageIndex
 from cdfsl.engine.context import LoadCache, build_context
-from cdfsl.engine.store import EpisodeResult, ResultStore
+from cdfsl.engine.store import EpisodeQueries, EpisodeResult, ResultStore
 from cdfsl.errors import StoreError
 from cdfsl.methods import build_method
 from cdfsl.stats import mean_ci95
@@ -210,15 +210,19 @@ class Runner:
                     batch_start = time.perf_counter()
                     batch = context.batch(chunk, with_views=config.trains)
                     method.fit(batch)
-                    logits = method.predict(batch)
-                    correct = (logits.argmax(dim=-1) == batch.query_labels).sum(dim=1).tolist()
+                    predicted = method.predict(batch).argmax(dim=-1).tolist()  # [E][Q]
+                    truth = batch.query_labels.tolist()
                     seconds = (time.perf_counter() - batch_start) / len(chunk)
-                    total_queries = batch.query_labels.shape[1]
                     records = method.episode_records() or [{} for _ in chunk]
-                    return [
-                        EpisodeResult(i, c, total_queries, seconds, record.get("dlc_off_step"))
-                        for i, c, record in zip(chunk, correct, records, strict=True)
-                    ]
+                    results = []
+                    for e, (i, record) in enumerate(zip(chunk, records, strict=True)):
+                        queries = EpisodeQueries(tuple(batch.class_names[e]), tuple(truth[e]), tuple(predicted[e]))
+                        results.append(
+                            EpisodeResult(
+                                i, queries.correct, len(truth[e]), seconds, record.get("dlc_off_step"), queries
+                            )
+                        )
+                    return results
 
                 def report() -> None:
                     if self.progress is not None:

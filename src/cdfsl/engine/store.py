@@ -75,6 +75,7 @@ _TABLES = {
     finished_at TEXT NOT NULL,
     dlc_off_step INTEGER,
     trained_by TEXT,
+    queries_json TEXT,
     PRIMARY KEY (run_id, episode)
 )""",
     "claims": """CREATE TABLE IF NOT EXISTS claims (
@@ -95,7 +96,10 @@ _REQUIRED_COLUMNS = {
     "claims": {"run_id", "episode", "owner", "expires_at"},
 }  # fmt: skip
 # Columns added after the first release, per table: (name, SQL type), appended to older stores when opened.
-_ADDED_COLUMNS = {"runs": (("recipe", "TEXT"),), "episodes": (("dlc_off_step", "INTEGER"), ("trained_by", "TEXT"))}
+_ADDED_COLUMNS = {
+    "runs": (("recipe", "TEXT"),),
+    "episodes": (("dlc_off_step", "INTEGER"), ("trained_by", "TEXT"), ("queries_json", "TEXT")),
+}
 _BUSY_TIMEOUT_S = 60.0
 # The largest range of episode indices `claim_episodes` reads at once while it skips stored or claimed episodes.
 _MAX_WINDOW = 1 << 16
@@ -106,15 +110,51 @@ _SQLITE_CORRUPT, _SQLITE_FULL, _SQLITE_CANTOPEN, _SQLITE_NOTADB = 11, 13, 14, 26
 
 
 @dataclass(frozen=True)
+class EpisodeQueries:
+    """An episode's queries: its class names in episode-label order, and each query's true and predicted label."""
+
+    classes: tuple[str, ...]
+    truth: tuple[int, ...]
+    predicted: tuple[int, ...]
+
+    @property
+    def correct(self) -> int:
+        return sum(t == p for t, p in zip(self.truth, self.predicted, strict=True))
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {"classes": list(self.classes), "truth": list(self.truth), "predicted": list(self.predicted)},
+            separators=(",", ":"),
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> EpisodeQueries:
+        """Parse a stored row; raises `ValueError` when it is not a consistent record."""
+        data = json.loads(text)
+        classes, truth, predicted = data["classes"], data["truth"], data["predicted"]
+        if not (
+            isinstance(classes, list)
+            and all(isinstance(c, str) for c in classes)
+            and isinstance(truth, list)
+            and isinstance(predicted, list)
+            and len(truth) == len(predicted)
+            and all(type(x) is int and 0 <= x < len(classes) for x in truth + predicted)
+        ):
+            raise ValueError("classes, truth and predicted do not form a per-query record")
+        return cls(tuple(classes), tuple(truth), tuple(predicted))
+
+
+@dataclass(frozen=True)
 class EpisodeResult:
-    """One finished episode: `correct` of `total` queries right, `seconds` of wall time attributed to it, and the
-    step at which VtT's DGSO switched `L_VtT` off (None: never, or not VtT)."""
+    """One finished episode: `correct` of `total` queries right, `seconds` of wall time attributed to it, the
+    step at which VtT's DGSO switched `L_VtT` off (None: never, or not VtT), and its per-query labels."""
 
     episode: int
     correct: int
     total: int
     seconds: float
     dlc_off_step: int | None = None
+    queries: EpisodeQueries | None = None
 
     @property
     def accuracy(self) -> float:
@@ -420,9 +460,20 @@ class ResultStore:
                 self._register(db, run_id, config, identity)
             db.executemany(
                 "INSERT OR IGNORE INTO episodes (run_id, episode, correct, total, accuracy, seconds, finished_at,"
-                " dlc_off_step, trained_by) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " dlc_off_step, trained_by, queries_json) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
-                    (run_id, r.episode, r.correct, r.total, r.accuracy, r.seconds, finished, r.dlc_off_step, owner)
+                    (
+                        run_id,
+                        r.episode,
+                        r.correct,
+                        r.total,
+                        r.accuracy,
+                        r.seconds,
+                        finished,
+                        r.dlc_off_step,
+                        owner,
+                        r.queries.to_json() if r.queries is not None else None,
+                    )
                     for r in results
                 ],
             )
@@ -546,6 +597,37 @@ class ResultStore:
     def episode_dlc_off_steps(self, run_id: str, below: int | None = None) -> dict[int, int | None]:
         """Episode index → the step at which DGSO switched `L_VtT` off (None: never, not VtT, or not recorded)."""
         return self._per_episode("dlc_off_step", run_id, below)
+
+    def episode_queries(self, run_id: str) -> dict[int, EpisodeQueries | None]:
+        """Episode index → its per-query labels (None: stored before cdfsl kept them).
+
+        Raises `StoreError` naming the run and episode when a stored record is malformed or disagrees with the
+        episode's stored count of correct queries.
+        """
+        if not self._has("episodes"):
+            return {}
+        value = "queries_json" if self._has("episodes", "queries_json") else "NULL"
+        rows = self._rows(
+            f"SELECT episode, correct, total, {value} FROM episodes WHERE run_id = ? ORDER BY episode", (run_id,)
+        )
+        found: dict[int, EpisodeQueries | None] = {}
+        for episode, correct, total, text in rows:
+            if text is None:
+                found[episode] = None
+                continue
+            try:
+                queries = EpisodeQueries.from_json(text)
+            except (ValueError, KeyError, TypeError) as error:
+                raise StoreError(
+                    f"{self.path}: run {run_id} episode {episode} has a malformed per-query record: {error}"
+                ) from None
+            if (queries.correct, len(queries.truth)) != (correct, total):
+                raise StoreError(
+                    f"{self.path}: run {run_id} episode {episode}: its per-query record gives {queries.correct} of "
+                    f"{len(queries.truth)} correct, its row {correct} of {total}; the store was changed outside cdfsl"
+                )
+            found[episode] = queries
+        return found
 
     def episode_seconds(self, run_id: str, below: int | None = None) -> dict[int, float]:
         """Episode index → wall seconds attributed to the episode."""
