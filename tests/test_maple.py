@@ -210,7 +210,8 @@ def test_fit_predict_encode_shapes_and_steps(
     assert observed == [(2, 10, 17, 96)] * 12  # CLS + 16 patches: the prompt tokens are hidden from probes
     assert [a.shape for a in output.cls_attention] == [(2, 10, 3, 17)] * 12  # 3 heads
     records = method.episode_records()
-    assert len(records) == 2 and set(records[0]) == {"maple_first_epoch_loss", "maple_last_epoch_loss"}
+    assert len(records) == 2 and set(records[0]) == {"maple_first_epoch_loss", "maple_last_epoch_loss", "curves"}
+    assert records[0]["curves"]["step"] == [1, 6]  # 2 epochs of 3 steps: step 1 and the last
     assert method.name == "maple" and not any(p.requires_grad for p in method.prompts.parameters())
 
 

@@ -249,8 +249,9 @@ def progress_bar() -> Progress:
     )
 
 
-def run_with_progress(config: RunConfig, runner: Any = None) -> Any:
-    """Run `config` with a live bar: episodes done, running mean ± 95% interval, elapsed and ETA."""
+def run_with_progress(config: RunConfig, runner: Any = None, on_stored: Any = None) -> Any:
+    """Run `config` with a live bar: episodes done, running mean ± 95% interval, elapsed and ETA; `on_stored` as
+    `Runner`'s."""
     from cdfsl.engine.runner import Runner
 
     with progress_bar() as bar:
@@ -261,6 +262,7 @@ def run_with_progress(config: RunConfig, runner: Any = None) -> Any:
 
         runner = runner or Runner()
         runner.progress = update
+        runner.on_stored = on_stored
         try:
             result = runner.run(config)
         except BaseException:
@@ -316,6 +318,13 @@ def run_command(
     run_name: Annotated[str | None, typer.Option(help="A label for reports.")] = None,
     cache_dir: Annotated[Path | None, typer.Option(help="Folder for a disk cache of decoded images.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="key=value for any config field.")] = None,
+    tensorboard: Annotated[
+        Path | None,
+        typer.Option(
+            help="Also write each trained episode's accuracy and training curves as TensorBoard event files under "
+            "this folder (needs pip install 'cdfsl[tensorboard]')."
+        ),
+    ] = None,
     json_path: Annotated[
         Path | None, typer.Option("--json", help="Write a JSON summary here (its folder must exist).")
     ] = None,
@@ -326,9 +335,15 @@ def run_command(
     if json_path is not None:
         store = db if base is None or "db" in given else Path(base.db)
         check_output_file(json_path, "--json", store=store)
+    sink = None
+    if tensorboard is not None:
+        from cdfsl.engine.tensorboard import TensorBoardSink
+
+        check_output_folder(tensorboard, "--tensorboard")
+        sink = TensorBoardSink(tensorboard)
     options = {name: value for name, value in ctx.params.items() if name in RUN_OPTIONS}
     config = build_config(options, set_ or [], episode_batch, base, given)
-    result = run_with_progress(config)
+    result = run_with_progress(config, on_stored=sink)
     trained = result.trained_episodes
     resumed = len(result.per_episode) - trained
     out.print(
@@ -419,9 +434,19 @@ def report_command(
             "matrices; formats table, markdown, csv or json.",
         ),
     ] = False,
+    curves: Annotated[
+        bool,
+        typer.Option(
+            "--curves",
+            help="Per run: training curves (L_ce; TIR's sink share; VtT's L_VtT and DGSO cosine) at every 10th step, "
+            "mean over episodes; --plot draws them; formats table, markdown, csv or json.",
+        ),
+    ] = False,
     run: Annotated[
         str | None,
-        typer.Option(help="With --per-class: this run only (its id, a 4+ character prefix, its run name or method)."),
+        typer.Option(
+            help="With --per-class or --curves: this run only (its id, a 4+ character prefix, its run name or method)."
+        ),
     ] = None,
 ) -> None:
     """One row per (method, backbone), one column per (dataset, shots): mean ± 95% interval; paired tests. With
@@ -434,18 +459,18 @@ def report_command(
 
     if format_ not in FORMATS:
         raise ConfigError(f"unknown report format {format_!r}; choose one of {', '.join(FORMATS)}")
-    if per_class and paired is not None:
-        raise ConfigError("--per-class and --paired are separate reports; ask for one at a time")
-    if run is not None and not per_class:
-        raise ConfigError("--run picks the run of --per-class; the main report covers every run")
+    if sum((per_class, curves, paired is not None)) > 1:
+        raise ConfigError("--per-class, --curves and --paired are separate reports; ask for one at a time")
+    if run is not None and not (per_class or curves):
+        raise ConfigError("--run picks the run of --per-class or --curves; the main report covers every run")
     if not db.is_file():
         raise ConfigError(f"no result store at {db}; run `cdfsl run` first or pass --db")
     if output is not None:
         check_output_file(output, "--out", store=db)
     if plot is not None:
         check_output_folder(plot, "--plot")
-    if per_class:
-        _per_class_report(db, format_, run, output, plot)
+    if per_class or curves:
+        _run_detail_report("per-class" if per_class else "curves", db, format_, run, output, plot)
         return
     with ResultStore(db, read_only=True) as store:
         report = build_report(store, paired=paired, with_paper_results=with_paper_results)
@@ -464,27 +489,35 @@ def report_command(
         console.print(f"wrote {len(written)} figures to {plot}")
 
 
-def _per_class_report(db: Path, format_: str, run: str | None, output: Path | None, plot: Path | None) -> None:
-    """`report --per-class` (the checks of `report_command` done)."""
-    from cdfsl.analysis.per_class import PER_CLASS_FORMATS, per_class_results, render_per_class, rich_per_class
+def _run_detail_report(
+    kind: str, db: Path, format_: str, run: str | None, output: Path | None, plot: Path | None
+) -> None:
+    """`report --per-class` or `report --curves` (the checks of `report_command` done)."""
+    from cdfsl.analysis import curves, per_class
     from cdfsl.engine.store import ResultStore
 
-    if format_ not in PER_CLASS_FORMATS:
-        raise ConfigError(f"--per-class comes as {', '.join(PER_CLASS_FORMATS)}, not {format_!r}")
-    with ResultStore(db, read_only=True) as store:
-        results = per_class_results(store, run)
-    if format_ == "table" and output is None:
-        out.print(rich_per_class(results))
+    if kind == "per-class":
+        formats, collect = per_class.PER_CLASS_FORMATS, per_class.per_class_results
+        rich, render = per_class.rich_per_class, per_class.render_per_class
     else:
-        text = render_per_class(results, "markdown" if format_ == "table" else format_)
+        formats, collect = curves.CURVE_FORMATS, curves.run_curves
+        rich, render = curves.rich_curves, curves.render_curves
+    if format_ not in formats:
+        raise ConfigError(f"--{kind} comes as {', '.join(formats)}, not {format_!r}")
+    with ResultStore(db, read_only=True) as store:
+        results = collect(store, run)
+    if format_ == "table" and output is None:
+        out.print(rich(results))
+    else:
+        text = render(results, "markdown" if format_ == "table" else format_)
         if output is not None:
             output.write_text(text)
         else:
             out.print(text, markup=False, highlight=False, soft_wrap=True, end="")
     if plot is not None:
-        from cdfsl.analysis.plots import plot_confusions
+        from cdfsl.analysis.plots import plot_confusions, plot_curves
 
-        written = plot_confusions(results, plot)
+        written = (plot_confusions if kind == "per-class" else plot_curves)(results, plot)
         console.print(f"wrote {len(written)} figures to {plot}")
 
 

@@ -130,9 +130,7 @@ def rich_per_class(results: list[ClassResults]) -> Group:
             table.add_row(*row)
         parts.append(table)
         if 0 < len(result.classes) <= MAX_PRINTED_CLASSES:
-            matrix = Table(
-                title="confusion: % of each true class's queries given to class 1…K", title_justify="left"
-            )
+            matrix = Table(title="confusion: % of each true class's queries given to class 1…K", title_justify="left")
             matrix.add_column("true class", no_wrap=True)
             for number in range(1, len(result.classes) + 1):
                 matrix.add_column(str(number), justify="right")

@@ -1,5 +1,5 @@
 """Report figures: accuracy bars per shots value; in paired mode, per-episode differences to the baseline; with
-`--per-class`, a confusion matrix per run.
+`--per-class`, a confusion matrix per run; with `--curves`, training curves per run.
 
 Every figure is a `matplotlib.figure.Figure` drawn with the Agg renderer (no pyplot, no global figure state),
 sized for a paper column (3.5 in wide, 7 in when many bars need it), fonts of 8 pt, saved as PNG at 200 dpi.
@@ -16,6 +16,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from cdfsl.analysis.curves import QUANTITY_LABELS, RunCurves
 from cdfsl.analysis.figure_style import COLUMN_WIDTH_IN, DPI, PAGE_WIDTH_IN, TEXT_LINE_IN, paper_style
 from cdfsl.analysis.per_class import MAX_PRINTED_CLASSES, ClassResults
 from cdfsl.analysis.report import Column, PairedCell, Report, Row, format_p
@@ -223,6 +224,36 @@ def _confusion_figure(result: ClassResults) -> Figure:
     run = result.run
     axes.set_title(f"{run.method} · {run.dataset} · {run.shots}-shot", loc="left")
     figure.colorbar(image, ax=axes, shrink=0.8, label="share of the true class's queries")
+    return figure
+
+
+def plot_curves(results: list[RunCurves], out_dir: Path) -> list[Path]:
+    """One `curves_{method}_{dataset}_{N}shot_{run id}.png` per run with curves: a panel per quantity, the mean over
+    episodes against the training step with the band between the first and third quartiles."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    with paper_style():
+        for curves in results:
+            if curves.quantities:
+                run = curves.run
+                stem = f"curves_{_slug(run.method)}_{_slug(run.dataset)}_{run.shots}shot_{run.run_id}"
+                written.append(_save(_curves_figure(curves), out_dir, stem, written))
+    return written
+
+
+def _curves_figure(curves: RunCurves) -> Figure:
+    panels = len(curves.quantities)
+    figure = Figure(figsize=(PAGE_WIDTH_IN if panels > 2 else COLUMN_WIDTH_IN * panels, 2.2), layout="constrained")
+    axes_list = figure.subplots(1, panels, squeeze=False)[0]
+    for axes, (name, summary) in zip(axes_list, curves.quantities.items(), strict=True):
+        axes.fill_between(curves.steps, summary.q1, summary.q3, alpha=0.25, linewidth=0)
+        axes.plot(curves.steps, summary.mean, marker="o" if len(curves.steps) < 12 else None)
+        axes.set_title(QUANTITY_LABELS.get(name, name), loc="left")
+        axes.set_xlabel("training step")
+        axes.xaxis.set_major_locator(MaxNLocator(nbins=4, integer=True))
+    run = curves.run
+    figure.suptitle(f"{run.method} · {run.dataset} · {run.shots}-shot: mean over {curves.episodes} episodes, IQR band")
     return figure
 
 

@@ -150,6 +150,8 @@ class Runner:
 
     Args:
         progress: called after every finished batch of episodes (this process's or, while it waits, others').
+        on_stored: called with (run name or id, results) after each batch this process trained is stored (e.g.
+            `engine.tensorboard.TensorBoardSink`).
         lease_seconds: how long a claim on a batch of episodes holds before other processes may take it over; it
             starts when the batch is claimed, so it must exceed the time one batch takes (default 30 minutes).
         poll_seconds: how often to look at the store while other processes finish the last episodes.
@@ -163,10 +165,12 @@ class Runner:
         progress: Callable[[Progress], None] | None = None,
         lease_seconds: float = 30 * 60.0,
         poll_seconds: float = 5.0,
+        on_stored: Callable[[str, list[EpisodeResult]], None] | None = None,
     ) -> None:
         if lease_seconds <= 0 or poll_seconds <= 0:
             raise ValueError(f"lease_seconds and poll_seconds must be positive, not {lease_seconds}, {poll_seconds}")
         self.progress = progress
+        self.on_stored = on_stored
         self.lease_seconds = lease_seconds
         self.poll_seconds = poll_seconds
         self.owner = _owner_id()
@@ -219,7 +223,13 @@ class Runner:
                         queries = EpisodeQueries(tuple(batch.class_names[e]), tuple(truth[e]), tuple(predicted[e]))
                         results.append(
                             EpisodeResult(
-                                i, queries.correct, len(truth[e]), seconds, record.get("dlc_off_step"), queries
+                                i,
+                                queries.correct,
+                                len(truth[e]),
+                                seconds,
+                                record.get("dlc_off_step"),
+                                queries,
+                                record.get("curves"),
                             )
                         )
                     return results
@@ -284,6 +294,8 @@ class Runner:
             if chunk:
                 results = train(chunk)
                 store.add_episodes(run_id, results, owner=self.owner, config=config.to_dict(), identity=identity)
+                if self.on_stored is not None:
+                    self.on_stored(config.run_name or run_id, results)
                 trained += len(chunk)
                 tally.refresh()
                 report()

@@ -76,6 +76,7 @@ _TABLES = {
     dlc_off_step INTEGER,
     trained_by TEXT,
     queries_json TEXT,
+    curves_json TEXT,
     PRIMARY KEY (run_id, episode)
 )""",
     "claims": """CREATE TABLE IF NOT EXISTS claims (
@@ -98,7 +99,12 @@ _REQUIRED_COLUMNS = {
 # Columns added after the first release, per table: (name, SQL type), appended to older stores when opened.
 _ADDED_COLUMNS = {
     "runs": (("recipe", "TEXT"),),
-    "episodes": (("dlc_off_step", "INTEGER"), ("trained_by", "TEXT"), ("queries_json", "TEXT")),
+    "episodes": (
+        ("dlc_off_step", "INTEGER"),
+        ("trained_by", "TEXT"),
+        ("queries_json", "TEXT"),
+        ("curves_json", "TEXT"),
+    ),
 }
 _BUSY_TIMEOUT_S = 60.0
 # The largest range of episode indices `claim_episodes` reads at once while it skips stored or claimed episodes.
@@ -147,7 +153,9 @@ class EpisodeQueries:
 @dataclass(frozen=True)
 class EpisodeResult:
     """One finished episode: `correct` of `total` queries right, `seconds` of wall time attributed to it, the
-    step at which VtT's DGSO switched `L_VtT` off (None: never, or not VtT), and its per-query labels."""
+    step at which VtT's DGSO switched `L_VtT` off (None: never, or not VtT), its per-query labels, and its training
+    curves (`{"step": [...], name: [...]}`, see `cdfsl.methods.training.Curves`; None for a method that trains
+    nothing)."""
 
     episode: int
     correct: int
@@ -155,6 +163,7 @@ class EpisodeResult:
     seconds: float
     dlc_off_step: int | None = None
     queries: EpisodeQueries | None = None
+    curves: dict[str, list[Any]] | None = None
 
     @property
     def accuracy(self) -> float:
@@ -460,7 +469,7 @@ class ResultStore:
                 self._register(db, run_id, config, identity)
             db.executemany(
                 "INSERT OR IGNORE INTO episodes (run_id, episode, correct, total, accuracy, seconds, finished_at,"
-                " dlc_off_step, trained_by, queries_json) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " dlc_off_step, trained_by, queries_json, curves_json) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
                     (
                         run_id,
@@ -473,6 +482,7 @@ class ResultStore:
                         r.dlc_off_step,
                         owner,
                         r.queries.to_json() if r.queries is not None else None,
+                        json.dumps(r.curves, separators=(",", ":")) if r.curves else None,
                     )
                     for r in results
                 ],
@@ -627,6 +637,24 @@ class ResultStore:
                     f"{len(queries.truth)} correct, its row {correct} of {total}; the store was changed outside cdfsl"
                 )
             found[episode] = queries
+        return found
+
+    def episode_curves(self, run_id: str) -> dict[int, dict[str, list[Any]] | None]:
+        """Episode index → its training curves (None: a method that trains nothing, or stored before cdfsl kept
+        them). Raises `StoreError` naming the run and episode for a record that is not a set of curves."""
+        found: dict[int, dict[str, list[Any]] | None] = {}
+        for episode, text in self._per_episode("curves_json", run_id, None).items():
+            if text is None:
+                found[episode] = None
+                continue
+            try:
+                curves = json.loads(text)
+                steps = curves["step"]
+                if not all(isinstance(v, list) and len(v) == len(steps) for v in curves.values()):
+                    raise ValueError("every curve must have one value per step")
+            except (ValueError, KeyError, TypeError, AttributeError) as error:
+                raise StoreError(f"{self.path}: run {run_id} episode {episode} has malformed curves: {error}") from None
+            found[episode] = curves
         return found
 
     def episode_seconds(self, run_id: str, below: int | None = None) -> dict[int, float]:

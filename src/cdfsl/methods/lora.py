@@ -32,10 +32,12 @@ from cdfsl.errors import TrainingError
 from cdfsl.methods.base import Method, Observer, observed, raise_unless_finite
 from cdfsl.methods.text_side import TextSide
 from cdfsl.methods.training import (
+    Curves,
     Recalibration,
     TrainedTensor,
     TrainingExtension,
     ViewOrder,
+    merge_records,
     plugin_text_layers,
     split_plugin_texts,
 )
@@ -157,7 +159,9 @@ class LoraMethod(Method):
         rows = torch.arange(len(batch), device=batch.support.device)[:, None]
         projection: QkvProjection = lora if lora is not None else plain_qkv
         finite = torch.ones(len(batch), dtype=torch.bool, device=batch.support.device)  # [E], read after the loop
-        for _ in range(train.iterations):
+        curves = Curves(len(batch), train.iterations)
+        for step in range(1, train.iterations + 1):
+            curves.before_step(step, self.recalibration)
             positions = torch.stack([order.next() for order in orders]).to(batch.support.device)  # [E, b]
             images, labels = batch.support[rows, positions], batch.support_labels[rows, positions]
             with self.autocast():
@@ -178,12 +182,14 @@ class LoraMethod(Method):
                 loss = loss_ce
                 loss_ce.sum().backward()
             finite &= torch.isfinite(loss_ce.detach()) & torch.isfinite(loss.detach())
+            curves.after_step(step, loss_ce, self.recalibration, self.extension)
             for optimizer in optimizers:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             for schedule in schedules:
                 schedule.step()
-        self._records = self.extension.finish() if self.extension is not None else []
+        plugin_records = self.extension.finish() if self.extension is not None else []
+        self._records = merge_records(curves.records(), plugin_records)
         self.text_side.train(False)
         self.lora = lora
         try:

@@ -76,10 +76,12 @@ from cdfsl.methods.base import Method, Observer, observed, raise_unless_finite
 from cdfsl.methods.text_side import PromptTokens, placeholder_embeddings, text_block_index
 from cdfsl.methods.training import (
     Absorb,
+    Curves,
     Recalibration,
     TrainedTensor,
     TrainingExtension,
     ViewOrder,
+    merge_records,
     plugin_text_layers,
     split_plugin_texts,
 )
@@ -277,10 +279,14 @@ class MapleMethod(Method):
         rows = torch.arange(len(batch), device=device)[:, None]
         finite = torch.ones(len(batch), dtype=torch.bool, device=device)  # [E], read after the loop
         epoch_loss = torch.zeros((cfg.epochs, len(batch)), device=device)  # view-weighted mean CE per epoch
+        curves = Curves(len(batch), cfg.epochs * steps)
+        step = 0
         for epoch, rate in enumerate(epoch_learning_rates(cfg)):
             for group in optimizer.param_groups:
                 group["lr"] = rate
             for _ in range(steps):
+                step += 1
+                curves.before_step(step, self.recalibration)
                 positions = torch.stack([order.next() for order in orders]).to(device)  # [E, b]
                 images, labels = batch.support[rows, positions], batch.support_labels[rows, positions]
                 with self.autocast():
@@ -304,14 +310,16 @@ class MapleMethod(Method):
                     each.step()
                     each.zero_grad(set_to_none=True)
                 finite &= torch.isfinite(loss_ce.detach()) & torch.isfinite(loss.detach())
+                curves.after_step(step, loss_ce, self.recalibration, self.extension)
                 epoch_loss[epoch] += loss_ce.detach() * positions.shape[1] / views
         self.prompts = prompts.requires_grad_(False)
         losses = epoch_loss.cpu()
-        plugin_records = self.extension.finish() if self.extension is not None else [{} for _ in batch.indices]
-        self._records = [
-            {"maple_first_epoch_loss": float(losses[0, e]), "maple_last_epoch_loss": float(losses[-1, e]), **extra}
-            for e, extra in enumerate(plugin_records)
+        plugin_records = self.extension.finish() if self.extension is not None else []
+        epoch_records = [
+            {"maple_first_epoch_loss": float(losses[0, e]), "maple_last_epoch_loss": float(losses[-1, e])}
+            for e in range(len(batch))
         ]
+        self._records = merge_records(epoch_records, curves.records(), plugin_records)
         try:
             raise_unless_finite(finite, batch, "the training loss", self.remedies())
         except TrainingError as error:

@@ -111,6 +111,14 @@ class TokenRecalibration:
         self.blocks = resolve_blocks(config.blocks, backbone.num_vision_blocks)
         self.text_layer = text_block_index(config.text_layer, backbone.num_text_blocks, "tir.text_layer")
         self.at_prediction = config.at_prediction
+        self.measure_sinks = False
+        self._sink_shares: list[Tensor] = []
+
+    def take_sink_share(self) -> Tensor | None:
+        """The mean share `[E]` of patch tokens claimed by every class (`Sum = K`), over the images and blocks
+        measured since the last call (while `measure_sinks` was on); None when none were. Forgets them."""
+        shares, self._sink_shares = self._sink_shares, []
+        return torch.stack(shares).mean(dim=0) if shares else None
 
     def weights(self, tokens: Tensor, text: Tensor) -> Tensor:
         """Patch tokens `[E, B, M, D]` and normalized class texts `[E, K, C]` → weights `[E, B, M]`.
@@ -121,6 +129,9 @@ class TokenRecalibration:
             projected = F.normalize(self.backbone.project_tokens(tokens.float()).float(), dim=-1)  # [E, B, M, C]
             similarity = torch.einsum("ebmc,ekc->ebkm", projected, text.float())
             cfg = self.config
+            if self.measure_sinks:
+                sinks = class_votes(similarity, cfg.ratio) == similarity.shape[-2]  # [E, B, M]
+                self._sink_shares.append(sinks.float().mean(dim=(1, 2)))
             return token_weights(similarity, cfg.ratio, cfg.alpha, cfg.beta, cfg.variant)
 
     def hook(self, text: Tensor) -> BlockInputHook:

@@ -30,11 +30,98 @@ TrainedTensor = tuple[Tensor, int]
 tensor after the episode axis is one parameter). DGSO measures one cosine per (episode, parameter)."""
 
 
+CURVE_STRIDE = 10
+"""Training curves keep every CURVE_STRIDE-th step (1, 11, 21, …) and the last one."""
+
+
+class Curves:
+    """Per-episode training curves of one fit, recorded at `CURVE_STRIDE`.
+
+    Values are kept as device tensors `[E]` and read once in `records()`, so recording adds no host synchronisation
+    to a step. A value that does not exist at a step (VtT's loss after DLC switched it off) is nan, stored as null.
+
+    Args:
+        episodes: E; steps: the fit's number of training steps.
+    """
+
+    def __init__(self, episodes: int, steps: int) -> None:
+        self.episodes = episodes
+        self.steps = sorted({*range(1, steps + 1, CURVE_STRIDE), steps}) if steps > 0 else []
+        self._wanted = set(self.steps)
+        self._values: dict[str, dict[int, Tensor]] = {}
+
+    def wants(self, step: int) -> bool:
+        """Whether step `step` (1-based) is recorded."""
+        return step in self._wanted
+
+    def add(self, step: int, name: str, values: Tensor | None) -> None:
+        """Record `values` `[E]` of quantity `name` at `step` (ignored when None or not a recorded step)."""
+        if values is not None and step in self._wanted:
+            self._values.setdefault(name, {})[step] = values.detach().float().reshape(self.episodes)
+
+    def before_step(self, step: int, recalibration: Recalibration | None) -> None:
+        """Let TIR measure its sink share in this step's forward when the step is recorded."""
+        if recalibration is not None:
+            recalibration.measure_sinks = self.wants(step)
+
+    def after_step(
+        self,
+        step: int,
+        loss_ce: Tensor,
+        recalibration: Recalibration | None,
+        extension: TrainingExtension | None,
+    ) -> None:
+        """Record the step's `loss_ce` `[E]`, TIR's `sink_share` and the extension's values (when recorded)."""
+        if not self.wants(step):
+            return
+        self.add(step, "loss_ce", loss_ce)
+        if recalibration is not None:
+            self.add(step, "sink_share", recalibration.take_sink_share())
+            recalibration.measure_sinks = False
+        if extension is not None:
+            for name, values in extension.step_values().items():
+                self.add(step, name, values)
+
+    def records(self) -> list[dict[str, Any]]:
+        """Per episode `{"curves": {"step": [...], name: [...]}}` (one host read for all values)."""
+        names = sorted(self._values)
+        if not names:
+            return [{} for _ in range(self.episodes)]
+        nan = torch.tensor(float("nan"))
+        table = torch.stack(
+            [torch.stack([self._values[n].get(t, nan.expand(self.episodes)).cpu() for t in self.steps]) for n in names]
+        )  # [names, steps, E]
+        rows = table.permute(2, 0, 1).tolist()
+        return [
+            {
+                "curves": {
+                    "step": list(self.steps),
+                    **{n: [None if v != v else round(v, 6) for v in row[i]] for i, n in enumerate(names)},
+                }
+            }
+            for row in rows
+        ]
+
+
+def merge_records(*parts: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per-episode records from several sources (the loop's curves, a plug-in's records) merged episode by episode;
+    an empty source is skipped."""
+    present = [p for p in parts if p]
+    return [{k: v for record in records for k, v in record.items()} for records in zip(*present, strict=True)]
+
+
 class Recalibration(Protocol):
     """Token recalibration attached to a base (TIR)."""
 
     at_prediction: bool
     text_layer: int
+    measure_sinks: bool
+    """While true, each hooked forward also measures the share of sink tokens (see `take_sink_share`)."""
+
+    def take_sink_share(self) -> Tensor | None:
+        """The mean share `[E]` of patch tokens claimed by every class, over the blocks measured since the last call
+        (None when none were), and forget them."""
+        ...
 
     def hook(self, text: Tensor) -> BlockInputHook:
         """A block-input hook for E episodes with these normalized class texts `[E, K, C]` (after `text_layer`)."""
@@ -61,6 +148,10 @@ class TrainingExtension(Protocol):
 
     def finish(self) -> list[dict[str, Any]]:
         """Drop per-episode state (nothing of it is needed at prediction); return per-episode records."""
+        ...
+
+    def step_values(self) -> dict[str, Tensor]:
+        """Per-episode values `[E]` of the last `backward` worth a training curve (e.g. `loss_vtt`, `dgso_cos`)."""
         ...
 
 

@@ -186,6 +186,7 @@ class VttExtension:
         self.switches: list[LossSwitch] = []
         self.tensors: list[TrainedTensor] = []
         self.absorb: Absorb | None = None
+        self._step_values: dict[str, Tensor] = {}
 
     def _build_fusion(self, generators: list[torch.Generator]) -> nn.Module | None:
         """The episode batch's fusion; outputs a token of the text width W (or of C when it is compared with f)."""
@@ -252,10 +253,13 @@ class VttExtension:
         """
         vtt = self.vtt
         active = torch.tensor([s.on for s in self.switches], device=loss_ce.device)
+        self._step_values = {}
         if not bool(active.any()):
             loss_ce.sum().backward()
             return loss_ce
-        combined = loss_ce + vtt.beta * self.vtt_loss(output, labels, class_layers) * active.to(loss_ce.dtype)
+        loss_vtt = self.vtt_loss(output, labels, class_layers)
+        self._step_values["loss_vtt"] = torch.where(active, loss_vtt.detach(), torch.nan)
+        combined = loss_ce + vtt.beta * loss_vtt * active.to(loss_ce.dtype)
         if not (vtt.correction or vtt.dlc):
             combined.sum().backward()
             return combined
@@ -271,12 +275,18 @@ class VttExtension:
             if vtt.correction:
                 tensor.grad = corrected.view_as(tensor)
             cosines.append(cos)
+        mean_cos = torch.cat(cosines, dim=1).mean(dim=1)  # [E]
+        self._step_values["dgso_cos"] = torch.where(active, mean_cos, torch.nan)
         if vtt.dlc:
-            mean_cos = torch.cat(cosines, dim=1).mean(dim=1).tolist()  # [E]
-            for switch, on, c in zip(self.switches, active.tolist(), mean_cos, strict=True):
+            for switch, on, c in zip(self.switches, active.tolist(), mean_cos.tolist(), strict=True):
                 if on:
                     switch.update(c)
         return combined
+
+    def step_values(self) -> dict[str, Tensor]:
+        """Of the last `backward`, per episode `[E]`: `loss_vtt` (L_VtT; nan once switched off) and, with DGSO,
+        `dgso_cos` (the mean gradient agreement DLC reads; nan once switched off)."""
+        return self._step_values
 
     def finish(self) -> list[dict[str, Any]]:
         """Drop the fusion; return, per episode, the step at which DLC switched `L_VtT` off (None: never)."""
