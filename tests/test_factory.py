@@ -325,3 +325,69 @@ def test_tiny_explicit_activation() -> None:
     assert activation_types(default) != activation_types(switched)
     for key, value in default.model.state_dict().items():
         assert torch.equal(value, switched.model.state_dict()[key]), key
+
+
+# ------------------------------------------------------------------------------------ pretrained tags offline
+
+
+@pytest.fixture
+def no_model_build(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*_: object, **__: object) -> None:
+        raise AssertionError("open_clip.create_model ran although the download check should have answered")
+
+    monkeypatch.setattr(open_clip, "create_model", refuse)
+
+
+def test_unreachable_and_uncached_fails_at_once_with_what_to_do(
+    monkeypatch: pytest.MonkeyPatch, no_model_build: None
+) -> None:
+    import huggingface_hub
+
+    from cdfsl.backbone import downloads
+
+    asked: list[tuple[str, str]] = []
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo, name: asked.append((repo, name)))
+    monkeypatch.setattr(downloads, "reachable", lambda host, timeout=3.0: False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with pytest.raises(BackboneError, match=r"huggingface\.co cannot be reached.*HF_HUB_OFFLINE=1.*--pretrained PATH"):
+        load_backbone("ViT-B-32", "openai")
+    assert asked == [("timm/vit_base_patch32_clip_224.openai", f) for f in downloads.WEIGHT_FILES]
+
+
+def test_hf_hub_offline_is_answered_without_a_probe(monkeypatch: pytest.MonkeyPatch, no_model_build: None) -> None:
+    import huggingface_hub
+
+    from cdfsl.backbone import downloads
+
+    def no_probe(host: str, timeout: float = 3.0) -> bool:
+        raise AssertionError("probed the network with HF_HUB_OFFLINE set")
+
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo, name: None)
+    monkeypatch.setattr(downloads, "reachable", no_probe)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(BackboneError, match="HF_HUB_OFFLINE is set"):
+        load_backbone("ViT-B-16", "laion2b_s34b_b88k")
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_cached_or_reachable_weights_go_to_open_clip(monkeypatch: pytest.MonkeyPatch, cached: bool) -> None:
+    """Cached weights load without a probe; uncached ones are left to open_clip when their host answers."""
+    import huggingface_hub
+
+    from cdfsl.backbone import downloads
+
+    built: list[str] = []
+
+    def create_model(name: str, pretrained: str | None = None, **_: object) -> None:
+        built.append(f"{name}:{pretrained}")
+        raise RuntimeError("stop here")  # the check passed; loading itself is open_clip's
+
+    monkeypatch.setattr(open_clip, "create_model", create_model)
+    monkeypatch.setattr(
+        huggingface_hub, "try_to_load_from_cache", lambda repo, name: "/cache/w.safetensors" if cached else None
+    )
+    monkeypatch.setattr(downloads, "reachable", lambda host, timeout=3.0: not cached)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with pytest.raises(BackboneError, match="could not load ViT-B-32 weights 'openai'"):
+        load_backbone("ViT-B-32", "openai")
+    assert built == ["ViT-B-32:openai"]

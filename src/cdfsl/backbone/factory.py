@@ -28,6 +28,7 @@ import open_clip
 import torch
 
 from cdfsl.backbone.adapter import ClipAdapter
+from cdfsl.backbone.downloads import check_download
 from cdfsl.backbone.tiny import CONFIG_PATH as TINY_CONFIG_PATH
 from cdfsl.backbone.tiny import TINY_NAME, create_tiny_model, register_tiny_config
 from cdfsl.data.fingerprint import file_digest
@@ -236,6 +237,7 @@ def _create_open_clip(name: str, pretrained: str, checkpoint: Path | None, activ
         if checkpoint is not None:
             _load_open_clip_checkpoint(model, checkpoint, name)
         return model
+    check_download(name, pretrained, open_clip.get_pretrained_cfg(name, pretrained))
     try:
         return open_clip.create_model(name, pretrained=pretrained, **act)
     except (OSError, RuntimeError) as error:
