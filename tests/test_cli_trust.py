@@ -33,7 +33,8 @@ from cdfsl.errors import DatasetWarning
 from layouts import make_imagefolder, make_isic2018, noise_image, png_with_broken_chunk
 
 TINY = ["--backbone", "tiny", "--pretrained", "none", "--device", "cpu"]
-PROBE = ["--pretrained", "none", "--episodes", "1", "--iterations", "1", "--set", "device=cpu"]
+PROBE = ["--dataset", "digits", "--backbone", "tiny", "--pretrained", "none", "--episodes", "1", "--iterations", "1",
+         "--set", "device=cpu"]  # fmt: skip
 WIDE = {"COLUMNS": "200"}
 Snapshot = dict[str, Any] | None
 

@@ -272,11 +272,24 @@ def run_with_progress(config: RunConfig, runner: Any = None, on_stored: Any = No
     return result
 
 
+# Options `run` and the `diagnose` commands share: one definition, one default.
+DatasetOption = Annotated[str | None, typer.Option(help=f"One of: {', '.join(DATASETS)}.")]
+DataRootOption = Annotated[Path | None, typer.Option(help="Dataset folder (not needed for digits).")]
+BackboneOption = Annotated[str, typer.Option(help="open_clip model name, or 'tiny' for the embedded model.")]
+PretrainedOption = Annotated[str, typer.Option(help="Weights: a tag (openai, ...), a checkpoint PATH, or none.")]
+ShotsOption = Annotated[int, typer.Option(help="Support images per class.")]
+IterationsOption = Annotated[
+    int | None, typer.Option(help="Training iterations per episode (default: the recipe's, 250 or 100).")
+]
+SetOption = Annotated[list[str] | None, typer.Option("--set", help="key=value for any config field.")]
+DEFAULT_BACKBONE, DEFAULT_PRETRAINED, DEFAULT_SHOTS = "ViT-B-16", "openai", 1
+
+
 @app.command("run")
 @user_errors
 def run_command(
     ctx: typer.Context,
-    dataset: Annotated[str | None, typer.Option(help=f"One of: {', '.join(DATASETS)}.")] = None,
+    dataset: DatasetOption = None,
     method: Annotated[
         str | None,
         typer.Option(help="A base and plug-ins, e.g. lora, coop+lora+tir, maple; see `cdfsl methods`."),
@@ -289,23 +302,19 @@ def run_command(
             "typed here and --set override it.",
         ),
     ] = None,
-    data_root: Annotated[Path | None, typer.Option(help="Dataset folder (not needed for digits).")] = None,
+    data_root: DataRootOption = None,
     recipe: Annotated[
         str | None,
         typer.Option(help=f"Training recipe: {', '.join(RECIPES)} (default: the method's; see `cdfsl recipes`)."),
     ] = None,
     ways: Annotated[int, typer.Option(help="Classes per episode.")] = 5,
-    shots: Annotated[int, typer.Option(help="Support images per class.")] = 1,
+    shots: ShotsOption = DEFAULT_SHOTS,
     queries: Annotated[int, typer.Option(help="Query images per class.")] = 15,
     episodes: Annotated[int | None, typer.Option(help="Episodes (default: 800 for 1-shot, 400 otherwise).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the episode sequence and every random stream.")] = 0,
-    backbone: Annotated[str, typer.Option(help="open_clip model name, or 'tiny' for the embedded model.")] = "ViT-B-16",
-    pretrained: Annotated[
-        str, typer.Option(help="Weights: a tag (openai, ...), a checkpoint PATH, or none.")
-    ] = "openai",
-    iterations: Annotated[
-        int | None, typer.Option(help="Training iterations per episode (default: the recipe's, 250 or 100).")
-    ] = None,
+    backbone: BackboneOption = DEFAULT_BACKBONE,
+    pretrained: PretrainedOption = DEFAULT_PRETRAINED,
+    iterations: IterationsOption = None,
     episode_batch: Annotated[
         str | None,
         typer.Option(
@@ -317,7 +326,7 @@ def run_command(
     db: Annotated[Path, typer.Option(help="SQLite result store.")] = Path("results.sqlite"),
     run_name: Annotated[str | None, typer.Option(help="A label for reports.")] = None,
     cache_dir: Annotated[Path | None, typer.Option(help="Folder for a disk cache of decoded images.")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="key=value for any config field.")] = None,
+    set_: SetOption = None,
     tensorboard: Annotated[
         Path | None,
         typer.Option(
@@ -757,25 +766,22 @@ def deep_check_report(index: ImageIndex) -> None:
     out.print(plain(message), soft_wrap=True)
 
 
-ProbeDataset = Annotated[str, typer.Option(help=f"One of: {', '.join(DATASETS)}.")]
 ProbeOut = Annotated[
     Path, typer.Option("--out", help="Folder for the JSON and PNG figures (created; its parent must exist).")
 ]
-ProbeRoot = Annotated[Path | None, typer.Option(help="Dataset folder (not needed for digits).")]
-ProbeBackbone = Annotated[str, typer.Option(help="open_clip model name, or 'tiny'.")]
-ProbePretrained = Annotated[str, typer.Option(help="Weights: a tag, a checkpoint PATH, or none.")]
 ProbeEpisodes = Annotated[int, typer.Option(help="Episodes probed (0 … N-1 of the run's sequence).")]
-ProbeIterations = Annotated[
-    int | None, typer.Option(help="Training iterations per episode (default: the recipe's, 250 or 100).")
-]
-ProbeSet = Annotated[list[str] | None, typer.Option("--set", help="key=value for any config field.")]
 
 
 def probe_config(
-    dataset: str, data_root: Path | None, backbone: str, pretrained: str, shots: int, iterations: int | None,
+    dataset: str | None, data_root: Path | None, backbone: str, pretrained: str, shots: int, iterations: int | None,
     overrides: list[str] | None, method: str = "lora",
 ) -> RunConfig:  # fmt: skip
-    """The run config a probe prepares its episodes and training from."""
+    """The run config a probe prepares its episodes and training from (the defaults are `cdfsl run`'s)."""
+    if dataset is None:
+        raise ConfigError(
+            f"--dataset is required: one of {', '.join(DATASETS)} (the embedded default: --dataset digits "
+            "--backbone tiny)"
+        )
     config = RunConfig(
         dataset=dataset, data_root=str(data_root) if data_root else None, method=method, backbone=backbone,
         pretrained=pretrained, shots=shots,
@@ -795,15 +801,15 @@ def print_figures(result: dict[str, Any], folder: Path) -> None:
 @user_errors
 def diagnose_sink(
     output: ProbeOut,
-    dataset: ProbeDataset = "digits",
-    data_root: ProbeRoot = None,
-    backbone: ProbeBackbone = "tiny",
-    pretrained: ProbePretrained = "openai",
+    dataset: DatasetOption = None,
+    data_root: DataRootOption = None,
+    backbone: BackboneOption = DEFAULT_BACKBONE,
+    pretrained: PretrainedOption = DEFAULT_PRETRAINED,
     methods: Annotated[str, typer.Option(help="Comma-separated methods compared with the plain model.")] = "lora,tir",
-    shots: Annotated[int, typer.Option(help="Support images per class.")] = 5,
+    shots: ShotsOption = DEFAULT_SHOTS,
     episodes: ProbeEpisodes = 4,
-    iterations: ProbeIterations = None,
-    set_: ProbeSet = None,
+    iterations: IterationsOption = None,
+    set_: SetOption = None,
 ) -> None:
     """Sum scores, token norms by Sum, and CLS attention concentration per vision layer, before vs after tuning."""
     from cdfsl.analysis.probes import sink_probe
@@ -827,16 +833,16 @@ def diagnose_sink(
 @user_errors
 def diagnose_lost_layers(
     output: ProbeOut,
-    dataset: ProbeDataset = "digits",
-    data_root: ProbeRoot = None,
-    backbone: ProbeBackbone = "tiny",
-    pretrained: ProbePretrained = "openai",
+    dataset: DatasetOption = None,
+    data_root: DataRootOption = None,
+    backbone: BackboneOption = DEFAULT_BACKBONE,
+    pretrained: PretrainedOption = DEFAULT_PRETRAINED,
     method: Annotated[str, typer.Option(help="The fine-tuned condition besides zero-shot.")] = "lora",
     gamma: Annotated[float, typer.Option(help="Factor on a block's residual update when emphasized.")] = 2.0,
-    shots: Annotated[int, typer.Option(help="Support images per class.")] = 5,
+    shots: ShotsOption = DEFAULT_SHOTS,
     episodes: ProbeEpisodes = 4,
-    iterations: ProbeIterations = None,
-    set_: ProbeSet = None,
+    iterations: IterationsOption = None,
+    set_: SetOption = None,
 ) -> None:
     """Accuracy with each text block removed or its residual update scaled by γ, zero-shot and after tuning."""
     from cdfsl.analysis.probes import lost_layers_probe
@@ -865,18 +871,18 @@ def diagnose_lost_layers(
 @user_errors
 def diagnose_cka(
     output: ProbeOut,
-    dataset: ProbeDataset = "digits",
-    data_root: ProbeRoot = None,
-    backbone: ProbeBackbone = "tiny",
-    pretrained: ProbePretrained = "openai",
+    dataset: DatasetOption = None,
+    data_root: DataRootOption = None,
+    backbone: BackboneOption = DEFAULT_BACKBONE,
+    pretrained: PretrainedOption = DEFAULT_PRETRAINED,
     method: Annotated[str, typer.Option(help="Without --other-dataset: compare before vs after this method.")] = "lora",
     other_dataset: Annotated[str | None, typer.Option(help="Compare with this dataset's images instead.")] = None,
     other_data_root: Annotated[Path | None, typer.Option(help="Folder of --other-dataset.")] = None,
     masks: Annotated[str, typer.Option(help="Comma-separated: none, sum_k, sum_1.")] = "none,sum_k,sum_1",
-    shots: Annotated[int, typer.Option(help="Support images per class.")] = 5,
+    shots: ShotsOption = DEFAULT_SHOTS,
     episodes: ProbeEpisodes = 4,
-    iterations: ProbeIterations = None,
-    set_: ProbeSet = None,
+    iterations: IterationsOption = None,
+    set_: SetOption = None,
 ) -> None:
     """Linear CKA per vision layer between two image sets, optionally masking Sum = K or Sum = 1 tokens."""
     from cdfsl.analysis.probes import cka_probe
