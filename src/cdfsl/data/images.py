@@ -167,6 +167,8 @@ class ImageCache:
             else:
                 arrays = [self._decode(p) for p in missing]
             self._memory.update(zip(missing, arrays, strict=True))
+        if not positions:
+            return torch.zeros((0, 3, self.size, self.size), dtype=torch.uint8)
         stacked = np.stack([self._memory[p] for p in positions])
         return torch.from_numpy(stacked).permute(0, 3, 1, 2).contiguous()
 

@@ -618,6 +618,23 @@ def _ends_complete(handle: BinaryIO, image_format: str | None) -> bool:
     return handle.read(_TAIL_BYTES).rstrip(b"\0").endswith(marker)
 
 
+def image_files(folder: Path) -> list[Path]:
+    """Every image file (by extension, not hidden, a regular file) in `folder` and below it, sorted."""
+    found = []
+    for current, folders, files in os.walk(folder):
+        folders[:] = sorted(f for f in folders if not _hidden(f))
+        found += [Path(current) / name for name in files if _decodable(name) and _is_image_name(name)]
+    return sorted(p for p in found if p.is_file())
+
+
+def readable_images(root: Path, keys: Sequence[str]) -> list[bool]:
+    """Whether each `root/key` is an image Pillow can identify as one of `IMAGE_FORMATS`; the others are named in one
+    `DatasetWarning` (they are left out, never guessed at)."""
+    readable = _check_files(root, keys)
+    _warn_list([key for key, ok in zip(keys, readable, strict=True) if not ok], "skipped {n} unreadable image file(s)")
+    return readable
+
+
 def _check_files(root: Path, keys: Sequence[str]) -> list[bool]:
     """`_readable(root/key)` for each key, in the same order, on a thread pool."""
     if not keys:

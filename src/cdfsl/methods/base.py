@@ -127,6 +127,19 @@ class Method(ABC):
         """Per fitted episode, what training recorded beyond accuracy (e.g. VtT's `dlc_off_step`); stored as is."""
         return []
 
+    def trained_state(self) -> dict[str, Tensor]:
+        """What the fitted method predicts with, beyond the frozen backbone (LoRA factors, contexts, prompts), by
+        name, each with its leading episode axis; empty for a method that trains nothing. `load_trained_state` takes
+        it back (a saved classifier)."""
+        return {}
+
+    def load_trained_state(self, state: dict[str, Tensor]) -> None:
+        """Restore `trained_state()` of a method built with the same config and backbone, as if `fit` had run.
+
+        Raises `ValueError` when `state` is not what this method trains."""
+        if state:
+            raise ValueError(f"{self.name} trains nothing, but the saved state has {', '.join(sorted(state))}")
+
 
 def raise_unless_finite(finite: Tensor, batch: EpisodeBatch, what: str, remedies: str) -> None:
     """Raise `TrainingError` naming the episodes of `batch` whose entry of `finite` (`[E]` bool) is false.

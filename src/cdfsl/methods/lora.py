@@ -258,3 +258,39 @@ class LoraMethod(Method):
 
     def episode_records(self) -> list[dict[str, Any]]:
         return self._records
+
+    def trained_state(self) -> dict[str, Tensor]:
+        parts = {"vision_lora": self.lora, "text_lora": self.text_side.lora}
+        state = {
+            f"{part}.{k}": v
+            for part, module in parts.items()
+            if module is not None
+            for k, v in module.state_dict().items()
+        }
+        if self.text_side.context is not None:
+            state["context"] = self.text_side.context.detach()
+        return {name: tensor.detach() for name, tensor in state.items()}
+
+    def load_trained_state(self, state: dict[str, Tensor]) -> None:
+        episodes = 1 if not state else next(iter(state.values())).shape[0]
+        device = self.backbone.device
+        self.text_side.start(0, list(range(episodes)))  # shells of the learned text side, overwritten below
+        self.lora = self._lora_shell(episodes) if self.trains_vision else None
+        expected = self.trained_state()
+        if set(state) != set(expected) or any(state[k].shape != expected[k].shape for k in expected):
+            raise ValueError(
+                f"the saved state does not fit {self.config.method}: expected {len(expected)} tensors "
+                f"({', '.join(sorted(expected)[:4])}, ...), got {len(state)}"
+            )
+        with torch.no_grad():
+            for name, tensor in state.items():
+                expected[name].copy_(tensor.to(device))
+        self.text_side.train(False)
+        self._failure = None
+
+    def _lora_shell(self, episodes: int) -> EpisodeLoRA:
+        """A vision-tower LoRA for `episodes` episodes whose values are about to be overwritten."""
+        cfg = self.config.lora
+        generators = [torch.Generator().manual_seed(0) for _ in range(episodes)]
+        lora = EpisodeLoRA(cfg, self.backbone.num_vision_blocks, self.backbone.vision_width, generators)
+        return lora.to(self.backbone.device)

@@ -402,5 +402,23 @@ class MapleMethod(Method):
         """Per fitted episode, the mean training loss of the first and of the last epoch."""
         return self._records
 
+    def trained_state(self) -> dict[str, Tensor]:
+        if self.prompts is None:
+            return {}
+        return {f"prompts.{k}": v.detach() for k, v in self.prompts.state_dict().items()}
+
+    def load_trained_state(self, state: dict[str, Tensor]) -> None:
+        episodes = next(iter(state.values())).shape[0] if state else 1
+        generators = [torch.Generator().manual_seed(0) for _ in range(episodes)]
+        shell = EpisodePrompts(self.context_init, self.config.maple.depth, self.backbone.vision_width, generators)
+        expected = {f"prompts.{k}": v for k, v in shell.state_dict().items()}
+        if set(state) != set(expected) or any(state[k].shape != expected[k].shape for k in expected):
+            raise ValueError(
+                f"the saved state does not fit {self.config.method} (maple.depth={self.config.maple.depth})"
+            )
+        shell.load_state_dict({k.removeprefix("prompts."): v for k, v in state.items()})
+        self.prompts = shell.to(self.backbone.device).requires_grad_(False)
+        self._failure = None
+
 
 __all__ = ["EpisodePrompts", "MapleMethod", "epoch_learning_rates"]

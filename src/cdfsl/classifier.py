@@ -1,0 +1,332 @@
+"""`FewShotClassifier`: a few-shot classifier for one's own images, in scikit-learn's habits.
+
+It trains what an episode trains, with the same code: the method `cdfsl.methods.build_method` builds, fitted on one
+episode (E = 1) whose support set is the user's labelled images (every one of them, each with the recipe's
+augmented views), and it classifies new images as that episode's queries (`Method.predict`). Images are read by the
+dataset readers' rules (formats allowlist, 16-bit and float images scaled, `docs/protocol.md`), resized as a run
+resizes them, and kept in memory.
+
+A saved classifier is a folder: `model.json` (format version, package version, backbone, weights — the pretrained
+tag, or the SHA-256 of a local checkpoint, checked again at load —, method, recipe, the resolved config, the classes
+and their prompt names) and `trained.safetensors` (what the method trains: LoRA factors, prompt context, MaPLe's
+prompts; nothing for zeroshot). Loading reads JSON and safetensors only, never pickled code.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cdfsl.config import RunConfig
+from cdfsl.errors import ConfigError
+
+FORMAT_VERSION = 1
+MODEL_FILE, STATE_FILE = "model.json", "trained.safetensors"
+PREDICT_CHUNK = 64  # query images encoded at once
+
+
+class FewShotClassifier:
+    """A classifier fitted on a few labelled images per class.
+
+    Args:
+        method: any method of `cdfsl methods` (`lora`, `tir`, `coop+lora+vtt`, `maple`, `zeroshot`, ...).
+        backbone, pretrained: as `cdfsl run --backbone/--pretrained` (`tiny` is the embedded model).
+        recipe: the training recipe (None: the method's default).
+        device: `auto`, `cpu`, `cuda`, `cuda:N` or `mps`.
+        seed: the seed of the augmented views and every training stream.
+        settings: any config field by dotted name (`{"train.iterations": 100}`), as `--set`.
+
+    After `fit`: `classes_` (the labels, sorted) and `class_names_` (their prompt names).
+    """
+
+    def __init__(
+        self,
+        method: str = "lora",
+        backbone: str = "ViT-B-16",
+        pretrained: str = "openai",
+        recipe: str | None = None,
+        device: str = "auto",
+        seed: int = 0,
+        settings: dict[str, Any] | None = None,
+    ) -> None:
+        self.method, self.backbone, self.pretrained = method, backbone, pretrained
+        self.recipe, self.device, self.seed = recipe, device, seed
+        self.settings = dict(settings or {})
+        self.classes_: list[Any] = []
+        self.class_names_: list[str] = []
+        self._fitted: Any = None  # (context, method) once fitted
+
+    # ------------------------------------------------------------------------------------------------- fitting
+    def fit(
+        self,
+        images: str | Path | Sequence[str | Path],
+        labels: Sequence[Any] | None = None,
+        class_names: dict[Any, str] | Sequence[str] | None = None,
+    ) -> FewShotClassifier:
+        """Fit on labelled images: a folder of class folders (`labels` None; an optional `classnames.json` gives
+        prompt names), or image paths with one label each. `class_names` maps each label (or gives, in `classes_`
+        order) the name put in the prompt; by default the label itself, underscores as spaces."""
+        from cdfsl.data.readers import read_imagefolder
+
+        if labels is None:
+            if not isinstance(images, str | Path) or not Path(images).is_dir():
+                raise ConfigError("fit needs a folder of class folders, or image paths with labels")
+            index = read_imagefolder(Path(images))
+            classes: list[Any] = list(index.class_keys)
+            names = list(index.class_names)
+        else:
+            paths = _paths(images)
+            if len(paths) != len(labels):
+                raise ConfigError(f"fit got {len(paths)} images but {len(labels)} labels")
+            classes = sorted(set(labels), key=str)
+            if len(classes) < 2:
+                raise ConfigError(f"fit needs at least 2 classes; got {classes}")
+            names = [str(c).replace("_", " ") for c in classes]
+            index = _path_index(paths, [classes.index(label) for label in labels], [str(c) for c in classes], names)
+        if class_names is not None:
+            names = _named(classes, class_names)
+            index = _renamed(index, names)
+        counts = index.counts()
+        if min(counts) < 1:
+            empty = [str(c) for c, n in zip(classes, counts, strict=True) if n == 0]
+            raise ConfigError(f"every class needs at least one readable image; none for {', '.join(empty)}")
+        config = self._config(len(classes), min(counts))
+        context, method = self._build(config)
+        batch = _batch(index, context, config, query=None)
+        method.fit(batch)
+        self.classes_, self.class_names_ = classes, names
+        self._fitted = (context, method)
+        return self
+
+    def _config(self, classes: int, shots: int) -> RunConfig:
+        from cdfsl.config import apply_override
+
+        config = RunConfig(
+            dataset="imagefolder", data_root=".", method=self.method, recipe=self.recipe, backbone=self.backbone,
+            pretrained=self.pretrained, device=self.device, seed=self.seed, ways=classes, shots=shots, queries=1,
+        )  # fmt: skip
+        for key, value in self.settings.items():
+            apply_override(config, f"{key}={_as_text(value)}")
+        return config
+
+    @staticmethod
+    def _build(config: RunConfig) -> tuple[Any, Any]:
+        from cdfsl.engine.context import build_context
+        from cdfsl.methods import build_method
+
+        context = build_context(config, load_data=False)
+        return context, build_method(context.config, context.backbone, context.autocast_dtype)
+
+    # ---------------------------------------------------------------------------------------------- prediction
+    def predict_proba(self, images: str | Path | Sequence[str | Path]) -> np.ndarray:
+        """Class probabilities `[N, K]` (columns in `classes_` order): the softmax of the method's logits, for image
+        paths or every image in a folder (sorted by path)."""
+        context, method = self._require_fitted()
+        paths = _paths(images)
+        index = _path_index(paths, [0] * len(paths), ["?"], ["?"], check_classes=False)
+        position = {key: i for i, key in enumerate(index.items)}
+        keys = [_key(index.root, p) for p in paths]
+        rows = []
+        with torch.no_grad():
+            for start in range(0, len(keys), PREDICT_CHUNK):
+                chunk = [position[k] for k in keys[start : start + PREDICT_CHUNK]]
+                batch = _batch(index, context, context.config, query=chunk, class_names=self.class_names_)
+                rows.append(torch.softmax(method.predict(batch)[0].float(), dim=-1).cpu().numpy())
+        return np.concatenate(rows) if rows else np.zeros((0, len(self.classes_)))
+
+    def predict(self, images: str | Path | Sequence[str | Path]) -> list[Any]:
+        """The most probable label of each image (`classes_` entries)."""
+        return [self.classes_[int(i)] for i in self.predict_proba(images).argmax(axis=1)]
+
+    def _require_fitted(self) -> tuple[Any, Any]:
+        if self._fitted is None:
+            raise ConfigError("this classifier is not fitted yet: call fit (or FewShotClassifier.load)")
+        return self._fitted
+
+    # ------------------------------------------------------------------------------------------ save and load
+    def save(self, directory: str | Path) -> Path:
+        """Write `model.json` and `trained.safetensors` into `directory` (created; its parent must exist)."""
+        from safetensors.torch import save_file
+
+        from cdfsl import __version__
+        from cdfsl.backbone.factory import weights_identity
+
+        context, method = self._require_fitted()
+        folder = Path(directory)
+        if folder.exists() and not folder.is_dir():
+            raise ConfigError(f"{folder} is a file, not a folder")
+        if not folder.parent.is_dir():
+            raise ConfigError(f"the folder {folder.parent} does not exist; create it first")
+        folder.mkdir(exist_ok=True)
+        config = context.config
+        meta = {
+            "format": FORMAT_VERSION,
+            "cdfsl_version": __version__,
+            "method": config.method,
+            "recipe": config.recipe,
+            "backbone": config.backbone,
+            "pretrained": config.pretrained,
+            "weights": weights_identity(config.pretrained),
+            "classes": [_as_json(c) for c in self.classes_],
+            "class_names": self.class_names_,
+            "template": config.train.template,
+            "config": config.to_dict(),
+        }
+        state = {name: t.detach().cpu().contiguous() for name, t in method.trained_state().items()}
+        save_file(state, str(folder / STATE_FILE))
+        (folder / MODEL_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        return folder
+
+    @classmethod
+    def load(cls, directory: str | Path, device: str = "auto") -> FewShotClassifier:
+        """A saved classifier, ready to predict. Refuses a folder of a newer format, other checkpoint bytes than
+        those it was fitted with, or a state that does not fit its method."""
+        from safetensors.torch import load_file
+
+        from cdfsl.backbone.factory import weights_identity
+
+        folder = Path(directory)
+        try:
+            meta = json.loads((folder / MODEL_FILE).read_text(encoding="utf-8"))
+            version = meta["format"]
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise ConfigError(f"{folder} is not a saved cdfsl classifier ({MODEL_FILE}: {error})") from None
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise ConfigError(
+                f"{folder} was saved in classifier format {version}; this cdfsl reads format {FORMAT_VERSION} and "
+                "older: upgrade cdfsl"
+            )
+        if weights_identity(meta["pretrained"]) != meta["weights"]:
+            raise ConfigError(
+                f"{folder} was fitted on weights {meta['weights']}, but {meta['pretrained']} now holds other bytes; "
+                "restore that checkpoint file"
+            )
+        config = RunConfig.from_dict(meta["config"], source=str(folder / MODEL_FILE))
+        config.device = device
+        classifier = cls(config.method, config.backbone, config.pretrained, config.recipe, device, config.seed)
+        context, method = cls._build(config)
+        try:
+            state = load_file(str(folder / STATE_FILE))
+            method.load_trained_state(state)
+        except (OSError, ValueError, RuntimeError) as error:
+            raise ConfigError(f"{folder}: cannot restore the trained state ({error})") from None
+        classifier.classes_ = list(meta["classes"])
+        classifier.class_names_ = list(meta["class_names"])
+        classifier._fitted = (context, method)
+        return classifier
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+def _paths(images: str | Path | Sequence[str | Path]) -> list[Path]:
+    """Image paths as given, or every image file below a folder (sorted); a missing path is a `ConfigError`."""
+    from cdfsl.data.readers import image_files
+
+    if isinstance(images, str | Path):
+        given = Path(images)
+        if given.is_dir():
+            found = image_files(given)
+            if not found:
+                raise ConfigError(f"no image files in {given}")
+            return found
+        images = [given]
+    paths = [Path(p) for p in images]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise ConfigError(f"image path(s) not found: {', '.join(missing[:5])}")
+    if not paths:
+        raise ConfigError("no images given")
+    return paths
+
+
+def _key(root: Path | None, path: Path) -> str:
+    assert root is not None
+    return path.resolve().relative_to(root).as_posix()
+
+
+def _path_index(
+    paths: list[Path], labels: list[int], keys: list[str], names: list[str], check_classes: bool = True
+) -> Any:
+    """An `ImageIndex` of `paths` (root: their common folder) read by the datasets' rules; unreadable files are
+    named in a warning and left out (a class left without images is refused by the caller)."""
+    import functools
+    import os
+
+    from cdfsl.data.index import ImageIndex
+    from cdfsl.data.readers import open_rgb, readable_images
+
+    resolved = [p.resolve() for p in paths]
+    root = Path(os.path.commonpath([str(p.parent) for p in resolved]))
+    pairs = sorted({(label, p.relative_to(root).as_posix()) for label, p in zip(labels, resolved, strict=True)})
+    readable = readable_images(root, [key for _, key in pairs])
+    pairs = [pair for pair, ok in zip(pairs, readable, strict=True) if ok]
+    if not pairs:
+        raise ConfigError(f"none of the {len(paths)} images can be read")
+    if not check_classes and len(pairs) < len(set(map(str, resolved))):
+        raise ConfigError("some images cannot be read (named in the warning above); remove them from the list")
+    return ImageIndex(
+        name="images",
+        class_keys=tuple(keys),
+        class_names=tuple(names),
+        items=tuple(key for _, key in pairs),
+        labels=tuple(label for label, _ in pairs),
+        loader=functools.partial(open_rgb, root),
+        root=root,
+    )
+
+
+def _named(classes: list[Any], class_names: dict[Any, str] | Sequence[str]) -> list[str]:
+    if isinstance(class_names, dict):
+        missing = [str(c) for c in classes if c not in class_names]
+        if missing:
+            raise ConfigError(f"class_names has no name for {', '.join(missing)}")
+        return [str(class_names[c]) for c in classes]
+    if len(class_names) != len(classes):
+        raise ConfigError(f"class_names has {len(class_names)} names for {len(classes)} classes")
+    return [str(n) for n in class_names]
+
+
+def _renamed(index: Any, names: list[str]) -> Any:
+    import dataclasses
+
+    return dataclasses.replace(index, class_names=tuple(names))
+
+
+def _batch(index: Any, context: Any, config: RunConfig, query: list[int] | None, class_names: Any = None) -> Any:
+    """One episode over `index`: every item as support (`query` None; with the recipe's views), or the items at
+    positions `query` as its queries (no support)."""
+    from cdfsl.data.episodes import build_batch
+    from cdfsl.data.images import ImageCache
+    from cdfsl.data.index import Episode
+
+    groups = index.items_by_class()
+    if query is None:
+        episode = Episode(0, tuple(range(len(groups))), tuple(tuple(g) for g in groups), tuple(() for _ in groups))
+    else:
+        episode = Episode(0, (0,), ((),), (tuple(query),))
+    cache = ImageCache(index, context.backbone.image_size)
+    batch = build_batch(
+        [episode], index, cache, config.augment, context.backbone.normalize, config.seed, context.device,
+        with_views=query is None and config.trains,
+    )  # fmt: skip
+    if class_names is not None:
+        batch.class_names = [list(class_names)]
+    return batch
+
+
+def _as_text(value: Any) -> str:
+    if isinstance(value, list | tuple):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def _as_json(value: Any) -> Any:
+    return value if isinstance(value, str | int) or (isinstance(value, float) and math.isfinite(value)) else str(value)
+
+
+__all__ = ["FewShotClassifier"]
