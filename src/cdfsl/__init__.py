@@ -6,8 +6,15 @@ result = cdfsl.run(cdfsl.RunConfig(dataset="digits", method="tir", backbone="tin
 result.mean_acc, result.ci95, result.per_episode
 ```
 
-The runner's names (`run`, `Runner`, `RunResult`, `Progress`) are imported on first use, so `import cdfsl` and the
-command line's help do not load torch and open_clip.
+A classifier for one's own images:
+
+```python
+clf = cdfsl.FewShotClassifier(method="lora", backbone="ViT-B-16").fit("my_images/train")
+clf.predict(["new.jpg"]); clf.save("my_model"); cdfsl.FewShotClassifier.load("my_model")
+```
+
+The runner's names (`run`, `Runner`, `RunResult`, `Progress`) and `FewShotClassifier` are imported on first use, so
+`import cdfsl` and the command line's help do not load torch and open_clip.
 """
 
 from __future__ import annotations
@@ -19,9 +26,10 @@ from cdfsl.config import RunConfig
 from cdfsl.errors import CdfslError
 
 if TYPE_CHECKING:
+    from cdfsl.classifier import FewShotClassifier
     from cdfsl.engine.runner import Progress, Runner, RunResult, run
 
-__all__ = ["CdfslError", "Progress", "RunConfig", "RunResult", "Runner", "run"]
+__all__ = ["CdfslError", "FewShotClassifier", "Progress", "RunConfig", "RunResult", "Runner", "run"]
 __version__ = "0.1.0"
 
 _LAZY = {"Progress", "Runner", "RunResult", "run"}
@@ -30,4 +38,6 @@ _LAZY = {"Progress", "Runner", "RunResult", "run"}
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(importlib.import_module("cdfsl.engine.runner"), name)
+    if name == "FewShotClassifier":
+        return importlib.import_module("cdfsl.classifier").FewShotClassifier
     raise AttributeError(f"module 'cdfsl' has no attribute {name!r}")

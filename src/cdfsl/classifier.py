@@ -68,10 +68,12 @@ class FewShotClassifier:
         images: str | Path | Sequence[str | Path],
         labels: Sequence[Any] | None = None,
         class_names: dict[Any, str] | Sequence[str] | None = None,
+        shots: int | None = None,
     ) -> FewShotClassifier:
         """Fit on labelled images: a folder of class folders (`labels` None; an optional `classnames.json` gives
         prompt names), or image paths with one label each. `class_names` maps each label (or gives, in `classes_`
-        order) the name put in the prompt; by default the label itself, underscores as spaces."""
+        order) the name put in the prompt; by default the label itself, underscores as spaces. `shots`: use K images
+        per class, drawn from each class's images by the seed (the same K images for the same seed and files)."""
         from cdfsl.data.readers import read_imagefolder
 
         if labels is None:
@@ -92,6 +94,8 @@ class FewShotClassifier:
         if class_names is not None:
             names = _named(classes, class_names)
             index = _renamed(index, names)
+        if shots is not None:
+            index = _draw_shots(index, shots, self.seed)
         counts = index.counts()
         if min(counts) < 1:
             empty = [str(c) for c, n in zip(classes, counts, strict=True) if n == 0]
@@ -295,6 +299,26 @@ def _renamed(index: Any, names: list[str]) -> Any:
     import dataclasses
 
     return dataclasses.replace(index, class_names=tuple(names))
+
+
+def _draw_shots(index: Any, shots: int, seed: int) -> Any:
+    """`index` with `shots` items per class, drawn by the seed's `fit_shots` stream of each class; a class with
+    fewer images is a `ConfigError`."""
+    import dataclasses
+
+    from cdfsl.seeding import torch_stream
+
+    if shots < 1:
+        raise ConfigError(f"shots must be at least 1, got {shots}")
+    kept: list[int] = []
+    for label, group in enumerate(index.items_by_class()):
+        if len(group) < shots:
+            raise ConfigError(f"class {index.class_keys[label]!r} has {len(group)} images, fewer than --shots {shots}")
+        order = torch.randperm(len(group), generator=torch_stream(seed, label, "fit_shots"))[:shots]
+        kept += sorted(group[int(i)] for i in order)
+    return dataclasses.replace(
+        index, items=tuple(index.items[i] for i in kept), labels=tuple(index.labels[i] for i in kept)
+    )
 
 
 def _batch(index: Any, context: Any, config: RunConfig, query: list[int] | None, class_names: Any = None) -> Any:

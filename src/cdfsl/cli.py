@@ -904,6 +904,156 @@ def diagnose_cka(
     print_figures(result, output)
 
 
+@app.command("fit")
+@user_errors
+def fit_command(
+    data: Annotated[Path, typer.Option(help="Folder of class folders (an optional classnames.json names them).")],
+    output: Annotated[Path, typer.Option("--out", help="Folder for the saved classifier (created).")],
+    method: Annotated[str, typer.Option(help="Any method of `cdfsl methods`.")] = "lora",
+    backbone: BackboneOption = DEFAULT_BACKBONE,
+    pretrained: PretrainedOption = DEFAULT_PRETRAINED,
+    recipe: Annotated[str | None, typer.Option(help="Training recipe (default: the method's).")] = None,
+    shots: Annotated[
+        int | None, typer.Option(help="Use K images per class, drawn by --seed (default: every image).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the drawn shots, the augmented views and training.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    set_: SetOption = None,
+) -> None:
+    """Fit a few-shot classifier on your own labelled images and save it (see `cdfsl predict`, `cdfsl evaluate`)."""
+    from cdfsl.classifier import FewShotClassifier
+
+    check_output_folder(output, "--out")
+    settings = dict(_assignment(a) for a in set_ or [])
+    classifier = FewShotClassifier(method, backbone, pretrained, recipe, device, seed, settings)
+    with console.status(f"fitting {method} on {data} …"):
+        classifier.fit(data, shots=shots)
+    classifier.save(output)
+    out.print(f"saved {method} on {len(classifier.classes_)} classes to {output}/", highlight=False)
+
+
+def _assignment(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set expects key=value, got {text!r}")
+    return key.strip(), value
+
+
+@app.command("predict")
+@user_errors
+def predict_command(
+    model: Annotated[Path, typer.Argument(help="A classifier saved by `cdfsl fit`.")],
+    images: Annotated[list[Path], typer.Argument(help="Image files or folders (every image below them).")],
+    top_k: Annotated[int, typer.Option(help="Classes shown per image, most probable first.")] = 1,
+    format_: Annotated[str, typer.Option("--format", help="table, csv or json.")] = "table",
+    output: Annotated[Path | None, typer.Option("--out", help="Write the predictions to this file.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+) -> None:
+    """Label new images with a saved classifier: the top-k classes and their probabilities."""
+    import numpy as np
+
+    from cdfsl.classifier import FewShotClassifier
+
+    if format_ not in ("table", "csv", "json"):
+        raise ConfigError(f"--format must be table, csv or json, not {format_!r}")
+    if output is not None:
+        check_output_file(output, "--out")
+    classifier = FewShotClassifier.load(model, device=device)
+    if top_k < 1:
+        raise ConfigError(f"--top-k must be at least 1, got {top_k}")
+    paths = [path for given in images for path in classifier_paths(given)]
+    probabilities = classifier.predict_proba(paths)
+    rows = []
+    for path, row in zip(paths, probabilities, strict=True):
+        best = np.argsort(-row)[:top_k]
+        rows.append({"image": str(path), "top": [(str(classifier.classes_[i]), float(row[i])) for i in best]})
+    text = _predictions_text(rows, format_)
+    if output is not None:
+        output.write_text(text)
+    elif format_ == "table":
+        table = Table(title=f"{len(rows)} images", title_justify="left")
+        table.add_column("image", overflow="fold")
+        table.add_column("class (probability)")
+        for row in rows:
+            table.add_row(plain(row["image"]), ", ".join(f"{c} ({p:.3f})" for c, p in row["top"]))
+        out.print(table)
+    else:
+        out.print(text, markup=False, highlight=False, soft_wrap=True, end="")
+
+
+def classifier_paths(given: Path) -> list[Path]:
+    """An image file as itself; a folder as every image file below it (sorted)."""
+    from cdfsl.data.readers import image_files
+
+    if given.is_dir():
+        return image_files(given)
+    if not given.is_file():
+        raise ConfigError(f"image path not found: {given}")
+    return [given]
+
+
+def _predictions_text(rows: list[dict[str, Any]], format_: str) -> str:
+    if format_ == "json":
+        return json.dumps(rows, indent=2) + "\n"
+    lines = ["image,rank,class,probability"]
+    for row in rows:
+        lines += [f"{_csv_field(row['image'])},{r + 1},{_csv_field(c)},{p:.6f}" for r, (c, p) in enumerate(row["top"])]
+    return "\n".join(lines) + "\n"
+
+
+def _csv_field(text: str) -> str:
+    return '"' + text.replace('"', '""') + '"' if any(ch in text for ch in ',"\n') else text
+
+
+@app.command("evaluate")
+@user_errors
+def evaluate_command(
+    model: Annotated[Path, typer.Argument(help="A classifier saved by `cdfsl fit`.")],
+    data: Annotated[Path, typer.Option(help="Labelled test images: class folders named as at fit time.")],
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the numbers as JSON here.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+) -> None:
+    """Accuracy, per-class accuracy and the confusion matrix of a saved classifier on a labelled folder."""
+    import numpy as np
+
+    from cdfsl.classifier import FewShotClassifier
+    from cdfsl.data.readers import read_imagefolder
+
+    if json_path is not None:
+        check_output_file(json_path, "--json")
+    classifier = FewShotClassifier.load(model, device=device)
+    index = read_imagefolder(data)
+    known = {str(c): i for i, c in enumerate(classifier.classes_)}
+    unknown = [key for key in index.class_keys if key not in known]
+    if unknown:
+        raise ConfigError(
+            f"{data} has class folder(s) {', '.join(unknown)} the classifier was not fitted on; it knows "
+            f"{', '.join(known)}"
+        )
+    assert index.root is not None
+    paths = [index.root / key for key in index.items]
+    truth = np.array([known[index.class_keys[label]] for label in index.labels])
+    predicted = classifier.predict_proba(paths).argmax(axis=1)
+    k = len(classifier.classes_)
+    confusion = np.zeros((k, k), dtype=np.int64)
+    np.add.at(confusion, (truth, predicted), 1)
+    accuracy = float((truth == predicted).mean())
+    table = Table(title=f"{100 * accuracy:.2f}% of {len(truth)} images correct", title_justify="left")
+    for column in ("class", "images", "accuracy %", *(str(i + 1) for i in range(k))):
+        table.add_column(column, justify="left" if column == "class" else "right", no_wrap=column == "class")
+    for i, name in enumerate(classifier.classes_):
+        total = int(confusion[i].sum())
+        share = "–" if total == 0 else f"{100 * confusion[i, i] / total:.2f}"
+        table.add_row(f"{i + 1} {name}", str(total), share, *(str(int(n)) for n in confusion[i]))
+    out.print(table)
+    if json_path is not None:
+        result = {
+            "accuracy": accuracy, "images": len(truth), "classes": [str(c) for c in classifier.classes_],
+            "confusion": confusion.tolist(),
+        }  # fmt: skip
+        json_path.write_text(json.dumps(result, indent=2) + "\n")
+
+
 def show_version(value: bool) -> None:
     if value:
         from cdfsl import __version__

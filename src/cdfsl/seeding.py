@@ -22,6 +22,7 @@ PURPOSES = {
     "text_lora_init": 7,
     "text_dropout": 8,
     "maple_init": 9,
+    "fit_shots": 10,  # the classifier's draw of K images per class (stream index = the class's label)
 }
 
 
