@@ -179,3 +179,36 @@ def test_cli_fit_predict_evaluate(data, tmp_path: Path) -> None:
     Image.new("RGB", (8, 8)).save(wrong / "seven" / "x.png")
     refused = runner.invoke(app, ["evaluate", str(model), "--data", str(wrong)])
     assert refused.exit_code != 0 and "seven" in refused.output
+
+
+@pytest.mark.parametrize("method", ["lora", "coop+lora"])
+def test_merged_export_predicts_like_the_classifier_in_plain_open_clip(data, tmp_path: Path, method: str) -> None:
+    """The exported weights through open_clip's own `encode_image`, against the exported class text features, give
+    the classifier's probabilities (`coop+lora`: LoRA on both towers and a learned context, folded into the texts)."""
+    import open_clip
+    import torch
+
+    from cdfsl.classifier import _batch, _path_index
+
+    root, test = data
+    settings = {**FAST, "lora.towers": "both"} if method == "coop+lora" else FAST
+    classifier = FewShotClassifier(method, backbone="tiny", device="cpu", settings=settings).fit(root / "train")
+    weights, sidecar = classifier.export_merged(tmp_path / "merged.safetensors")
+    exported = json.loads(sidecar.read_text())
+    plain = open_clip.create_model(exported["open_clip_model"], pretrained=str(weights)).eval()
+    paths = [path for path, _ in test[:15]]
+    context, _ = classifier._fitted
+    index = _path_index(paths, [0] * len(paths), ["?"], ["?"], check_classes=False)
+    images = _batch(index, context, context.config, query=list(range(len(paths))), class_names=["?"]).query[0]
+    with torch.no_grad():
+        features = torch.nn.functional.normalize(plain.encode_image(images).float(), dim=-1)
+    text = torch.tensor(exported["text_features"])
+    probabilities = torch.softmax(exported["logit_scale"] * features @ text.T, dim=-1).numpy()
+    order = [index.items.index(p.resolve().relative_to(index.root).as_posix()) for p in paths]
+    np.testing.assert_allclose(probabilities[order], classifier.predict_proba(paths), rtol=1e-3, atol=1e-5)
+
+
+def test_export_refuses_what_plain_weights_cannot_do(data, tmp_path: Path) -> None:
+    tir = FewShotClassifier("lora+tir", backbone="tiny", device="cpu", settings={"train.iterations": 2})
+    with pytest.raises(ConfigError, match=r"tir\.at_prediction=false"):
+        tir.fit(data[0] / "train").export_merged(tmp_path / "x.safetensors")

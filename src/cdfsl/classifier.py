@@ -225,8 +225,81 @@ class FewShotClassifier:
         classifier._fitted = (context, method)
         return classifier
 
+    # ------------------------------------------------------------------------------------------------- export
+    def export_merged(self, path: str | Path) -> tuple[Path, Path]:
+        """Write the backbone's open_clip state dict with every LoRA update merged into its weights (`path`, a
+        safetensors file `open_clip.create_model(NAME, pretrained=path)` loads without cdfsl), and beside it
+        `<stem>.classes.json`: the open_clip name, the class labels and prompt names, the logit scale and the class
+        text features `[K, C]` as prediction uses them (learned context and text LoRA included). A query's logits
+        are then `logit_scale · cos(encode_image(x), text_features)`.
+
+        Refused for what a plain open_clip model cannot reproduce: TIR acting at prediction, MaPLe's prompts.
+        """
+        from safetensors.torch import save_file
+
+        context, method = self._require_fitted()
+        config = context.config
+        if config.uses_tir and config.tir.at_prediction:
+            raise ConfigError(
+                "TIR reweights tokens at prediction, which a plain open_clip model cannot do; fit with "
+                "--set tir.at_prediction=false to export, or predict with cdfsl"
+            )
+        if config.spec.base.name == "maple":
+            raise ConfigError(
+                "MaPLe's prompts enter every forward pass: a maple classifier cannot become plain weights"
+            )
+        target = Path(path)
+        if not target.parent.is_dir():
+            raise ConfigError(f"the folder {target.parent} does not exist; create it first")
+        backbone = context.backbone
+        model = backbone.model
+        names = {id(p): n for n, p in model.named_parameters()}
+        state = {n: t.detach().cpu().clone().contiguous() for n, t in model.state_dict().items()}
+        towers = [(getattr(method, "lora", None), backbone.vision_blocks)]
+        text_side = getattr(method, "text_side", None)
+        towers.append((getattr(text_side, "lora", None), backbone.text_blocks))
+        for lora, blocks in towers:
+            if lora is None:
+                continue
+            weights = [block.attn.in_proj_weight for block in blocks]
+            with torch.no_grad():
+                for weight, merged in zip(weights, lora.merged_weights(weights), strict=True):
+                    state[names[id(weight)]] = merged[0].to(weight.dtype).cpu().contiguous()
+        with torch.no_grad():
+            text = method.class_features([self.class_names_])[0].float().cpu()  # [K, C]
+        scale = float(config.train.logit_scale)
+        save_file(state, str(target))
+        sidecar = target.with_suffix(".classes.json")
+        sidecar.write_text(
+            json.dumps(
+                {
+                    "open_clip_model": _open_clip_name(config),
+                    "classes": [_as_json(c) for c in self.classes_],
+                    "class_names": self.class_names_,
+                    "logit_scale": scale,
+                    "text_features": text.tolist(),
+                },
+                indent=1,
+            )
+            + "\n",
+            encoding="utf-8",
+        )
+        return target, sidecar
+
 
 # --------------------------------------------------------------------------------------------------- helpers
+def _open_clip_name(config: RunConfig) -> str:
+    """The open_clip model name whose architecture and activation the exported weights need."""
+    from cdfsl.backbone.factory import QUICKGELU, TINY, resolve_activation
+    from cdfsl.backbone.tiny import TINY_NAME
+
+    name = config.backbone
+    if name == TINY:
+        return TINY_NAME  # open_clip knows it once cdfsl registered its config
+    quick = resolve_activation(name, config.pretrained, config.activation) == QUICKGELU
+    return f"{name}-quickgelu" if quick and not name.endswith("-quickgelu") else name
+
+
 def _paths(images: str | Path | Sequence[str | Path]) -> list[Path]:
     """Image paths as given, or every image file below a folder (sorted); a missing path is a `ConfigError`."""
     from cdfsl.data.readers import image_files

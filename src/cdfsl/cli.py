@@ -1005,6 +1005,26 @@ def _csv_field(text: str) -> str:
     return '"' + text.replace('"', '""') + '"' if any(ch in text for ch in ',"\n') else text
 
 
+@app.command("export")
+@user_errors
+def export_command(
+    model: Annotated[Path, typer.Argument(help="A classifier saved by `cdfsl fit`.")],
+    merged: Annotated[
+        Path,
+        typer.Option(
+            help="Write the open_clip weights with LoRA merged here (.safetensors), and the class text features "
+            "beside it (<stem>.classes.json)."
+        ),
+    ],
+) -> None:
+    """Export a saved classifier as plain open_clip weights plus class text features (no cdfsl needed to use it)."""
+    from cdfsl.classifier import FewShotClassifier
+
+    check_output_file(merged, "--merged")
+    weights, sidecar = FewShotClassifier.load(model, device="cpu").export_merged(merged)
+    out.print(f"wrote {weights} and {sidecar}", highlight=False)
+
+
 @app.command("evaluate")
 @user_errors
 def evaluate_command(

@@ -112,6 +112,11 @@ class EpisodeLoRA(nn.Module):
     @torch.no_grad()
     def merge(self, frozen_weights: Sequence[Tensor]) -> None:
         """Fold the updates into per-episode weights `[E, 3D, D]` per block (for prediction); see `unmerge`."""
+        self._merged = self.merged_weights(frozen_weights)
+
+    def merged_weights(self, frozen_weights: Sequence[Tensor]) -> list[Tensor]:
+        """The frozen q/k/v weights `[3D, D]` of each block with each episode's update added: `[E, 3D, D]` per block
+        (fp32)."""
         merged = []
         for layer, weight in enumerate(frozen_weights):
             per_episode = weight.detach().float().expand(self.episodes, *weight.shape).clone()
@@ -119,7 +124,7 @@ class EpisodeLoRA(nn.Module):
             for position, slot in enumerate(self.slots):
                 per_episode[:, slot * self.width : (slot + 1) * self.width] += update[:, position]
             merged.append(per_episode)
-        self._merged = merged
+        return merged
 
     def unmerge(self) -> None:
         self._merged = None
