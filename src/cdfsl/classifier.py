@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -69,11 +69,13 @@ class FewShotClassifier:
         labels: Sequence[Any] | None = None,
         class_names: dict[Any, str] | Sequence[str] | None = None,
         shots: int | None = None,
+        on_step: Callable[[int, int], None] | None = None,
     ) -> FewShotClassifier:
         """Fit on labelled images: a folder of class folders (`labels` None; an optional `classnames.json` gives
         prompt names), or image paths with one label each. `class_names` maps each label (or gives, in `classes_`
         order) the name put in the prompt; by default the label itself, underscores as spaces. `shots`: use K images
-        per class, drawn from each class's images by the seed (the same K images for the same seed and files)."""
+        per class, drawn from each class's images by the seed (the same K images for the same seed and files).
+        `on_step(step, steps)` is called after each training step (a progress bar)."""
         from cdfsl.data.readers import read_imagefolder
 
         if labels is None:
@@ -102,8 +104,10 @@ class FewShotClassifier:
             raise ConfigError(f"every class needs at least one readable image; none for {', '.join(empty)}")
         config = self._config(len(classes), min(counts))
         context, method = self._build(config)
-        batch = _batch(index, context, config, query=None)
+        batch = _batch(index, context, context.config, query=None)
+        method.on_step = on_step
         method.fit(batch)
+        method.on_step = None
         self.classes_, self.class_names_ = classes, names
         self._fitted = (context, method)
         return self

@@ -926,8 +926,13 @@ def fit_command(
     check_output_folder(output, "--out")
     settings = dict(_assignment(a) for a in set_ or [])
     classifier = FewShotClassifier(method, backbone, pretrained, recipe, device, seed, settings)
-    with console.status(f"fitting {method} on {data} …"):
-        classifier.fit(data, shots=shots)
+    with progress_bar() as bar:
+        task = bar.add_task(f"fit {method}", total=None, accuracy="")
+
+        def advance(step: int, steps: int) -> None:
+            bar.update(task, completed=step, total=steps)
+
+        classifier.fit(data, shots=shots, on_step=advance)
     classifier.save(output)
     out.print(f"saved {method} on {len(classifier.classes_)} classes to {output}/", highlight=False)
 

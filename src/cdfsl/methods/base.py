@@ -43,6 +43,8 @@ class Method(ABC):
         self.backbone = backbone
         self.config = config
         self.autocast_dtype = autocast_dtype
+        self.on_step: Callable[[int, int], None] | None = None
+        """Called with (step, steps) after each training step of `fit` (a progress bar); None: nothing."""
 
     def autocast(self) -> AbstractContextManager[object]:
         """bf16 autocast on GPU when configured; a no-op in fp32."""

@@ -188,6 +188,8 @@ class LoraMethod(Method):
                 optimizer.zero_grad(set_to_none=True)
             for schedule in schedules:
                 schedule.step()
+            if self.on_step is not None:
+                self.on_step(step, train.iterations)
         plugin_records = self.extension.finish() if self.extension is not None else []
         self._records = merge_records(curves.records(), plugin_records)
         self.text_side.train(False)

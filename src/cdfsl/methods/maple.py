@@ -312,6 +312,8 @@ class MapleMethod(Method):
                 finite &= torch.isfinite(loss_ce.detach()) & torch.isfinite(loss.detach())
                 curves.after_step(step, loss_ce, self.recalibration, self.extension)
                 epoch_loss[epoch] += loss_ce.detach() * positions.shape[1] / views
+                if self.on_step is not None:
+                    self.on_step(step, cfg.epochs * steps)
         self.prompts = prompts.requires_grad_(False)
         losses = epoch_loss.cpu()
         plugin_records = self.extension.finish() if self.extension is not None else []
