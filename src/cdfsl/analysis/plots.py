@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -191,19 +192,27 @@ def _wrap(label: str, width: int) -> str:
 def plot_confusions(results: list[ClassResults], out_dir: Path) -> list[Path]:
     """One `confusion_{method}_{dataset}_{N}shot_{run id}.png` per run with per-query labels: each row's shares of
     its true class's queries, true class down, predicted across (the shares printed up to 12 classes)."""
+    drawn = [(r.run, _confusion_figure(r)) for r in results if r.classes]
+    return _save_per_run("confusion", drawn, out_dir)
+
+
+def _save_per_run(kind: str, drawn: list[tuple[Any, Figure]], out_dir: Path) -> list[Path]:
+    """Save one figure per run as `{kind}_{method}_{dataset}_{N}shot_{run id}.png` under `out_dir` (created)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
-    with paper_style():
-        for result in results:
-            if result.classes:
-                run = result.run
-                stem = f"confusion_{_slug(run.method)}_{_slug(run.dataset)}_{run.shots}shot_{run.run_id}"
-                written.append(_save(_confusion_figure(result), out_dir, stem, written))
+    for run, figure in drawn:
+        stem = f"{kind}_{_slug(run.method)}_{_slug(run.dataset)}_{run.shots}shot_{run.run_id}"
+        written.append(_save(figure, out_dir, stem, written))
     return written
 
 
 def _confusion_figure(result: ClassResults) -> Figure:
+    with paper_style():
+        return _draw_confusion(result)
+
+
+def _draw_confusion(result: ClassResults) -> Figure:
     k = len(result.classes)
     with np.errstate(invalid="ignore", divide="ignore"):
         shares = np.nan_to_num(result.confusion / result.queries[:, None])
@@ -230,19 +239,16 @@ def _confusion_figure(result: ClassResults) -> Figure:
 def plot_curves(results: list[RunCurves], out_dir: Path) -> list[Path]:
     """One `curves_{method}_{dataset}_{N}shot_{run id}.png` per run with curves: a panel per quantity, the mean over
     episodes against the training step with the band between the first and third quartiles."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
-    with paper_style():
-        for curves in results:
-            if curves.quantities:
-                run = curves.run
-                stem = f"curves_{_slug(run.method)}_{_slug(run.dataset)}_{run.shots}shot_{run.run_id}"
-                written.append(_save(_curves_figure(curves), out_dir, stem, written))
-    return written
+    drawn = [(c.run, _curves_figure(c)) for c in results if c.quantities]
+    return _save_per_run("curves", drawn, out_dir)
 
 
 def _curves_figure(curves: RunCurves) -> Figure:
+    with paper_style():
+        return _draw_curves(curves)
+
+
+def _draw_curves(curves: RunCurves) -> Figure:
     panels = len(curves.quantities)
     figure = Figure(figsize=(PAGE_WIDTH_IN if panels > 2 else COLUMN_WIDTH_IN * panels, 2.2), layout="constrained")
     axes_list = figure.subplots(1, panels, squeeze=False)[0]
