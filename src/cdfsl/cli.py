@@ -48,6 +48,10 @@ datasets_app = typer.Typer(help="Inspect dataset layouts.", no_args_is_help=True
 app.add_typer(datasets_app, name="datasets")
 diagnose_app = typer.Typer(help="Probes behind TIR and VtT: attention sink, lost layers, CKA.", no_args_is_help=True)
 app.add_typer(diagnose_app, name="diagnose")
+sweep_app = typer.Typer(
+    help="A grid of runs from one TOML file: plan, run (locally or on Ray), status.", no_args_is_help=True
+)
+app.add_typer(sweep_app, name="sweep")
 console = Console(stderr=True)
 out = Console()
 
@@ -1077,6 +1081,104 @@ def evaluate_command(
             "confusion": confusion.tolist(),
         }  # fmt: skip
         json_path.write_text(json.dumps(result, indent=2) + "\n")
+
+
+SweepFile = Annotated[Path, typer.Argument(help="The sweep file (TOML; see docs/sweeps.md).")]
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "–"
+    hours, rest = divmod(round(seconds), 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def _plan_table(plans: list[Any], title: str, with_accuracy: bool) -> Table:
+    table = Table(title=title, title_justify="left")
+    for column in ("#", "run", "id", "episodes", "stored"):
+        table.add_column(column, justify="left" if column in ("run", "id") else "right")
+    table.add_column("accuracy %" if with_accuracy else "time left", justify="right")
+    for plan in plans:
+        last = _duration(plan.seconds_left)
+        if with_accuracy:
+            last = "–" if plan.mean is None else f"{plan.mean:.2f} ± {plan.ci95:.2f}"
+        row = [str(plan.run.position + 1), plan.run.label, plan.run_id, str(plan.total), str(plan.stored), last]
+        table.add_row(*row)
+    return table
+
+
+@sweep_app.command("plan")
+@user_errors
+def sweep_plan(
+    file: SweepFile,
+    device: Annotated[str | None, typer.Option(help="The device the runs will train on (cpu, cuda).")] = None,
+) -> None:
+    """Every run of the sweep with its episodes, how many are stored, and the time left estimated from stored
+    timings."""
+    from cdfsl.engine.sweep import load_sweep, plan_sweep
+
+    sweep = load_sweep(file)
+    plans = plan_sweep(sweep, device=device)
+    out.print(_plan_table(plans, f"{len(plans)} runs of {file} in {sweep.db}", with_accuracy=False))
+    left = [p.seconds_left for p in plans if p.total > p.stored]
+    missing = sum(p.total - p.stored for p in plans)
+    known = [s for s in left if s is not None]
+    estimate = _duration(sum(known)) + ("" if len(known) == len(left) else " for the runs with a timing")
+    if not missing:
+        out.print("every episode is stored: `cdfsl sweep status` shows the results", highlight=False)
+        return
+    out.print(f"{missing} episodes to train; time left: {estimate if known else '–'}", highlight=False)
+
+
+@sweep_app.command("status")
+@user_errors
+def sweep_status(
+    file: SweepFile,
+    device: Annotated[str | None, typer.Option(help="The device the runs train on (cpu, cuda).")] = None,
+) -> None:
+    """Progress of every run of the sweep: stored episodes and the accuracy so far (the store is only read)."""
+    from cdfsl.engine.sweep import load_sweep, plan_sweep
+
+    sweep = load_sweep(file)
+    plans = plan_sweep(sweep, device=device)
+    out.print(_plan_table(plans, f"{file}: {sum(p.stored for p in plans)} of {sum(p.total for p in plans)} episodes "
+              "stored", with_accuracy=True))  # fmt: skip
+
+
+@sweep_app.command("run")
+@user_errors
+def sweep_run(
+    file: SweepFile,
+    executor: Annotated[str, typer.Option(help="local (this process) or ray.")] = "local",
+    address: Annotated[str | None, typer.Option(help="With ray: an existing cluster's address.")] = None,
+    gpus_per_task: Annotated[float, typer.Option(help="With ray: GPUs per task (0: CPU tasks).")] = 1.0,
+    cpus_per_task: Annotated[float, typer.Option(help="With ray: CPUs per task.")] = 1.0,
+) -> None:
+    """Train every missing episode of the sweep's runs; finished episodes are stored and skipped on re-runs."""
+    from cdfsl.engine.sweep import load_sweep, run_local, run_ray
+
+    if executor not in ("local", "ray"):
+        raise ConfigError(f"--executor must be local or ray, not {executor!r}")
+    sweep = load_sweep(file)
+    if executor == "local":
+        from cdfsl.engine.runner import Runner
+
+        runner = Runner()
+
+        def announce(run: Any) -> None:
+            out.print(f"run {run.position + 1} of {len(sweep.runs)}: {run.label}", highlight=False)
+
+        results = run_local(sweep, lambda config: run_with_progress(config, runner), announce)
+        out.print(f"{len(results)} runs done; `cdfsl sweep status {file}` shows them", highlight=False)
+        return
+    total = {"stored": 0}
+
+    def stored(plan: Any, episodes: int) -> None:
+        total["stored"] += episodes
+        console.print(f"stored {episodes} episodes of {plan.run.label} ({total['stored']} this sweep)")
+
+    count = run_ray(sweep, address, gpus_per_task, cpus_per_task, on_stored=stored)
+    out.print(f"stored {count} episodes; `cdfsl sweep status {file}` shows the results", highlight=False)
 
 
 def show_version(value: bool) -> None:

@@ -42,11 +42,43 @@ from cdfsl.backbone.factory import resolve_activation, weights_identity
 from cdfsl.config import RunConfig, run_id_of
 from cdfsl.data.images import PREPROCESSING, ImageCache
 from cdfsl.data.index import ImageIndex
-from cdfsl.engine.context import LoadCache, build_context
+from cdfsl.engine.context import LoadCache, RunContext, build_context
 from cdfsl.engine.store import EpisodeQueries, EpisodeResult, ResultStore
 from cdfsl.errors import StoreError
-from cdfsl.methods import build_method
+from cdfsl.methods import Method, build_method
 from cdfsl.stats import mean_ci95
+
+
+def run_identity(context: RunContext) -> tuple[str, dict[str, Any]]:
+    """(run id, identity) of a run context built with its dataset: what its id hashes (`RunConfig.identity`)."""
+    config = context.config
+    index, _ = context.data()
+    activation = resolve_activation(config.backbone, config.pretrained, config.activation)
+    weights = weights_identity(config.pretrained)
+    identity = config.identity(
+        context.precision, index.fingerprint(), activation, context.device.type, PREPROCESSING, weights
+    )
+    return run_id_of(identity), identity
+
+
+def train_episodes(context: RunContext, method: Method, episodes: list[int]) -> list[EpisodeResult]:
+    """Fit and predict episodes `episodes` of the context's run as one batch; their results (not stored)."""
+    config = context.config
+    batch_start = time.perf_counter()
+    batch = context.batch(episodes, with_views=config.trains)
+    method.fit(batch)
+    predicted = method.predict(batch).argmax(dim=-1).tolist()  # [E][Q]
+    truth = batch.query_labels.tolist()
+    seconds = (time.perf_counter() - batch_start) / len(episodes)
+    records = method.episode_records() or [{} for _ in episodes]
+    results = []
+    for e, (i, record) in enumerate(zip(episodes, records, strict=True)):
+        queries = EpisodeQueries(tuple(batch.class_names[e]), tuple(truth[e]), tuple(predicted[e]))
+        curves = record.get("curves")
+        results.append(
+            EpisodeResult(i, queries.correct, len(truth[e]), seconds, record.get("dlc_off_step"), queries, curves)
+        )
+    return results
 
 
 @dataclass(frozen=True)
@@ -193,14 +225,9 @@ class Runner:
         """
         context = build_context(config, self.loads)
         config = context.config
-        index, sampler = context.data()
+        _, sampler = context.data()
         total = config.resolved_episodes()
-        activation = resolve_activation(config.backbone, config.pretrained, config.activation)
-        weights = weights_identity(config.pretrained)
-        identity = config.identity(
-            context.precision, index.fingerprint(), activation, context.device.type, PREPROCESSING, weights
-        )
-        run_id = run_id_of(identity)
+        run_id, identity = run_identity(context)
         with ResultStore(Path(config.db)) as store:
             started = time.perf_counter()
             tally = _Tally(store, run_id, total)
@@ -211,28 +238,7 @@ class Runner:
                 context.load()  # the image cache, before the first claim
 
                 def train(chunk: list[int]) -> list[EpisodeResult]:
-                    batch_start = time.perf_counter()
-                    batch = context.batch(chunk, with_views=config.trains)
-                    method.fit(batch)
-                    predicted = method.predict(batch).argmax(dim=-1).tolist()  # [E][Q]
-                    truth = batch.query_labels.tolist()
-                    seconds = (time.perf_counter() - batch_start) / len(chunk)
-                    records = method.episode_records() or [{} for _ in chunk]
-                    results = []
-                    for e, (i, record) in enumerate(zip(chunk, records, strict=True)):
-                        queries = EpisodeQueries(tuple(batch.class_names[e]), tuple(truth[e]), tuple(predicted[e]))
-                        results.append(
-                            EpisodeResult(
-                                i,
-                                queries.correct,
-                                len(truth[e]),
-                                seconds,
-                                record.get("dlc_off_step"),
-                                queries,
-                                record.get("curves"),
-                            )
-                        )
-                    return results
+                    return train_episodes(context, method, chunk)
 
                 def report() -> None:
                     if self.progress is not None:
