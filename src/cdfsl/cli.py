@@ -463,7 +463,7 @@ def report_command(
     ] = None,
 ) -> None:
     """One row per (method, backbone), one column per (dataset, shots): mean ± 95% interval; paired tests. With
-    --per-class: per-class accuracy and confusion matrices per run.
+    --per-class or --curves: per-class accuracy and confusion matrices, or training curves, per run.
 
     Reads the store only: it is opened read-only and never changed.
     """
