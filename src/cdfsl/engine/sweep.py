@@ -306,7 +306,9 @@ def run_ray(
     return stored
 
 
-_WORKER: dict[str, Any] = {}  # in a Ray worker process: its LoadCache and the last run's (key, context, method)
+# In a Ray worker process: its LoadCache and the last run's (key, context, method). The one process-global cache in
+# cdfsl, on purpose: a Ray task is a function, and this is what lets a worker keep its loaded backbone between tasks.
+_WORKER: dict[str, Any] = {}
 
 
 def _train_task(config_fields: dict[str, Any], episodes: list[int]) -> list[Any]:
