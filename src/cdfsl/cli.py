@@ -1083,6 +1083,36 @@ def evaluate_command(
         json_path.write_text(json.dumps(result, indent=2) + "\n")
 
 
+@app.command("backbones")
+@user_errors
+def backbones_command(
+    all_: Annotated[bool, typer.Option("--all", help="Also list the models cdfsl cannot run yet, with why.")] = False,
+) -> None:
+    """The open_clip models cdfsl runs (every method and diagnostic), their towers and pretrained tags."""
+    from cdfsl.backbone.catalog import catalogue
+
+    entries = catalogue()
+    supported = [e for e in entries if e.supported]
+    table = Table(title=f"{len(supported)} of {len(entries)} open_clip models run in cdfsl", title_justify="left")
+    for column in ("name", "vision", "text", "C", "VtT release fusion", "pretrained tags"):
+        table.add_column(column, overflow="fold")
+    for entry in supported:
+        fusion = "yes" if entry.vtt_release_fusion else "no: --set vtt.fusion=ssm"
+        row = [entry.name, entry.vision, entry.text, str(entry.embed_dim), fusion, ", ".join(entry.tags) or "–"]
+        table.add_row(*row)
+    out.print(table)
+    others = [e for e in entries if not e.supported]
+    if all_:
+        rest = Table(title="not supported yet", title_justify="left")
+        rest.add_column("name")
+        rest.add_column("why", overflow="fold")
+        for entry in others:
+            rest.add_row(entry.name, entry.reason)
+        out.print(rest)
+    else:
+        out.print(f"{len(others)} more (timm trunks such as SigLIP2 and PE-Core, ResNets, HF text towers): --all")
+
+
 SweepFile = Annotated[Path, typer.Argument(help="The sweep file (TOML; see docs/sweeps.md).")]
 
 
