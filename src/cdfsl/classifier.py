@@ -18,13 +18,19 @@ import json
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from cdfsl.config import RunConfig
 from cdfsl.errors import ConfigError
+
+if TYPE_CHECKING:
+    from cdfsl.data.episodes import EpisodeBatch
+    from cdfsl.data.index import ImageIndex
+    from cdfsl.engine.context import RunContext
+    from cdfsl.methods.base import Method
 
 FORMAT_VERSION = 1
 MODEL_FILE, STATE_FILE = "model.json", "trained.safetensors"
@@ -60,7 +66,7 @@ class FewShotClassifier:
         self.settings = dict(settings or {})
         self.classes_: list[Any] = []
         self.class_names_: list[str] = []
-        self._fitted: Any = None  # (context, method) once fitted
+        self._fitted: tuple[RunContext, Method] | None = None
 
     # ------------------------------------------------------------------------------------------------- fitting
     def fit(
@@ -124,7 +130,7 @@ class FewShotClassifier:
         return config
 
     @staticmethod
-    def _build(config: RunConfig) -> tuple[Any, Any]:
+    def _build(config: RunConfig) -> tuple[RunContext, Method]:
         from cdfsl.engine.context import build_context
         from cdfsl.methods import build_method
 
@@ -152,7 +158,7 @@ class FewShotClassifier:
         """The most probable label of each image (`classes_` entries)."""
         return [self.classes_[int(i)] for i in self.predict_proba(images).argmax(axis=1)]
 
-    def _require_fitted(self) -> tuple[Any, Any]:
+    def _require_fitted(self) -> tuple[RunContext, Method]:
         if self._fitted is None:
             raise ConfigError("this classifier is not fitted yet: call fit (or FewShotClassifier.load)")
         return self._fitted
@@ -332,7 +338,7 @@ def _key(root: Path | None, path: Path) -> str:
 
 def _path_index(
     paths: list[Path], labels: list[int], keys: list[str], names: list[str], check_classes: bool = True
-) -> Any:
+) -> ImageIndex:
     """An `ImageIndex` of `paths` (root: their common folder) read by the datasets' rules; unreadable files are
     named in a warning and left out (a class left without images is refused by the caller)."""
     import functools
@@ -372,13 +378,13 @@ def _named(classes: list[Any], class_names: dict[Any, str] | Sequence[str]) -> l
     return [str(n) for n in class_names]
 
 
-def _renamed(index: Any, names: list[str]) -> Any:
+def _renamed(index: ImageIndex, names: list[str]) -> ImageIndex:
     import dataclasses
 
     return dataclasses.replace(index, class_names=tuple(names))
 
 
-def _draw_shots(index: Any, shots: int, seed: int) -> Any:
+def _draw_shots(index: ImageIndex, shots: int, seed: int) -> ImageIndex:
     """`index` with `shots` items per class, drawn by the seed's `fit_shots` stream of each class; a class with
     fewer images is a `ConfigError`."""
     import dataclasses
@@ -398,7 +404,13 @@ def _draw_shots(index: Any, shots: int, seed: int) -> Any:
     )
 
 
-def _batch(index: Any, context: Any, config: RunConfig, query: list[int] | None, class_names: Any = None) -> Any:
+def _batch(
+    index: ImageIndex,
+    context: RunContext,
+    config: RunConfig,
+    query: list[int] | None,
+    class_names: Sequence[str] | None = None,
+) -> EpisodeBatch:
     """One episode over `index`: every item as support (`query` None; with the recipe's views), or the items at
     positions `query` as its queries (no support)."""
     from cdfsl.data.episodes import build_batch

@@ -40,6 +40,8 @@ MAX_EPISODES = 10_000_000  # the to-do list and the store grow with it; the pape
 MAX_SEED = 2**63 - 1  # the result store keeps the seed in an SQLite INTEGER, which is signed 64-bit
 MAX_ITERATIONS = 1_000_000  # the recipes train 100 or 250 steps; beyond this a typo, not a run
 MAX_HORIZON = 1e6  # cosine period / iterations (8 in the recipes); from about 1e3 on the rate is constant anyway
+MAX_LR = 1e6  # an optimizer's step is lr / bias correction in float32: far larger rates overflow it
+LR_WHY = "a larger rate overflows the optimizer's float32 step"
 MAX_WIDTH = 4096  # LoRA rank and VtT widths allocate per episode and block; wider than any CLIP's projections
 MAX_DEPTH = 64  # VtT's sequence layers and convolution kernel (2 and 4 in the recipes)
 
@@ -496,7 +498,7 @@ NUMERIC_RULES: dict[str, Rule] = {
         integer("lora.rank", 1, MAX_WIDTH),
         number("lora.alpha", 0, low_open=True),
         number("lora.dropout", 0, 1, high_open=True),
-        number("prompt.lr", 0, low_open=True),
+        number("prompt.lr", 0, MAX_LR, low_open=True, why=LR_WHY),
         number("prompt.momentum", 0, 1, high_open=True),
         number("prompt.weight_decay", 0),
         number("augment.rotation", 0, 180, why="degrees either way"),
@@ -504,12 +506,12 @@ NUMERIC_RULES: dict[str, Rule] = {
         number("augment.flip_p", 0, 1),
         integer("train.iterations", 0, MAX_ITERATIONS),
         Rule("train.batch_size", _batch_size_allows, f"a positive integer or '{ALL_SUPPORT}'"),
-        number("train.lr", 0, low_open=True),
+        number("train.lr", 0, MAX_LR, low_open=True, why=LR_WHY),
         number("train.weight_decay", 0),
         number("train.beta1", 0, 1, high_open=True),
         number("train.beta2", 0, 1, high_open=True),
         number("train.schedule_horizon", 0, MAX_HORIZON, low_open=True, why="the cosine period in train.iterations"),
-        number("train.min_lr", 0),
+        number("train.min_lr", 0, MAX_LR, why=LR_WHY),
         number("train.logit_scale", 0, low_open=True),
         integers("tir.blocks", f"vision block indices, {BLOCK_RANGE}"),
         number("tir.ratio", 0, 1, low_open=True),
@@ -518,7 +520,7 @@ NUMERIC_RULES: dict[str, Rule] = {
         integer("tir.text_layer", why=f"a text block index, {BLOCK_RANGE}"),
         number("vtt.beta", 0),
         integer("vtt.window", 1),
-        number("vtt.lr", 0, low_open=True),
+        number("vtt.lr", 0, MAX_LR, low_open=True, why=LR_WHY),
         integer("vtt.hidden", 1, MAX_WIDTH, optional=True),
         integer("vtt.state", 1, MAX_WIDTH, optional=True),
         integer("vtt.dt_rank", 1, MAX_WIDTH, optional=True),
@@ -526,13 +528,13 @@ NUMERIC_RULES: dict[str, Rule] = {
         integer("vtt.ssm_layers", 1, MAX_DEPTH),
         integer("maple.tokens", 1, MAX_DEPTH),
         integer("maple.depth", 1, MAX_DEPTH, why="checked against the backbone's depth when the method is built"),
-        number("maple.lr", 0, low_open=True),
+        number("maple.lr", 0, MAX_LR, low_open=True, why=LR_WHY),
         number("maple.momentum", 0, 1, high_open=True),
         number("maple.weight_decay", 0),
         integer("maple.batch_size", 1),
         integer("maple.epochs", 1, MAX_ITERATIONS),
         integer("maple.warmup_epochs", 0, MAX_ITERATIONS),
-        number("maple.warmup_lr", 0, low_open=True),
+        number("maple.warmup_lr", 0, MAX_LR, low_open=True, why=LR_WHY),
     )
 }
 """The bounds of every numeric config field, by dotted key; `check_numbers` applies them (a test checks that every
