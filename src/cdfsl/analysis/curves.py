@@ -56,9 +56,7 @@ class RunCurves:
 
     @property
     def label(self) -> str:
-        run = self.run
-        name = f" {run.run_name}" if run.run_name else ""
-        return f"{run.method}{name} on {run.dataset}, {run.shots}-shot, {run.backbone} (run {run.run_id})"
+        return self.run.label
 
 
 def _order(name: str) -> tuple[int, str]:
@@ -168,13 +166,8 @@ def _as_dict(curves: RunCurves) -> dict[str, object]:
     def listed(values: np.ndarray) -> list[float | None]:
         return [None if np.isnan(v) else round(float(v), 6) for v in values]
 
-    run = curves.run
     return {
-        "run_id": run.run_id,
-        "run_name": run.run_name,
-        "method": run.method,
-        "dataset": run.dataset,
-        "shots": run.shots,
+        **curves.run.header(),
         "episodes": curves.episodes,
         "episodes_without_curves": curves.missing,
         "step": [int(s) for s in curves.steps],

@@ -67,9 +67,7 @@ class ClassResults:
 
     @property
     def label(self) -> str:
-        run = self.run
-        name = f" {run.run_name}" if run.run_name else ""
-        return f"{run.method}{name} on {run.dataset}, {run.shots}-shot, {run.backbone} (run {run.run_id})"
+        return self.run.label
 
 
 def per_class_results(store: ResultStore, run: str | None = None) -> list[ClassResults]:
@@ -195,15 +193,8 @@ def _csv(results: list[ClassResults]) -> str:
 
 
 def _as_dict(result: ClassResults) -> dict[str, object]:
-    run = result.run
     return {
-        "run_id": run.run_id,
-        "run_name": run.run_name,
-        "method": run.method,
-        "recipe": run.recipe,
-        "backbone": run.backbone,
-        "dataset": run.dataset,
-        "shots": run.shots,
+        **result.run.header(),
         "episodes": result.episodes,
         "episodes_without_per_query_labels": result.missing,
         "classes": result.classes,

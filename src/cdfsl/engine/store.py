@@ -189,6 +189,24 @@ class RunRecord:
     episodes: int
     recipe: str | None = None
 
+    @property
+    def label(self) -> str:
+        """One line naming the run: method, run name, dataset, shots, backbone and id."""
+        name = f" {self.run_name}" if self.run_name else ""
+        return f"{self.method}{name} on {self.dataset}, {self.shots}-shot, {self.backbone} (run {self.run_id})"
+
+    def header(self) -> dict[str, Any]:
+        """What names the run in a JSON output: id, name, method, recipe, backbone, dataset, shots."""
+        return {
+            "run_id": self.run_id,
+            "run_name": self.run_name,
+            "method": self.method,
+            "recipe": self.recipe,
+            "backbone": self.backbone,
+            "dataset": self.dataset,
+            "shots": self.shots,
+        }
+
 
 @dataclass(frozen=True)
 class Pending:
