@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test lint format install clean
+.PHONY: demo test test-slow lint format install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,11 @@ demo: $(STAMP)
 	$(BIN)/cdfsl demo
 
 test: $(DEV_STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not slow"
+
+# Longer checks outside CI (tests marked slow).
+test-slow: $(DEV_STAMP)
+	$(BIN)/python -m pytest -m slow
 
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check src tests benchmarks

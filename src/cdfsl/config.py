@@ -42,6 +42,7 @@ MAX_ITERATIONS = 1_000_000  # the recipes train 100 or 250 steps; beyond this a 
 MAX_HORIZON = 1e6  # cosine period / iterations (8 in the recipes); from about 1e3 on the rate is constant anyway
 MAX_LR = 1e6  # an optimizer's step is lr / bias correction in float32: far larger rates overflow it
 LR_WHY = "a larger rate overflows the optimizer's float32 step"
+DECAY_WHY = "a larger decay overflows the optimizer's float32 step"
 MAX_WIDTH = 4096  # LoRA rank and VtT widths allocate per episode and block; wider than any CLIP's projections
 MAX_DEPTH = 64  # VtT's sequence layers and convolution kernel (2 and 4 in the recipes)
 
@@ -500,14 +501,14 @@ NUMERIC_RULES: dict[str, Rule] = {
         number("lora.dropout", 0, 1, high_open=True),
         number("prompt.lr", 0, MAX_LR, low_open=True, why=LR_WHY),
         number("prompt.momentum", 0, 1, high_open=True),
-        number("prompt.weight_decay", 0),
+        number("prompt.weight_decay", 0, MAX_LR, why=DECAY_WHY),
         number("augment.rotation", 0, 180, why="degrees either way"),
         number("augment.jitter", 0, 1),
         number("augment.flip_p", 0, 1),
         integer("train.iterations", 0, MAX_ITERATIONS),
         Rule("train.batch_size", _batch_size_allows, f"a positive integer or '{ALL_SUPPORT}'"),
         number("train.lr", 0, MAX_LR, low_open=True, why=LR_WHY),
-        number("train.weight_decay", 0),
+        number("train.weight_decay", 0, MAX_LR, why=DECAY_WHY),
         number("train.beta1", 0, 1, high_open=True),
         number("train.beta2", 0, 1, high_open=True),
         number("train.schedule_horizon", 0, MAX_HORIZON, low_open=True, why="the cosine period in train.iterations"),
@@ -530,7 +531,7 @@ NUMERIC_RULES: dict[str, Rule] = {
         integer("maple.depth", 1, MAX_DEPTH, why="checked against the backbone's depth when the method is built"),
         number("maple.lr", 0, MAX_LR, low_open=True, why=LR_WHY),
         number("maple.momentum", 0, 1, high_open=True),
-        number("maple.weight_decay", 0),
+        number("maple.weight_decay", 0, MAX_LR, why=DECAY_WHY),
         integer("maple.batch_size", 1),
         integer("maple.epochs", 1, MAX_ITERATIONS),
         integer("maple.warmup_epochs", 0, MAX_ITERATIONS),
