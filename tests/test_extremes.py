@@ -1,6 +1,6 @@
 """Every numeric setting at extreme values, on the three loops (LoRA with both plug-ins, CoOp + LoRA, MaPLe with both
 plug-ins): each is refused at validation, stops with a `TrainingError`, or trains to finite logits — never a raw
-exception. Slow (about a minute on 2 cores): `make test-slow`. It found `vtt.lr=1e300` and `prompt.weight_decay=1e300`
+exception. Slow (about 30 s on 2 cores): `make test-slow`. It found `vtt.lr=1e300` and `prompt.weight_decay=1e300`
 crashing the optimizers' float32 step."""
 
 from __future__ import annotations
