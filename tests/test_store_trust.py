@@ -593,3 +593,53 @@ def test_two_processes_share_one_run(tmp_path: Path) -> None:
     alone = make_config(tmp_path / "alone.sqlite", episodes=6, episode_batch=1)
     reference = Runner().run(alone)
     assert [list(pair) for pair in reference.per_episode] == done[0]["per_episode"]
+
+
+def test_two_openers_of_a_new_store_both_get_wal(tmp_path: Path) -> None:
+    """Two connections switching a new file to WAL at once: SQLite answers one of them SQLITE_BUSY at once (the
+    deadlock it refuses to wait on); the store retries, so both open. 100 rounds of two threads at a barrier."""
+    import threading
+
+    for round_ in range(100):
+        path = tmp_path / f"new{round_}.sqlite"
+        barrier, errors = threading.Barrier(2), []
+
+        def open_store(path: Path = path, barrier: threading.Barrier = barrier, errors: list = errors) -> None:  # type: ignore[type-arg]
+            barrier.wait()
+            try:
+                ResultStore(path).close()
+            except StoreError as error:
+                errors.append(error)
+
+        threads = [threading.Thread(target=open_store) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not errors, errors
+
+
+def test_a_busy_answer_to_the_wal_switch_is_retried(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The switch answered SQLITE_BUSY twice (as in the race above, made certain): the third try succeeds."""
+    answers = []
+
+    class Busy:
+        def __init__(self, connection: sqlite3.Connection) -> None:
+            self.connection = connection
+
+        def execute(self, sql: str, *args: object) -> sqlite3.Cursor:
+            if sql == "PRAGMA journal_mode=WAL" and len(answers) < 2:
+                answers.append(sql)
+                error = sqlite3.OperationalError("database is locked")
+                error.sqlite_errorcode = 5  # type: ignore[attr-defined]
+                raise error
+            return self.connection.execute(sql, *args)
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.connection, name)
+
+    original = ResultStore._connect
+    monkeypatch.setattr(ResultStore, "_connect", lambda self, *a, **k: Busy(original(self, *a, **k)))
+    with ResultStore(tmp_path / "s.sqlite") as store:
+        assert store._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert len(answers) == 2

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator
@@ -318,8 +319,7 @@ class ResultStore:
 
     def _prepare(self) -> None:
         """Switch to WAL, create missing tables and columns, and check that the file can be written."""
-        if self._db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-            self._db.execute("PRAGMA journal_mode=WAL").fetchall()
+        self._use_wal()
         with self._write() as db:
             for create in _TABLES.values():
                 db.execute(create)
@@ -331,6 +331,20 @@ class ResultStore:
             # A write that changes nothing: SQLite refuses it at once when the file cannot be written.
             db.execute("DELETE FROM claims WHERE 0")
             self._columns = {table: {row[1] for row in db.execute(f"PRAGMA table_info({table})")} for table in _TABLES}
+
+    def _use_wal(self) -> None:
+        """Put the file in WAL mode. Two processes opening a new store at once may both try: SQLite then answers one
+        of them SQLITE_BUSY at once (each holds the shared lock the other must see go), so a busy answer is retried
+        after a short random pause, until the file is in WAL mode or the busy timeout has passed."""
+        deadline = time.monotonic() + _BUSY_TIMEOUT_S
+        while self._db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL").fetchall()
+                return  # switched, or a mode SQLite keeps here (as before: the store works in it)
+            except sqlite3.OperationalError as error:
+                if _primary_code(error) not in (_SQLITE_BUSY, _SQLITE_LOCKED) or time.monotonic() > deadline:
+                    raise
+                time.sleep(random.uniform(0.01, 0.05))
 
     # ------------------------------------------------------------------------------------------------------
     # errors and transactions
