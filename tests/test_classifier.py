@@ -198,7 +198,7 @@ def test_merged_export_predicts_like_the_classifier_in_plain_open_clip(data, tmp
     plain = open_clip.create_model(exported["open_clip_model"], pretrained=str(weights)).eval()
     paths = [path for path, _ in test[:15]]
     context, _ = classifier._fitted
-    index = _path_index(paths, [0] * len(paths), ["?"], ["?"], check_classes=False)
+    index = _path_index(paths, [0] * len(paths), ["?"], ["?"], every_image=True)
     images = _batch(index, context, context.config, query=list(range(len(paths))), class_names=["?"]).query[0]
     with torch.no_grad():
         features = torch.nn.functional.normalize(plain.encode_image(images).float(), dim=-1)

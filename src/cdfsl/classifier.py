@@ -143,7 +143,7 @@ class FewShotClassifier:
         paths or every image in a folder (sorted by path)."""
         context, method = self._require_fitted()
         paths = _paths(images)
-        index = _path_index(paths, [0] * len(paths), ["?"], ["?"], check_classes=False)
+        index = _path_index(paths, [0] * len(paths), ["?"], ["?"], every_image=True)
         position = {key: i for i, key in enumerate(index.items)}
         keys = [_key(index.root, p) for p in paths]
         rows = []
@@ -337,10 +337,11 @@ def _key(root: Path | None, path: Path) -> str:
 
 
 def _path_index(
-    paths: list[Path], labels: list[int], keys: list[str], names: list[str], check_classes: bool = True
+    paths: list[Path], labels: list[int], keys: list[str], names: list[str], every_image: bool = False
 ) -> ImageIndex:
     """An `ImageIndex` of `paths` (root: their common folder) read by the datasets' rules; unreadable files are
-    named in a warning and left out (a class left without images is refused by the caller)."""
+    named in a warning and left out (a class left without images is refused by the caller), or, with
+    `every_image` (images to predict), refused."""
     import functools
     import os
 
@@ -354,7 +355,7 @@ def _path_index(
     pairs = [pair for pair, ok in zip(pairs, readable, strict=True) if ok]
     if not pairs:
         raise ConfigError(f"none of the {len(paths)} images can be read")
-    if not check_classes and len(pairs) < len(set(map(str, resolved))):
+    if every_image and len(pairs) < len(set(map(str, resolved))):
         raise ConfigError("some images cannot be read (named in the warning above); remove them from the list")
     return ImageIndex(
         name="images",

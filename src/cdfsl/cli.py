@@ -1004,34 +1004,15 @@ def classifier_paths(given: Path) -> list[Path]:
 def _predictions_text(rows: list[dict[str, Any]], format_: str) -> str:
     if format_ == "json":
         return json.dumps(rows, indent=2) + "\n"
-    lines = ["image,rank,class,probability"]
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["image", "rank", "class", "probability"])
     for row in rows:
-        lines += [f"{_csv_field(row['image'])},{r + 1},{_csv_field(c)},{p:.6f}" for r, (c, p) in enumerate(row["top"])]
-    return "\n".join(lines) + "\n"
-
-
-def _csv_field(text: str) -> str:
-    return '"' + text.replace('"', '""') + '"' if any(ch in text for ch in ',"\n') else text
-
-
-@app.command("export")
-@user_errors
-def export_command(
-    model: Annotated[Path, typer.Argument(help="A classifier saved by `cdfsl fit`.")],
-    merged: Annotated[
-        Path,
-        typer.Option(
-            help="Write the open_clip weights with LoRA merged here (.safetensors), and the class text features "
-            "beside it (<stem>.classes.json)."
-        ),
-    ],
-) -> None:
-    """Export a saved classifier as plain open_clip weights plus class text features (no cdfsl needed to use it)."""
-    from cdfsl.classifier import FewShotClassifier
-
-    check_output_file(merged, "--merged")
-    weights, sidecar = FewShotClassifier.load(model, device="cpu").export_merged(merged)
-    out.print(f"wrote {weights} and {sidecar}", highlight=False)
+        writer.writerows([row["image"], r + 1, c, f"{p:.6f}"] for r, (c, p) in enumerate(row["top"]))
+    return buffer.getvalue()
 
 
 @app.command("evaluate")

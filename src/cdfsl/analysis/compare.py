@@ -44,15 +44,21 @@ def find_run(runs: list[RunRecord], reference: str) -> RunRecord:
     )
 
 
+def stored_runs(store: ResultStore, reference: str | None = None) -> list[RunRecord]:
+    """Every run of `store`, or the one `reference` names (see `find_run`); a store without runs is a `StoreError`."""
+    runs = store.runs()
+    if not runs:
+        raise StoreError(f"result store {store.path} holds no runs")
+    return runs if reference is None else [find_run(runs, reference)]
+
+
 def compare_runs(store: ResultStore, first: str, second: str) -> dict[str, Any]:
     """Compare runs `first` (a) and `second` (b) of `store` on their shared episodes (module docstring).
 
     Returns plain numbers: `a`, `b` (run id, name, method, recipe, backbone, episodes, mean and ci95 in percent),
     `n`, `only_a`, `only_b`, `mean_diff`, `ci95`, `p_value` (Wilcoxon), `t_ci95` (None from 30 episodes on).
     """
-    runs = store.runs()
-    if not runs:
-        raise StoreError(f"result store {store.path} holds no runs")
+    runs = stored_runs(store)
     a, b = find_run(runs, first), find_run(runs, second)
     if a.run_id == b.run_id:
         raise ConfigError(f"{first!r} and {second!r} are the same run {a.run_id}")

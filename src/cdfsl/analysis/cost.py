@@ -203,23 +203,25 @@ def count_step(
     return StepCount(int(counter.get_total_flops()), method, parts, total)
 
 
+# The part each trained tensor of `Method.trained_state()` belongs to, by the name's first one or two components.
+_STATE_PARTS = {
+    "vision_lora": "vision_lora",
+    "text_lora": "text_lora",
+    "context": "prompt_context",
+    "prompts.context": "maple_context",
+    "prompts.compound": "maple_compound",
+    "prompts.weight": "maple_coupling",
+    "prompts.bias": "maple_coupling",
+}
+
+
 def _base_parts(method: LoraMethod | MapleMethod) -> dict[str, int]:
-    """Per-episode parameter counts of what the fitted base learned, by part."""
-    if isinstance(method, MapleMethod):
-        prompts = method.prompts
-        assert prompts is not None
-        return {
-            "maple_context": per_episode_count([prompts.context]),
-            "maple_compound": per_episode_count([prompts.compound]),
-            "maple_coupling": per_episode_count([prompts.weight, prompts.bias]),
-        }
+    """Per-episode parameter counts of what the fitted base learned (its `trained_state`), by part."""
     parts: dict[str, int] = {}
-    if method.lora is not None:
-        parts["vision_lora"] = parameter_count(method.lora)
-    if method.text_side.lora is not None:
-        parts["text_lora"] = parameter_count(method.text_side.lora)
-    if method.text_side.context is not None:
-        parts["prompt_context"] = per_episode_count([method.text_side.context])
+    for name, tensor in method.trained_state().items():
+        head = name.split(".")
+        part = _STATE_PARTS.get(".".join(head[:2])) or _STATE_PARTS[head[0]]
+        parts[part] = parts.get(part, 0) + per_episode_count([tensor])
     return parts
 
 

@@ -19,9 +19,9 @@ import numpy as np
 from rich.console import Group
 from rich.table import Table
 
-from cdfsl.analysis.compare import find_run
+from cdfsl.analysis.compare import stored_runs
+from cdfsl.analysis.per_class import markdown_table
 from cdfsl.engine.store import ResultStore, RunRecord
-from cdfsl.errors import StoreError
 
 CURVE_FORMATS = ("table", "markdown", "csv", "json")
 QUANTITY_ORDER = ("loss_ce", "loss_vtt", "dgso_cos", "sink_share")
@@ -66,11 +66,7 @@ def _order(name: str) -> tuple[int, str]:
 def run_curves(store: ResultStore, run: str | None = None) -> list[RunCurves]:
     """The curves of every run in `store`, or of the one `run` names (an id, a 4+ character prefix, a run name or
     the method of a single run); raises `StoreError` for an empty store or malformed curves."""
-    runs = store.runs()
-    if not runs:
-        raise StoreError(f"result store {store.path} holds no runs")
-    chosen = [find_run(runs, run)] if run is not None else runs
-    return [_summarise(record, store.episode_curves(record.run_id)) for record in chosen]
+    return [_summarise(record, store.episode_curves(record.run_id)) for record in stored_runs(store, run)]
 
 
 def _summarise(run: RunRecord, stored: dict[int, dict[str, list[float | None]] | None]) -> RunCurves:
@@ -135,9 +131,7 @@ def render_curves(results: list[RunCurves], fmt: str) -> str:
         lines: list[str] = []
         for curves in results:
             lines += [f"### {curves.label}", "", f"_{_note(curves)}_", ""]
-            header = _header(curves)
-            lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-            lines += ["| " + " | ".join(row) + " |" for row in _body(curves)]
+            lines += markdown_table(_header(curves), _body(curves))
             lines.append("")
         return "\n".join(lines).rstrip() + "\n"
     if fmt == "csv":

@@ -18,9 +18,8 @@ import numpy as np
 from rich.console import Group
 from rich.table import Table
 
-from cdfsl.analysis.compare import find_run
+from cdfsl.analysis.compare import stored_runs
 from cdfsl.engine.store import ResultStore, RunRecord
-from cdfsl.errors import StoreError
 
 # Above this many classes the terminal shows per-class accuracy only (CropDiseases has 38); csv, json and --plot
 # still carry the whole matrix.
@@ -73,11 +72,7 @@ class ClassResults:
 def per_class_results(store: ResultStore, run: str | None = None) -> list[ClassResults]:
     """Per-class results of every run in `store`, or of the one `run` names (an id, a 4+ character prefix, a run name or
     the method of a single run), in the store's order; raises `StoreError` for an empty store or a malformed record."""
-    runs = store.runs()
-    if not runs:
-        raise StoreError(f"result store {store.path} holds no runs")
-    chosen = [find_run(runs, run)] if run is not None else runs
-    return [_results_of(store, record) for record in chosen]
+    return [_results_of(store, record) for record in stored_runs(store, run)]
 
 
 def _results_of(store: ResultStore, run: RunRecord) -> ClassResults:
@@ -159,16 +154,18 @@ def _markdown(results: list[ClassResults]) -> str:
     lines: list[str] = []
     for result in results:
         lines += [f"### {result.label}", "", f"_{_note(result)}_", ""]
-        lines += _md_table(ACCURACY_HEADER, _accuracy_rows(result))
+        lines += markdown_table(ACCURACY_HEADER, _accuracy_rows(result))
         if 0 < len(result.classes) <= MAX_PRINTED_CLASSES:
             lines += ["", "Confusion (rows: true class, columns: predicted; % of the row's queries):", ""]
             body = [[name, *_shares(result, i)] for i, name in enumerate(result.classes)]
-            lines += _md_table(["true \\ predicted", *result.classes], body)
+            lines += markdown_table(["true \\ predicted", *result.classes], body)
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _md_table(header: list[str], body: list[list[str]]) -> list[str]:
+def markdown_table(header: list[str], body: list[list[str]]) -> list[str]:
+    """A markdown table's lines (a `|` in a cell escaped)."""
+
     def line(cells: list[str]) -> str:
         return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
 

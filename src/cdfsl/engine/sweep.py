@@ -81,10 +81,12 @@ class Sweep:
 
 @dataclass(frozen=True)
 class RunPlan:
-    """Where one run stands: `stored` of `total` episodes in the store, seconds per stored episode (median; None
-    when none is stored) and the estimate of the time left (None when nothing to estimate from)."""
+    """Where one run stands: its resolved config and identity, `stored` of `total` episodes in the store, seconds per
+    stored episode (median; None when none is stored), the estimate of the time left (None when nothing to estimate
+    from) and the mean accuracy and 95% half-width so far (None when nothing is stored)."""
 
     run: SweepRun
+    config: RunConfig  # resolved, on the planned device: what the run trains and stores
     run_id: str
     identity: dict[str, Any]
     total: int
@@ -192,6 +194,7 @@ def plan_sweep(sweep: Sweep, device: str | None = None, loads: Any = None) -> li
     from cdfsl.engine.context import LoadCache, build_context
     from cdfsl.engine.runner import run_identity
     from cdfsl.engine.store import ResultStore
+    from cdfsl.stats import mean_ci95
 
     loads = loads or LoadCache()
     plans: list[RunPlan] = []
@@ -208,12 +211,10 @@ def plan_sweep(sweep: Sweep, device: str | None = None, loads: Any = None) -> li
             per_episode = statistics.median(timings) if timings else None
             if per_episode is not None:
                 seconds.setdefault(_kind(run), []).append(per_episode)
-            mean = ci = None
-            if accuracies:
-                from cdfsl.stats import mean_ci95
-
-                mean, ci = mean_ci95(list(accuracies.values()))
-            plans.append(RunPlan(run, run_id, identity, total, len(accuracies), per_episode, None, mean, ci))
+            mean, ci = mean_ci95(list(accuracies.values())) if accuracies else (None, None)
+            plans.append(
+                RunPlan(run, context.config, run_id, identity, total, len(accuracies), per_episode, None, mean, ci)
+            )
     finally:
         if store is not None:
             store.close()
@@ -287,19 +288,18 @@ def run_ray(
     owner = _owner_id()
     stored = 0
     with ResultStore(sweep.db) as store:
-        pending: dict[Any, RunPlan] = {}
+        pending: dict[Any, tuple[RunPlan, dict[str, Any]]] = {}
         for plan in plans:
-            config = _on_device(plan.run.config, device)
+            fields = plan.config.to_dict()
             missing = sorted(set(range(plan.total)) - store.finished_episodes(plan.run_id))
-            for chunk in chunks(missing, config.episode_batch):
-                pending[task.remote(config.to_dict(), chunk)] = plan
+            for chunk in chunks(missing, plan.config.episode_batch):
+                pending[task.remote(fields, chunk)] = (plan, fields)
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             for ref in done:
-                plan = pending.pop(ref)
+                plan, fields = pending.pop(ref)
                 results = ray.get(ref)
-                config = _on_device(plan.run.config, device).resolved()
-                store.add_episodes(plan.run_id, results, owner=owner, config=config.to_dict(), identity=plan.identity)
+                store.add_episodes(plan.run_id, results, owner=owner, config=fields, identity=plan.identity)
                 stored += len(results)
                 if on_stored is not None:
                     on_stored(plan, len(results))

@@ -45,6 +45,22 @@ class Method(ABC):
         self.autocast_dtype = autocast_dtype
         self.on_step: Callable[[int, int], None] | None = None
         """Called with (step, steps) after each training step of `fit` (a progress bar); None: nothing."""
+        self._failure: TrainingError | None = None  # the last fit diverged: predicting from it is refused
+
+    def _end_fit(self, finite: Tensor, batch: EpisodeBatch) -> None:
+        """Close a fit: raise `TrainingError` naming the episodes whose training loss was not finite (`finite` `[E]`)
+        and remember it, so that predicting from the diverged fit is refused (`_refuse_after_failure`); `fit` clears
+        it when it starts."""
+        try:
+            raise_unless_finite(finite, batch, "the training loss", self.remedies())
+        except TrainingError as error:
+            self._failure = error
+            raise
+
+    def _refuse_after_failure(self) -> None:
+        """Raise `TrainingError` when the last fit diverged."""
+        if self._failure is not None:
+            raise TrainingError(f"cannot predict after a failed fit: {self._failure}")
 
     def autocast(self) -> AbstractContextManager[object]:
         """bf16 autocast on GPU when configured; a no-op in fp32."""

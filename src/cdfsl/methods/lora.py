@@ -28,8 +28,7 @@ from cdfsl.backbone.adapter import BlockInputHook, ClipAdapter, QkvProjection, V
 from cdfsl.backbone.lora import EpisodeLoRA
 from cdfsl.config import ALL_SUPPORT, RunConfig
 from cdfsl.data.episodes import EpisodeBatch
-from cdfsl.errors import TrainingError
-from cdfsl.methods.base import Method, Observer, observed, raise_unless_finite
+from cdfsl.methods.base import Method, Observer, observed
 from cdfsl.methods.text_side import TextSide
 from cdfsl.methods.training import (
     Curves,
@@ -77,7 +76,6 @@ class LoraMethod(Method):
         self.text_side = TextSide(backbone, config)
         self.lora: EpisodeLoRA | None = None
         self._records: list[dict[str, Any]] = []
-        self._failure: TrainingError | None = None  # the last fit diverged: predicting from it is refused
 
     @property
     def trains_vision(self) -> bool:
@@ -194,11 +192,7 @@ class LoraMethod(Method):
         self._records = merge_records(curves.records(), plugin_records)
         self.text_side.train(False)
         self.lora = lora
-        try:
-            raise_unless_finite(finite, batch, "the training loss", self.remedies())
-        except TrainingError as error:
-            self._failure = error
-            raise
+        self._end_fit(finite, batch)
 
     def _hook(self, tir_text: Tensor | None) -> BlockInputHook | None:
         if self.recalibration is None or tir_text is None:
@@ -231,8 +225,7 @@ class LoraMethod(Method):
         observe: Observer | None = None,
         keep_cls_attention: bool = False,
     ) -> VisionOutput:
-        if self._failure is not None:
-            raise TrainingError(f"cannot predict after a failed fit: {self._failure}")
+        self._refuse_after_failure()
         lora = self.lora
         hook = None
         if self.recalibration is not None and self.recalibration.at_prediction:

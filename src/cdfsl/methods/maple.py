@@ -71,8 +71,8 @@ from torch import Tensor, nn
 from cdfsl.backbone.adapter import ClipAdapter, VisionOutput
 from cdfsl.config import MapleConfig, RunConfig
 from cdfsl.data.episodes import EpisodeBatch
-from cdfsl.errors import ConfigError, TrainingError
-from cdfsl.methods.base import Method, Observer, observed, raise_unless_finite
+from cdfsl.errors import ConfigError
+from cdfsl.methods.base import Method, Observer, observed
 from cdfsl.methods.text_side import PromptTokens, placeholder_embeddings, text_block_index
 from cdfsl.methods.training import (
     Absorb,
@@ -191,7 +191,6 @@ class MapleMethod(Method):
             backbone, lambda name: f"{cfg.context} {name}.", ("maple.context", cfg.context, cfg.tokens)
         )
         self._records: list[dict[str, Any]] = []
-        self._failure: TrainingError | None = None  # the last fit diverged: predicting from it is refused
 
     # ------------------------------------------------------------------ text
     def _context_embeddings(self, words: str, n: int) -> Tensor:
@@ -322,11 +321,7 @@ class MapleMethod(Method):
             for e in range(len(batch))
         ]
         self._records = merge_records(epoch_records, curves.records(), plugin_records)
-        try:
-            raise_unless_finite(finite, batch, "the training loss", self.remedies())
-        except TrainingError as error:
-            self._failure = error
-            raise
+        self._end_fit(finite, batch)
 
     def logits(self, image_features: Tensor, text: Tensor) -> Tensor:
         """`exp(logit_scale) · cos` with the backbone's own learned scale, as the release (not `train.logit_scale`):
@@ -344,8 +339,7 @@ class MapleMethod(Method):
 
     # ------------------------------------------------------------------ prediction
     def _fitted(self) -> EpisodePrompts:
-        if self._failure is not None:
-            raise TrainingError(f"cannot predict after a failed fit: {self._failure}")
+        self._refuse_after_failure()
         if self.prompts is None:
             raise RuntimeError("MapleMethod has no prompts yet: call fit first")
         return self.prompts

@@ -25,6 +25,8 @@ from cdfsl.config import RunConfig
 from cdfsl.errors import ConfigError
 from cdfsl.seeding import torch_stream
 
+ALL_BLOCKS = "all"
+
 
 class ClassText:
     """Class prompt features of the frozen text tower, computed once per class name and reused across episodes.
@@ -32,12 +34,15 @@ class ClassText:
     Args:
         backbone: the adapter.
         template: prompt template with one `{}`.
-        layer: `None` for the final text feature, or a text block index (negative counts from the end) for the EOS
-            feature after that block through the final norm and projection.
+        layer: `None` for the final text feature, a text block index (negative counts from the end) for the EOS
+            feature after that block through the final norm and projection, or `ALL_BLOCKS` for those after every
+            block (one text pass; features `[E, K, L, C]`).
         normalize: L2-normalize the features (the raw ones feed VtT's release fusion).
     """
 
-    def __init__(self, backbone: ClipAdapter, template: str, layer: int | None = None, normalize: bool = True) -> None:
+    def __init__(
+        self, backbone: ClipAdapter, template: str, layer: int | str | None = None, normalize: bool = True
+    ) -> None:
         self.backbone = backbone
         self.template = template
         self.layer = layer
@@ -46,7 +51,8 @@ class ClassText:
 
     @torch.no_grad()
     def __call__(self, class_names: Sequence[Sequence[str]]) -> Tensor:
-        """Per-episode class names `[E][K]` → features `[E, K, C]` (fp32, computed once in fp32 outside autocast)."""
+        """Per-episode class names `[E][K]` → features `[E, K, C]` (`[E, K, L, C]` for `ALL_BLOCKS`; fp32, computed
+        once in fp32 outside autocast)."""
         missing = sorted({name for names in class_names for name in names} - self._cache.keys())
         if missing:
             with torch.autocast(self.backbone.device.type, enabled=False):
@@ -57,6 +63,8 @@ class ClassText:
         prompts = [self.template.format(name) for name in missing]
         if self.layer is None:
             features = self.backbone.text_features(prompts)
+        elif self.layer == ALL_BLOCKS:
+            features = self.backbone.text_layer_features(prompts).transpose(0, 1)  # [K, L, C]
         else:
             features = self.backbone.text_layer_features(prompts)[self.layer]
         features = features.float()
@@ -157,7 +165,8 @@ class TextSide:
         self.config = config
         self.context_words = config.prompt.context or ""
         self.text_lora = config.lora.towers in ("text", "both")
-        self._frozen: dict[int | None, ClassText] = {}
+        self._frozen_final = ClassText(backbone, config.train.template)  # normalized
+        self._frozen_blocks = ClassText(backbone, config.train.template, ALL_BLOCKS, normalize=False)  # raw
         self.context: nn.Parameter | None = None
         self.lora: EpisodeLoRA | None = None
         self._context_init: Tensor | None = None
@@ -227,7 +236,10 @@ class TextSide:
         depth = self.backbone.num_text_blocks
         blocks = [text_block_index(layer, depth, "text layer") for layer in layers]
         if not self.trainable:
-            return self._frozen_text(None)(class_names), [self._frozen_text(b)(class_names) for b in blocks]
+            if not blocks:
+                return self._frozen_final(class_names), []
+            every_block = self._frozen_blocks(class_names)  # [E, K, L, C], one text pass per class name
+            return self._frozen_final(class_names), [every_block[:, :, b] for b in blocks]
         tokens, pooled = self._tokens(class_names)
         e, k = tokens.shape[:2]
         if self.lora is not None:
@@ -247,12 +259,6 @@ class TextSide:
         )
         final = F.normalize(output.features.float(), dim=-1)
         return final, [] if output.layer_features is None else list(output.layer_features.float())
-
-    def _frozen_text(self, layer: int | None) -> ClassText:
-        """The frozen template's features: final (normalized) or after block `layer` (raw)."""
-        if layer not in self._frozen:
-            self._frozen[layer] = ClassText(self.backbone, self.config.train.template, layer, normalize=layer is None)
-        return self._frozen[layer]
 
     def trained_tensors(self) -> list[tuple[Tensor, int]]:
         """The text side's trained tensors for DGSO: the LoRA factors (`[E, P, ...]`) and the context (one)."""
