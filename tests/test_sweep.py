@@ -140,3 +140,20 @@ def test_the_shipped_paper_sweep_reads() -> None:
     sweep = load_sweep(Path(__file__).parents[1] / "sweeps" / "paper-main-table.toml")
     assert len(sweep.runs) == 32 and {r.config.resolved_episodes() for r in sweep.runs} == {800, 400}
     assert {r.config.dataset for r in sweep.runs} == {"eurosat", "isic2018", "cropdiseases", "chestx"}
+
+
+def test_planning_for_gpus_needs_none_here(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A driver without the workers' GPUs plans (and drives) their runs: the identity for `cuda` is the one a
+    CUDA machine computes (checked by pretending CUDA exists), and it differs from the CPU run's."""
+    import torch
+
+    from cdfsl.engine.context import build_context
+    from cdfsl.engine.runner import run_identity
+
+    sweep = load_sweep(sweep_file(tmp_path, tmp_path / "r.sqlite"))
+    on_gpu, on_cpu = plan_sweep(sweep, device="cuda"), plan_sweep(sweep, device="cpu")
+    assert all(p.config.device == "cuda" for p in on_gpu)
+    assert all(g.run_id != c.run_id for g, c in zip(on_gpu, on_cpu, strict=True))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for plan in on_gpu:
+        assert run_identity(build_context(plan.config))[0] == plan.run_id

@@ -42,22 +42,27 @@ from cdfsl.backbone.factory import resolve_activation, weights_identity
 from cdfsl.config import RunConfig, run_id_of
 from cdfsl.data.images import PREPROCESSING, ImageCache
 from cdfsl.data.index import ImageIndex
-from cdfsl.engine.context import LoadCache, RunContext, build_context
+from cdfsl.engine.context import LoadCache, RunContext, build_context, resolve_precision
 from cdfsl.engine.store import EpisodeQueries, EpisodeResult, ResultStore
 from cdfsl.errors import StoreError
 from cdfsl.methods import Method, build_method
 from cdfsl.stats import mean_ci95
 
 
-def run_identity(context: RunContext) -> tuple[str, dict[str, Any]]:
-    """(run id, identity) of a run context built with its dataset: what its id hashes (`RunConfig.identity`)."""
+def run_identity(context: RunContext, device: str | None = None) -> tuple[str, dict[str, Any]]:
+    """(run id, identity) of a run context built with its dataset: what its id hashes (`RunConfig.identity`).
+
+    `device` (`cpu`, `cuda`, …): the identity of the run on that device instead of the context's, which need not
+    exist here (a sweep planned, or driven, from a machine without the workers' GPUs)."""
     config = context.config
     index, _ = context.data()
+    precision, target = context.precision, context.device
+    if device is not None:
+        target = torch.device(device)
+        precision, _ = resolve_precision(config.train.precision, target)
     activation = resolve_activation(config.backbone, config.pretrained, config.activation)
     weights = weights_identity(config.pretrained)
-    identity = config.identity(
-        context.precision, index.fingerprint(), activation, context.device.type, PREPROCESSING, weights
-    )
+    identity = config.identity(precision, index.fingerprint(), activation, target.type, PREPROCESSING, weights)
     return run_id_of(identity), identity
 
 

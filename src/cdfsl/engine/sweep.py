@@ -202,9 +202,10 @@ def plan_sweep(sweep: Sweep, device: str | None = None, loads: Any = None) -> li
     store = ResultStore(sweep.db, read_only=True) if sweep.db.is_file() else None
     try:
         for run in sweep.runs:
-            config = _on_device(run.config, device)
-            context = build_context(config, loads)
-            run_id, identity = run_identity(context)
+            # The identity for `device` is computed without that device: the context itself is built on the CPU.
+            context = build_context(_on_device(run.config, "cpu" if device else None), loads)
+            run_id, identity = run_identity(context, device)
+            config = _on_device(context.config, device)
             total = context.config.resolved_episodes()
             accuracies = store.episode_accuracies(run_id, below=total) if store else {}
             timings = list(store.episode_seconds(run_id, below=total).values()) if store else []
@@ -212,9 +213,7 @@ def plan_sweep(sweep: Sweep, device: str | None = None, loads: Any = None) -> li
             if per_episode is not None:
                 seconds.setdefault(_kind(run), []).append(per_episode)
             mean, ci = mean_ci95(list(accuracies.values())) if accuracies else (None, None)
-            plans.append(
-                RunPlan(run, context.config, run_id, identity, total, len(accuracies), per_episode, None, mean, ci)
-            )
+            plans.append(RunPlan(run, config, run_id, identity, total, len(accuracies), per_episode, None, mean, ci))
     finally:
         if store is not None:
             store.close()
