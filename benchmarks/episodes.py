@@ -3,9 +3,10 @@
     python benchmarks/episodes.py [--device cpu|cuda] [--json PATH] [--batches 1,4] [--iterations N]
 
 CPU mode: the tiny model (random weights; speed does not depend on their values), 5-way 5-shot, a reduced number of
-iterations so the whole run takes a few minutes. GPU mode: ViT-B/16 with random weights, 5-way 5-shot, 250 iterations,
-bf16 autocast. Images are random tensors of the right shapes, so the data pipeline is not measured here
-(see `benchmarks/data_pipeline.py`).
+iterations so the whole run takes a few minutes. `--backbone NAME` takes any supported model (`cdfsl backbones`), e.g.
+the small member of each family (`small-clip`, `small-pe-core`, `small-siglip2`) or `PE-Core-B-16` on a GPU. GPU
+mode: ViT-B/16 with random weights, 5-way 5-shot, 250 iterations, bf16 autocast. Images are random tensors of the
+right shapes, so the data pipeline is not measured here (see `benchmarks/data_pipeline.py`).
 
 Every method runs the `--recipe` loop (default `vtt-release`, the baseline's: the ratios then measure what each plug-in
 adds to the same loop; `--recipe default` gives each method its own default recipe).

@@ -20,11 +20,23 @@ def test_clip_vits_run_and_other_towers_are_named(entries) -> None:  # type: ign
     for name in ("tiny", "ViT-B-16", "ViT-B-32", "ViT-L-14"):
         assert entries[name].supported and entries[name].vtt_release_fusion, name
     assert "openai" in entries["ViT-B-16"].tags and entries["ViT-L-14"].vision.startswith("24×1024")
-    assert "timm vision trunk" in entries["PE-Core-B-16"].reason
-    assert "timm vision trunk" in entries["ViT-B-16-SigLIP2"].reason
     assert "ModifiedResNet" in entries["RN50"].reason
     assert "Hugging Face text tower" in entries["roberta-ViT-B-32"].reason
     assert "CLS token" in entries["coca_ViT-B-32"].reason
+
+
+def test_the_papers_timm_families_run_with_their_diagnostics(entries) -> None:  # type: ignore[no-untyped-def]
+    pe_core, siglip = entries["PE-Core-B-16"], entries["ViT-B-16-SigLIP2"]
+    assert pe_core.supported and pe_core.family == "PE-Core" and pe_core.tags == ("meta",)
+    assert pe_core.vision == "12×768, 224px/16" and pe_core.text == "24×1024" and pe_core.embed_dim == 1024
+    assert pe_core.diagnostics == ("sink", "lost-layers", "cka") and pe_core.vtt_release_fusion
+    assert siglip.supported and siglip.family == "SigLIP" and "bidirectional" in siglip.text
+    assert siglip.diagnostics == ("lost-layers", "cka")  # no CLS token, no CLS attention
+    for name in ("small-clip", "small-pe-core", "small-siglip2"):
+        assert entries[name].supported, name
+    assert "EvaAttention" in entries["EVA02-B-16"].reason
+    assert "not one of timm's ViT or EVA models" in entries["convnext_base"].reason
+    assert "pools by 'token'" in entries["MobileCLIP2-L-14"].reason
 
 
 def test_a_depth_without_a_square_grid_needs_the_scanning_fusion() -> None:
@@ -33,9 +45,10 @@ def test_a_depth_without_a_square_grid_needs_the_scanning_fusion() -> None:
 
 
 def test_the_adapter_agrees_on_models_cheap_to_build(entries) -> None:  # type: ignore[no-untyped-def]
-    load_backbone("tiny", "none")  # supported: builds
+    for name in ("tiny", "small-pe-core", "small-siglip2"):
+        load_backbone(name, "none")  # supported: builds
     assert not entries["RN50"].supported
-    with pytest.raises(BackboneError, match="not an open_clip ViT CLIP"):
+    with pytest.raises(BackboneError, match="has a vision tower cdfsl cannot run"):
         load_backbone("RN50", "none")
 
 
@@ -44,4 +57,5 @@ def test_the_command_lists_and_explains() -> None:
     shown = runner.invoke(app, ["backbones"])
     assert shown.exit_code == 0 and "ViT-L-14" in shown.output and "--all" in shown.output
     everything = runner.invoke(app, ["backbones", "--all"])
-    assert "PE-Core-B-16" in everything.output and "timm vision trunk" in everything.output
+    assert "EVA02-B-16" in everything.output and "timm vision trunk" in everything.output
+    assert "PE-Core-B-16" in shown.output and "lost-layers, cka" in shown.output

@@ -181,10 +181,13 @@ def test_cli_fit_predict_evaluate(data, tmp_path: Path) -> None:
     assert refused.exit_code != 0 and "seven" in refused.output
 
 
-@pytest.mark.parametrize("method", ["lora", "coop+lora"])
-def test_merged_export_predicts_like_the_classifier_in_plain_open_clip(data, tmp_path: Path, method: str) -> None:
+@pytest.mark.parametrize(("method", "backbone"), [("lora", "tiny"), ("coop+lora", "tiny"), ("lora", "small-pe-core")])
+def test_merged_export_predicts_like_the_classifier_in_plain_open_clip(
+    data, tmp_path: Path, method: str, backbone: str
+) -> None:
     """The exported weights through open_clip's own `encode_image`, against the exported class text features, give
-    the classifier's probabilities (`coop+lora`: LoRA on both towers and a learned context, folded into the texts)."""
+    the classifier's probabilities (`coop+lora`: LoRA on both towers and a learned context, folded into the texts;
+    `small-pe-core`: LoRA merged into a timm trunk's packed q/k/v)."""
     import open_clip
     import torch
 
@@ -192,7 +195,8 @@ def test_merged_export_predicts_like_the_classifier_in_plain_open_clip(data, tmp
 
     root, test = data
     settings = {**FAST, "lora.towers": "both"} if method == "coop+lora" else FAST
-    classifier = FewShotClassifier(method, backbone="tiny", device="cpu", settings=settings).fit(root / "train")
+    pretrained = "openai" if backbone == "tiny" else "none"
+    classifier = FewShotClassifier(method, backbone, pretrained, device="cpu", settings=settings).fit(root / "train")
     weights, sidecar = classifier.export_merged(tmp_path / "merged.safetensors")
     exported = json.loads(sidecar.read_text())
     plain = open_clip.create_model(exported["open_clip_model"], pretrained=str(weights)).eval()

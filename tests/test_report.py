@@ -241,6 +241,9 @@ def test_best_ignores_quoted_rows(store: ResultStore) -> None:
     assert all(row["source"] and "CVPR 2026" in row["source"] for row in paper)
     mean5 = {row["label"]: row["cells"].get("mean/5-shot", {}).get("mean") for row in paper}
     assert mean5["TIR (paper)"] == 68.44 and mean5["CLIP-LoRA-Vision (paper)"] == 65.99
+    pe_core = {row["label"]: row for row in paper if row["backbone"] == "PE-Core"}
+    assert pe_core["PE-Core-LoRA + VtT (paper)"]["cells"]["mean/1-shot"]["mean"] == 61.00
+    assert pe_core["PE-Core-LoRA (paper)"]["cells"]["mean/1-shot"]["mean"] == 59.78
     assert all(not cell["best"] for row in paper for cell in row["cells"].values())
 
 

@@ -265,13 +265,14 @@ class FewShotClassifier:
         model = backbone.model
         names = {id(p): n for n, p in model.named_parameters()}
         state = {n: t.detach().cpu().clone().contiguous() for n, t in model.state_dict().items()}
-        towers = [(getattr(method, "lora", None), backbone.vision_blocks)]
         text_side = getattr(method, "text_side", None)
-        towers.append((getattr(text_side, "lora", None), backbone.text_blocks))
-        for lora, blocks in towers:
+        towers = [
+            (getattr(method, "lora", None), backbone.vision_qkv_weights()),
+            (getattr(text_side, "lora", None), backbone.text_qkv_weights()),
+        ]
+        for lora, weights in towers:
             if lora is None:
                 continue
-            weights = [block.attn.in_proj_weight for block in blocks]
             with torch.no_grad():
                 for weight, merged in zip(weights, lora.merged_weights(weights), strict=True):
                     state[names[id(weight)]] = merged[0].to(weight.dtype).cpu().contiguous()

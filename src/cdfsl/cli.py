@@ -156,6 +156,7 @@ RUN_OPTIONS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "seed": ("seed", int),
     "backbone": ("backbone", str),
     "pretrained": ("pretrained", str),
+    "tokenizer": ("tokenizer", lambda v: str(v) if v else None),
     "device": ("device", str),
     "db": ("db", str),
     "run_name": ("run_name", lambda v: v),
@@ -281,6 +282,10 @@ DatasetOption = Annotated[str | None, typer.Option(help=f"One of: {', '.join(DAT
 DataRootOption = Annotated[Path | None, typer.Option(help="Dataset folder (not needed for digits).")]
 BackboneOption = Annotated[str, typer.Option(help="open_clip model name, or 'tiny' for the embedded model.")]
 PretrainedOption = Annotated[str, typer.Option(help="Weights: a tag (openai, ...), a checkpoint PATH, or none.")]
+TokenizerOption = Annotated[
+    Path | None,
+    typer.Option(help="A local Hugging Face tokenizer folder (SigLIP2 offline); default: the backbone's own."),
+]
 ShotsOption = Annotated[int, typer.Option(help="Support images per class.")]
 IterationsOption = Annotated[
     int | None, typer.Option(help="Training iterations per episode (default: the recipe's, 250 or 100).")
@@ -318,6 +323,7 @@ def run_command(
     seed: Annotated[int, typer.Option(help="Seed of the episode sequence and every random stream.")] = 0,
     backbone: BackboneOption = DEFAULT_BACKBONE,
     pretrained: PretrainedOption = DEFAULT_PRETRAINED,
+    tokenizer: TokenizerOption = None,
     iterations: IterationsOption = None,
     episode_batch: Annotated[
         str | None,
@@ -778,7 +784,7 @@ ProbeEpisodes = Annotated[int, typer.Option(help="Episodes probed (0 … N-1 of 
 
 def probe_config(
     dataset: str | None, data_root: Path | None, backbone: str, pretrained: str, shots: int, iterations: int | None,
-    overrides: list[str] | None, method: str = "lora",
+    overrides: list[str] | None, method: str = "lora", tokenizer: Path | None = None,
 ) -> RunConfig:  # fmt: skip
     """The run config a probe prepares its episodes and training from (the defaults are `cdfsl run`'s)."""
     if dataset is None:
@@ -788,7 +794,7 @@ def probe_config(
         )
     config = RunConfig(
         dataset=dataset, data_root=str(data_root) if data_root else None, method=method, backbone=backbone,
-        pretrained=pretrained, shots=shots,
+        pretrained=pretrained, shots=shots, tokenizer=str(tokenizer) if tokenizer else None,
     )  # fmt: skip
     if iterations is not None:
         config.train.iterations = iterations
@@ -809,6 +815,7 @@ def diagnose_sink(
     data_root: DataRootOption = None,
     backbone: BackboneOption = DEFAULT_BACKBONE,
     pretrained: PretrainedOption = DEFAULT_PRETRAINED,
+    tokenizer: TokenizerOption = None,
     methods: Annotated[str, typer.Option(help="Comma-separated methods compared with the plain model.")] = "lora,tir",
     shots: ShotsOption = DEFAULT_SHOTS,
     episodes: ProbeEpisodes = 4,
@@ -820,7 +827,7 @@ def diagnose_sink(
 
     check_output_folder(output, "--out")
 
-    config = probe_config(dataset, data_root, backbone, pretrained, shots, iterations, set_)
+    config = probe_config(dataset, data_root, backbone, pretrained, shots, iterations, set_, tokenizer=tokenizer)
     result = sink_probe(config, tuple(m.strip() for m in methods.split(",")), episodes, output)
     table = Table(title=f"attention sink: deepest layer ({result['layers']} vision layers)")
     for column in ("condition", "accuracy (%)", "Sum = K share", "mean norm", "top-1% attention"):
@@ -841,6 +848,7 @@ def diagnose_lost_layers(
     data_root: DataRootOption = None,
     backbone: BackboneOption = DEFAULT_BACKBONE,
     pretrained: PretrainedOption = DEFAULT_PRETRAINED,
+    tokenizer: TokenizerOption = None,
     method: Annotated[str, typer.Option(help="The fine-tuned condition besides zero-shot.")] = "lora",
     gamma: Annotated[float, typer.Option(help="Factor on a block's residual update when emphasized.")] = 2.0,
     shots: ShotsOption = DEFAULT_SHOTS,
@@ -853,7 +861,7 @@ def diagnose_lost_layers(
 
     check_output_folder(output, "--out")
 
-    config = probe_config(dataset, data_root, backbone, pretrained, shots, iterations, set_)
+    config = probe_config(dataset, data_root, backbone, pretrained, shots, iterations, set_, tokenizer=tokenizer)
     result = lost_layers_probe(config, method, gamma, episodes, output)
     table = Table(title=f"lost layers: accuracy (%) over {result['text_blocks']} text blocks")
     for column in ("condition", "unmodified", "best removal", "worst removal", f"best γ={gamma}"):
@@ -879,6 +887,7 @@ def diagnose_cka(
     data_root: DataRootOption = None,
     backbone: BackboneOption = DEFAULT_BACKBONE,
     pretrained: PretrainedOption = DEFAULT_PRETRAINED,
+    tokenizer: TokenizerOption = None,
     method: Annotated[str, typer.Option(help="Without --other-dataset: compare before vs after this method.")] = "lora",
     other_dataset: Annotated[str | None, typer.Option(help="Compare with this dataset's images instead.")] = None,
     other_data_root: Annotated[Path | None, typer.Option(help="Folder of --other-dataset.")] = None,
@@ -893,11 +902,23 @@ def diagnose_cka(
 
     check_output_folder(output, "--out")
 
-    config = probe_config(dataset, data_root, backbone, pretrained, shots, iterations, set_, method)
+    config = probe_config(
+        dataset, data_root, backbone, pretrained, shots, iterations, set_, method, tokenizer=tokenizer
+    )
     other = None
     if other_dataset is not None:
         config.method = "zeroshot"
-        other = probe_config(other_dataset, other_data_root, backbone, pretrained, shots, iterations, set_, "zeroshot")
+        other = probe_config(
+            other_dataset,
+            other_data_root,
+            backbone,
+            pretrained,
+            shots,
+            iterations,
+            set_,
+            "zeroshot",
+            tokenizer=tokenizer,
+        )
     result = cka_probe(config, other, tuple(m.strip() for m in masks.split(",")), episodes, output)
     table = Table(title=f"linear CKA per vision layer (n = {result['n']})")
     table.add_column("mask")
@@ -916,6 +937,7 @@ def fit_command(
     method: Annotated[str, typer.Option(help="Any method of `cdfsl methods`.")] = "lora",
     backbone: BackboneOption = DEFAULT_BACKBONE,
     pretrained: PretrainedOption = DEFAULT_PRETRAINED,
+    tokenizer: TokenizerOption = None,
     recipe: Annotated[str | None, typer.Option(help="Training recipe (default: the method's).")] = None,
     shots: Annotated[
         int | None, typer.Option(help="Use K images per class, drawn by --seed (default: every image).")
@@ -929,6 +951,8 @@ def fit_command(
 
     check_output_folder(output, "--out")
     settings = dict(_assignment(a) for a in set_ or [])
+    if tokenizer is not None:
+        settings["tokenizer"] = str(tokenizer)
     classifier = FewShotClassifier(method, backbone, pretrained, recipe, device, seed, settings)
     with progress_bar() as bar:
         task = bar.add_task(f"fit {method}", total=None, accuracy="")
@@ -1069,17 +1093,25 @@ def evaluate_command(
 def backbones_command(
     all_: Annotated[bool, typer.Option("--all", help="Also list the models cdfsl cannot run yet, with why.")] = False,
 ) -> None:
-    """The open_clip models cdfsl runs (every method and diagnostic), their towers and pretrained tags."""
+    """The open_clip models cdfsl runs (every method; the diagnostics each supports), their towers and weights."""
     from cdfsl.backbone.catalog import catalogue
+    from cdfsl.registry import method_names
 
     entries = catalogue()
     supported = [e for e in entries if e.supported]
-    table = Table(title=f"{len(supported)} of {len(entries)} open_clip models run in cdfsl", title_justify="left")
-    for column in ("name", "vision", "text", "C", "VtT release fusion", "pretrained tags"):
+    table = Table(
+        title=f"{len(supported)} of {len(entries)} open_clip models run in cdfsl, each with all "
+        f"{len(method_names())} methods (`cdfsl methods`)",
+        title_justify="left",
+    )
+    for column in ("name", "family", "vision", "text", "C", "VtT release fusion", "diagnostics", "pretrained tags"):
         table.add_column(column, overflow="fold")
     for entry in supported:
         fusion = "yes" if entry.vtt_release_fusion else "no: --set vtt.fusion=ssm"
-        row = [entry.name, entry.vision, entry.text, str(entry.embed_dim), fusion, ", ".join(entry.tags) or "–"]
+        row = [
+            entry.name, entry.family, entry.vision, entry.text, str(entry.embed_dim), fusion,
+            ", ".join(entry.diagnostics), ", ".join(entry.tags) or "–",
+        ]  # fmt: skip
         table.add_row(*row)
     out.print(table)
     others = [e for e in entries if not e.supported]
@@ -1091,7 +1123,7 @@ def backbones_command(
             rest.add_row(entry.name, entry.reason)
         out.print(rest)
     else:
-        out.print(f"{len(others)} more (timm trunks such as SigLIP2 and PE-Core, ResNets, HF text towers): --all")
+        out.print(f"{len(others)} more (ResNets, ConvNeXt and EVA trunks, Hugging Face text towers): --all")
 
 
 SweepFile = Annotated[Path, typer.Argument(help="The sweep file (TOML; see docs/sweeps.md).")]

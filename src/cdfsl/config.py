@@ -177,6 +177,7 @@ class RunConfig:
     backbone: str = "ViT-B-16"
     pretrained: str = "openai"
     activation: str = "auto"  # gelu or quickgelu; auto: from the model name, tag or checkpoint (docs/protocol.md)
+    tokenizer: str | None = None  # a local Hugging Face tokenizer folder; None: the backbone's own (docs/backbones.md)
     device: str = "auto"
     episode_batch: int = 1
     db: str = "results.sqlite"
@@ -304,13 +305,16 @@ class RunConfig:
         device: str = "cpu",
         images: str = "",
         weights: str | None = None,
+        tokenizer: str | None = None,
     ) -> dict[str, Any]:
         """The fields that determine per-episode results, on the resolved config; `run_id` hashes them.
 
         Besides the config: the resolved precision, the dataset index fingerprint, the resolved activation, the device
         type of trained methods (their dropout masks come from generators on the compute device, which draw differently
         on CPU and CUDA), the image preprocessing rule, and `weights`: what identifies the pretrained weights (a
-        checkpoint file's content digest; defaults to `pretrained` itself, right for tags and `none`). Leaves out what
+        checkpoint file's content digest; defaults to `pretrained` itself, right for tags and `none`), and
+        `tokenizer`: the digest of a `--tokenizer` folder's files (present only when one is given, so runs with the
+        model's own tokenizer keep the identity they had before the option existed). Leaves out what
         never changes an episode's outcome (how many episodes, the episode batch, where results go) and the sections
         of methods the run does not use.
         """
@@ -331,6 +335,8 @@ class RunConfig:
             "images": images,
             "train": {**dataclasses.asdict(config.train), "precision": precision},
         }
+        if config.tokenizer is not None:
+            ident["tokenizer"] = tokenizer or config.tokenizer
         if config.trains:
             ident["device"] = device
         else:

@@ -424,7 +424,7 @@ def _add_quoted(
             if Column(dataset, result.shots) in columns:
                 cells[(row, Column(dataset, result.shots))] = Cell(value, math.nan, 0, source=result.source)
     notes.append(
-        "rows marked (paper) quote published numbers (5-way, ViT-B/16, mean of "
+        "rows marked (paper) quote published numbers (5-way, on the backbone in their row, mean of "
         + ", ".join(BENCHMARKS)
         + "); they are not measured here: "
         + "; ".join(sorted({result.source for result in results}))

@@ -47,7 +47,7 @@ from cdfsl.analysis.probe_setup import (
 from cdfsl.backbone.adapter import ClipAdapter
 from cdfsl.config import METHODS, RunConfig
 from cdfsl.engine.runner import Runner
-from cdfsl.errors import ConfigError
+from cdfsl.errors import BackboneError, ConfigError
 from cdfsl.methods.tir import resolve_blocks
 from cdfsl.registry import split_method
 
@@ -148,6 +148,11 @@ def sink_probe(
     methods = _check_methods(methods)
     setup = prepare(config, runner)
     backbone = setup.backbone
+    if not backbone.has_cls_token:
+        raise BackboneError(
+            f"the sink probe measures the CLS token's attention and {config.backbone} has no CLS token (SigLIP pools "
+            "by attention); its other diagnostics (lost-layers, cka) run, see `cdfsl backbones`"
+        )
     layers, classes = backbone.num_vision_blocks, config.ways
     if overlay_layer is None:
         overlay_layer = resolve_blocks(config.tir.blocks, layers)[-1]
@@ -245,7 +250,7 @@ def _observer(
     `[E, B, M]` and class marks `[E, B, K, M]` for the attention statistics and the overlays."""
 
     def observe(layer: int, x: Tensor) -> None:
-        patches = x[:, :, 1:].float()
+        patches = x[:, :, backbone.patch_start : backbone.image_tokens].float()
         marks = class_marks(backbone, patches, text, ratio)
         votes = marks.sum(dim=-2)
         votes_by_layer[layer], marks_by_layer[layer] = votes, marks

@@ -11,16 +11,20 @@ tokens written into prompt slots at block inputs of either tower (MaPLe; see `en
 
 Deep prompts, the same rule in both towers: `prompts[l]` holds the P prompt tokens at the input of block l, for
 l < J = len(prompts); blocks J and later carry on whatever block J - 1 made of the P slots (the MaPLe release does not
-drop them). Vision: the slots are P extra tokens after the CLS and patch tokens; `prompts[0]` is appended to the
-embedded image before `ln_pre` (without positional embedding), `prompts[l >= 1]` replace the last P tokens entering
-block l. The pooled output stays the CLS token (index 0), and patches keep indices 1..M. Text: the slots are the P
-positions after the start token; `prompts[0]` replaces those token embeddings before the positional embedding is
-added, `prompts[l >= 1]` replace the P hidden tokens entering block l. Prompts are `[E, P, D]` (shared by an
+drop them). Vision: the slots are P extra tokens after the image's own (CLS and patch) tokens; `prompts[0]` is
+appended to the embedded image before the pre-norm (without positional embedding), `prompts[l >= 1]` replace the last
+P tokens entering block l. The pooled output is still pooled from the image's own tokens, and patches keep their
+indices. Text: the slots are the positions of the first P words (after the start token, if the tokenizer has one);
+`prompts[0]` replaces those token embeddings before the positional embedding is added, `prompts[l >= 1]` replace the P
+hidden tokens entering block l. Prompts are `[E, P, D]` (shared by an
 episode's images or prompts) or `[E, B, P, D]` (one set per image or prompt).
 
-Supported: open_clip `CLIP`/`CustomTextCLIP` models whose towers are open_clip `VisionTransformer` and
-`TextTransformer`-style stacks of `ResidualAttentionBlock` (OpenAI CLIP, LAION and DataComp ViTs, the tiny model).
-Timm- or Hugging Face-based towers are rejected with a clear error.
+Vision towers: open_clip's own `VisionTransformer` (OpenAI CLIP, LAION and DataComp ViTs, the tiny model;
+`ClipVisionTower` below) or a timm trunk inside open_clip's `TimmModel` (PE-Core, SigLIP / SigLIP2;
+`cdfsl.backbone.timm_vision`). Both give the `VisionTower` interface; the image tokens are `prefix` tokens (a CLS token
+or none), then the M patches, then any prompt tokens. Text towers: open_clip's `TextTransformer` of
+`ResidualAttentionBlock`s, causal with end-token pooling (CLIP, PE-Core) or bidirectional with last-token pooling
+(SigLIP). Hugging Face text towers and ResNets are rejected with a clear error.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cdfsl.backbone.timm_vision import TimmVisionTower
 from cdfsl.errors import BackboneError
 
 
@@ -61,7 +66,8 @@ class VisionOutput:
 
     Attributes:
         features: final image features `[E, B, C]` (not normalized).
-        layer_features: CLS after every block through the final norm and projection, `[L, E, B, C]` (if asked).
+        layer_features: the pooled feature after every block (the tower's own pooling and projection), `[L, E, B, C]`
+            (if asked).
         block_inputs: hidden tokens entering each block (after any recalibration), list of `[E, B, T, D]` (if asked).
         cls_attention: per block, the CLS query's attention over all tokens `[E, B, heads, T]` (if asked).
     """
@@ -102,6 +108,159 @@ class TextPrefix:
     mask: Tensor
 
 
+def _split_heads(block: nn.Module, qkv: Tensor) -> Tensor:
+    """Fused `qkv` `[N, T, 3D]` of an open_clip block → stacked q, k, v `[3, N, heads, T, D/heads]`."""
+    n, t, d3 = qkv.shape
+    heads = block.attn.num_heads
+    return qkv.view(n, t, 3, heads, d3 // (3 * heads)).permute(2, 0, 3, 1, 4)
+
+
+def _attention(
+    block: nn.Module,
+    x: Tensor,
+    qkv: Tensor,
+    attn_mask: Tensor | None,
+    want_cls_attention: bool = False,
+    prefix: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Multi-head attention of open_clip `block` from a precomputed fused `qkv` `[N, T, 3D]`; returns `[N, T, D]`.
+
+    `prefix`: cached keys and values `[1, heads, P, D/heads]` of P earlier tokens, attended before x's own (then
+    `attn_mask` is `[T, P + T]`). With `want_cls_attention`, also the CLS query's attention weights `[N, heads, T]`.
+    """
+    attn: nn.MultiheadAttention = block.attn
+    n, t, d = x.shape
+    q, k, v = _split_heads(block, qkv)
+    if prefix is not None:
+        k = torch.cat([prefix[0].expand(n, -1, -1, -1), k], dim=2)
+        v = torch.cat([prefix[1].expand(n, -1, -1, -1), v], dim=2)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    cls_attention = None
+    if want_cls_attention:
+        logits = (q[:, :, :1] @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
+        cls_attention = logits.float().softmax(dim=-1)[:, :, 0]
+    out = out.transpose(1, 2).reshape(n, t, d)
+    return F.linear(out, attn.out_proj.weight, attn.out_proj.bias), cls_attention
+
+
+def _mlp(block: nn.Module, x: Tensor) -> Tensor:
+    return block.ls_2(block.mlp(block.ln_2(x)))
+
+
+class VisionTower(Protocol):
+    """What the adapter needs of a vision tower; `ClipVisionTower` (open_clip ViTs) and
+    `cdfsl.backbone.timm_vision.TimmVisionTower` (timm trunks) give it.
+
+    Attributes: `blocks`; `width` D; `image_size`; `num_patches` M; `prefix_tokens` (tokens before the patches: 1 for
+    a CLS token, 0 without); `has_cls` (whether token 0 is a CLS token).
+    """
+
+    width: int
+    image_size: int
+    num_patches: int
+    prefix_tokens: int
+    has_cls: bool
+
+    @property
+    def blocks(self) -> nn.ModuleList: ...
+
+    def qkv_parameters(self, layer: int) -> tuple[Tensor, Tensor | None]:
+        """Frozen fused q/k/v weight `[3D, D]` and bias `[3D]` (or None) of block `layer`."""
+        ...
+
+    def embed(self, images: Tensor, prompts: Tensor | None = None) -> Tensor:
+        """Normalized images `[N, 3, H, W]` (and prompts `[N, P, D]`) → tokens entering block 0 `[N, T, D]`."""
+        ...
+
+    def block(
+        self, layer: int, x: Tensor, qkv_projection: QkvProjection, want_cls_attention: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        """Block `layer` over `[E, B, T, D]`; also the CLS query's attention `[E, B, heads, T]` when asked."""
+        ...
+
+    def pool(self, x: Tensor) -> Tensor:
+        """Image tokens `[..., prefix + M, D]` → pooled features in the joint space `[..., C]` (not normalized)."""
+        ...
+
+    def project_tokens(self, tokens: Tensor) -> Tensor:
+        """Hidden tokens `[..., D]` → per-token features in the joint space `[..., C]` (not normalized)."""
+        ...
+
+
+class ClipVisionTower:
+    """open_clip's own `VisionTransformer`: a CLS token, learned positions, pooled by the CLS token through `ln_post`
+    and `proj` (per-token features take the same path)."""
+
+    prefix_tokens = 1
+    has_cls = True
+
+    def __init__(self, visual: nn.Module, name: str) -> None:
+        needed = ("conv1", "class_embedding", "positional_embedding", "transformer", "ln_post", "proj")
+        if not all(hasattr(visual, a) for a in needed):
+            raise BackboneError(
+                f"backbone {name!r} has a vision tower cdfsl cannot run (a ResNet or another design); choose a ViT "
+                "such as ViT-B-16, PE-Core-B-16 or ViT-B-16-SigLIP2 (`cdfsl backbones` lists them)"
+            )
+        if not all(isinstance(getattr(b, "attn", None), nn.MultiheadAttention) for b in visual.transformer.resblocks):
+            raise BackboneError(f"backbone {name!r} uses custom attention blocks, which cdfsl does not support")
+        if getattr(visual, "attn_pool", None) is not None or visual.pool_type != "tok":
+            raise BackboneError(f"backbone {name!r} does not pool the CLS token; cdfsl needs a CLS-token ViT")
+        if not getattr(visual.transformer, "batch_first", True):
+            raise BackboneError(f"backbone {name!r} runs its transformer sequence-first; not supported")
+        self.visual = visual
+        self.width = int(visual.class_embedding.shape[0])
+        size = visual.image_size
+        self.image_size = int(size[0] if isinstance(size, tuple | list) else size)
+        self.num_patches = int(visual.positional_embedding.shape[0]) - 1
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.visual.transformer.resblocks
+
+    def qkv_parameters(self, layer: int) -> tuple[Tensor, Tensor | None]:
+        attn = self.blocks[layer].attn
+        return attn.in_proj_weight, attn.in_proj_bias
+
+    def embed(self, images: Tensor, prompts: Tensor | None = None) -> Tensor:
+        """Normalized images `[N, 3, H, W]` → tokens entering block 0 `[N, 1 + M, D]`.
+
+        `prompts` `[N, P, D]`: tokens appended after the patch tokens, after the positional embedding and before
+        `ln_pre` (deep prompting's first-block prompts, as VPT and MaPLe add them); then the result is
+        `[N, 1 + M + P, D]`.
+        """
+        visual = self.visual
+        x = visual.conv1(images.to(visual.conv1.weight.dtype))
+        x = x.flatten(2).transpose(1, 2)
+        cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)
+        if prompts is not None:
+            x = torch.cat([x, prompts.to(x.dtype)], dim=1)
+        return visual.ln_pre(x)
+
+    def block(
+        self, layer: int, x: Tensor, qkv_projection: QkvProjection, want_cls_attention: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        block = self.blocks[layer]
+        e, b, t, d = x.shape
+        h = block.ln_1(x)
+        attn = block.attn
+        qkv = qkv_projection(layer, h.reshape(e, b * t, d), attn.in_proj_weight, attn.in_proj_bias)
+        attended, cls_attention = _attention(
+            block, x.reshape(e * b, t, d), qkv.reshape(e * b, t, 3 * d), None, want_cls_attention
+        )
+        x = x + block.ls_1(attended).reshape(e, b, t, d)
+        x = x + _mlp(block, x)
+        if cls_attention is not None:
+            cls_attention = cls_attention.reshape(e, b, *cls_attention.shape[1:])
+        return x, cls_attention
+
+    def pool(self, x: Tensor) -> Tensor:
+        return self.project_tokens(x[..., 0, :])
+
+    def project_tokens(self, tokens: Tensor) -> Tensor:
+        return self.visual.ln_post(tokens) @ self.visual.proj
+
+
 class ClipAdapter(nn.Module):
     """A frozen open_clip CLIP model seen through one small interface.
 
@@ -130,35 +289,29 @@ class ClipAdapter(nn.Module):
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(3, 1, 1), persistent=False)
         self.visual = model.visual
         self.text = model.text if hasattr(model, "text") else model
-        self._check_supported()
+        self.vision_tower: VisionTower = (
+            TimmVisionTower(self.visual, name) if hasattr(self.visual, "trunk") else ClipVisionTower(self.visual, name)
+        )
+        self._check_text_supported()
+        self._text_start: int | None = None
 
     # ------------------------------------------------------------------ structure
-    def _check_supported(self) -> None:
-        visual, text = self.visual, self.text
-        needed_visual = ("conv1", "class_embedding", "positional_embedding", "transformer", "ln_post", "proj")
-        needed_text = (
-            "token_embedding",
-            "positional_embedding",
-            "transformer",
-            "ln_final",
-            "text_projection",
-        )
-        if not all(hasattr(visual, a) for a in needed_visual) or not all(hasattr(text, a) for a in needed_text):
+    def _check_text_supported(self) -> None:
+        text = self.text
+        needed = ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection")
+        if not all(hasattr(text, a) for a in needed):
             raise BackboneError(
-                f"backbone {self.name!r} is not an open_clip ViT CLIP (timm/HF towers are not supported yet); "
-                "choose an OpenAI/LAION ViT model such as ViT-B-16"
+                f"backbone {self.name!r} has a Hugging Face or other text tower, which cdfsl does not run; choose a "
+                "model with open_clip's own text transformer (`cdfsl backbones` lists them)"
             )
-        blocks = list(visual.transformer.resblocks) + list(text.transformer.resblocks)
-        if not all(isinstance(getattr(b, "attn", None), nn.MultiheadAttention) for b in blocks):
+        if not all(isinstance(getattr(b, "attn", None), nn.MultiheadAttention) for b in text.transformer.resblocks):
             raise BackboneError(f"backbone {self.name!r} uses custom attention blocks, which cdfsl does not support")
-        if getattr(visual, "attn_pool", None) is not None or visual.pool_type != "tok":
-            raise BackboneError(f"backbone {self.name!r} does not pool the CLS token; cdfsl needs a CLS-token ViT")
-        if not getattr(visual.transformer, "batch_first", True) or not getattr(text.transformer, "batch_first", True):
+        if not getattr(text.transformer, "batch_first", True):
             raise BackboneError(f"backbone {self.name!r} runs its transformer sequence-first; not supported")
 
     @property
     def vision_blocks(self) -> nn.ModuleList:
-        return self.visual.transformer.resblocks
+        return self.vision_tower.blocks
 
     @property
     def text_blocks(self) -> nn.ModuleList:
@@ -174,7 +327,7 @@ class ClipAdapter(nn.Module):
 
     @property
     def vision_width(self) -> int:
-        return int(self.visual.class_embedding.shape[0])
+        return self.vision_tower.width
 
     @property
     def text_width(self) -> int:
@@ -182,66 +335,51 @@ class ClipAdapter(nn.Module):
 
     @property
     def embed_dim(self) -> int:
-        return int(self.visual.proj.shape[1])
+        """C, the joint space's width (read from the text tower's projection; the vision tower ends there too)."""
+        projection = self.text.text_projection
+        if projection is None:
+            return self.text_width
+        return int(projection.out_features if isinstance(projection, nn.Linear) else projection.shape[1])
 
     @property
     def image_size(self) -> int:
-        size = self.visual.image_size
-        return int(size[0] if isinstance(size, tuple | list) else size)
+        return self.vision_tower.image_size
 
     @property
     def num_patches(self) -> int:
-        return int(self.visual.positional_embedding.shape[0]) - 1
+        return self.vision_tower.num_patches
+
+    @property
+    def patch_start(self) -> int:
+        """Index of the first patch token (1 after a CLS token, 0 without one); patches are `patch_start` ..
+        `image_tokens - 1`, and prompt tokens, when there are any, follow them."""
+        return self.vision_tower.prefix_tokens
+
+    @property
+    def image_tokens(self) -> int:
+        """Tokens of an image before any prompt tokens: prefix (CLS) and patches."""
+        return self.vision_tower.prefix_tokens + self.vision_tower.num_patches
+
+    @property
+    def has_cls_token(self) -> bool:
+        return self.vision_tower.has_cls
+
+    def vision_qkv_weights(self) -> list[Tensor]:
+        """The frozen fused q/k/v weight `[3D, D]` of every vision block (what vision LoRA updates)."""
+        return [self.vision_tower.qkv_parameters(layer)[0] for layer in range(self.num_vision_blocks)]
+
+    def text_qkv_weights(self) -> list[Tensor]:
+        """The frozen fused q/k/v weight `[3W, W]` of every text block."""
+        return [block.attn.in_proj_weight for block in self.text_blocks]
 
     @property
     def device(self) -> torch.device:
-        return self.visual.proj.device
+        return self.model.logit_scale.device
 
     @property
     def logit_scale(self) -> float:
         """The model's own learned logit scale, `exp(logit_scale)` (100 for OpenAI CLIP; 1/0.07 untrained)."""
         return float(self.model.logit_scale.detach().exp())
-
-    # ------------------------------------------------------------------ shared block pieces
-    @staticmethod
-    def _split_heads(block: nn.Module, qkv: Tensor) -> Tensor:
-        """Fused `qkv` `[N, T, 3D]` → stacked q, k, v `[3, N, heads, T, D/heads]`."""
-        n, t, d3 = qkv.shape
-        heads = block.attn.num_heads
-        return qkv.view(n, t, 3, heads, d3 // (3 * heads)).permute(2, 0, 3, 1, 4)
-
-    @classmethod
-    def _attention(
-        cls,
-        block: nn.Module,
-        x: Tensor,
-        qkv: Tensor,
-        attn_mask: Tensor | None,
-        want_cls_attention: bool = False,
-        prefix: tuple[Tensor, Tensor] | None = None,
-    ) -> tuple[Tensor, Tensor | None]:
-        """Multi-head attention of `block` from a precomputed fused `qkv` `[N, T, 3D]`; returns `[N, T, D]`.
-
-        `prefix`: cached keys and values `[1, heads, P, D/heads]` of P earlier tokens, attended before x's own (then
-        `attn_mask` is `[T, P + T]`). With `want_cls_attention`, also the CLS query's attention weights `[N, heads, T]`.
-        """
-        attn: nn.MultiheadAttention = block.attn
-        n, t, d = x.shape
-        q, k, v = cls._split_heads(block, qkv)
-        if prefix is not None:
-            k = torch.cat([prefix[0].expand(n, -1, -1, -1), k], dim=2)
-            v = torch.cat([prefix[1].expand(n, -1, -1, -1), v], dim=2)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        cls_attention = None
-        if want_cls_attention:
-            logits = (q[:, :, :1] @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
-            cls_attention = logits.float().softmax(dim=-1)[:, :, 0]
-        out = out.transpose(1, 2).reshape(n, t, d)
-        return F.linear(out, attn.out_proj.weight, attn.out_proj.bias), cls_attention
-
-    @staticmethod
-    def _mlp(block: nn.Module, x: Tensor) -> Tensor:
-        return block.ls_2(block.mlp(block.ln_2(x)))
 
     # ------------------------------------------------------------------ vision
     def normalize(self, images: Tensor) -> Tensor:
@@ -249,20 +387,9 @@ class ClipAdapter(nn.Module):
         return (images - self.mean) / self.std
 
     def embed_images(self, images: Tensor, prompts: Tensor | None = None) -> Tensor:
-        """Normalized images `[N, 3, H, W]` → tokens entering block 0 `[N, 1 + M, D]`.
-
-        `prompts` `[N, P, D]`: tokens appended after the patch tokens, after the positional embedding and before
-        `ln_pre` (deep prompting's first-block prompts, as VPT and MaPLe add them); then the result is
-        `[N, 1 + M + P, D]`.
-        """
-        visual = self.visual
-        x = visual.conv1(images.to(visual.conv1.weight.dtype))
-        x = x.flatten(2).transpose(1, 2)
-        cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)
-        if prompts is not None:
-            x = torch.cat([x, prompts.to(x.dtype)], dim=1)
-        return visual.ln_pre(x)
+        """Normalized images `[N, 3, H, W]` → tokens entering block 0 `[N, image_tokens (+ P), D]` (`prompts`
+        `[N, P, D]` appended after the patches before the tower's pre-norm)."""
+        return self.vision_tower.embed(images, prompts)
 
     def vision_block(
         self,
@@ -272,23 +399,16 @@ class ClipAdapter(nn.Module):
         want_cls_attention: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
         """One vision block over E episodes: `x` `[E, B, T, D]` → `[E, B, T, D]` (and CLS attention `[E, B, H, T]`)."""
-        block = self.vision_blocks[layer]
-        e, b, t, d = x.shape
-        h = block.ln_1(x)
-        attn = block.attn
-        qkv = qkv_projection(layer, h.reshape(e, b * t, d), attn.in_proj_weight, attn.in_proj_bias)
-        attended, cls_attention = self._attention(
-            block, x.reshape(e * b, t, d), qkv.reshape(e * b, t, 3 * d), None, want_cls_attention
-        )
-        x = x + block.ls_1(attended).reshape(e, b, t, d)
-        x = x + self._mlp(block, x)
-        if cls_attention is not None:
-            cls_attention = cls_attention.reshape(e, b, *cls_attention.shape[1:])
-        return x, cls_attention
+        return self.vision_tower.block(layer, x, qkv_projection, want_cls_attention)
 
     def project_tokens(self, tokens: Tensor) -> Tensor:
-        """Hidden tokens `[..., D]` → joint space `[..., C]` through the final norm and projection (not normalized)."""
-        return self.visual.ln_post(tokens) @ self.visual.proj
+        """Hidden tokens `[..., D]` → per-token features in the joint space `[..., C]` (not normalized): through the
+        final norm and projection on CLS-pooled towers, each token pooled alone on attention-pooled ones."""
+        return self.vision_tower.project_tokens(tokens)
+
+    def pool_image_tokens(self, x: Tensor) -> Tensor:
+        """Tokens `[..., T, D]` (prompt tokens, if any, after the image's own) → pooled features `[..., C]`."""
+        return self.vision_tower.pool(x[..., : self.image_tokens, :])
 
     def encode_images(
         self,
@@ -306,9 +426,11 @@ class ClipAdapter(nn.Module):
         tokens entering block `layer` (TIR). The frozen weights are shared: the E·B images form one batch.
 
         `prompts`: deep prompts (module docstring), `prompts[l]` `[E, P, D]` or `[E, B, P, D]` for blocks l < J; the
-        tokens are then `[E, B, 1 + M + P, D]` in every block (the hook, block inputs and CLS attention see all of
-        them) and the features are still the CLS token's. Empty: the plain path, unchanged.
+        tokens are then `[E, B, image_tokens + P, D]` in every block (the hook, block inputs and CLS attention see all
+        of them) and the features are still pooled from the image's own tokens. Empty: the plain path, unchanged.
         """
+        if keep_cls_attention and not self.has_cls_token:
+            raise BackboneError(f"backbone {self.name!r} has no CLS token, so its CLS attention cannot be recorded")
         e, b = images.shape[:2]
         slots = self._prompt_slots(prompts, e, b)
         first = slots[0].flatten(0, 1) if slots else None
@@ -327,8 +449,8 @@ class ClipAdapter(nn.Module):
             if cls_attention is not None:
                 output.cls_attention.append(cls_attention)
             if layer_features:
-                per_layer.append(self.project_tokens(x[:, :, 0]))
-        output.features = per_layer[-1] if layer_features else self.project_tokens(x[:, :, 0])
+                per_layer.append(self.pool_image_tokens(x))
+        output.features = per_layer[-1] if layer_features else self.pool_image_tokens(x)
         if layer_features:
             output.layer_features = torch.stack(per_layer)
         return output
@@ -420,9 +542,10 @@ class ClipAdapter(nn.Module):
                 and projection, in the order given (a block may be named more than once).
             skip_blocks, block_scale: as in `encode_text_tokens`.
             prompts: deep prompts (module docstring), `prompts[l]` `[E, P, W]` or `[E, N, P, W]` for blocks l < J, in
-                positions 1..P (after the start token; they must come before every pooled token). `prompts[0]`
-                replaces those embeddings before the positional embedding is added; `prompts[l >= 1]` replace the
-                hidden tokens entering block l (a skipped block's input too). Empty: the plain path, unchanged.
+                positions `text_start` .. `text_start + P - 1` (the first P words' places; before every pooled
+                token). `prompts[0]` replaces those embeddings before the positional embedding is added;
+                `prompts[l >= 1]` replace the hidden tokens entering block l (a skipped block's input too). Empty:
+                the plain path, unchanged.
 
         With a causal mask, tokens after the last pooled token cannot affect any pooled feature, so the sequence is
         cut there.
@@ -434,7 +557,7 @@ class ClipAdapter(nn.Module):
         slots = self._prompt_slots(prompts, e, n)
         if slots:
             width = slots[0].shape[2]
-            if int(pooled.min()) <= width:
+            if int(pooled.min()) < self.text_start + width:
                 raise ValueError(f"{width} prompt tokens after the start token reach a pooled token")
             x = self._replace_text_slots(x, slots[0])
         if mask is not None:
@@ -457,10 +580,10 @@ class ClipAdapter(nn.Module):
         stacked = torch.stack([found[layer] for layer in wanted]) if wanted else None
         return TextOutput(features=self._project_text(x[episode_rows, prompt_rows, pooled]), layer_features=stacked)
 
-    @staticmethod
-    def _replace_text_slots(x: Tensor, tokens: Tensor) -> Tensor:
-        """`x` `[E, N, T, W]` with positions 1..P set to `tokens` `[E, N, P, W]`."""
-        return torch.cat([x[:, :, :1], tokens.to(x.dtype), x[:, :, 1 + tokens.shape[2] :]], dim=2)
+    def _replace_text_slots(self, x: Tensor, tokens: Tensor) -> Tensor:
+        """`x` `[E, N, T, W]` with the P positions from `text_start` on set to `tokens` `[E, N, P, W]`."""
+        start = self.text_start
+        return torch.cat([x[:, :, :start], tokens.to(x.dtype), x[:, :, start + tokens.shape[2] :]], dim=2)
 
     @staticmethod
     def _text_qkv(block: nn.Module, x: Tensor) -> Tensor:
@@ -481,9 +604,9 @@ class ClipAdapter(nn.Module):
         e, n, t, w = x.shape
         attn = block.attn
         qkv = qkv_projection(layer, block.ln_1(x).reshape(e, n * t, w), attn.in_proj_weight, attn.in_proj_bias)
-        attended = self._attention(block, x.reshape(e * n, t, w), qkv.reshape(e * n, t, 3 * w), mask, prefix=prefix)
+        attended = _attention(block, x.reshape(e * n, t, w), qkv.reshape(e * n, t, 3 * w), mask, prefix=prefix)
         x = x + block.ls_1(attended[0]).reshape(e, n, t, w)
-        return x + self._mlp(block, x)
+        return x + _mlp(block, x)
 
     @torch.no_grad()
     def cache_text_prefix(self, tokens: Tensor, position: int) -> TextPrefix:
@@ -503,7 +626,7 @@ class ClipAdapter(nn.Module):
         prefix, rest = x[:, :position], x[0, position + 1 :]
         keys_values = []
         for layer, block in enumerate(self.text_blocks):
-            _, k, v = self._split_heads(block, self._text_qkv(block, prefix))
+            _, k, v = _split_heads(block, self._text_qkv(block, prefix))
             keys_values.append((k, v))
             prefix = self.text_block(layer, prefix[None], mask[:position, :position])[0]
         return TextPrefix(
@@ -542,17 +665,38 @@ class ClipAdapter(nn.Module):
         """Token ids → input embeddings `[..., W]` of the text tower."""
         return self.text.token_embedding(token_ids)
 
+    @property
+    def text_start(self) -> int:
+        """Position of a prompt's first word: 1 after a start token (CLIP's tokenizer), 0 without one."""
+        if self._text_start is None:
+            empty, word = self.tokenize(["", "a"])
+            self._text_start = int((empty != word).nonzero()[0])
+        return self._text_start
+
+    def content_length(self, text: str) -> int:
+        """How many tokens `text` becomes, without start, end or padding tokens (found by comparing its tokens with
+        the empty text's, so it holds for any tokenizer that frames words with fixed tokens)."""
+        empty, tokens = self.tokenize(["", text])
+        start, length = self.text_start, tokens.shape[0]
+        for n in range(length - start + 1):
+            if torch.equal(tokens[start + n :], empty[start : length - n]):
+                return n
+        raise BackboneError(f"cannot tell how many tokens {text!r} is")  # unreachable: n = length - start matches
+
+    def content_tokens(self, text: str) -> Tensor:
+        """The token ids of `text`'s words `[n]` (no start, end or padding tokens)."""
+        start = self.text_start
+        return self.tokenize([text])[0, start : start + self.content_length(text)]
+
     def placeholder_position(self, template: str, placeholder: str) -> tuple[Tensor, int]:
         """Tokens `[1, S]` of `template` filled with `placeholder`, and the position of the placeholder token.
 
         Raises `BackboneError` if the placeholder is not a single token.
         """
         tokens = self.tokenize([template.format(placeholder)])
-        prefix = self.tokenize([template.split("{}")[0].strip()])
-        start = int(self.pool_positions(prefix)[0])  # EOS index of the prefix = first position after it
-        alone = self.tokenize([placeholder])
-        if int(self.pool_positions(alone)[0]) != 2:
+        if self.content_length(placeholder) != 1:
             raise BackboneError(f"VtT placeholder {placeholder!r} is not a single token; choose a short word")
-        if int(tokens[0, start]) != int(alone[0, 1]):
+        start = self.text_start + self.content_length(template.split("{}")[0].strip())
+        if start >= tokens.shape[1] or int(tokens[0, start]) != int(self.content_tokens(placeholder)[0]):
             raise BackboneError(f"cannot locate placeholder {placeholder!r} in template {template!r}")
         return tokens, start

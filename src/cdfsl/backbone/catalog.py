@@ -1,26 +1,31 @@
-"""Which open_clip models cdfsl can run (`cdfsl backbones`), read from their configs without building them.
+"""Which open_clip models cdfsl can run (`cdfsl backbones`), read from their configs without loading weights.
 
-The adapter (`cdfsl.backbone.adapter.ClipAdapter`) runs open_clip's own ViT towers block by block: a `VisionTransformer`
-that pools the CLS token and a `TextTransformer`, both of `nn.MultiheadAttention` blocks. A model config says which
-towers a model gets, so the catalogue classifies every name open_clip knows by its config:
+The adapter (`cdfsl.backbone.adapter.ClipAdapter`) runs two kinds of vision tower block by block: open_clip's own
+`VisionTransformer` pooling the CLS token (CLIP, LAION, DataComp) and a timm ViT trunk inside open_clip's `TimmModel`
+(PE-Core, SigLIP / SigLIP2; `cdfsl.backbone.timm_vision`), each with open_clip's text transformer. A model config
+says which towers a model gets, so the catalogue classifies every name open_clip knows by its config; a timm trunk is
+built on PyTorch's meta device (shapes only, no memory, no weights) and judged by the same check the adapter makes:
 
-- a `timm_model_name` in the vision config: a timm trunk (SigLIP / SigLIP2, PE-Core, EVA, ConvNeXt, ViTamin, …);
 - `layers` given per stage: a ModifiedResNet (RN50, …);
-- an `hf_model_name` in the text config: a Hugging Face text tower (XLM-R, mT5, …);
-- attentional pooling or a pooling other than the CLS token (CoCa, CLIPA's average pooling): no CLS feature.
+- an `hf_model_name` in the text config: a Hugging Face text tower (XLM-R, mT5, NLLB, …);
+- attentional or average pooling on an open_clip ViT (CoCa, CLIPA): no CLS feature;
+- a timm trunk the tower check refuses (ConvNeXt, EVA's separate q/v biases, FastViT, Swin, ViTamin, …).
 
-Everything else is a CLIP ViT the adapter runs with every method and diagnostic; the one method setting that depends on
-the depths is VtT's release fusion, which lays 2L + 1 features on a square grid (L = the shallower tower's depth):
-12 blocks give 25, 24 give 49; other depths need `--set vtt.fusion=ssm`.
+Every supported model runs every method. The diagnostics differ in one place: the sink probe records the CLS token's
+attention, so it needs a CLS token (SigLIP has none). VtT's release fusion lays 2L + 1 features on a square grid
+(L = the shallower tower's depth): 12 blocks give 25, 24 give 49; other depths need `--set vtt.fusion=ssm`.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
 
 from cdfsl.backbone.tiny import TINY_NAME
+
+ALL_DIAGNOSTICS = ("sink", "lost-layers", "cka")
 
 
 @dataclass(frozen=True)
@@ -30,53 +35,126 @@ class BackboneInfo:
     name: str
     supported: bool
     reason: str
+    family: str = ""
     vision: str = ""
     text: str = ""
     embed_dim: int = 0
     tags: tuple[str, ...] = ()
     vtt_release_fusion: bool = False
+    diagnostics: tuple[str, ...] = ()
 
 
-def classify(name: str, config: dict[str, Any], tags: tuple[str, ...] = ()) -> BackboneInfo:
-    """The catalogue entry of open_clip model `name` with model config `config`."""
+@dataclass(frozen=True)
+class VisionShape:
+    """What the catalogue needs of a vision tower: family, depth, width, input size, patch, CLS token or not."""
+
+    family: str
+    blocks: int
+    width: int
+    image_size: Any
+    patch: Any
+    has_cls: bool = True
+
+
+def classify(
+    name: str, config: dict[str, Any], tags: tuple[str, ...] = (), trunk_shape: VisionShape | str | None = None
+) -> BackboneInfo:
+    """The catalogue entry of open_clip model `name` with model config `config`.
+
+    `trunk_shape`: for a timm vision trunk, its shape (`timm_trunk_shape`) or why the adapter refuses it.
+    """
     vision, text = config.get("vision_cfg", {}), config.get("text_cfg", {})
-    if vision.get("timm_model_name"):
-        return BackboneInfo(name, False, f"timm vision trunk ({vision['timm_model_name']}); not supported yet")
-    if isinstance(vision.get("layers"), list | tuple):
-        return BackboneInfo(name, False, "ModifiedResNet vision tower; cdfsl needs a ViT")
     if text.get("hf_model_name"):
         return BackboneInfo(name, False, f"Hugging Face text tower ({text['hf_model_name']}); not supported yet")
-    if vision.get("attentional_pool") or vision.get("pool_type", "tok") != "tok" or "multimodal_cfg" in config:
+    if vision.get("timm_model_name"):
+        if not isinstance(trunk_shape, VisionShape):
+            why = trunk_shape or "not checked"
+            return BackboneInfo(name, False, f"timm vision trunk {vision['timm_model_name']}: {why}")
+        shape = trunk_shape
+    elif isinstance(vision.get("layers"), list | tuple):
+        return BackboneInfo(name, False, "ModifiedResNet vision tower; cdfsl needs a ViT")
+    elif vision.get("attentional_pool") or vision.get("pool_type", "tok") != "tok" or "multimodal_cfg" in config:
         return BackboneInfo(name, False, "does not pool the CLS token (attentional or average pooling)")
-    vision_blocks, text_blocks = int(vision.get("layers", 12)), int(text.get("layers", 12))
-    depth = min(vision_blocks, text_blocks)
+    else:
+        shape = VisionShape(
+            "CLIP",
+            int(vision.get("layers", 12)),
+            vision.get("width", 0),
+            vision.get("image_size"),
+            vision.get("patch_size"),
+        )
+    text_blocks = int(text.get("layers", 12))
+    depth = min(shape.blocks, text_blocks)
     square = math.isqrt(2 * depth + 1) ** 2 == 2 * depth + 1
-    patch, size = vision.get("patch_size", "?"), vision.get("image_size", "?")
     return BackboneInfo(
         name,
         True,
         "",
-        vision=f"{vision_blocks}×{vision.get('width', '?')}, {size}px/{patch}",
-        text=f"{text_blocks}×{text.get('width', '?')}",
+        family=shape.family,
+        vision=f"{shape.blocks}×{shape.width}, {shape.image_size}px/{shape.patch}",
+        text=f"{text_blocks}×{text.get('width', '?')}" + ("" if not text.get("no_causal_mask") else " (bidirectional)"),
         embed_dim=int(config.get("embed_dim", 0)),
         tags=tags,
         vtt_release_fusion=square,
+        diagnostics=ALL_DIAGNOSTICS if shape.has_cls else tuple(d for d in ALL_DIAGNOSTICS if d != "sink"),
+    )
+
+
+@functools.cache
+def timm_trunk_shape(timm_name: str, pool: str | None) -> VisionShape | str:
+    """The shape of timm model `timm_name` as open_clip builds it (global pool `pool`), built on the meta device; or
+    why the adapter refuses it."""
+    import timm
+    import torch
+
+    from cdfsl.backbone.timm_vision import TimmVisionTower
+
+    own = timm_name.startswith("cdfsl_")  # the small models' trunks (cdfsl.backbone.small)
+    if not own and not timm.models.is_model_in_modules(timm_name, ["vision_transformer", "eva"]):
+        return "is not one of timm's ViT or EVA models"
+    kwargs = {"num_classes": 0, "global_pool": pool} if pool is not None else {}
+    try:
+        with torch.device("meta"):
+            trunk = timm.create_model(timm_name, pretrained=False, **kwargs)
+    except Exception as error:  # a trunk this timm cannot build
+        return f"cannot be built here ({type(error).__name__})"
+    why = TimmVisionTower.refusal(trunk)
+    if why is not None:
+        return why
+    family = "PE-Core" if type(trunk).__name__ == "Eva" else "SigLIP"
+    patch = trunk.patch_embed.patch_size
+    return VisionShape(
+        family,
+        len(trunk.blocks),
+        int(trunk.embed_dim),
+        trunk.patch_embed.img_size[0],
+        patch[0] if isinstance(patch, tuple | list) else patch,
+        getattr(trunk, "cls_token", None) is not None,
     )
 
 
 def catalogue() -> list[BackboneInfo]:
-    """Every open_clip model name (and cdfsl's `tiny`), classified; sorted by name."""
+    """Every open_clip model name (and cdfsl's `tiny` and small models), classified; sorted by name."""
     import open_clip
 
+    from cdfsl.backbone.small import SMALL_NAMES, register_small_configs
     from cdfsl.backbone.tiny import register_tiny_config
 
     register_tiny_config()
+    register_small_configs()
     entries = []
     for name in open_clip.list_models():
         config = open_clip.get_model_config(name)
         if config is None:
             continue
-        tags = () if name == TINY_NAME else tuple(open_clip.list_pretrained_tags_by_model(name))
-        shown = "tiny" if name == TINY_NAME else name
-        entries.append(classify(shown, config, ("shipped",) if name == TINY_NAME else tags))
+        if name == TINY_NAME:
+            shown, tags = "tiny", ("shipped",)
+        else:
+            shown = name
+            tags = ("none: random",) if name in SMALL_NAMES else tuple(open_clip.list_pretrained_tags_by_model(name))
+        vision = config.get("vision_cfg", {})
+        trunk = None
+        if vision.get("timm_model_name") and not config.get("text_cfg", {}).get("hf_model_name"):
+            trunk = timm_trunk_shape(vision["timm_model_name"], vision.get("timm_pool"))
+        entries.append(classify(shown, config, tags, trunk))
     return sorted(entries, key=lambda e: e.name.lower())

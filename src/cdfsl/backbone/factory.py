@@ -10,10 +10,12 @@ Activation (GELU or QuickGELU). OpenAI's CLIP weights were trained with QuickGEL
 activation give features that are wrong but look plausible, so `resolve_activation` decides it before anything is
 built, without loading weights: an explicit `activation` (`--set activation=gelu|quickgelu`) wins; otherwise the tiny
 model uses its own config, a `-quickgelu` name (or a config with `quick_gelu`) gives QuickGELU, a pretrained tag uses
-open_clip's record for that tag, random weights use the model config, and a local checkpoint with a plain name is
-identified by an `open_clip_config.json` next to it (open_clip's Hugging Face export layout) or by the keys that only
-OpenAI's state dicts carry (`input_resolution`, `context_length`, `vocab_size`). A checkpoint whose origin cannot be
-told is refused rather than guessed. The resolved activation is part of a run's identity: see `docs/protocol.md`.
+open_clip's record for that tag, random weights use the model config, a local checkpoint of a model none of whose
+pretrained tags was trained with QuickGELU (PE-Core, SigLIP, the small models) uses the model config, and a local
+checkpoint with another plain name is identified by an `open_clip_config.json` next to it (open_clip's Hugging Face
+export layout) or by the keys that only OpenAI's state dicts carry (`input_resolution`, `context_length`,
+`vocab_size`). A checkpoint whose origin cannot be told is refused rather than guessed. The resolved activation is
+part of a run's identity: see `docs/protocol.md`.
 """
 
 from __future__ import annotations
@@ -29,8 +31,10 @@ import torch
 
 from cdfsl.backbone.adapter import ClipAdapter
 from cdfsl.backbone.downloads import check_download
+from cdfsl.backbone.small import register_small_configs
 from cdfsl.backbone.tiny import CONFIG_PATH as TINY_CONFIG_PATH
-from cdfsl.backbone.tiny import TINY_NAME, create_tiny_model, register_tiny_config
+from cdfsl.backbone.tiny import create_tiny_model, register_tiny_config
+from cdfsl.backbone.tokenizers import load_tokenizer
 from cdfsl.data.fingerprint import file_digest
 from cdfsl.errors import BackboneError
 
@@ -73,26 +77,71 @@ def weights_identity(pretrained: str) -> str:
 
 
 def load_backbone(
-    name: str, pretrained: str = "openai", device: str | torch.device = "cpu", activation: str = AUTO
+    name: str,
+    pretrained: str = "openai",
+    device: str | torch.device = "cpu",
+    activation: str = AUTO,
+    tokenizer: str | None = None,
 ) -> ClipAdapter:
     """Build the frozen backbone `name` with weights `pretrained` on `device`, wrapped in a `ClipAdapter`.
 
-    The MLP activation is `resolve_activation(name, pretrained, activation)`.
+    The MLP activation is `resolve_activation(name, pretrained, activation)`; the tokenizer is the model's own, or
+    the Hugging Face tokenizer in folder `tokenizer` (`cdfsl.backbone.tokenizers`); the image normalization is
+    `image_normalization(name, checkpoint, model)`.
     """
     logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # open_clip logs at root level
     resolved, checkpoint = _resolve(name, pretrained, activation)
+    config = _model_config(name)
+    text_tokenizer = load_tokenizer(name, config.get("text_cfg", {}), tokenizer)  # before the weights: fails fast
     if name == TINY:
         model = _create_tiny(pretrained, checkpoint, resolved)
-        arch = register_tiny_config()
     else:
-        arch = name
         model = _create_open_clip(name, pretrained, checkpoint, resolved)
-    tokenizer = open_clip.get_tokenizer(arch if name != TINY else TINY_NAME)
-    preprocess = getattr(model.visual, "preprocess_cfg", {}) or {}
-    mean = preprocess.get("mean", open_clip.OPENAI_DATASET_MEAN)
-    std = preprocess.get("std", open_clip.OPENAI_DATASET_STD)
-    adapter = ClipAdapter(model, tokenizer, mean, std, name)
+    mean, std = image_normalization(name, checkpoint, model)
+    adapter = ClipAdapter(model, text_tokenizer, mean, std, name)
     return adapter.to(device)
+
+
+def image_normalization(
+    name: str, checkpoint: Path | None, model: torch.nn.Module
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The image mean and std of backbone `name` (weights from `checkpoint`, or a tag or random when None).
+
+    A pretrained tag: open_clip's record for it (set on the model). A checkpoint file: the `preprocess_cfg` of an
+    `open_clip_config.json` next to it, else the one normalization every pretrained tag of `name` shares (PE-Core and
+    SigLIP use 0.5, not OpenAI's statistics: a checkpoint of theirs normalized like CLIP gives features that look
+    plausible and are wrong). Otherwise (random weights, tags that disagree): the model config's (open_clip's
+    default, OpenAI's statistics).
+    """
+    preprocess = dict(getattr(model.visual, "preprocess_cfg", {}) or {})
+    if checkpoint is not None:
+        sibling = checkpoint.parent / OPEN_CLIP_CONFIG
+        exported = _exported_preprocess(sibling) if sibling.is_file() else None
+        if exported is not None:
+            preprocess.update(exported)
+        elif name != TINY:
+            shared = {
+                (tuple(cfg["mean"]), tuple(cfg["std"]))
+                for tag in open_clip.list_pretrained_tags_by_model(name)
+                if "mean" in (cfg := open_clip.get_pretrained_cfg(name, tag)) and "std" in cfg
+            }
+            if len(shared) == 1:
+                preprocess["mean"], preprocess["std"] = shared.pop()
+    mean = tuple(float(v) for v in preprocess.get("mean", open_clip.OPENAI_DATASET_MEAN))
+    std = tuple(float(v) for v in preprocess.get("std", open_clip.OPENAI_DATASET_STD))
+    return mean, std
+
+
+def _exported_preprocess(path: Path) -> dict[str, Any] | None:
+    """`preprocess_cfg` (mean and std) of an open_clip export's config, or None when it has none."""
+    try:
+        exported = json.loads(path.read_text(encoding="utf-8"))
+        found = exported.get("preprocess_cfg", {})
+    except (OSError, ValueError, AttributeError) as error:
+        raise BackboneError(f"cannot read {path} (the open_clip config next to the checkpoint): {error}") from None
+    if isinstance(found, dict) and "mean" in found and "std" in found:
+        return {"mean": found["mean"], "std": found["std"]}
+    return None
 
 
 # ------------------------------------------------------------------------------------------- activation
@@ -122,6 +171,11 @@ def _resolve(name: str, pretrained: str, activation: str) -> tuple[str, Path | N
         if tag_quick_gelu is None:
             return from_config, None
         return (QUICKGELU if tag_quick_gelu else GELU), None
+    if name != TINY and not any(
+        open_clip.get_pretrained_cfg(name, tag).get("quick_gelu")
+        for tag in open_clip.list_pretrained_tags_by_model(name)
+    ):
+        return from_config, checkpoint  # no weights of this model were trained with QuickGELU (PE-Core, SigLIP)
     return _checkpoint_activation(checkpoint), checkpoint
 
 
@@ -129,6 +183,7 @@ def _model_config(name: str) -> dict[str, Any]:
     if name == TINY:
         config: dict[str, Any] = json.loads(TINY_CONFIG_PATH.read_text(encoding="utf-8"))
         return config
+    register_small_configs()
     if name not in open_clip.list_models():
         raise BackboneError(f"unknown backbone {name!r}; use 'tiny' or an open_clip model name such as ViT-B-16")
     return dict(open_clip.get_model_config(name) or {})

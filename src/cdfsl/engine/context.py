@@ -64,19 +64,23 @@ def chunks(items: Sequence[int], size: int) -> Iterator[list[int]]:
 class LoadCache:
     """Backbones and image caches loaded for earlier contexts, kept for later ones in the same process.
 
-    A backbone is keyed by (name, pretrained, the weights' identity, activation, device), so a checkpoint rebuilt at
-    the same path is loaded afresh; an image cache by (index fingerprint, image size, cache folder).
+    A backbone is keyed by (name, pretrained, the weights' identity, activation, tokenizer folder, device), so a
+    checkpoint rebuilt at the same path is loaded afresh; an image cache by (index fingerprint, image size, cache
+    folder).
     """
 
     def __init__(self) -> None:
-        self._backbones: dict[tuple[str, str, str, str, str], ClipAdapter] = {}
+        self._backbones: dict[tuple[str, str, str, str, str | None, str], ClipAdapter] = {}
         self._caches: dict[tuple[str, int, str | None], ImageCache] = {}
 
     def backbone(self, config: RunConfig, device: torch.device) -> ClipAdapter:
         """The frozen backbone of `config` (name, pretrained weights, activation) on `device`."""
-        key = (config.backbone, config.pretrained, weights_identity(config.pretrained), config.activation, str(device))
+        weights = weights_identity(config.pretrained)
+        key = (config.backbone, config.pretrained, weights, config.activation, config.tokenizer, str(device))
         if key not in self._backbones:
-            self._backbones[key] = load_backbone(config.backbone, config.pretrained, device, config.activation)
+            self._backbones[key] = load_backbone(
+                config.backbone, config.pretrained, device, config.activation, config.tokenizer
+            )
         return self._backbones[key]
 
     def image_cache(self, index: ImageIndex, size: int, cache_dir: str | None) -> ImageCache:

@@ -39,6 +39,7 @@ import torch
 
 from cdfsl.backbone.adapter import ClipAdapter
 from cdfsl.backbone.factory import resolve_activation, weights_identity
+from cdfsl.backbone.tokenizers import tokenizer_identity
 from cdfsl.config import RunConfig, run_id_of
 from cdfsl.data.images import PREPROCESSING, ImageCache
 from cdfsl.data.index import ImageIndex
@@ -62,7 +63,10 @@ def run_identity(context: RunContext, device: str | None = None) -> tuple[str, d
         precision, _ = resolve_precision(config.train.precision, target)
     activation = resolve_activation(config.backbone, config.pretrained, config.activation)
     weights = weights_identity(config.pretrained)
-    identity = config.identity(precision, index.fingerprint(), activation, target.type, PREPROCESSING, weights)
+    tokenizer = tokenizer_identity(config.tokenizer)
+    identity = config.identity(
+        precision, index.fingerprint(), activation, target.type, PREPROCESSING, weights, tokenizer
+    )
     return run_id_of(identity), identity
 
 

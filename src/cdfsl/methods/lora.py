@@ -234,7 +234,7 @@ class LoraMethod(Method):
         if lora is not None:
             lora.eval()
             if merged:
-                lora.merge([block.attn.in_proj_weight for block in self.backbone.vision_blocks])
+                lora.merge(self.backbone.vision_qkv_weights())
         try:
             with self.autocast():
                 return self.backbone.encode_images(

@@ -54,8 +54,9 @@ Deviations from the release, all deliberate:
   context words than N_CTX silently takes end/padding tokens; we refuse `maple.tokens` beyond the words' tokens.
 - Class names: the release replaces `_` by spaces; ours are already prompt names.
 - Text length: sequences are cut after the batch's last end token (exact under the causal mask).
-- Probes: `encode`'s observer and CLS attention see the CLS and patch tokens only (the first 1 + M); the P prompt
-  tokens are hidden from them so patch-indexed analyses keep their meaning (the attention left out is the prompts').
+- Probes: `encode`'s observer and CLS attention see the CLS and patch tokens only (the first 1 + M; M on a tower
+  without a CLS token); the P prompt tokens are hidden from them so patch-indexed analyses keep their meaning (the
+  attention left out is the prompts').
 """
 
 from __future__ import annotations
@@ -195,14 +196,14 @@ class MapleMethod(Method):
     # ------------------------------------------------------------------ text
     def _context_embeddings(self, words: str, n: int) -> Tensor:
         """Token embeddings `[n, Wt]` of the first n tokens of the context words."""
-        tokens = self.backbone.tokenize([words])
-        available = int(self.backbone.pool_positions(tokens)[0]) - 1
+        tokens = self.backbone.content_tokens(words)
+        available = len(tokens)
         if n > available:
             raise ConfigError(
                 f"maple.tokens={n} exceeds the {available} tokens of maple.context {words!r}; use at most {available}"
             )
         with torch.no_grad():
-            return self.backbone.token_embedding(tokens[0, 1 : 1 + n]).float().clone()
+            return self.backbone.token_embedding(tokens[:n]).float().clone()
 
     def _texts(
         self,
@@ -374,7 +375,7 @@ class MapleMethod(Method):
         """The prompted vision pass (with TIR's recalibration when it acts at prediction); `observe` and the CLS
         attention see the CLS and patch tokens only."""
         prompts = self._fitted()
-        image_tokens = 1 + self.backbone.num_patches
+        image_tokens = self.backbone.image_tokens
         tir = None
         if self.recalibration is not None and self.recalibration.at_prediction:
             tir = self.recalibration.hook(self.class_features(class_names, self.recalibration.text_layer))

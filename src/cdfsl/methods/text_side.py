@@ -95,16 +95,16 @@ def placeholder_embeddings(
     backbone: ClipAdapter, tokens: Tensor, position: int, token: Tensor, context: Tensor | None = None
 ) -> Tensor:
     """Input embeddings `[E, B, S, W]` of one prompt's tokens `[1, S]` for E·B absorptions: the token at `position`
-    replaced by `token` `[E, B, W]` and, with a learned context `[E, n, W]`, positions 1..n by it."""
+    replaced by `token` `[E, B, W]` and, with a learned context `[E, n, W]`, the first n word positions by it."""
     e, b = token.shape[:2]
     with torch.no_grad():
         base = backbone.token_embedding(tokens[0])  # [S, W]
-    pieces = [base[None, None, :1].expand(e, b, 1, -1)]
-    start = 1
+    start = backbone.text_start
+    pieces = [base[None, None, :start].expand(e, b, start, -1)]
     if context is not None:
         n = context.shape[1]
         pieces.append(context[:, None].to(base.dtype).expand(e, b, n, -1))
-        start = 1 + n
+        start += n
     pieces += [base[start:position].expand(e, b, -1, -1), token[:, :, None].to(base.dtype)]
     pieces.append(base[position + 1 :].expand(e, b, -1, -1))
     return torch.cat(pieces, dim=2)
@@ -143,8 +143,9 @@ class PromptTokens:
         tokens = self.backbone.tokenize([self.prompt(name) for episode in names for name in episode])
         if self.context is not None:
             setting, words, n = self.context
-            alone = self.backbone.tokenize([words])[0, 1 : 1 + n]
-            if not bool((tokens[:, 1 : 1 + n] == alone).all()):
+            start = self.backbone.text_start
+            alone = self.backbone.content_tokens(words)[:n].to(tokens.device)
+            if len(alone) < n or not bool((tokens[:, start : start + n] == alone).all()):
                 raise ConfigError(f"{setting} {words!r} does not tokenize alike before class names")
         pooled = self.backbone.pool_positions(tokens)
         shape = (len(names), len(names[0]))
@@ -182,13 +183,12 @@ class TextSide:
         return bool(self.context_words) or self.text_lora
 
     def _context_embeddings(self, words: str) -> Tensor:
-        """Token embeddings `[n, W]` of the context words (the tokens between start and end)."""
-        tokens = self.backbone.tokenize([words])
-        end = int(self.backbone.pool_positions(tokens)[0])
-        if end < 2:
+        """Token embeddings `[n, W]` of the context words (their tokens, without start or end tokens)."""
+        tokens = self.backbone.content_tokens(words)
+        if len(tokens) == 0:
             raise ConfigError(f"prompt.context {words!r} has no tokens")
         with torch.no_grad():
-            return self.backbone.token_embedding(tokens[0, 1:end]).float().clone()
+            return self.backbone.token_embedding(tokens).float().clone()
 
     def start(self, seed: int, episodes: Sequence[int]) -> tuple[list[Tensor], list[Tensor]]:
         """Fresh learned state for these episodes; returns (LoRA tensors for AdamW, context tensors for SGD)."""
@@ -248,7 +248,8 @@ class TextSide:
         if self.context is not None:
             n = self.context.shape[1]
             context = self.context[:, None].to(embeddings.dtype).expand(e, k, n, -1)
-            embeddings = torch.cat([embeddings[:, :, :1], context, embeddings[:, :, 1 + n :]], dim=2)
+            start = self.backbone.text_start
+            embeddings = torch.cat([embeddings[:, :, :start], context, embeddings[:, :, start + n :]], dim=2)
         output = self.backbone.encode_text_embeddings(
             embeddings,
             pooled,

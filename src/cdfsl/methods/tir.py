@@ -1,8 +1,9 @@
 """TIR — Token Importance Recalibration against attention sinks (docs/tir.md).
 
 At the input of chosen vision blocks, every patch token is projected into the joint space with the tower's own final
-norm and projection, each class text marks its top `k = floor(ratio · M)` tokens, and `Sum` counts how many classes
-marked each token. Tokens claimed by every class (sinks) are cut, tokens claimed by one class amplified:
+norm and projection (on attention-pooled towers, PE-Core and SigLIP: each token through the pooling head alone;
+`ClipAdapter.project_tokens`), each class text marks its top `k = floor(ratio · M)` tokens, and `Sum` counts how many
+classes marked each token. Tokens claimed by every class (sinks) are cut, tokens claimed by one class amplified:
 `w = 1 − β · (Sum − α)` clamped at 0, `w = 1` where `Sum = 0`. Weights are constants for autograd; the CLS token is
 never touched, nor are prompt tokens after the patches (MaPLe's): TIR's weights are defined over the M patches.
 """
@@ -126,7 +127,8 @@ class TokenRecalibration:
         Similarities and top-k run in fp32 with autocast off, so bf16 rounding cannot change which tokens are marked.
         """
         with torch.no_grad(), torch.autocast(tokens.device.type, enabled=False):
-            projected = F.normalize(self.backbone.project_tokens(tokens.float()).float(), dim=-1)  # [E, B, M, C]
+            projected = self.backbone.project_tokens(tokens.detach().float()).float()  # [E, B, M, C]
+            projected = F.normalize(projected, dim=-1)
             similarity = torch.einsum("ebmc,ekc->ebkm", projected, text.float())
             cfg = self.config
             if self.measure_sinks:
@@ -138,13 +140,13 @@ class TokenRecalibration:
         """A block-input hook for E episodes whose normalized class texts after `text_layer` are `text` `[E, K, C]`."""
         text = text.detach()
 
-        end = 1 + self.backbone.num_patches
+        start, end = self.backbone.patch_start, self.backbone.image_tokens
 
         def recalibrate(layer: int, x: Tensor) -> Tensor:
             if layer not in self.blocks:
                 return x
-            weights = self.weights(x[:, :, 1:end], text)
-            patches = x[:, :, 1:end] * weights[..., None].to(x.dtype)
-            return torch.cat([x[:, :, :1], patches, x[:, :, end:]], dim=2)
+            weights = self.weights(x[:, :, start:end], text)
+            patches = x[:, :, start:end] * weights[..., None].to(x.dtype)
+            return torch.cat([x[:, :, :start], patches, x[:, :, end:]], dim=2)
 
         return recalibrate
