@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test test-slow lint format install clean
+.PHONY: demo test test-slow test-bounds lint format install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,13 @@ test: $(DEV_STAMP)
 test-slow: $(DEV_STAMP)
 	$(BIN)/python -m pytest -m slow
 
+# The backbone tests against the oldest timm pyproject.toml allows (CI's install gets the newest); outside CI.
+TIMM_LOWEST := 1.0.21
+test-bounds: $(DEV_STAMP)
+	$(BIN)/pip install --quiet --no-deps --target .bounds/timm-$(TIMM_LOWEST) timm==$(TIMM_LOWEST)
+	PYTHONPATH=.bounds/timm-$(TIMM_LOWEST) $(BIN)/python -m pytest tests/test_backbone_families.py \
+		tests/test_catalog.py tests/test_tokenizers.py tests/test_full_size.py -m "slow or not slow"
+
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
@@ -40,4 +47,4 @@ format: $(DEV_STAMP)
 	$(BIN)/ruff check --fix src tests benchmarks
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) .bounds build dist src/*.egg-info .pytest_cache .ruff_cache

@@ -211,3 +211,21 @@ def test_a_timm_family_checkpoint_loads_without_an_activation_question(tmp_path:
     pictures = loaded.normalize(images())[None]
     with torch.no_grad():
         torch.testing.assert_close(loaded.encode_images(pictures).features, source.encode_images(pictures).features)
+
+
+def test_the_cka_probe_pools_every_patch_of_a_tower_without_a_cls_token() -> None:
+    """SigLIP's patches start at token 0: the probe's pooled patch features are the mean of all M of them."""
+    from cdfsl.analysis.cka import _pooled
+    from cdfsl.analysis.probe_setup import prepare, probe_images
+
+    config = RunConfig(
+        dataset="digits", method="zeroshot", backbone="small-siglip2", pretrained="none", queries=2, device="cpu"
+    )
+    setup = prepare(config)
+    features = _pooled(setup, "zeroshot", ("none",), 1, "query")
+    pictures, _ = probe_images(next(iter(setup.batches(1, with_views=False))), "query", 1)
+    with torch.no_grad():
+        inputs = setup.backbone.encode_images(pictures, keep_block_inputs=True).block_inputs
+    for layer in (0, 11):
+        expected = inputs[layer].mean(dim=2).flatten(0, 1).float()
+        torch.testing.assert_close(features.layers["none"][layer][0], expected)

@@ -154,7 +154,8 @@ def cka_probe(
 def _pooled(setup: ProbeSetup, method: str, masks: tuple[str, ...], episodes: int, images: str) -> PooledFeatures:
     """Pooled per-layer features of `setup`'s episode images through `method` (fitted per episode batch)."""
     config = setup.config
-    layers = setup.backbone.num_vision_blocks
+    backbone = setup.backbone
+    layers = backbone.num_vision_blocks
     trains = method != ZEROSHOT
     features = PooledFeatures(masks)
     features.layers = {mask: [[] for _ in range(layers)] for mask in masks}
@@ -166,9 +167,9 @@ def _pooled(setup: ProbeSetup, method: str, masks: tuple[str, ...], episodes: in
         text = fitted.class_features(batch.class_names, config.tir.text_layer)
 
         def observe(layer: int, x: Tensor, text: Tensor = text) -> None:
-            patches = x[:, :, 1:].float()  # [E, B, M, D]
+            patches = x[:, :, backbone.patch_start : backbone.image_tokens].float()  # [E, B, M, D]
             classes = text.shape[1]
-            votes = class_marks(setup.backbone, patches, text, config.tir.ratio).sum(dim=-2)  # [E, B, M]
+            votes = class_marks(backbone, patches, text, config.tir.ratio).sum(dim=-2)  # [E, B, M]
             for mask in masks:
                 drop = torch.zeros_like(votes, dtype=torch.bool)
                 if mask == "sum_k":

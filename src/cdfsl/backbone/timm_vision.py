@@ -127,7 +127,8 @@ class TimmVisionTower:
         q, k = attn.q_norm(q), attn.k_norm(k)
         rope = self._rope()
         if rope is not None:
-            q, k = self._rotate(q, rope, attn.rotate_half), self._rotate(k, rope, attn.rotate_half)
+            half = getattr(attn, "rotate_half", False)
+            q, k = self._rotate(q, rope, half), self._rotate(k, rope, half)
         out = F.scaled_dot_product_attention(q, k, v)
         cls_attention = None
         if want_cls_attention:
@@ -142,7 +143,8 @@ class TimmVisionTower:
     def _rotate(self, x: Tensor, rope: Tensor, half: bool) -> Tensor:
         """Rotate the M patch tokens of `x` `[N, heads, T, d]`; prefix and prompt tokens stay as they are."""
         start, end = self.prefix_tokens, self.prefix_tokens + self.num_patches
-        patches = apply_rot_embed_cat(x[:, :, start:end], rope.to(x.dtype), half=half).type_as(x)
+        layout = {"half": True} if half else {}  # timm before 1.0.20 has only the interleaved layout, no `half`
+        patches = apply_rot_embed_cat(x[:, :, start:end], rope.to(x.dtype), **layout).type_as(x)
         return torch.cat([x[:, :, :start], patches, x[:, :, end:]], dim=2)
 
     @staticmethod
