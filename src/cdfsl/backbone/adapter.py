@@ -147,6 +147,17 @@ def _mlp(block: nn.Module, x: Tensor) -> Tensor:
     return block.ls_2(block.mlp(block.ln_2(x)))
 
 
+def _check_open_clip_stack(tower: nn.Module, needed: Sequence[str], name: str, refusal: str) -> None:
+    """Raise `BackboneError` unless `tower` has the attributes `needed` (else `refusal`) and a batch-first
+    `transformer` of blocks with `nn.MultiheadAttention`, as open_clip's own towers are."""
+    if not all(hasattr(tower, attribute) for attribute in needed):
+        raise BackboneError(refusal)
+    if not all(isinstance(getattr(b, "attn", None), nn.MultiheadAttention) for b in tower.transformer.resblocks):
+        raise BackboneError(f"backbone {name!r} uses custom attention blocks, which cdfsl does not support")
+    if not getattr(tower.transformer, "batch_first", True):
+        raise BackboneError(f"backbone {name!r} runs its transformer sequence-first; not supported")
+
+
 class VisionTower(Protocol):
     """What the adapter needs of a vision tower; `ClipVisionTower` (open_clip ViTs) and
     `cdfsl.backbone.timm_vision.TimmVisionTower` (timm trunks) give it.
@@ -195,18 +206,15 @@ class ClipVisionTower:
     has_cls = True
 
     def __init__(self, visual: nn.Module, name: str) -> None:
-        needed = ("conv1", "class_embedding", "positional_embedding", "transformer", "ln_post", "proj")
-        if not all(hasattr(visual, a) for a in needed):
-            raise BackboneError(
-                f"backbone {name!r} has a vision tower cdfsl cannot run (a ResNet or another design); choose a ViT "
-                "such as ViT-B-16, PE-Core-B-16 or ViT-B-16-SigLIP2 (`cdfsl backbones` lists them)"
-            )
-        if not all(isinstance(getattr(b, "attn", None), nn.MultiheadAttention) for b in visual.transformer.resblocks):
-            raise BackboneError(f"backbone {name!r} uses custom attention blocks, which cdfsl does not support")
+        _check_open_clip_stack(
+            visual,
+            ("conv1", "class_embedding", "positional_embedding", "transformer", "ln_post", "proj"),
+            name,
+            f"backbone {name!r} has a vision tower cdfsl cannot run (a ResNet or another design); choose a ViT such as "
+            "ViT-B-16, PE-Core-B-16 or ViT-B-16-SigLIP2 (`cdfsl backbones` lists them)",
+        )
         if getattr(visual, "attn_pool", None) is not None or visual.pool_type != "tok":
             raise BackboneError(f"backbone {name!r} does not pool the CLS token; cdfsl needs a CLS-token ViT")
-        if not getattr(visual.transformer, "batch_first", True):
-            raise BackboneError(f"backbone {name!r} runs its transformer sequence-first; not supported")
         self.visual = visual
         self.width = int(visual.class_embedding.shape[0])
         size = visual.image_size
@@ -297,17 +305,13 @@ class ClipAdapter(nn.Module):
 
     # ------------------------------------------------------------------ structure
     def _check_text_supported(self) -> None:
-        text = self.text
-        needed = ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection")
-        if not all(hasattr(text, a) for a in needed):
-            raise BackboneError(
-                f"backbone {self.name!r} has a Hugging Face or other text tower, which cdfsl does not run; choose a "
-                "model with open_clip's own text transformer (`cdfsl backbones` lists them)"
-            )
-        if not all(isinstance(getattr(b, "attn", None), nn.MultiheadAttention) for b in text.transformer.resblocks):
-            raise BackboneError(f"backbone {self.name!r} uses custom attention blocks, which cdfsl does not support")
-        if not getattr(text.transformer, "batch_first", True):
-            raise BackboneError(f"backbone {self.name!r} runs its transformer sequence-first; not supported")
+        _check_open_clip_stack(
+            self.text,
+            ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection"),
+            self.name,
+            f"backbone {self.name!r} has a Hugging Face or other text tower, which cdfsl does not run; choose a model "
+            "with open_clip's own text transformer (`cdfsl backbones` lists them)",
+        )
 
     @property
     def vision_blocks(self) -> nn.ModuleList:

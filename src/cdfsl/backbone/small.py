@@ -24,6 +24,7 @@ from torch import nn
 SMALL_NAMES = ("small-clip", "small-pe-core", "small-siglip2")
 _ASSETS = resources.files("cdfsl") / "assets"
 _WIDTH, _DEPTH, _HEADS, _IMAGE, _PATCH = 64, 12, 2, 64, 16
+_SIZE: dict[str, Any] = dict(img_size=_IMAGE, patch_size=_PATCH, embed_dim=_WIDTH, depth=_DEPTH, num_heads=_HEADS)
 
 _registered = False
 
@@ -34,11 +35,7 @@ def _small_pe_core(pretrained: bool = False, **kwargs: Any) -> nn.Module:
 
     grid = _IMAGE // _PATCH
     args: dict[str, Any] = dict(
-        img_size=_IMAGE,
-        patch_size=_PATCH,
-        embed_dim=_WIDTH,
-        depth=_DEPTH,
-        num_heads=_HEADS,
+        _SIZE,
         mlp_ratio=4.0,
         global_pool="map",
         attn_type="rope",
@@ -58,15 +55,7 @@ def _small_siglip(pretrained: bool = False, **kwargs: Any) -> nn.Module:
     """SigLIP2-B's trunk settings (timm's `vit_base_patch16_siglip_224`) at the reduced size."""
     from timm.models.vision_transformer import VisionTransformer
 
-    args: dict[str, Any] = dict(
-        img_size=_IMAGE,
-        patch_size=_PATCH,
-        embed_dim=_WIDTH,
-        depth=_DEPTH,
-        num_heads=_HEADS,
-        class_token=False,
-        global_pool="map",
-    )
+    args: dict[str, Any] = dict(_SIZE, class_token=False, global_pool="map")
     return VisionTransformer(**{**args, **_model_kwargs(kwargs)})
 
 

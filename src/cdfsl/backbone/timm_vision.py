@@ -23,12 +23,17 @@ Choices the open_clip ViT path does not need:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from timm.layers import apply_rot_embed_cat
 from torch import Tensor, nn
 
 from cdfsl.errors import BackboneError
+
+if TYPE_CHECKING:
+    from cdfsl.backbone.adapter import QkvProjection
 
 _TRUNKS = ("VisionTransformer", "Eva")
 _BLOCKS = ("Block", "EvaBlock")
@@ -113,7 +118,7 @@ class TimmVisionTower:
         return rope.get_embed() if rope is not None else None
 
     def block(
-        self, layer: int, x: Tensor, qkv_projection, want_cls_attention: bool = False
+        self, layer: int, x: Tensor, qkv_projection: QkvProjection, want_cls_attention: bool = False
     ) -> tuple[Tensor, Tensor | None]:
         """One block over E episodes: `x` `[E, B, T, D]` → `[E, B, T, D]` (and the CLS query's attention
         `[E, B, heads, T]` when asked)."""
