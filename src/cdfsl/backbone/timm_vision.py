@@ -1,7 +1,7 @@
 """Vision towers built on timm trunks (open_clip's `TimmModel`): PE-Core and SigLIP / SigLIP2.
 
 The only module that knows timm internals. It runs a trunk block by block, as the adapter runs open_clip's own ViTs,
-so the methods get the same interface (`cdfsl.backbone.adapter.VisionTower`) from either: an episode axis, a pluggable
+so the methods get the same interface (`cdfsl.backbone.towers.VisionTower`) from either: an episode axis, a pluggable
 q/k/v projection (LoRA on the three slices of the packed `qkv` Linear), block-input hooks, per-block pooled features
 and deep prompts.
 
@@ -23,17 +23,13 @@ Choices the open_clip ViT path does not need:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from timm.layers import apply_rot_embed_cat
 from torch import Tensor, nn
 
+from cdfsl.backbone.towers import QkvProjection
 from cdfsl.errors import BackboneError
-
-if TYPE_CHECKING:
-    from cdfsl.backbone.adapter import QkvProjection
 
 _TRUNKS = ("VisionTransformer", "Eva")
 _BLOCKS = ("Block", "EvaBlock")

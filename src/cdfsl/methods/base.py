@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cdfsl.backbone.adapter import BlockInputHook, ClipAdapter, VisionOutput
+from cdfsl.backbone.adapter import ClipAdapter, VisionOutput
+from cdfsl.backbone.towers import BlockInputHook
 from cdfsl.config import RunConfig
 from cdfsl.data.episodes import EpisodeBatch
 from cdfsl.errors import TrainingError

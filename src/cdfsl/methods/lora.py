@@ -24,8 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cdfsl.backbone.adapter import BlockInputHook, ClipAdapter, QkvProjection, VisionOutput, plain_qkv
+from cdfsl.backbone.adapter import ClipAdapter, VisionOutput
 from cdfsl.backbone.lora import EpisodeLoRA
+from cdfsl.backbone.towers import BlockInputHook, QkvProjection, plain_qkv
 from cdfsl.config import ALL_SUPPORT, RunConfig
 from cdfsl.data.episodes import EpisodeBatch
 from cdfsl.methods.base import Method, Observer, observed

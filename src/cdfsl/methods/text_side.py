@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cdfsl.backbone.adapter import ClipAdapter, plain_qkv
+from cdfsl.backbone.adapter import ClipAdapter
 from cdfsl.backbone.lora import EpisodeLoRA
+from cdfsl.backbone.towers import plain_qkv
 from cdfsl.config import RunConfig
 from cdfsl.errors import ConfigError
 from cdfsl.seeding import torch_stream

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cdfsl.backbone.adapter import BlockInputHook, ClipAdapter
+from cdfsl.backbone.adapter import ClipAdapter
+from cdfsl.backbone.towers import BlockInputHook
 from cdfsl.config import TIR_VARIANTS, TirConfig
 from cdfsl.errors import ConfigError
 from cdfsl.methods.text_side import text_block_index

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cdfsl.backbone.adapter import BlockInputHook, VisionOutput
+from cdfsl.backbone.adapter import VisionOutput
+from cdfsl.backbone.towers import BlockInputHook
 from cdfsl.data.episodes import EpisodeBatch
 
 Absorb = Callable[[Tensor], Tensor]
