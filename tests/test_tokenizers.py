@@ -127,3 +127,36 @@ def test_checkpoints_are_normalized_as_their_family_was_trained(tmp_path: Path) 
         json.dumps({"model_cfg": {}, "preprocess_cfg": {"mean": [0.1, 0.2, 0.3], "std": [1, 1, 1]}})
     )
     assert image_normalization("PE-Core-B-16", checkpoint, model) == ((0.1, 0.2, 0.3), (1.0, 1.0, 1.0))
+
+
+def test_a_saved_classifier_carries_its_tokenizer(tmp_path: Path) -> None:
+    """Fitted with `--tokenizer DIR`, saved, the original folder deleted: the saved folder still loads and predicts the
+    same, from its own copy; an edited copy is refused."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    from cdfsl.classifier import FewShotClassifier
+    from cdfsl.errors import ConfigError
+
+    folder = write_tokenizer(tmp_path / "tok", start_token=True)
+    images = tmp_path / "images"
+    generator = np.random.default_rng(0)
+    for name in ("one", "two"):
+        (images / name).mkdir(parents=True)
+        for k in range(2):
+            pixels = generator.integers(0, 255, (16, 16, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(images / name / f"{k}.png")
+    settings = {"train.iterations": 2, "train.template": "a photo of a {} .", "tokenizer": str(folder)}
+    classifier = FewShotClassifier("lora", "small-siglip2", "none", device="cpu", settings=settings).fit(images)
+    paths = sorted(images.rglob("*.png"))
+    expected = classifier.predict_proba(paths)
+    classifier.save(tmp_path / "model")
+    shutil.rmtree(folder)
+    loaded = FewShotClassifier.load(tmp_path / "model", device="cpu")
+    np.testing.assert_allclose(loaded.predict_proba(paths), expected, rtol=1e-4, atol=1e-6)
+    config = tmp_path / "model" / "tokenizer" / "tokenizer_config.json"
+    config.write_text(config.read_text() + " ")
+    with pytest.raises(ConfigError, match="tokenizer/ folder was changed"):
+        FewShotClassifier.load(tmp_path / "model", device="cpu")

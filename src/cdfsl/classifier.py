@@ -9,13 +9,16 @@ resizes them, and kept in memory.
 A saved classifier is a folder: `model.json` (format version, package version, backbone, weights — the pretrained
 tag, or the SHA-256 of a local checkpoint, checked again at load —, method, recipe, the resolved config, the classes
 and their prompt names) and `trained.safetensors` (what the method trains: LoRA factors, prompt context, MaPLe's
-prompts; nothing for zeroshot). Loading reads JSON and safetensors only, never pickled code.
+prompts; nothing for zeroshot); with a local tokenizer (`--tokenizer DIR`), a copy of it in `tokenizer/` (its digest
+in `model.json`, checked at load), so the folder works where the original tokenizer folder is not. Loading reads JSON
+and safetensors only, never pickled code.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,7 +36,7 @@ if TYPE_CHECKING:
     from cdfsl.methods.base import Method
 
 FORMAT_VERSION = 1
-MODEL_FILE, STATE_FILE = "model.json", "trained.safetensors"
+MODEL_FILE, STATE_FILE, TOKENIZER_FOLDER = "model.json", "trained.safetensors", "tokenizer"
 PREDICT_CHUNK = 64  # query images encoded at once
 
 
@@ -170,6 +173,7 @@ class FewShotClassifier:
 
         from cdfsl import __version__
         from cdfsl.backbone.factory import weights_identity
+        from cdfsl.backbone.tokenizers import tokenizer_identity
 
         context, method = self._require_fitted()
         folder = Path(directory)
@@ -192,6 +196,10 @@ class FewShotClassifier:
             "template": config.train.template,
             "config": config.to_dict(),
         }
+        if config.tokenizer is not None:
+            shutil.copytree(config.tokenizer, folder / TOKENIZER_FOLDER, dirs_exist_ok=True)
+            meta["config"]["tokenizer"] = TOKENIZER_FOLDER  # relative to the classifier's folder
+            meta["tokenizer"] = tokenizer_identity(str(folder / TOKENIZER_FOLDER))
         state = {name: t.detach().cpu().contiguous() for name, t in method.trained_state().items()}
         save_file(state, str(folder / STATE_FILE))
         (folder / MODEL_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
@@ -204,6 +212,7 @@ class FewShotClassifier:
         from safetensors.torch import load_file
 
         from cdfsl.backbone.factory import weights_identity
+        from cdfsl.backbone.tokenizers import tokenizer_identity
 
         folder = Path(directory)
         try:
@@ -223,6 +232,10 @@ class FewShotClassifier:
             )
         config = RunConfig.from_dict(meta["config"], source=str(folder / MODEL_FILE))
         config.device = device
+        if config.tokenizer is not None:
+            config.tokenizer = str(folder / config.tokenizer)
+            if tokenizer_identity(config.tokenizer) != meta.get("tokenizer"):
+                raise ConfigError(f"{folder}: its tokenizer/ folder was changed since the classifier was saved")
         classifier = cls(config.method, config.backbone, config.pretrained, config.recipe, device, config.seed)
         context, method = cls._build(config)
         try:
