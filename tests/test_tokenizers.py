@@ -99,6 +99,10 @@ def test_bad_tokenizers_are_refused(tmp_path: Path) -> None:
         app, ["run", "--dataset", "digits", "--method", "lora", "--backbone", "tiny", "--tokenizer", "/nowhere"]
     )
     assert result.exit_code == 2 and "--tokenizer /nowhere" in result.output
+    empty = CliRunner().invoke(app, ["run", "--dataset", "digits", "--method", "lora", "--set", "tokenizer= "])
+    assert empty.exit_code == 2 and "tokenizer must be a folder path" in empty.output
+    with pytest.raises(BackboneError, match="not a folder holding"):
+        tokenizer_identity(str(tmp_path))  # never a digest of an arbitrary folder's tree
 
 
 def test_a_hub_tokenizer_offline_fails_at_once_with_what_to_do(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -262,6 +262,10 @@ class RunConfig:
         parse_method(self.method, self.recipe_name)  # refuses an unknown method or an impossible combination
         check_device(self.device)
         _check_choice("activation", self.activation, ACTIVATIONS)
+        if self.tokenizer is not None and (not isinstance(self.tokenizer, str) or not self.tokenizer.strip()):
+            raise ConfigError(
+                f"tokenizer must be a folder path (or unset for the backbone's own); got {self.tokenizer!r}"
+            )
         check_numbers(self, unset_ok=True)  # recipe values are computed from shots and dataset
         check_template(self.train.template)
         if DATASET_SPECS[self.dataset].needs_root and not self.data_root:

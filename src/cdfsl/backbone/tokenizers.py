@@ -43,12 +43,7 @@ def load_tokenizer(name: str, text_cfg: dict[str, Any], folder: str | None = Non
     if folder is None and not hub_name:
         return open_clip.tokenizer.SimpleTokenizer(context_length=context, **kwargs)
     if folder is not None:
-        path = Path(folder).expanduser()
-        if not path.is_dir() or not any((path / file).is_file() for file in _HF_FILES):
-            raise BackboneError(
-                f"--tokenizer {folder}: not a folder holding a Hugging Face tokenizer (none of {', '.join(_HF_FILES)})"
-            )
-        source = str(path)
+        source = str(_tokenizer_folder(folder))
     else:
         source = hub_name
         _check_hub_tokenizer(name, hub_name)
@@ -95,10 +90,18 @@ def tokenizer_identity(folder: str | None) -> str | None:
     (the same tokenizer copied elsewhere is the same run; an edited one is not); None without a folder."""
     if folder is None:
         return None
-    path = Path(folder).expanduser()
-    if not path.is_dir():
-        raise BackboneError(f"--tokenizer {folder}: no such folder")
+    path = _tokenizer_folder(folder)
     digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        digest.update(f"{file.relative_to(path).as_posix()}\0{file_digest(file)}\n".encode())
+    for file in sorted(p for p in path.iterdir() if p.is_file()):  # Hugging Face saves a tokenizer as flat files
+        digest.update(f"{file.name}\0{file_digest(file)}\n".encode())
     return f"sha256:{digest.hexdigest()}"
+
+
+def _tokenizer_folder(folder: str) -> Path:
+    """`folder` as a path, if it holds a Hugging Face tokenizer; else `BackboneError`."""
+    path = Path(folder).expanduser()
+    if not path.is_dir() or not any((path / file).is_file() for file in _HF_FILES):
+        raise BackboneError(
+            f"--tokenizer {folder}: not a folder holding a Hugging Face tokenizer (none of {', '.join(_HF_FILES)})"
+        )
+    return path
