@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 from typer.testing import CliRunner
 
@@ -59,3 +62,20 @@ def test_the_command_lists_and_explains() -> None:
     everything = runner.invoke(app, ["backbones", "--all"])
     assert "EVA02-B-16" in everything.output and "timm vision trunk" in everything.output
     assert "PE-Core-B-16" in shown.output and "lost-layers, cka" in shown.output
+
+
+def test_trunk_shapes_are_remembered_for_one_timm_and_cdfsl_version(
+    entries, private_digest_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    from cdfsl.backbone.catalog import TRUNK_CACHE, _TrunkCache
+
+    stored = json.loads((private_digest_cache / TRUNK_CACHE).read_text())  # written by the `entries` fixture
+    assert stored["entries"]["vit_pe_core_base_patch16_224 map"]["family"] == "PE-Core"
+    stored["entries"]["vit_pe_core_base_patch16_224 map"] = "a remembered answer"
+    monkeypatch.setenv("CDFSL_CACHE_DIR", str(tmp_path))
+    (tmp_path / TRUNK_CACHE).write_text(json.dumps(stored))
+    assert {e.name: e for e in catalogue()}["PE-Core-B-16"].reason.endswith("a remembered answer")
+    (tmp_path / TRUNK_CACHE).write_text(json.dumps({**stored, "versions": "timm 0.1, cdfsl 0.0"}))
+    assert _TrunkCache().entries == {}  # another timm or cdfsl: measured afresh
+    (tmp_path / TRUNK_CACHE).write_text("{not json")
+    assert _TrunkCache().entries == {}

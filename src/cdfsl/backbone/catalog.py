@@ -18,7 +18,8 @@ attention, so it needs a CLS token (SigLIP has none). VtT's release fusion lays 
 
 from __future__ import annotations
 
-import functools
+import dataclasses
+import json
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,7 @@ from typing import Any
 from cdfsl.backbone.tiny import TINY_NAME
 
 ALL_DIAGNOSTICS = ("sink", "lost-layers", "cka")
+TRUNK_CACHE = "timm-trunks.json"
 
 
 @dataclass(frozen=True)
@@ -100,7 +102,6 @@ def classify(
     )
 
 
-@functools.cache
 def timm_trunk_shape(timm_name: str, pool: str | None) -> VisionShape | str:
     """The shape of timm model `timm_name` as open_clip builds it (global pool `pool`), built on the meta device; or
     why the adapter refuses it."""
@@ -142,6 +143,7 @@ def catalogue() -> list[BackboneInfo]:
 
     register_tiny_config()
     register_small_configs()
+    cache = _TrunkCache()
     entries = []
     for name in open_clip.list_models():
         config = open_clip.get_model_config(name)
@@ -155,6 +157,52 @@ def catalogue() -> list[BackboneInfo]:
         vision = config.get("vision_cfg", {})
         trunk = None
         if vision.get("timm_model_name") and not config.get("text_cfg", {}).get("hf_model_name"):
-            trunk = timm_trunk_shape(vision["timm_model_name"], vision.get("timm_pool"))
+            trunk = cache.shape(vision["timm_model_name"], vision.get("timm_pool"))
         entries.append(classify(shown, config, tags, trunk))
+    cache.save()
     return sorted(entries, key=lambda e: e.name.lower())
+
+
+class _TrunkCache:
+    """`timm_trunk_shape` answers remembered in `timm-trunks.json` in cdfsl's cache folder, keyed by the timm and
+    cdfsl versions (building ~20 trunks on the meta device takes seconds, mostly timm's weight initialisers). An
+    optimisation only: an unreadable or unwritable file is ignored."""
+
+    def __init__(self) -> None:
+        import timm
+
+        from cdfsl import __version__
+        from cdfsl.data.fingerprint import cache_dir
+
+        folder = cache_dir()
+        self.path = folder / TRUNK_CACHE if folder is not None else None
+        self.versions = f"timm {timm.__version__}, cdfsl {__version__}"
+        self.entries: dict[str, Any] = {}
+        self.changed = False
+        try:
+            stored = json.loads(self.path.read_text(encoding="utf-8")) if self.path is not None else {}
+            if stored.get("versions") == self.versions:
+                self.entries = dict(stored["entries"])
+        except (OSError, ValueError, AttributeError, KeyError, TypeError):
+            pass
+
+    def shape(self, timm_name: str, pool: str | None) -> VisionShape | str:
+        key = f"{timm_name} {pool}"
+        if timm_name.startswith("cdfsl_"):  # the small models' trunks: cheap, and defined by this package
+            return timm_trunk_shape(timm_name, pool)
+        if key not in self.entries:
+            found = timm_trunk_shape(timm_name, pool)
+            self.entries[key] = found if isinstance(found, str) else dataclasses.asdict(found)
+            self.changed = True
+        entry = self.entries[key]
+        return entry if isinstance(entry, str) else VisionShape(**entry)
+
+    def save(self) -> None:
+        if not self.changed or self.path is None:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            text = json.dumps({"versions": self.versions, "entries": self.entries}, indent=1)
+            self.path.write_text(text + "\n", encoding="utf-8")
+        except OSError:
+            pass
