@@ -164,3 +164,16 @@ def test_a_saved_classifier_carries_its_tokenizer(tmp_path: Path) -> None:
     config.write_text(config.read_text() + " ")
     with pytest.raises(ConfigError, match="tokenizer/ folder was changed"):
         FewShotClassifier.load(tmp_path / "model", device="cpu")
+
+
+def test_a_tokenizer_that_cannot_tell_words_apart_is_refused() -> None:
+    import torch
+
+    from cdfsl.backbone.adapter import ClipAdapter
+
+    real = load_backbone("small-clip", "none")
+    blind = ClipAdapter(
+        real.model, lambda texts: torch.zeros(len(texts), 32, dtype=torch.long), (0.5,) * 3, (0.5,) * 3, "x"
+    )
+    with pytest.raises(BackboneError, match="same tokens for '' and 'a'"):
+        blind.placeholder_position("a photo of a {}.", "X")

@@ -615,7 +615,12 @@ class ClipAdapter(nn.Module):
         """Position of a prompt's first word: 1 after a start token (CLIP's tokenizer), 0 without one."""
         if self._text_start is None:
             empty, word = self.tokenize(["", "a"])
-            self._text_start = int((empty != word).nonzero()[0])
+            differ = (empty != word).nonzero()
+            if len(differ) == 0:
+                raise BackboneError(
+                    f"the tokenizer of {self.name!r} gives the same tokens for '' and 'a'; it cannot be used"
+                )
+            self._text_start = int(differ[0])
         return self._text_start
 
     def content_length(self, text: str) -> int:
