@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cdfsl.backbone.timm_vision import TimmVisionTower
-from cdfsl.backbone.towers import BlockInputHook, QkvProjection, VisionTower, plain_qkv
+from cdfsl.backbone.towers import BlockInputHook, QkvProjection, VisionTower, plain_qkv, square_side
 from cdfsl.errors import BackboneError
 
 
@@ -158,8 +158,7 @@ class ClipVisionTower:
             raise BackboneError(f"backbone {name!r} does not pool the CLS token; cdfsl needs a CLS-token ViT")
         self.visual = visual
         self.width = int(visual.class_embedding.shape[0])
-        size = visual.image_size
-        self.image_size = int(size[0] if isinstance(size, tuple | list) else size)
+        self.image_size = square_side(visual.image_size)
         self.num_patches = int(visual.positional_embedding.shape[0]) - 1
 
     @property

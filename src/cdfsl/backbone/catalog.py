@@ -24,6 +24,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from cdfsl.backbone.small import TRUNK_PREFIX
 from cdfsl.backbone.tiny import TINY_NAME
 
 ALL_DIAGNOSTICS = ("sink", "lost-layers", "cka")
@@ -110,7 +111,7 @@ def timm_trunk_shape(timm_name: str, pool: str | None) -> VisionShape | str:
 
     from cdfsl.backbone.timm_vision import TimmVisionTower
 
-    own = timm_name.startswith("cdfsl_")  # the small models' trunks (cdfsl.backbone.small)
+    own = timm_name.startswith(TRUNK_PREFIX)  # the small models' trunks (cdfsl.backbone.small)
     if not own and not timm.models.is_model_in_modules(timm_name, ["vision_transformer", "eva"]):
         return "is not one of timm's ViT or EVA models"
     kwargs = {"num_classes": 0, "global_pool": pool} if pool is not None else {}
@@ -188,7 +189,7 @@ class _TrunkCache:
 
     def shape(self, timm_name: str, pool: str | None) -> VisionShape | str:
         key = f"{timm_name} {pool}"
-        if timm_name.startswith("cdfsl_"):  # the small models' trunks: cheap, and defined by this package
+        if timm_name.startswith(TRUNK_PREFIX):  # the small models' trunks: cheap, and defined by this package
             return timm_trunk_shape(timm_name, pool)
         if key not in self.entries:
             found = timm_trunk_shape(timm_name, pool)

@@ -49,6 +49,14 @@ def reachable(host: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
         return False
 
 
+def unreachable_because(host: str) -> str | None:
+    """Why nothing can be downloaded from `host` here (`HF_HUB_OFFLINE` set, or no connection within the probe's
+    timeout), or None when it can."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    return None if reachable(host) else f"{host} cannot be reached from this machine"
+
+
 def check_download(name: str, tag: str, pretrained_cfg: dict[str, object]) -> None:
     """Raise `BackboneError` at once when `name`'s weights `tag` are neither cached nor downloadable from here."""
     if cached_weights(pretrained_cfg) is not None:
@@ -57,12 +65,9 @@ def check_download(name: str, tag: str, pretrained_cfg: dict[str, object]) -> No
     host = HF_HOST if hub else urlparse(str(pretrained_cfg.get("url") or "")).hostname
     if host is None:
         return
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
-        why = "HF_HUB_OFFLINE is set"
-    elif reachable(host):
+    why = unreachable_because(host)
+    if why is None:
         return
-    else:
-        why = f"{host} cannot be reached from this machine"
     raise BackboneError(
         f"{name} weights {tag!r} are not in the local cache and {why}. Either download them where there is "
         f"internet (python -c \"import open_clip; open_clip.create_model('{name}', pretrained='{tag}')\"), copy the "

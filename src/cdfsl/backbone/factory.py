@@ -115,15 +115,12 @@ def image_normalization(
     """
     preprocess = dict(getattr(model.visual, "preprocess_cfg", {}) or {})
     if checkpoint is not None:
-        sibling = checkpoint.parent / OPEN_CLIP_CONFIG
-        exported = _exported_preprocess(sibling) if sibling.is_file() else None
-        if exported is not None:
-            preprocess.update(exported)
+        exported = (_exported_config(checkpoint) or {}).get("preprocess_cfg")
+        if isinstance(exported, dict) and "mean" in exported and "std" in exported:
+            preprocess["mean"], preprocess["std"] = exported["mean"], exported["std"]
         elif name != TINY:
             shared = {
-                (tuple(cfg["mean"]), tuple(cfg["std"]))
-                for tag in open_clip.list_pretrained_tags_by_model(name)
-                if "mean" in (cfg := open_clip.get_pretrained_cfg(name, tag)) and "std" in cfg
+                (tuple(cfg["mean"]), tuple(cfg["std"])) for cfg in _tag_configs(name) if "mean" in cfg and "std" in cfg
             }
             if len(shared) == 1:
                 preprocess["mean"], preprocess["std"] = shared.pop()
@@ -132,16 +129,26 @@ def image_normalization(
     return mean, std
 
 
-def _exported_preprocess(path: Path) -> dict[str, Any] | None:
-    """`preprocess_cfg` (mean and std) of an open_clip export's config, or None when it has none."""
+def _exported_config(checkpoint: Path) -> dict[str, Any] | None:
+    """The `open_clip_config.json` next to `checkpoint` (open_clip's Hugging Face export layout), or None when there
+    is none; an unreadable one is a `BackboneError`."""
+    sibling = checkpoint.parent / OPEN_CLIP_CONFIG
+    if not sibling.is_file():
+        return None
     try:
-        exported = json.loads(path.read_text(encoding="utf-8"))
-        found = exported.get("preprocess_cfg", {})
-    except (OSError, ValueError, AttributeError) as error:
-        raise BackboneError(f"cannot read {path} (the open_clip config next to the checkpoint): {error}") from None
-    if isinstance(found, dict) and "mean" in found and "std" in found:
-        return {"mean": found["mean"], "std": found["std"]}
-    return None
+        exported = json.loads(sibling.read_text(encoding="utf-8"))
+        if not isinstance(exported, dict):
+            raise ValueError("it does not hold a JSON object")
+    except (OSError, ValueError) as error:
+        raise BackboneError(
+            f"cannot read {sibling} (the open_clip config next to checkpoint {checkpoint}): {error}; fix or remove it"
+        ) from None
+    return exported
+
+
+def _tag_configs(name: str) -> list[dict[str, Any]]:
+    """open_clip's record of every pretrained tag of model `name`."""
+    return [open_clip.get_pretrained_cfg(name, tag) for tag in open_clip.list_pretrained_tags_by_model(name)]
 
 
 # ------------------------------------------------------------------------------------------- activation
@@ -171,10 +178,7 @@ def _resolve(name: str, pretrained: str, activation: str) -> tuple[str, Path | N
         if tag_quick_gelu is None:
             return from_config, None
         return (QUICKGELU if tag_quick_gelu else GELU), None
-    if name != TINY and not any(
-        open_clip.get_pretrained_cfg(name, tag).get("quick_gelu")
-        for tag in open_clip.list_pretrained_tags_by_model(name)
-    ):
+    if name != TINY and not any(cfg.get("quick_gelu") for cfg in _tag_configs(name)):
         return from_config, checkpoint  # no weights of this model were trained with QuickGELU (PE-Core, SigLIP)
     return _checkpoint_activation(checkpoint), checkpoint
 
@@ -224,17 +228,14 @@ def _refuse_torchscript(path: Path) -> None:
 
 def _checkpoint_activation(path: Path) -> str:
     """The activation of a checkpoint loaded under a plain (GELU) model name: its origin decides, else refuse."""
-    sibling = path.parent / OPEN_CLIP_CONFIG
-    if sibling.is_file():
-        try:
-            exported = json.loads(sibling.read_text(encoding="utf-8"))
-            model_cfg = exported.get("model_cfg", exported)
-            quick_gelu = bool(model_cfg.get("quick_gelu", False))
-        except (OSError, ValueError, AttributeError) as error:
+    exported = _exported_config(path)
+    if exported is not None:
+        model_cfg = exported.get("model_cfg", exported)
+        if not isinstance(model_cfg, dict):
             raise BackboneError(
-                f"cannot read {sibling} (the open_clip config next to checkpoint {path}): {error}; fix or remove it"
-            ) from None
-        return QUICKGELU if quick_gelu else GELU
+                f"{path.parent / OPEN_CLIP_CONFIG}: its model_cfg is not a JSON object; fix or remove it"
+            )
+        return QUICKGELU if model_cfg.get("quick_gelu", False) else GELU
     if path.suffix not in (".npz", ".npy") and all(key in _checkpoint_keys(path) for key in OPENAI_EXTRA_KEYS):
         return QUICKGELU
     raise BackboneError(

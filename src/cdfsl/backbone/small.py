@@ -22,6 +22,7 @@ import open_clip
 from torch import nn
 
 SMALL_NAMES = ("small-clip", "small-pe-core", "small-siglip2")
+TRUNK_PREFIX = "cdfsl_"  # the timm names of the small trunks: cdfsl_small_pe_core, cdfsl_small_siglip
 _ASSETS = resources.files("cdfsl") / "assets"
 _WIDTH, _DEPTH, _HEADS, _IMAGE, _PATCH = 64, 12, 2, 64, 16
 _SIZE: dict[str, Any] = dict(img_size=_IMAGE, patch_size=_PATCH, embed_dim=_WIDTH, depth=_DEPTH, num_heads=_HEADS)
@@ -71,7 +72,7 @@ def register_small_configs() -> tuple[str, ...]:
         from timm.models import register_model
 
         for trunk in (_small_pe_core, _small_siglip):
-            trunk.__name__ = f"cdfsl{trunk.__name__}"  # timm names a model after its function
+            trunk.__name__ = TRUNK_PREFIX + trunk.__name__.lstrip("_")  # timm names a model after its function
             register_model(trunk)
         for name in SMALL_NAMES:
             open_clip.add_model_config(Path(str(_ASSETS / f"{name}.json")))

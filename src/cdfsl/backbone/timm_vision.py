@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from timm.layers import apply_rot_embed_cat
 from torch import Tensor, nn
 
-from cdfsl.backbone.towers import QkvProjection
+from cdfsl.backbone.towers import QkvProjection, square_side
 from cdfsl.errors import BackboneError
 
 _TRUNKS = ("VisionTransformer", "Eva")
@@ -37,7 +37,7 @@ _ATTENTIONS = ("Attention", "AttentionRope")
 
 
 class TimmVisionTower:
-    """The vision tower of an open_clip `TimmModel`, with the `VisionTower` interface (see the adapter).
+    """The vision tower of an open_clip `TimmModel`, with the `VisionTower` interface (`cdfsl.backbone.towers`).
 
     Args:
         visual: open_clip's `TimmModel` (`.trunk` a timm model, `.head` open_clip's projection, often empty).
@@ -57,8 +57,7 @@ class TimmVisionTower:
         self.has_cls = getattr(self.trunk, "cls_token", None) is not None
         self.num_patches = int(self.trunk.patch_embed.num_patches)
         self.width = int(self.trunk.embed_dim)
-        size = visual.image_size
-        self.image_size = int(size[0] if isinstance(size, tuple | list) else size)
+        self.image_size = square_side(visual.image_size)
 
     @staticmethod
     def refusal(trunk: nn.Module) -> str | None:
@@ -132,9 +131,7 @@ class TimmVisionTower:
             q, k = self._rotate(q, rope, half), self._rotate(k, rope, half)
         out = F.scaled_dot_product_attention(q, k, v)
         cls_attention = None
-        if want_cls_attention:
-            if not self.has_cls:
-                raise BackboneError("this vision tower has no CLS token, so there is no CLS attention to record")
+        if want_cls_attention:  # the adapter refuses it for a tower without a CLS token
             logits = (q[:, :, :1] @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
             cls_attention = logits.float().softmax(dim=-1)[:, :, 0].reshape(e, b, attn.num_heads, t)
         attended = attn.proj(attn.norm(out.transpose(1, 2).reshape(e * b, t, -1))).reshape(e, b, t, d)

@@ -13,14 +13,13 @@ error says so at once instead of after the hub's retries.
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor
 
-from cdfsl.backbone.downloads import HF_HOST, reachable
+from cdfsl.backbone.downloads import HF_HOST, unreachable_because
 from cdfsl.data.fingerprint import file_digest
 from cdfsl.errors import BackboneError
 
@@ -74,10 +73,9 @@ def _check_hub_tokenizer(name: str, hub_name: str) -> None:
 
     if any(isinstance(try_to_load_from_cache(hub_name, file), str) for file in _HF_FILES):
         return
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
-    if not offline and reachable(HF_HOST):
+    why = unreachable_because(HF_HOST)
+    if why is None:
         return
-    why = "HF_HUB_OFFLINE is set" if offline else f"{HF_HOST} cannot be reached from this machine"
     raise BackboneError(
         f"{name}'s tokenizer {hub_name} is not in the local Hugging Face cache and {why}. On a machine with internet: "
         f"python -c \"from transformers import AutoTokenizer; AutoTokenizer.from_pretrained('{hub_name}')"

@@ -4,7 +4,7 @@ open_clip's ViTs, `cdfsl.backbone.timm_vision` for timm trunks) and the methods 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import torch.nn.functional as F
@@ -23,6 +23,11 @@ class QkvProjection(Protocol):
 
 BlockInputHook = Callable[[int, Tensor], Tensor]
 """Called with (block index, tokens `[E, B, T, D]`) before each vision block; returns the tokens to use."""
+
+
+def square_side(size: int | Sequence[int]) -> int:
+    """A tower's input size (an int, or open_clip's `(height, width)` of a square input) as one side in pixels."""
+    return int(size[0] if isinstance(size, tuple | list) else size)
 
 
 def plain_qkv(layer: int, h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
