@@ -20,6 +20,7 @@ from cdfsl.backbone.towers import BlockInputHook
 from cdfsl.config import RunConfig
 from cdfsl.data.episodes import EpisodeBatch
 from cdfsl.errors import TrainingError
+from cdfsl.methods.training import Recalibration, TrainingExtension
 
 Observer = Callable[[int, Tensor], None]
 """Called with (layer, tokens `[E, B, T, D]` entering that vision block, before any recalibration)."""
@@ -34,16 +35,26 @@ class Method(ABC):
         backbone: the frozen adapter.
         config: the run config, resolved (`RunConfig.resolved()`): every recipe value filled in.
         autocast_dtype: bf16 on GPU, None for fp32.
+        recalibration, extension: the plug-ins on a trained base (TIR, VtT; `cdfsl.methods.training`), or None.
     """
 
     name: str = "method"
 
-    def __init__(self, backbone: ClipAdapter, config: RunConfig, autocast_dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        backbone: ClipAdapter,
+        config: RunConfig,
+        autocast_dtype: torch.dtype | None = None,
+        recalibration: Recalibration | None = None,
+        extension: TrainingExtension | None = None,
+    ) -> None:
         if config.recipe is None or config.train.logit_scale is None:
             raise ValueError("methods take a resolved config: pass config.resolved()")
         self.backbone = backbone
         self.config = config
         self.autocast_dtype = autocast_dtype
+        self.recalibration = recalibration
+        self.extension = extension
         self.on_step: Callable[[int, int], None] | None = None
         """Called with (step, steps) after each training step of `fit` (a progress bar); None: nothing."""
         self._failure: TrainingError | None = None  # the last fit diverged: predicting from it is refused
@@ -84,6 +95,14 @@ class Method(ABC):
     def class_features(self, class_names: Sequence[Sequence[str]], layer: int | None = None) -> Tensor:
         """Normalized class text features `[E, K, C]` as prediction uses them: final (`layer=None`) or the pooled
         token after text block `layer` through the final norm and projection."""
+
+    def _prediction_hook(self, class_names: Sequence[Sequence[str]]) -> BlockInputHook | None:
+        """TIR's block-input hook at prediction, from the fitted class texts after TIR's text layer; None without
+        TIR or when it acts in training only."""
+        tir = self.recalibration
+        if tir is None or not tir.at_prediction:
+            return None
+        return tir.hook(self.class_features(class_names, tir.text_layer))
 
     def varied_class_features(
         self,

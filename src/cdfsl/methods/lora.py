@@ -71,9 +71,7 @@ class LoraMethod(Method):
         recalibration: Recalibration | None = None,
         extension: TrainingExtension | None = None,
     ) -> None:
-        super().__init__(backbone, config, autocast_dtype)
-        self.recalibration = recalibration
-        self.extension = extension
+        super().__init__(backbone, config, autocast_dtype, recalibration, extension)
         self.text_side = TextSide(backbone, config)
         self.lora: EpisodeLoRA | None = None
         self._records: list[dict[str, Any]] = []
@@ -228,9 +226,7 @@ class LoraMethod(Method):
     ) -> VisionOutput:
         self._refuse_after_failure()
         lora = self.lora
-        hook = None
-        if self.recalibration is not None and self.recalibration.at_prediction:
-            hook = self._hook(self._prediction_texts(class_names))
+        hook = self._prediction_hook(class_names)
         merged = lora is not None and self.config.lora.merge_for_prediction
         if lora is not None:
             lora.eval()
@@ -247,10 +243,6 @@ class LoraMethod(Method):
         finally:
             if merged and lora is not None:
                 lora.unmerge()
-
-    def _prediction_texts(self, class_names: Sequence[Sequence[str]]) -> Tensor:
-        assert self.recalibration is not None
-        return self.class_features(class_names, self.recalibration.text_layer)
 
     def episode_records(self) -> list[dict[str, Any]]:
         return self._records

@@ -179,9 +179,7 @@ class MapleMethod(Method):
         recalibration: Recalibration | None = None,
         extension: TrainingExtension | None = None,
     ) -> None:
-        super().__init__(backbone, config, autocast_dtype)
-        self.recalibration = recalibration
-        self.extension = extension
+        super().__init__(backbone, config, autocast_dtype, recalibration, extension)
         cfg = config.maple
         towers = min(backbone.num_vision_blocks, backbone.num_text_blocks)
         if not 1 <= cfg.depth <= towers:
@@ -376,9 +374,7 @@ class MapleMethod(Method):
         attention see the CLS and patch tokens only."""
         prompts = self._fitted()
         image_tokens = self.backbone.image_tokens
-        tir = None
-        if self.recalibration is not None and self.recalibration.at_prediction:
-            tir = self.recalibration.hook(self.class_features(class_names, self.recalibration.text_layer))
+        tir = self._prediction_hook(class_names)
         shown = None
         if observe is not None:
 
