@@ -643,9 +643,10 @@ class ClipAdapter(nn.Module):
         Raises `BackboneError` if the placeholder is not a single token.
         """
         tokens = self.tokenize([template.format(placeholder)])
-        if self.content_length(placeholder) != 1:
+        alone = self.content_tokens(placeholder)
+        if len(alone) != 1:
             raise BackboneError(f"VtT placeholder {placeholder!r} is not a single token; choose a short word")
         start = self.text_start + self.content_length(template.split("{}")[0].strip())
-        if start >= tokens.shape[1] or int(tokens[0, start]) != int(self.content_tokens(placeholder)[0]):
+        if start >= tokens.shape[1] or int(tokens[0, start]) != int(alone[0]):
             raise BackboneError(f"cannot locate placeholder {placeholder!r} in template {template!r}")
         return tokens, start
