@@ -177,3 +177,22 @@ def test_a_tokenizer_that_cannot_tell_words_apart_is_refused() -> None:
     )
     with pytest.raises(BackboneError, match="same tokens for '' and 'a'"):
         blind.placeholder_position("a photo of a {}.", "X")
+
+
+def test_a_tokenizer_rebuilt_at_the_same_path_is_loaded_afresh(tmp_path: Path) -> None:
+    import shutil
+
+    import torch
+
+    from cdfsl.config import RunConfig
+    from cdfsl.engine.context import LoadCache
+
+    folder = write_tokenizer(tmp_path / "tok", start_token=False)
+    config = RunConfig(
+        dataset="digits", method="lora", backbone="small-siglip2", pretrained="none", tokenizer=str(folder)
+    )
+    loads = LoadCache()
+    assert loads.backbone(config, torch.device("cpu")).text_start == 0
+    shutil.rmtree(folder)
+    write_tokenizer(folder, start_token=True)
+    assert loads.backbone(config, torch.device("cpu")).text_start == 1

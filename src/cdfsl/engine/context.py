@@ -22,6 +22,7 @@ import torch
 
 from cdfsl.backbone.adapter import ClipAdapter
 from cdfsl.backbone.factory import load_backbone, weights_identity
+from cdfsl.backbone.tokenizers import tokenizer_identity
 from cdfsl.config import RunConfig
 from cdfsl.data.episodes import EpisodeBatch, build_batch
 from cdfsl.data.images import ImageCache
@@ -64,9 +65,9 @@ def chunks(items: Sequence[int], size: int) -> Iterator[list[int]]:
 class LoadCache:
     """Backbones and image caches loaded for earlier contexts, kept for later ones in the same process.
 
-    A backbone is keyed by (name, pretrained, the weights' identity, activation, tokenizer folder, device), so a
-    checkpoint rebuilt at the same path is loaded afresh; an image cache by (index fingerprint, image size, cache
-    folder).
+    A backbone is keyed by (name, pretrained, the weights' identity, activation, the tokenizer folder's identity,
+    device), so a checkpoint or tokenizer rebuilt at the same path is loaded afresh; an image cache by (index
+    fingerprint, image size, cache folder).
     """
 
     def __init__(self) -> None:
@@ -75,8 +76,8 @@ class LoadCache:
 
     def backbone(self, config: RunConfig, device: torch.device) -> ClipAdapter:
         """The frozen backbone of `config` (name, pretrained weights, activation) on `device`."""
-        weights = weights_identity(config.pretrained)
-        key = (config.backbone, config.pretrained, weights, config.activation, config.tokenizer, str(device))
+        weights, tokenizer = weights_identity(config.pretrained), tokenizer_identity(config.tokenizer)
+        key = (config.backbone, config.pretrained, weights, config.activation, tokenizer, str(device))
         if key not in self._backbones:
             self._backbones[key] = load_backbone(
                 config.backbone, config.pretrained, device, config.activation, config.tokenizer
