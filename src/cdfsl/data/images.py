@@ -8,8 +8,11 @@ Dataset-specific steps before it live in the readers' loaders (ChestX: a 256x256
 
 Decoding a large PNG (ChestX) for every episode is the slow part of a run, so each decoded, resized image is kept in
 memory and, with a cache folder, on disk as a `.npy` file `<cache_dir>/<dataset>/<size>-<PREPROCESSING>/<digest>.npy`,
-named by the item's content digest (`ImageIndex.item_digest`: sha256 of the file's bytes). Different pixels at the
-same path therefore never meet a stale entry, and identical files share one. The dataset name stays in the path
+named by the item's content digest (`ImageIndex.item_digest`: sha256 of the file's bytes). `ImageIndex.open` reads a
+file's bytes once, checks their digest against that one and decodes those same bytes, so an entry always holds the
+pixels of the bytes it is named by: a file changed since the run started is refused (`DatasetError`), never stored
+under its old digest. Different pixels at the same path therefore never meet a stale entry, and identical files share
+one. The dataset name stays in the path
 because the dataset decides the loader (ChestX pre-resizes), and `PREPROCESSING` names the decode-and-resize rule, so
 a cache written under an older rule is never read back.
 

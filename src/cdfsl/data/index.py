@@ -27,7 +27,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from cdfsl.data.fingerprint import Content, file_contents
+from cdfsl.data.fingerprint import Content, file_contents, open_regular
 from cdfsl.errors import DatasetError
 
 
@@ -41,7 +41,8 @@ class ImageIndex:
         class_names: the prompt name of each class, same order.
         items: image keys, sorted by (label, key).
         labels: label of each item, same length as `items`.
-        loader: opens one item key as an RGB `PIL.Image`.
+        loader: opens one item key as an RGB `PIL.Image`; for a file-backed index (`root` set) it also takes the
+            file's bytes, `loader(key, data)`, and decodes those instead of reading the file (see `open`).
         root: data root, or None for embedded data.
         skipped: keys left out while indexing (unreadable files, paths escaping the root), for reporting.
     """
@@ -51,7 +52,7 @@ class ImageIndex:
     class_names: tuple[str, ...]
     items: tuple[str, ...]
     labels: tuple[int, ...]
-    loader: Callable[[str], Image.Image] = field(compare=False, repr=False)
+    loader: Callable[..., Image.Image] = field(compare=False, repr=False)
     root: Path | None = None
     skipped: tuple[str, ...] = ()
 
@@ -76,7 +77,35 @@ class ImageIndex:
         return [len(g) for g in self.items_by_class()]
 
     def open(self, position: int) -> Image.Image:
-        return self.loader(self.items[position])
+        """Item `position` decoded as RGB, from content whose digest is `item_digest(position)`.
+
+        For a file-backed index the file's bytes are read once, hashed, and those same bytes are decoded, so what is
+        decoded is always what the run's fingerprint (taken when it started) describes; a file whose bytes changed
+        since is refused, never decoded under the old file's identity.
+
+        Raises:
+            DatasetError: the file changed (or went away) since the index was fingerprinted.
+            One of `cdfsl.data.readers.DECODE_ERRORS`: the content does not decode.
+        """
+        key = self.items[position]
+        if self.root is None:
+            return self.loader(key)
+        expected = self._contents[position]
+        path = self.root / key
+        try:
+            with open_regular(path) as handle:
+                data = handle.read()
+        except OSError as error:
+            raise DatasetError(
+                f"{path} cannot be read any more ({error.strerror or error}) though it was there when the run "
+                "started; restore it, or re-run to index the data afresh"
+            ) from None
+        if len(data) != expected.size or hashlib.sha256(data).hexdigest() != expected.digest:
+            raise DatasetError(
+                f"{path} changed since the run started (its bytes no longer match the digest taken then); "
+                "nothing was stored for it: re-run to use the new file"
+            )
+        return self.loader(key, data)
 
     def fingerprint(self) -> str:
         """sha256 (16 hex digits) of name, classes, and (key, label, size, content digest) of every item.

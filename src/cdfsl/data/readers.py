@@ -58,6 +58,7 @@ from __future__ import annotations
 import csv
 import functools
 import hashlib
+import io
 import json
 import os
 import struct
@@ -318,29 +319,34 @@ DATASETS: dict[str, DatasetSpec] = {
 # loaders (module-level classes/partials so an index can be pickled into data-loader workers)
 
 
-def open_rgb(root: Path, key: str) -> Image.Image:
+def open_rgb(root: Path, key: str, data: bytes | None = None) -> Image.Image:
     """Open `root/key` (one of `IMAGE_FORMATS`) and return it decoded as RGB (wide modes scaled, see `to_8bit`).
+
+    `data`: the file's bytes, already read (and checked) by the caller (`ImageIndex.open`); they are decoded
+    instead of reading the file.
 
     Raises:
         One of `DECODE_ERRORS`: the file cannot be opened or decoded.
     """
     path = root / key
-    with open_regular(path) as handle, Image.open(handle, formats=IMAGE_FORMATS) as image:
+    source = io.BytesIO(data) if data is not None else open_regular(path)
+    with source as handle, Image.open(handle, formats=IMAGE_FORMATS) as image:
         return to_8bit(image, path).convert("RGB")
 
 
-def open_chestx(root: Path, key: str) -> Image.Image:
+def open_chestx(root: Path, key: str, data: bytes | None = None) -> Image.Image:
     """Open `root/key` as the VtT release's ChestX loader does: resize to 256x256, then convert to RGB.
 
     The resize runs on the image as opened (mode `L` for ChestX) with Pillow's default `resize` filter, which is
     bicubic for 8-bit grey and RGB images; the image's aspect ratio is not kept. A 16-bit or float image is first
-    brought to 8-bit grey (`to_8bit`).
+    brought to 8-bit grey (`to_8bit`). `data`: as for `open_rgb`.
 
     Raises:
         One of `DECODE_ERRORS`: the file cannot be opened or decoded.
     """
     path = root / key
-    with open_regular(path) as handle, Image.open(handle, formats=IMAGE_FORMATS) as image:
+    source = io.BytesIO(data) if data is not None else open_regular(path)
+    with source as handle, Image.open(handle, formats=IMAGE_FORMATS) as image:
         return to_8bit(image, path).resize((CHESTX_PRE_RESIZE, CHESTX_PRE_RESIZE)).convert("RGB")
 
 

