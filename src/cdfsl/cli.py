@@ -11,7 +11,8 @@ import os
 import sys
 import tomllib
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import wraps
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
@@ -29,17 +30,89 @@ from rich.progress import (
 )
 from rich.table import Table
 from rich.text import Text
+from typer.core import TyperGroup
 
 from cdfsl.config import DATASETS, METHODS, RunConfig, apply_override
 from cdfsl.errors import CdfslError, ConfigError
 from cdfsl.recipes import RECIPES
 
+try:  # typer 0.2x carries its own copy of click; older releases use click itself
+    from typer._click import exceptions as click_errors
+except ImportError:  # pragma: no cover
+    from click import exceptions as click_errors  # type: ignore[no-redef]
+
 if TYPE_CHECKING:
     from cdfsl.data.index import ImageIndex
+
+INTERRUPTED = "interrupted; finished episodes are stored, re-run the same command to resume"
+
+
+class CdfslGroup(TyperGroup):
+    """The root `cdfsl` group. A parse error anywhere below it (an unknown option or command, a value of the wrong
+    type, a missing option) is one `error:` line and exit 2, like every other refusal, instead of click's usage box;
+    Ctrl-C says that finished episodes are kept. Every help text is printed as written: typer reads help as rich
+    markup, which would swallow a `[word]` such as `cdfsl[tensorboard]`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _escape_help(self)
+
+    def make_context(self, *args: Any, **kwargs: Any) -> Any:
+        with _one_line_usage_errors():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx: Any) -> Any:
+        with _one_line_usage_errors():
+            try:
+                return super().invoke(ctx)
+            except KeyboardInterrupt:
+                console.print(INTERRUPTED)
+                raise typer.Exit(130) from None
+
+
+def _escape_help(command: Any) -> None:
+    """Escape the rich markup in the help texts of `command`, its parameters and every command below it."""
+    for holder in (command, *command.params):
+        for field in ("help", "short_help", "epilog"):
+            text = getattr(holder, field, None)
+            if isinstance(text, str):
+                setattr(holder, field, escape(text))
+    for sub in getattr(command, "commands", {}).values():
+        _escape_help(sub)
+
+
+@contextmanager
+def _one_line_usage_errors() -> Iterator[None]:
+    try:
+        yield
+    except click_errors.ClickException as error:
+        if type(error).__name__ == "NoArgsIsHelpError":  # a group called alone: its help is the answer
+            raise
+        console.print(f"[red]error:[/red] {escape(shown(usage_error_line(error)))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(error.exit_code) from None
+
+
+def usage_error_line(error: Any) -> str:
+    """A click parse error (unknown option or command, bad or missing value) as one line that says what to do: the
+    rejected value, when click's message does not quote it, and the command whose `--help` lists the options."""
+    message = " ".join(error.format_message().split()).rstrip(".")
+    # typer checks values with pydantic, whose message ("Input should be a valid integer") omits the value
+    errors = getattr(error.__cause__, "errors", None)
+    items = errors() if callable(errors) else []
+    given = repr(str(items[0]["input"])) if items and "input" in items[0] else None
+    if given is not None and given not in message:
+        message += f" (got {given})"
+    ctx = getattr(error, "ctx", None)
+    if ctx is not None:
+        message += f"; see `{ctx.command_path} --help`"
+    return message[:1].lower() + message[1:]
+
 
 app = typer.Typer(
     help="Source-free cross-domain few-shot learning with CLIP: a base (zeroshot, lora, coop, coop+lora, maple) with "
     "plug-ins (tir, vtt) on a dataset's episodes; `cdfsl methods` lists them.",
+    name="cdfsl",
+    cls=CdfslGroup,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -1245,8 +1318,8 @@ def main() -> None:
     """Console entry point."""
     try:
         app()
-    except KeyboardInterrupt:
-        console.print("interrupted; finished episodes are stored, re-run the same command to resume")
+    except KeyboardInterrupt:  # outside a command (CdfslGroup handles it inside one)
+        console.print(INTERRUPTED)
         sys.exit(130)
 
 

@@ -1,0 +1,144 @@
+"""The command line's surface: parse errors as one `error:` line, help texts printed whole, listings a script can
+read, and every `cdfsl …` line of the docs naming a real command and option.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from cdfsl.cli import app
+from test_cli_trust import assert_one_line_error
+
+WIDE = {"COLUMNS": "200"}
+SCRIPT = Path(sys.executable).parent / "cdfsl"
+
+
+def invoke(args: list[str], **kwargs: Any) -> Any:
+    kwargs.setdefault("env", WIDE)
+    return CliRunner().invoke(app, args, **kwargs)
+
+
+def command_tree() -> dict[tuple[str, ...], Any]:
+    """Every command and group of the app by its path below `cdfsl` (the root is `()`), as click objects."""
+    found: dict[tuple[str, ...], Any] = {}
+
+    def walk(command: Any, path: tuple[str, ...]) -> None:
+        found[path] = command
+        for name, sub in getattr(command, "commands", {}).items():
+            walk(sub, (*path, name))
+
+    walk(typer.main.get_command(app), ())
+    return found
+
+
+COMMANDS = command_tree()
+
+
+def script(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """The installed `cdfsl` script with stdout and stderr to pipes (not a terminal), no COLUMNS set."""
+    environment = {k: v for k, v in os.environ.items() if k != "COLUMNS"} | (env or {})
+    return subprocess.run(
+        [str(SCRIPT), *args], capture_output=True, text=True, stdin=subprocess.DEVNULL, env=environment, timeout=120,
+        check=False,
+    )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------
+# 13. parse errors are one line, like every other refusal
+
+
+@pytest.mark.parametrize("path", list(COMMANDS), ids=lambda p: " ".join(p) or "cdfsl")
+def test_unknown_option_is_one_line_on_every_command(path: tuple[str, ...]) -> None:
+    result = invoke([*path, "--no-such-option"])
+    assert_one_line_error(result, "--no-such-option", f"`{' '.join(('cdfsl', *path))} --help`")
+
+
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (["run", "--episodes", "1e10"], ["--episodes", "1e10", "`cdfsl run --help`"]),
+        (["run", "--shots", "abc"], ["--shots", "abc"]),
+        (["run", "--dataset"], ["--dataset", "requires an argument"]),
+        (["demo", "--lr", "fast"], ["--lr", "fast"]),
+        (["recipes", "--shots", "-"], ["--shots", "(got '-')"]),
+        (["datasets", "check"], ["--dataset", "`cdfsl datasets check --help`"]),
+        (["predict"], ["argument 'model'", "`cdfsl predict --help`"]),
+        (["nosuch"], ["nosuch", "`cdfsl --help`"]),
+        (["datasets", "nosuch"], ["nosuch", "`cdfsl datasets --help`"]),
+        (["sweep", "plan", "a.toml", "extra"], ["extra"]),
+    ],
+)
+def test_parse_errors_are_one_line(args: list[str], fragments: list[str]) -> None:
+    assert_one_line_error(invoke(args), *fragments)
+
+
+@pytest.mark.parametrize("path", list(COMMANDS), ids=lambda p: " ".join(p) or "cdfsl")
+def test_help_still_works(path: tuple[str, ...]) -> None:
+    result = invoke([*path, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage:" in result.stdout
+
+
+def test_group_without_a_command_still_shows_its_help() -> None:
+    result = invoke(["datasets"])
+    assert "check" in result.output and "Usage:" in result.output
+    assert "error:" not in result.output
+
+
+def test_parse_error_from_the_console_script_is_one_line() -> None:
+    result = script("run", "--dataset", "digits", "--method", "lora", "--episodes", "1e10")
+    assert result.returncode == 2, result.stderr
+    assert result.stdout == ""
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "--episodes" in lines[0] and "1e10" in lines[0]
+
+
+def test_interrupt_says_finished_episodes_are_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    import cdfsl.registry as registry
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(registry, "describe", interrupted)
+    result = invoke(["methods"])
+    assert result.exit_code == 130
+    assert result.stderr.strip() == "interrupted; finished episodes are stored, re-run the same command to resume"
+
+
+# ----------------------------------------------------------------------------------------------------
+# 16. every `[` of a help text survives rich's markup
+
+
+def _bracketed_words(text: str) -> list[str]:
+    """The words of `text` holding a `[` (as written in the source, before any markup escaping)."""
+    return [word for word in text.replace("\\[", "[").split() if "[" in word]
+
+
+def _help_texts(command: Any) -> list[str]:
+    texts = [command.help or ""]
+    texts += [getattr(param, "help", None) or "" for param in command.params]
+    return texts
+
+
+@pytest.mark.parametrize("path", list(COMMANDS), ids=lambda p: " ".join(p) or "cdfsl")
+def test_help_keeps_every_bracket(path: tuple[str, ...]) -> None:
+    command = COMMANDS[path]
+    words = [word for text in _help_texts(command) for word in _bracketed_words(text)]
+    rendered = invoke([*path, "--help"], env={"COLUMNS": "400"}).stdout
+    flat = " ".join(rendered.replace("│", " ").split())
+    for word in words:
+        assert word in flat, f"{word!r} of `cdfsl {' '.join(path)} --help` is not printed:\n{rendered}"
+
+
+def test_run_help_names_the_tensorboard_extra() -> None:
+    rendered = invoke(["run", "--help"], env={"COLUMNS": "400"}).stdout
+    assert "cdfsl[tensorboard]" in rendered
