@@ -190,7 +190,8 @@ def test_runs_differing_only_in_recipe_are_two_runs_and_both_show_in_report(tmp_
         assert {run.recipe for run in store.runs()} == {"vtt-release", "paper"}
         report = build_report(store)
     assert {(row.method, row.recipe) for row in report.rows} == {("tir", "vtt-release"), ("tir", "paper")}
-    assert {row.label for row in report.rows} == {"tir / vtt-release", "tir / paper"}
+    changed = "[queries=3, pretrained=none, train.iterations=1]"  # what the runs changed from their recipes
+    assert {row.label for row in report.rows} == {f"tir / vtt-release {changed}", f"tir / paper {changed}"}
     assert all(row["recipe"] for row in report.to_dict()["rows"])
 
 

@@ -29,13 +29,13 @@ def _config(method: str, dataset: str, shots: int, **extra: object) -> dict[str,
         "dataset": dataset,
         "method": method,
         "backbone": "tiny",
-        "pretrained": "none",
+        "pretrained": "openai",
         "ways": 5,
         "shots": shots,
         "queries": 15,
         "seed": 0,
         "run_name": None,
-        "train": {"lr": 2e-4, "iterations": 5},
+        "train": {"lr": 2e-4},
     }
     config.update(extra)
     return config
@@ -184,19 +184,20 @@ def test_other_ways_dropped_and_conflicting_runs_become_variants(store: ResultSt
     _add_run(
         store,
         "lora-named",
-        _config("lora", "digits", 1, run_name="my_run", train={"lr": 1e-3, "iterations": 5}),
+        _config("lora", "digits", 1, run_name="my_run", train={"lr": 1e-3}),
         range(20),
         0.6,
         61,
     )
     report = build_report(store, paired="lora")
     labels = [row.label for row in report.rows]
-    assert "lora [my_run]" in labels and "lora [train.lr=0.0002]" in labels
+    # Every row says the settings it changed from its recipe; the run name is only needed where settings tie.
+    assert labels == ["zeroshot", "lora", "lora [train.lr=0.001]", "tir"]
     assert not any("10-way" in label for label in labels)
     assert any("left out lora-10way (10-way)" in note for note in report.notes)
-    # tir has one plain row, so it pairs with the lora variant that fills every column.
+    # tir runs on its recipe's settings, so it pairs with the lora run on its recipe's settings.
     tir = next(row for row in report.rows if row.method == "tir")
-    assert report.paired[(tir, Column("eurosat", 1))].baseline.label == "lora [train.lr=0.0002]"
+    assert report.paired[(tir, Column("digits", 1))].baseline.label == "lora"
 
 
 # -------------------------------------------------------------------------------------------------- renderers

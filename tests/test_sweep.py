@@ -54,7 +54,8 @@ def test_the_file_is_a_product_plus_extra_runs(tmp_path: Path) -> None:
     assert [(r.config.method, r.config.shots) for r in sweep.runs] == [("zeroshot", 1), ("lora", 1), ("tir", 5)]
     assert all(r.config.queries == 3 and r.config.episode_batch == 2 for r in sweep.runs)
     assert sweep.runs[2].config.tir.ratio == 0.2 and sweep.runs[1].config.tir.ratio != 0.2
-    assert sweep.runs[0].label == "zeroshot · digits · 1-shot · tiny · seed 0"
+    label = "zeroshot / vtt-release [queries=3, pretrained=none] · digits · 1-shot · tiny · seed 0"
+    assert sweep.runs[0].label == label
 
 
 @pytest.mark.parametrize(

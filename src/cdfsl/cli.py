@@ -626,6 +626,7 @@ def compare_command(
     """Two stored runs on their shared episodes: mean difference, 95% interval, Wilcoxon p, n (t-interval below 30)."""
     from cdfsl.analysis.compare import compare_runs
     from cdfsl.engine.store import ResultStore
+    from cdfsl.labels import settings_text
 
     if json_path is not None:
         check_output_file(json_path, "--json", store=db)
@@ -634,15 +635,15 @@ def compare_command(
     with ResultStore(db, read_only=True) as store:
         result = compare_runs(store, first, second)
     table = Table(title=f"{result['n']} shared episodes", title_justify="left")
-    for column in ("run", "id", "method", "recipe", "backbone", "episodes", "accuracy (%)"):
+    for column in ("run", "id", "method", "recipe", "changed settings", "backbone", "episodes", "accuracy (%)"):
         table.add_column(column, justify="right" if column in ("episodes", "accuracy (%)") else "left")
     for label in ("a", "b"):
         side = result[label]
         name = f"{label.upper()}" + (f" ({side['run_name']})" if side["run_name"] else "")
         accuracy = f"{side['mean']:.2f} ± {side['ci95']:.2f}"
         table.add_row(
-            plain(name), side["run_id"], plain(side["method"]), side["recipe"] or "–", plain(side["backbone"]),
-            str(side["episodes"]), accuracy,
+            plain(name), side["run_id"], plain(side["method"]), side["recipe"] or "–",
+            plain(settings_text(side["settings"]) or "–"), plain(side["backbone"]), str(side["episodes"]), accuracy,
         )  # fmt: skip
     out.print(table)
     line = (

@@ -20,6 +20,7 @@ from scipy.stats import t as student_t
 
 from cdfsl.engine.store import ResultStore, RunRecord
 from cdfsl.errors import ConfigError, StoreError
+from cdfsl.labels import changed_settings, run_label, variant_text, visible
 from cdfsl.stats import episode_differences, mean_ci95, paired_difference
 
 PAIRING_KEYS = ("dataset", "index", "ways", "shots", "queries", "seed")
@@ -28,7 +29,7 @@ SMALL_SAMPLE = 30
 
 def find_run(runs: list[RunRecord], reference: str) -> RunRecord:
     """The run `reference` names: an exact id, a unique run name, a unique id prefix (at least 4 characters) or the
-    method of a single run."""
+    method of a single run; otherwise a `ConfigError` listing the runs it could mean (`ambiguous`)."""
     exact = [r for r in runs if r.run_id == reference]
     named = [r for r in runs if r.run_name == reference]
     prefixed = [r for r in runs if len(reference) >= 4 and r.run_id.startswith(reference)]
@@ -37,11 +38,28 @@ def find_run(runs: list[RunRecord], reference: str) -> RunRecord:
         if len(matches) == 1:
             return matches[0]
         if len(matches) > 1:
-            listed = ", ".join(f"{r.run_id} ({r.method}, {r.dataset})" for r in matches[:6])
-            raise ConfigError(f"{reference!r} names {len(matches)} runs: {listed}; give a run id")
+            raise ambiguous(repr(reference), matches)
     raise ConfigError(
         f"no run {reference!r} in the store (a run id, a prefix of 4+ characters, a run name or a method)"
     )
+
+
+def ambiguous(what: str, matches: list[RunRecord], hint: str = "give a run id") -> ConfigError:
+    """The refusal when `what` names several runs: each with its id, its label (method, recipe and the settings
+    that differ from the recipe's: what tells the runs apart), its run name, dataset and shots."""
+    listed = "; ".join(describe(run) for run in matches[:6]) + ("; …" if len(matches) > 6 else "")
+    return ConfigError(f"{what} names {len(matches)} runs: {listed}; {hint}")
+
+
+def describe(run: RunRecord) -> str:
+    """`ID (method / recipe [changed settings], "run name", dataset N-shot)`: one run, told apart from the others."""
+    name = f', "{visible(run.run_name)}"' if run.run_name else ""
+    return f"{run.run_id} ({label_of(run)}{name}, {run.dataset} {run.shots}-shot)"
+
+
+def label_of(run: RunRecord) -> str:
+    """The run's label: method, recipe, and its `N-way` and changed settings (as report rows show them)."""
+    return run_label(run.method, run.recipe, variant_text(run.ways, changed_settings(run.config)))
 
 
 def stored_runs(store: ResultStore, reference: str | None = None) -> list[RunRecord]:
@@ -96,6 +114,8 @@ def _side(run: RunRecord, accuracies: dict[int, float]) -> dict[str, Any]:
     return {
         "run_id": run.run_id,
         "run_name": run.run_name,
+        "label": label_of(run),
+        "settings": changed_settings(run.config),
         "method": run.method,
         "recipe": run.recipe,
         "backbone": run.backbone,

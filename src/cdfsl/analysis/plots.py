@@ -264,8 +264,9 @@ def _draw_curves(curves: RunCurves) -> Figure:
 
 
 def _slug(text: str) -> str:
-    """A file-name-safe slug: lower case letters, digits and single dashes (`tir+vtt` → `tir-vtt`)."""
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "x"
+    """A file-name-safe slug: lower case letters, digits and single dashes (`tir+vtt` → `tir-vtt`), at most 60
+    characters (a label lists a run's changed settings; `_save` numbers names that collide)."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60].strip("-") or "x"
 
 
 def _save(figure: Figure, out_dir: Path, stem: str, written: list[Path]) -> Path:

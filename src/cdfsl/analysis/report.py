@@ -6,13 +6,14 @@ shots value. Cells are mean accuracy ± 95% interval half-width over a run's fin
 Which run fills a cell (the grouping rule):
 
 1. Runs are grouped by (method, recipe, backbone, dataset, shots); a row's label names its recipe
-   (`tir / tir-release`; runs stored before recipes existed show none).
+   (`tir / tir-release`; runs stored before recipes existed show none) and, always, every setting of the run that
+   differs from its recipe's, as `key=value` (`tir / tir-release [train.iterations=10]`; `cdfsl.labels`). Runs
+   with different settings are different rows.
 2. If a group holds 5-way runs (the protocol) and runs of other ways, only the 5-way runs are kept (a note
    says so). A run that is not 5-way and has no 5-way counterpart is kept, and its row label says `N-way`.
-3. Queries are taken as stored. If a (method, backbone) still has several runs in one cell, every run of that
-   (method, backbone) gets a variant in its row label: its run name if it has one, otherwise the config fields
-   that tell the conflicting runs apart (e.g. `lora [seed=1]`), falling back to the run id. Settings that
-   never change results (episode count, device, episode batch, paths) are not counted as differences.
+3. Queries are taken as stored. If runs alike in every setting still share a cell (another dataset content or
+   checkpoint at the same path), every run of that row gets its run name (control characters escaped) or else its
+   run id in its label.
 
 The mean column of a shots value averages the row's cell means over every dataset that has a column at that
 shots value, and is blank for a row missing any of them, as the papers report the four-benchmark average. It
@@ -51,27 +52,12 @@ from cdfsl.analysis.paper_results import BENCHMARKS, PaperResult, paper_results
 from cdfsl.config import METHODS
 from cdfsl.engine.store import ResultStore, RunRecord
 from cdfsl.errors import ConfigError, StoreError
+from cdfsl.labels import PROTOCOL_WAYS, changed_settings, run_label, variant_text, visible
 from cdfsl.registry import split_method
 from cdfsl.stats import PairedStats, episode_differences, mean_ci95, paired_difference
 
-PROTOCOL_WAYS = 5
 FORMATS = ("table", "markdown", "csv", "latex", "json")
 JSON_SCHEMA = "cdfsl.report/1"
-# Config fields that never change an episode's outcome, so they do not make two runs different rows.
-_NEUTRAL_KEYS = frozenset(
-    {
-        "run_name",
-        "dataset",
-        "data_root",
-        "shots",
-        "ways",
-        "episodes",
-        "device",
-        "episode_batch",
-        "db",
-        "cache_dir",
-    }
-)
 _DATASET_ORDER = ("eurosat", "isic2018", "cropdiseases", "chestx")
 _BLANK = "–"
 
@@ -107,15 +93,11 @@ class Row:
     quoted: bool = False
     name: str | None = None  # quoted rows: the method's name in the paper
     recipe: str | None = None
+    settings: tuple[tuple[str, Any], ...] = ()  # the run's settings that differ from its recipe's (`changed_settings`)
 
     @property
     def label(self) -> str:
-        text = self.name or self.method
-        if self.recipe:
-            text += f" / {self.recipe}"
-        if self.variant:
-            text += f" [{self.variant}]"
-        return text + (" (paper)" if self.quoted else "")
+        return run_label(self.name or self.method, self.recipe, self.variant) + (" (paper)" if self.quoted else "")
 
 
 @dataclass(frozen=True)
@@ -209,6 +191,7 @@ class Report:
             "recipe": row.recipe,
             "backbone": row.backbone,
             "variant": row.variant,
+            "settings": dict(row.settings),
             "quoted": row.quoted,
             "source": "; ".join(sources) if sources else None,
             "cells": cells,
@@ -245,12 +228,15 @@ def build_report(store: ResultStore, paired: str | None = None, with_paper_resul
             ) from None
     notes: list[str] = []
     runs = _keep_protocol_ways(runs, notes)
-    variants = _variants(runs)
+    changes = {run.run_id: changed_settings(run.config) for run in runs}
+    variants = _variants(runs, changes)
     accuracies = {run.run_id: store.episode_accuracies(run.run_id) for run in runs}
     placed: dict[tuple[Row, Column], RunRecord] = {}
     cells: dict[tuple[Row, Column], Cell] = {}
     for run in runs:
-        row = Row(run.method, run.backbone, variants[run.run_id], recipe=run.recipe)
+        row = Row(
+            run.method, run.backbone, variants[run.run_id], recipe=run.recipe, settings=_frozen(changes[run.run_id])
+        )
         key = (row, Column(run.dataset, run.shots))
         mean, ci95 = mean_ci95(list(accuracies[run.run_id].values()))
         placed[key] = run
@@ -320,24 +306,19 @@ def _keep_protocol_ways(runs: list[RunRecord], notes: list[str]) -> list[RunReco
     return kept
 
 
-def _variants(runs: list[RunRecord]) -> dict[str, str | None]:
-    """Run id → row variant, following the grouping rule of the module docstring."""
-    groups: dict[tuple[str, str | None, str, str, int], list[RunRecord]] = defaultdict(list)
+def _variants(runs: list[RunRecord], changes: Mapping[str, Mapping[str, Any]]) -> dict[str, str | None]:
+    """Run id → row variant, following the grouping rule of the module docstring; `changes`: run id → the run's
+    `changed_settings`."""
+    variants = {run.run_id: variant_text(run.ways, changes[run.run_id]) for run in runs}
+    cells: dict[tuple[Any, ...], list[RunRecord]] = defaultdict(list)
     for run in runs:
-        groups[_group_key(run)].append(run)
-    differing: dict[tuple[str, str | None, str], set[str]] = defaultdict(set)
-    for (method, recipe, backbone, _, _), group in groups.items():
-        if len(group) > 1:
-            differing[(method, recipe, backbone)] |= _differing_keys([_flatten(run.config) for run in group])
-    variants: dict[str, str | None] = {}
-    for run in runs:
-        parts = [] if run.ways == PROTOCOL_WAYS else [f"{run.ways}-way"]
-        if (run.method, run.recipe, run.backbone) in differing:
-            flat = _flatten(run.config)
-            keys = sorted(differing[(run.method, run.recipe, run.backbone)])
-            parts.append(run.run_name or ", ".join(f"{k}={flat.get(k)}" for k in keys) or run.run_id)
-        variants[run.run_id] = ", ".join(part for part in parts if part) or None
-    for group in groups.values():  # identical labels inside one cell: tell them apart by run id
+        cells[(*_group_key(run), variants[run.run_id])].append(run)
+    crowded = {_row_key(run, variants) for group in cells.values() if len(group) > 1 for run in group}
+    for run in runs:  # runs alike in every setting that still share a cell: their run name, else their id
+        if _row_key(run, variants) in crowded:
+            tag = visible(run.run_name) if run.run_name else run.run_id
+            variants[run.run_id] = ", ".join(filter(None, [variants[run.run_id], tag]))
+    for group in cells.values():  # identical labels inside one cell: tell them apart by run id
         labels = [variants[run.run_id] for run in group]
         for run in group:
             if labels.count(variants[run.run_id]) > 1:
@@ -345,20 +326,13 @@ def _variants(runs: list[RunRecord]) -> dict[str, str | None]:
     return variants
 
 
-def _flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat
+def _frozen(changes: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
+    """A run's changed settings as a hashable row field (lists as tuples)."""
+    return tuple((key, tuple(value) if isinstance(value, list) else value) for key, value in changes.items())
 
 
-def _differing_keys(configs: list[dict[str, Any]]) -> set[str]:
-    keys = set().union(*configs) - _NEUTRAL_KEYS
-    return {key for key in keys if len({json.dumps(config.get(key), sort_keys=True) for config in configs}) > 1}
+def _row_key(run: RunRecord, variants: Mapping[str, str | None]) -> tuple[str, str | None, str, str | None]:
+    return (run.method, run.recipe, run.backbone, variants[run.run_id])
 
 
 def _uses_vtt(method: str) -> bool:
@@ -748,7 +722,8 @@ def render_json(report: Report) -> str:
     {"schema": "cdfsl.report/1", "store": PATH, "units": ..., "baseline": METHOD | null,
      "columns": [{"key": "digits/1-shot", "dataset": "digits" | null (mean column), "shots": 1, "kind":
                   "dataset" | "mean", "label": "digits 1-shot"}, ...],
-     "rows": [{"label", "method", "backbone", "variant", "quoted": bool, "source": str | null,
+     "rows": [{"label", "method", "recipe", "backbone", "variant", "settings": {KEY: VALUE} (changed from the
+               recipe's), "quoted": bool, "source": str | null,
                "cells": {COLUMN_KEY: {"mean", "ci95", "episodes", "run_id", "best": bool,
                                       "quoted": bool, "source", "over": [datasets] (mean cells)}},
                "paired": {COLUMN_KEY: {"baseline": LABEL, "baseline_run_id", "run_id", "mean_diff", "ci95",

@@ -56,6 +56,7 @@ from typing import Any
 
 from cdfsl.config import RunConfig, apply_override
 from cdfsl.errors import CdfslError, ConfigError
+from cdfsl.labels import changed_settings, run_label, variant_text
 
 RUN_KEYS = ("method", "dataset", "shots", "backbone", "pretrained", "seed", "recipe", "ways", "queries")
 SWEEP_KEYS = ("db", "episodes", "episode_batch", "device", "cache_dir")
@@ -175,8 +176,15 @@ def _run(
         config.validate()
     except (CdfslError, TypeError) as error:
         raise ConfigError(f"{where}: {error}") from None
-    label = f"{config.method} · {dataset} · {config.shots}-shot · {config.backbone} · seed {config.seed}"
-    return SweepRun(position, label + (f" · {config.recipe}" if config.recipe else ""), config)
+    return SweepRun(position, _label(config), config)
+
+
+def _label(config: RunConfig) -> str:
+    """`method / recipe [N-way, changed settings] · dataset · N-shot · backbone · seed N`: the settings that differ
+    from the recipe's as report rows show them (`cdfsl.labels`), the seed in its own place."""
+    changes = {key: value for key, value in changed_settings(config).items() if key != "seed"}
+    name = run_label(config.method, config.recipe_name, variant_text(config.ways, changes))
+    return f"{name} · {config.dataset} · {config.shots}-shot · {config.backbone} · seed {config.seed}"
 
 
 def _text(value: Any) -> str:

@@ -1,0 +1,220 @@
+"""Reports say what was run: labels show every setting changed from the recipe (report rows in every format,
+`compare`, the sweep plan and status), `report --paired` refuses an ambiguous baseline as `compare` does, one rule
+for the paired interval, the papers' per-dataset numbers, and run names with control characters in tables."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import textwrap
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cdfsl.analysis.compare import compare_runs
+from cdfsl.analysis.report import build_report, render, render_table
+from cdfsl.config import LORA_TOWERS, SCHEDULES, VTT_FUSIONS, RunConfig
+from cdfsl.engine.store import EpisodeResult, ResultStore
+from cdfsl.engine.sweep import load_sweep
+from cdfsl.errors import ConfigError
+from cdfsl.labels import changed_settings, format_value
+from cdfsl.recipes import RECIPES
+from cdfsl.registry import method_names, parse_method
+from test_cli_trust import invoke
+
+TOTAL = 75
+IDENTITY = {"dataset": "digits", "index": "abc", "ways": 5, "shots": 1, "queries": 15, "seed": 0}
+CHOICES: dict[str, tuple[Any, ...]] = {
+    "lora.towers": LORA_TOWERS,
+    "train.schedule": SCHEDULES,
+    "vtt.fusion": VTT_FUSIONS,
+    "prompt.context": ("a picture of a", "a photo of a"),
+    "train.batch_size": (10, "all"),
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One recipe field changed on a method that reads it: the run config and the `key=value` its label must show."""
+
+    recipe: str
+    key: str
+    config: RunConfig
+
+    @property
+    def text(self) -> str:
+        return f"{self.key}={format_value(_get(self.config, self.key))}"
+
+
+def _get(config: RunConfig, key: str) -> Any:
+    section, _, name = key.rpartition(".")
+    return getattr(getattr(config, section) if section else config, name)
+
+
+def _set(config: RunConfig, key: str, value: Any) -> None:
+    section, _, name = key.rpartition(".")
+    setattr(getattr(config, section) if section else config, name, value)
+
+
+def _alternatives(key: str, value: Any) -> Iterator[Any]:
+    if key in CHOICES:
+        yield from CHOICES[key]
+    elif isinstance(value, bool):
+        yield not value
+    elif isinstance(value, int):
+        yield from (value + 1, value - 1)
+    elif isinstance(value, float):
+        yield from (value * 2, value / 2)
+    elif isinstance(value, tuple):
+        yield tuple(item + 1 for item in value)
+        yield tuple(item - 1 for item in value)
+
+
+def _reads(method: str, recipe: str, key: str) -> bool:
+    """Whether `method` under `recipe` has `key` in its run identity and lets it be set."""
+    try:
+        spec = parse_method(method, recipe)
+    except ConfigError:
+        return False
+    section = key.rpartition(".")[0]
+    if key in spec.base.decides or not spec.base.trains_anything:
+        return False
+    return section in ("", "train") or section in spec.sections
+
+
+def _cases() -> list[Case]:
+    """Every field every recipe sets, changed on the first method (registry order) that reads it under that recipe."""
+    cases = []
+    for recipe in RECIPES.values():
+        for value in recipe.values:
+            method = next((m for m in method_names() if _reads(m, recipe.name, value.key)), None)
+            assert method is not None, f"no method reads {value.key} under {recipe.name}"
+            base = RunConfig(dataset="digits", method=method, recipe=recipe.name, backbone="tiny", shots=1)
+            current = _get(base.resolved(), value.key)
+            for alternative in _alternatives(value.key, current):
+                if alternative == current:
+                    continue
+                config = RunConfig(dataset="digits", method=method, recipe=recipe.name, backbone="tiny", shots=1)
+                _set(config, value.key, alternative)
+                try:
+                    config.validate()
+                except ConfigError:
+                    continue
+                cases.append(Case(recipe.name, value.key, config))
+                break
+            else:
+                raise AssertionError(f"no valid other value for {value.key} under {recipe.name}")
+    return cases
+
+
+CASES = _cases()
+
+
+def _add(store: ResultStore, run_id: str, config: RunConfig, correct: list[int]) -> None:
+    store.register_run(run_id, config.resolved().to_dict(), IDENTITY)
+    store.add_episodes(run_id, [EpisodeResult(i, c, TOTAL, 0.1) for i, c in enumerate(correct)])
+
+
+def _unescape_markdown(text: str) -> str:
+    return re.sub(r"\\(.)", r"\1", text)
+
+
+def _unescape_latex(text: str) -> str:
+    return re.sub(r"\\([&%$#_{}])", r"\1", text)
+
+
+# ------------------------------------------------------------------------------------------------ 27.1 labels
+
+
+def test_cases_cover_every_recipe_field() -> None:
+    assert {(case.recipe, case.key) for case in CASES} == {
+        (recipe.name, value.key) for recipe in RECIPES.values() for value in recipe.values
+    }
+
+
+def test_a_changed_recipe_field_is_in_every_label(tmp_path: Path) -> None:
+    """Each recipe field changed (one run each, alone in its cell) is `key=value` in every report format and in
+    `compare`; a run on the recipe's values has a plain label."""
+    plain = RunConfig(dataset="digits", method="lora", backbone="tiny", shots=1)
+    with ResultStore(tmp_path / "r.sqlite") as store:
+        _add(store, "plain0000", plain, [50, 55])
+        for index, case in enumerate(CASES):
+            _add(store, f"case{index:04d}", case.config, [60, 50])
+        report = build_report(store)
+        outputs = {
+            "table": render_table(report, width=4000),
+            "markdown": _unescape_markdown(render(report, "markdown")),
+            "latex": _unescape_latex(render(report, "latex")),
+        }
+        rows = list(csv.DictReader(io.StringIO(render(report, "csv"))))
+        data = json.loads(render(report, "json"))
+        compared = [compare_runs(store, f"case{index:04d}", "plain0000") for index in range(len(CASES))]
+    assert "lora / vtt-release" in {row["label"] for row in rows}  # the recipe's own values: nothing to add
+    for index, case in enumerate(CASES):
+        for fmt, text in outputs.items():
+            assert case.text in text, (fmt, case.text)
+        assert any(case.text in row["label"] and case.text in row["variant"] for row in rows), case.text
+        assert any(case.text in row["label"] and case.key in row["settings"] for row in data["rows"]), case.text
+        assert case.text in compared[index]["a"]["label"] and case.key in compared[index]["a"]["settings"]
+        assert compared[index]["b"]["label"] == "lora / vtt-release"
+
+
+def test_sweep_plan_labels_show_changed_settings(tmp_path: Path) -> None:
+    """The sweep's run labels (`sweep plan`, `status`, `run`) carry the same `key=value` as report rows."""
+    # `--set` reads none/auto as "unset", so those values cannot be written in a sweep file's [set] table.
+    cases = [case for case in CASES if str(_get(case.config, case.key)).lower() not in ("none", "auto")]
+    entries = []
+    for case in cases:
+        value = _get(case.config, case.key)
+        toml_value = json.dumps(list(value) if isinstance(value, tuple) else value)
+        entries.append(
+            f'[[run]]\nmethod = "{case.config.method}"\ndataset = "digits"\nrecipe = "{case.recipe}"\n'
+            f'backbone = "tiny"\n[run.set]\n"{case.key}" = {toml_value}\n'
+        )
+    path = tmp_path / "sweep.toml"
+    path.write_text(f'[sweep]\ndb = "{tmp_path / "s.sqlite"}"\n' + "\n".join(entries))
+    sweep = load_sweep(path)
+    for run, case in zip(sweep.runs, cases, strict=True):
+        assert case.text in run.label, (run.label, case.text)
+        assert run.label.startswith(f"{case.config.method} / {case.recipe} [")
+
+
+def test_cli_run_then_report_names_the_overridden_iterations(tmp_path: Path) -> None:
+    """The issue's case: `run --config` with `train.iterations` for `tir`, then `report --format csv`."""
+    db = tmp_path / "r.sqlite"
+    config = tmp_path / "run.toml"
+    config.write_text(
+        textwrap.dedent(
+            f"""
+            dataset = "digits"
+            method = "tir"
+            backbone = "tiny"
+            pretrained = "none"
+            episodes = 1
+            queries = 2
+            device = "cpu"
+            db = "{db}"
+            [train]
+            iterations = 1
+            """
+        )
+    )
+    assert invoke(["run", "--config", str(config)]).exit_code == 0
+    result = invoke(["report", "--format", "csv", "--db", str(db)])
+    assert result.exit_code == 0, result.output
+    (row,) = csv.DictReader(io.StringIO(result.stdout))
+    assert row["label"] == "tir / tir-release [queries=2, pretrained=none, train.iterations=1]"
+    assert row["variant"] == "queries=2, pretrained=none, train.iterations=1"
+
+
+def test_changed_settings_leave_out_what_never_changes_results() -> None:
+    """Episodes, device, paths, the run name and the sections of unused plug-ins are no difference."""
+    config = RunConfig(method="lora", episodes=3, device="cpu", db="x.sqlite", run_name="n", episode_batch=4)
+    config.vtt.beta = 1.0  # lora does not use VtT
+    assert changed_settings(config) == {}
+    assert changed_settings(config.resolved().to_dict()) == {}
+    config.seed = 3
+    assert changed_settings(config) == {"seed": 3}
