@@ -112,3 +112,70 @@ def test_run_with_a_file_changed_mid_run_stops_and_later_runs_match_a_fresh_cach
     assert invoke(run_args(root, tmp_path / "shared.sqlite", cache)).exit_code == 0
     assert invoke(run_args(root, tmp_path / "fresh.sqlite", tmp_path / "fresh")).exit_code == 0
     assert accuracies(tmp_path / "shared.sqlite") == accuracies(tmp_path / "fresh.sqlite")
+
+
+# 3. two classes, one prompt -------------------------------------------------------------------------------------
+
+CAFE_NFC, CAFE_NFD = "caf\u00e9", "cafe\u0301"
+
+
+@pytest.mark.parametrize(
+    ("folders", "classnames", "fragments"),
+    [
+        (("cat", "Cat", "dog"), None, ["'cat'", "'Cat'", "read as 'cat'"]),
+        ((CAFE_NFC, CAFE_NFD, "tea"), None, [repr(CAFE_NFC), repr(CAFE_NFD)]),
+        (
+            ("a", "b", "c"),
+            {"a": "red square", "b": "Red  Square"},
+            ["'a' (prompt 'red square')", "read as 'red square'"],
+        ),
+    ],
+    ids=["case", "nfc-nfd", "classnames.json"],
+)
+def test_classes_sharing_a_prompt_are_refused(
+    tmp_path: Path, folders: tuple[str, ...], classnames: dict[str, str] | None, fragments: list[str]
+) -> None:
+    root = make_imagefolder(tmp_path / "data", classes=folders, per_class=2, classnames=classnames)
+    with pytest.raises(DatasetError, match="share a prompt name") as error:
+        load_index("imagefolder", root)
+    for fragment in fragments:
+        assert fragment in str(error.value)
+
+
+def test_refused_at_every_entry_point(tmp_path: Path) -> None:
+    from cdfsl.classifier import FewShotClassifier
+
+    root = make_imagefolder(tmp_path / "data", classes=("cat", "Cat"), per_class=2)
+    run = invoke([*run_args(root, tmp_path / "r.sqlite", tmp_path / "cache")])
+    assert_one_line_error(run, "share a prompt name", "'Cat' and 'cat'")
+    assert not (tmp_path / "r.sqlite").exists()
+    fit = invoke(["fit", "--data", str(root), "--method", "zeroshot", *TINY, "--out", str(tmp_path / "model")])
+    assert_one_line_error(fit, "share a prompt name")
+    check = invoke(["datasets", "check", "--dataset", "imagefolder", "--data-root", str(root)])
+    assert_one_line_error(check, "share a prompt name")
+
+    classifier = FewShotClassifier("zeroshot", backbone="tiny", pretrained="none", device="cpu")
+    paths = sorted(root.rglob("*.png"))
+    with pytest.raises(DatasetError, match="share a prompt name"):
+        classifier.fit(paths, [p.parent.name for p in paths])
+    distinct = make_imagefolder(tmp_path / "distinct", classes=("a", "b"), per_class=1)
+    with pytest.raises(DatasetError, match="'a' \\(prompt 'Dog'\\) and 'b' \\(prompt 'dog'\\)"):
+        classifier.fit(distinct, class_names={"a": "Dog", "b": "dog"})
+
+
+def test_the_comparison_is_the_tokenizers() -> None:
+    """Names read alike exactly when open_clip's BPE tokenizer gives them the same token ids."""
+    import itertools
+
+    from open_clip.tokenizer import SimpleTokenizer
+
+    from cdfsl.data.classnames import tokenizer_words
+
+    tokenizer = SimpleTokenizer()
+    names = [
+        "cat", "Cat", " CAT ", "cats", CAFE_NFC, CAFE_NFD, "cafe", "blue-square", "blue - square", "blue square",
+        "a &amp; b", "a & b", "a&b", "x-ray", "X Ray", "ﬁsh", "fish", "R2D2", "r2 d2", "it's", "it 's", "über", "Über",
+    ]  # fmt: skip
+    for first, second in itertools.combinations(names, 2):
+        same_tokens = tokenizer.encode(first) == tokenizer.encode(second)
+        assert (tokenizer_words(first) == tokenizer_words(second)) == same_tokens, (first, second)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from cdfsl.data.classnames import check_distinct_prompts
 from cdfsl.data.fingerprint import Content, file_contents, open_regular
 from cdfsl.errors import DatasetError
 
@@ -57,10 +58,12 @@ class ImageIndex:
     skipped: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        """Raises `DatasetError` when two classes share a prompt name (`check_distinct_prompts`)."""
         if len(self.items) != len(self.labels):
             raise ValueError("items and labels differ in length")
         if len(self.class_keys) != len(self.class_names):
             raise ValueError("class_keys and class_names differ in length")
+        check_distinct_prompts(self.name, self.class_keys, self.class_names)
 
     @property
     def num_classes(self) -> int:
