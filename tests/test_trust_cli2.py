@@ -5,6 +5,8 @@ read, and every `cdfsl …` line of the docs naming a real command and option.
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -142,3 +144,66 @@ def test_help_keeps_every_bracket(path: tuple[str, ...]) -> None:
 def test_run_help_names_the_tensorboard_extra() -> None:
     rendered = invoke(["run", "--help"], env={"COLUMNS": "400"}).stdout
     assert "cdfsl[tensorboard]" in rendered
+
+
+# ----------------------------------------------------------------------------------------------------
+# 18b. every `cdfsl …` line of the docs names a real command and real options
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+FENCE = re.compile(r"^```[^\n]*\n(.*?)^```", re.MULTILINE | re.DOTALL)
+INLINE = re.compile(r"(?<!`)`(cdfsl [^`]+)`(?!`)")
+PROMPT = re.compile(r"^(?:\$\s+)?(?:python -m )?(cdfsl\s.*)$")
+
+
+def doc_command_lines() -> list[tuple[str, str]]:
+    """(`file:line`, command line) for every `cdfsl …` line of a fenced block (backslash continuations joined,
+    a `$ ` prompt and `# comments` dropped) and every inline `cdfsl …` code span of README.md and docs/*.md."""
+    found: list[tuple[str, str]] = []
+    for doc in DOCS:
+        text = doc.read_text(encoding="utf-8")
+        for block in FENCE.finditer(text):
+            start = text.count("\n", 0, block.start(1)) + 1
+            joined = block.group(1).replace("\\\n", " ")
+            lines = block.group(1).split("\n")
+            offsets = [start + i for i, line in enumerate(lines) if i == 0 or not lines[i - 1].endswith("\\")]
+            for number, line in zip(offsets, joined.split("\n"), strict=False):
+                match = PROMPT.match(line.strip())
+                if match:
+                    found.append((f"{doc.name}:{number}", match.group(1)))
+        for span in INLINE.finditer(text):
+            found.append((f"{doc.name}:{text.count(chr(10), 0, span.start()) + 1}", " ".join(span.group(1).split())))
+    return found
+
+
+def _words(line: str) -> list[str]:
+    """The words of a command line without its comment (` # …`); quotes as a shell reads them."""
+    line = re.split(r"\s#\s", line, maxsplit=1)[0]
+    return shlex.split(line)
+
+
+def _resolve(words: list[str]) -> tuple[Any, list[str], list[str]]:
+    """The click command a `cdfsl …` line runs, its path, and the words after the path."""
+    command, path = COMMANDS[()], []
+    rest = words[1:]
+    while rest and rest[0] in getattr(command, "commands", {}):
+        command, path, rest = command.commands[rest[0]], [*path, rest[0]], rest[1:]
+    return command, path, rest
+
+
+def test_doc_command_lines_are_found() -> None:
+    lines = [line for _, line in doc_command_lines()]
+    assert any(line.startswith("cdfsl run --dataset eurosat") for line in lines)
+    assert any("--pretrained ~/weights/ViT-B-16.safetensors" in line for line in lines), "continuations joined"
+    assert len(lines) > 40
+
+
+@pytest.mark.parametrize(("where", "line"), doc_command_lines(), ids=lambda value: value[:60])
+def test_doc_command_line_names_a_real_command_and_options(where: str, line: str) -> None:
+    command, path, rest = _resolve(_words(line))
+    if rest and not rest[0].startswith("-") and getattr(command, "commands", None):
+        pytest.fail(f"{where}: `{line}`: `{' '.join(('cdfsl', *path))}` has no command {rest[0]!r}")
+    known = {name for param in command.params for name in (*param.opts, *param.secondary_opts)} | {"--help"}
+    for word in rest:
+        if word.startswith("--") and word.split("=", 1)[0] not in known:
+            pytest.fail(f"{where}: `{line}`: `{' '.join(('cdfsl', *path))}` has no option {word.split('=', 1)[0]}")

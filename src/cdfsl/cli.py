@@ -104,7 +104,7 @@ def usage_error_line(error: Any) -> str:
         message += f" (got {given})"
     ctx = getattr(error, "ctx", None)
     if ctx is not None:
-        message += f"; see `{ctx.command_path} --help`"
+        message += f" (see `{ctx.command_path} --help`)"
     return message[:1].lower() + message[1:]
 
 
