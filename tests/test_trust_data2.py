@@ -179,3 +179,46 @@ def test_the_comparison_is_the_tokenizers() -> None:
     for first, second in itertools.combinations(names, 2):
         same_tokens = tokenizer.encode(first) == tokenizer.encode(second)
         assert (tokenizer_words(first) == tokenizer_words(second)) == same_tokens, (first, second)
+
+
+# 15b. EXIF orientation -------------------------------------------------------------------------------------------
+
+OLD_TAG = "bilinear-aa.chestx256.wide8"  # the decode rule before EXIF orientation was applied
+
+
+def sideways_photo(path: Path) -> Path:
+    """A 40x20 JPEG (left half red, right half blue) whose EXIF says: turn it 90° clockwise to view it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.zeros((20, 40, 3), dtype=np.uint8)
+    pixels[:, :20, 0] = 255
+    pixels[:, 20:, 2] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90° clockwise to display
+    Image.fromarray(pixels).save(path, exif=exif, quality=95)
+    return path
+
+
+def test_exif_orientation_is_applied(tmp_path: Path) -> None:
+    root = make_imagefolder(tmp_path / "data", classes=("a", "b"), per_class=1)
+    sideways_photo(root / "a" / "photo.jpg")
+    index = load_quietly("imagefolder", root)
+    image = index.open(index.items.index("a/photo.jpg"))
+    assert image.size == (20, 40)  # upright: portrait
+    pixels = np.asarray(image).astype(int)
+    assert pixels[5, 10, 0] > 200 and pixels[5, 10, 2] < 60  # red on top
+    assert pixels[35, 10, 2] > 200 and pixels[35, 10, 0] < 60  # blue below
+    cached = ImageCache(index, 16).get([index.items.index("a/photo.jpg")])[0].permute(1, 2, 0).numpy().astype(int)
+    assert cached[2, 8, 0] > 200 and cached[13, 8, 2] > 200
+
+
+def test_decodes_cached_before_exif_orientation_are_not_reused(tmp_path: Path) -> None:
+    root = make_imagefolder(tmp_path / "data", classes=("a", "b"), per_class=1)
+    sideways_photo(root / "a" / "photo.jpg")
+    index = load_quietly("imagefolder", root)
+    position = index.items.index("a/photo.jpg")
+    assert cache_folder(tmp_path, index, 16).name != f"16-{OLD_TAG}"
+    stale = tmp_path / "imagefolder" / f"16-{OLD_TAG}" / f"{index.item_digest(position)}.npy"
+    stale.parent.mkdir(parents=True)
+    np.save(stale, np.zeros((16, 16, 3), dtype=np.uint8))  # what an older version left: never read back
+    decoded = ImageCache(index, 16, tmp_path).get([position])
+    assert decoded.float().mean() > 50

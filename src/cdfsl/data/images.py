@@ -42,13 +42,14 @@ from cdfsl.data.index import ImageIndex
 from cdfsl.data.readers import DECODE_ERRORS
 from cdfsl.errors import DatasetError, DatasetWarning
 
-PREPROCESSING = "bilinear-aa.chestx256.wide8"
+PREPROCESSING = "bilinear-aa.chestx256.wide8.exif"
 """Tag of the decode-and-resize rule, part of the disk cache's folder name and of the run identity. Change it whenever
 what an image becomes changes (the resize filter here, or a reader's loader such as the ChestX pre-resize), so that
 older caches are never reused. History: untagged = bicubic resize, no ChestX pre-resize; `bilinear-aa.chestx256` =
 Pillow bilinear (antialiased) resize as torchvision's `Resize([s, s])`, ChestX first resized to 256x256 by its loader;
 `bilinear-aa.chestx256.wide8` = the same, with 16-bit and float images scaled to 8 bits by the loaders instead of
-Pillow's `convert("RGB")` (which made them all white or all black)."""
+Pillow's `convert("RGB")` (which made them all white or all black); `bilinear-aa.chestx256.wide8.exif` = the same,
+with each image first turned upright as its EXIF orientation tag says (`cdfsl.data.readers.upright`)."""
 
 
 def resize_square(image: Image.Image, size: int) -> np.ndarray:

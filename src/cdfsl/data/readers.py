@@ -46,7 +46,8 @@ What is left out, never shifting other labels: each kind below is listed in `Ima
 - File and folder names that are not valid UTF-8 (Python sees them with surrogate escapes) are skipped in every
   reader; `skipped` holds them with the undecodable bytes written as `\\udcXX`.
 
-Loaders open an item as RGB at its stored size (ChestX: at 256x256, see above). 16-bit and 32-bit integer grey
+Loaders open an item as RGB at its stored size (ChestX: at 256x256, see above), turned upright as its EXIF
+orientation tag says (`upright`). 16-bit and 32-bit integer grey
 images (modes `I;16*`, `I`) are scaled from 0..65535 to 0..255 (rounded, higher values clipped), and float images
 (mode `F`) are scaled by 255 when all values lie in [0, 1], else clipped to [0, 255] with one warning per file;
 Pillow's own `convert("RGB")` would make them all white or all black. Other modes convert as Pillow does. A file
@@ -71,7 +72,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import BinaryIO
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from cdfsl.data.fingerprint import Content, open_regular
 from cdfsl.data.index import ImageIndex
@@ -323,7 +324,7 @@ def open_rgb(root: Path, key: str, data: bytes | None = None) -> Image.Image:
     """Open `root/key` (one of `IMAGE_FORMATS`) and return it decoded as RGB (wide modes scaled, see `to_8bit`).
 
     `data`: the file's bytes, already read (and checked) by the caller (`ImageIndex.open`); they are decoded
-    instead of reading the file.
+    instead of reading the file. An EXIF orientation is applied (`upright`), so the image is the way viewers show it.
 
     Raises:
         One of `DECODE_ERRORS`: the file cannot be opened or decoded.
@@ -331,7 +332,20 @@ def open_rgb(root: Path, key: str, data: bytes | None = None) -> Image.Image:
     path = root / key
     source = io.BytesIO(data) if data is not None else open_regular(path)
     with source as handle, Image.open(handle, formats=IMAGE_FORMATS) as image:
-        return to_8bit(image, path).convert("RGB")
+        return to_8bit(upright(image, path), path).convert("RGB")
+
+
+def upright(image: Image.Image, path: str | Path) -> Image.Image:
+    """`image` turned as its EXIF orientation tag says (Pillow's `ImageOps.exif_transpose`; the tag is dropped from
+    the result), so a phone photo stored sideways is seen upright. An EXIF block Pillow cannot parse is named in one
+    `DatasetWarning` per file and the image is used as stored."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except DECODE_ERRORS as error:
+        _warn_once_per_file(
+            path, f"cannot read the EXIF orientation of {os.fsdecode(path)!r} ({error}); used the image as stored"
+        )
+        return image
 
 
 def open_chestx(root: Path, key: str, data: bytes | None = None) -> Image.Image:
@@ -347,7 +361,7 @@ def open_chestx(root: Path, key: str, data: bytes | None = None) -> Image.Image:
     path = root / key
     source = io.BytesIO(data) if data is not None else open_regular(path)
     with source as handle, Image.open(handle, formats=IMAGE_FORMATS) as image:
-        return to_8bit(image, path).resize((CHESTX_PRE_RESIZE, CHESTX_PRE_RESIZE)).convert("RGB")
+        return to_8bit(upright(image, path), path).resize((CHESTX_PRE_RESIZE, CHESTX_PRE_RESIZE)).convert("RGB")
 
 
 def to_8bit(image: Image.Image, path: str | Path) -> Image.Image:
