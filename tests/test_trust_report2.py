@@ -23,7 +23,7 @@ from cdfsl.errors import ConfigError
 from cdfsl.labels import changed_settings, format_value
 from cdfsl.recipes import RECIPES
 from cdfsl.registry import method_names, parse_method
-from test_cli_trust import invoke
+from test_cli_trust import assert_one_line_error, invoke, snapshot
 
 TOTAL = 75
 IDENTITY = {"dataset": "digits", "index": "abc", "ways": 5, "shots": 1, "queries": 15, "seed": 0}
@@ -218,3 +218,48 @@ def test_changed_settings_leave_out_what_never_changes_results() -> None:
     assert changed_settings(config.resolved().to_dict()) == {}
     config.seed = 3
     assert changed_settings(config) == {"seed": 3}
+
+
+# ------------------------------------------------------------------------------------------ 27.2 paired baseline
+
+
+def _lora(lr: float | None = None, seed: int = 0) -> RunConfig:
+    config = RunConfig(dataset="digits", method="lora", backbone="tiny", shots=1, seed=seed)
+    config.train.lr = lr
+    return config
+
+
+def test_report_paired_refuses_a_baseline_of_several_runs_as_compare_does(tmp_path: Path) -> None:
+    """Two lora runs neither of which has tir's settings: `report --paired lora` is refused with both runs and what
+    tells them apart, as `compare lora …` is; the store is unchanged."""
+    db = tmp_path / "r.sqlite"
+    with ResultStore(db) as store:
+        _add(store, "lora1e3a", _lora(1e-3), [50, 55, 52])
+        _add(store, "lora2e3b", _lora(2e-3), [51, 54, 53])
+        tir = RunConfig(dataset="digits", method="tir", backbone="tiny", shots=1)
+        _add(store, "tirplain", tir, [60, 61, 62])
+    before = snapshot(db)
+    line = assert_one_line_error(
+        invoke(["report", "--paired", "lora", "--db", str(db)]),
+        "lora1e3a",
+        "lora2e3b",
+        "train.lr=0.001",
+        "train.lr=0.002",
+        "--paired RUN_ID",
+    )
+    assert "names 2 runs" in line
+    assert_one_line_error(invoke(["compare", "lora", "tirplain", "--db", str(db)]), "names 2 runs", "train.lr=0.001")
+    assert snapshot(db) == before
+    by_id = invoke(["report", "--paired", "lora1e3a", "--db", str(db), "--format", "json"])
+    assert by_id.exit_code == 0, by_id.output
+    assert any(row["paired"] for row in json.loads(by_id.stdout)["rows"])
+
+
+def test_report_paired_pairs_the_baseline_run_with_the_same_settings(tmp_path: Path) -> None:
+    with ResultStore(tmp_path / "r.sqlite") as store:
+        _add(store, "loraplain", _lora(), [50, 55, 52])
+        _add(store, "lora1e3a", _lora(1e-3), [51, 54, 53])
+        _add(store, "tirplain", RunConfig(dataset="digits", method="tir", backbone="tiny", shots=1), [60, 61, 62])
+        report = build_report(store, paired="lora")
+    (cell,) = report.paired.values()
+    assert (cell.run_id, cell.baseline_run_id) == ("tirplain", "loraplain")

@@ -21,9 +21,10 @@ appears when at least two datasets share that shots value, or when quoted paper 
 `sqrt(Σ ci_d²) / k`, the half-width of an average of k independent estimates.
 
 Paired mode (`paired="lora"`): for every row of another method, per dataset column, the per-episode
-differences against the baseline method's run in the same column and backbone (the baseline row with the same
-recipe and variant if there is one, else the same recipe, else the baseline's only row), matched on the episodes
-both runs finished — see
+differences against the baseline method's run in the same column and backbone (the baseline's only run there; else
+the only one with the same changed settings, and among several such the one of the same recipe; baseline runs that
+no rule tells apart are refused, listed with what tells them apart, as `cdfsl compare` refuses a name of several
+runs), matched on the episodes both runs finished — see
 `cdfsl.stats.paired_difference`. Runs with different ways, queries or seed are not paired (their
 episode indices name different images); unequal episode sets are matched on the shared ones and noted.
 
@@ -47,7 +48,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from cdfsl.analysis.compare import find_run
+from cdfsl.analysis.compare import ambiguous, find_run
 from cdfsl.analysis.paper_results import BENCHMARKS, PaperResult, paper_results
 from cdfsl.config import METHODS
 from cdfsl.engine.store import ResultStore, RunRecord
@@ -449,24 +450,26 @@ def _pair_all(
 def _baseline_row(
     report: Report, row: Row, column: Column, baseline: str, placed: Mapping[tuple[Row, Column], RunRecord]
 ) -> Row | None:
-    """The baseline row for `row` in `column`: same recipe and variant, else same recipe, else same variant, else the
-    only one, else the plain one."""
+    """The baseline row for `row` in `column` (same backbone): the only one; else the only one with the same changed
+    settings, among those the one of the same recipe. None when the column has no baseline run; several that no rule
+    tells apart are refused as `compare` refuses a name of several runs (`ambiguous`)."""
     candidates = [
         other
         for other in report.rows
         if other.method == baseline and other.backbone == row.backbone and (other, column) in placed
     ]
-    for choose in (
-        lambda c: c.recipe == row.recipe and c.variant == row.variant,
-        lambda c: c.recipe == row.recipe,
-        lambda c: c.variant == row.variant,
-        lambda c: len(candidates) == 1,
-        lambda c: c.variant is None,
-    ):
-        matches = [candidate for candidate in candidates if choose(candidate)]
-        if len(matches) == 1:
-            return matches[0]
-    return None
+    if not candidates:
+        return None
+    same = [candidate for candidate in candidates if candidate.settings == row.settings] or candidates
+    if len(same) > 1:
+        same = [candidate for candidate in same if candidate.recipe == row.recipe] or same
+    if len(same) == 1:
+        return same[0]
+    raise ambiguous(
+        f"--paired {baseline!r} for {row.label} in {column.label} on {row.backbone}",
+        [placed[(candidate, column)] for candidate in same],
+        f"give one run's id (--paired RUN_ID pairs that run's column), or keep one {baseline} run per setting",
+    )
 
 
 def _episode_mismatch(run: RunRecord, base: RunRecord) -> str:
