@@ -207,3 +207,21 @@ def test_doc_command_line_names_a_real_command_and_options(where: str, line: str
     for word in rest:
         if word.startswith("--") and word.split("=", 1)[0] not in known:
             pytest.fail(f"{where}: `{line}`: `{' '.join(('cdfsl', *path))}` has no option {word.split('=', 1)[0]}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# 19. `cdfsl recipes` shows each recipe's values on the base it is the default of
+
+
+def _row(output: str, key: str) -> str:
+    return next(line for line in output.splitlines() if line.strip("│┃ ").startswith(key + " "))
+
+
+def test_recipes_resolve_on_the_recipe_base() -> None:
+    result = invoke(["recipes", "--recipe", "tir-release"], env={"COLUMNS": "300"})
+    assert result.exit_code == 0, result.output
+    assert "'a photo of a'" in _row(result.stdout, "prompt.context"), result.stdout
+    assert "coop+lora base" in result.stdout
+    vtt = invoke(["recipes", "--recipe", "vtt-release"], env={"COLUMNS": "300"})
+    assert "lora base" in vtt.stdout and "coop+lora base" not in vtt.stdout
+    assert "''" in _row(vtt.stdout, "prompt.context")

@@ -691,7 +691,7 @@ def recipes_command(
     shots: Annotated[int, typer.Option(help="Resolve shot-dependent values for this many shots.")] = 5,
 ) -> None:
     """Every recipe's values with the source of each (paper section or release file); docs/recipes.md explains."""
-    from cdfsl.registry import default_recipe
+    from cdfsl.registry import BASES, DEFAULT_BASE, RECIPE_BASE, default_recipe
 
     if recipe is not None and recipe not in RECIPES:
         raise ConfigError(f"--recipe must be one of {', '.join(RECIPES)}; got {recipe!r}")
@@ -701,19 +701,23 @@ def recipes_command(
         if recipe is not None and spec.name != recipe:
             continue
         defaults = [m for m in METHODS if default_recipe(m) == spec.name]
-        example = RunConfig(dataset=dataset, data_root=".", shots=shots, recipe=spec.name).resolved()
+        # the base a plug-in alone (`tir`, `vtt`) runs on under this recipe: the values a base decides (`lora` has no
+        # learned context) would otherwise hide the recipe's own (tir-release's context on its coop+lora base)
+        base = BASES[RECIPE_BASE.get(spec.name, DEFAULT_BASE)].name
+        example = RunConfig(dataset=dataset, data_root=".", shots=shots, method=base, recipe=spec.name).resolved()
         table = Table(
-            title=f"{spec.name}: {spec.summary}\n(default for: {', '.join(defaults) or 'no method'})",
+            title=f"{spec.name}: {spec.summary}\n(default for: {', '.join(defaults) or 'no method'}; values on the "
+            f"{base} base)",
             title_justify="left",
         )
         table.add_column("key", no_wrap=True)
-        table.add_column(f"value ({dataset}, {shots}-shot)")
+        table.add_column(f"value ({dataset}, {shots}-shot, {base} base)")
         table.add_column("source")
         for value in spec.values:
             section, _, name = value.key.rpartition(".")
             resolved = getattr(getattr(example, section) if section else example, name)
-            shown = ",".join(map(str, resolved)) if isinstance(resolved, tuple) else repr(resolved)
-            table.add_row(value.key, f"{shown} ({value.rule})" if value.rule else shown, value.source)
+            text = ",".join(map(str, resolved)) if isinstance(resolved, tuple) else repr(resolved)
+            table.add_row(value.key, f"{text} ({value.rule})" if value.rule else text, value.source)
         out.print(table)
 
 
