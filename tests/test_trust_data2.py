@@ -222,3 +222,23 @@ def test_decodes_cached_before_exif_orientation_are_not_reused(tmp_path: Path) -
     np.save(stale, np.zeros((16, 16, 3), dtype=np.uint8))  # what an older version left: never read back
     decoded = ImageCache(index, 16, tmp_path).get([position])
     assert decoded.float().mean() > 50
+
+
+# 17. datasets check --deep fails for scripts ---------------------------------------------------------------------
+
+
+def test_deep_check_exits_1_with_the_count_when_images_fail(tmp_path: Path) -> None:
+    root = make_imagefolder(tmp_path / "data", classes=("a", "b"), per_class=3)
+    for key in ("a/img_001.png", "b/img_002.png"):  # header and IEND kept: only decoding finds the damage
+        data = (root / key).read_bytes()
+        (root / key).write_bytes(data[: len(data) // 2] + data[-12:])
+    result = invoke(["datasets", "check", "--dataset", "imagefolder", "--data-root", str(root), "--deep"])
+    assert result.exit_code == 1, result.output
+    assert "2 of 6 images failed to decode" in result.stdout
+    assert "Traceback" not in result.output
+
+    shallow = invoke(["datasets", "check", "--dataset", "imagefolder", "--data-root", str(root)])
+    assert shallow.exit_code == 0, shallow.output  # without --deep the damage is not looked for
+    clean = make_imagefolder(tmp_path / "clean", classes=("a", "b"), per_class=3)
+    ok = invoke(["datasets", "check", "--dataset", "imagefolder", "--data-root", str(clean), "--deep"])
+    assert ok.exit_code == 0 and "all 6 images decode" in ok.stdout, ok.output

@@ -805,7 +805,7 @@ def datasets_check(
         typer.Option(
             "--deep",
             help="Also decode every image and list those that do not decode (truncated, corrupt), so a run never "
-            "stops half-way on one. A report: the exit code stays 0.",
+            "stops half-way on one. Exits 1 when any image does not decode (their count is printed), for scripts.",
         ),
     ] = False,
 ) -> None:
@@ -826,12 +826,13 @@ def datasets_check(
     if index.skipped:
         out.print(f"{len(index.skipped)} files skipped (unreadable or outside the data root)")
     out.print(f"fingerprint {index.fingerprint()}")
-    if deep:
-        deep_check_report(index)
+    if deep and deep_check_report(index):
+        raise typer.Exit(1)
 
 
-def deep_check_report(index: ImageIndex) -> None:
-    """Decode every image of `index`; print the ones that fail (key, reason) and which files to remove."""
+def deep_check_report(index: ImageIndex) -> int:
+    """Decode every image of `index`; print the ones that fail (key, reason) and which files to remove. Returns how
+    many fail."""
     from cdfsl.data.readers import deep_check
 
     total = len(index.items)
@@ -839,7 +840,7 @@ def deep_check_report(index: ImageIndex) -> None:
         failures = deep_check(index)
     if not failures:
         out.print(f"deep check: all {total} images decode")
-        return
+        return 0
     table = Table(title=f"deep check: {len(failures)} of {total} images do not decode", title_justify="left")
     table.add_column("key", overflow="fold")
     table.add_column("reason")
@@ -852,6 +853,7 @@ def deep_check_report(index: ImageIndex) -> None:
         "then run `cdfsl datasets check --deep` again"
     )
     out.print(plain(message), soft_wrap=True)
+    return len(failures)
 
 
 ProbeOut = Annotated[
