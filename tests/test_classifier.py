@@ -172,7 +172,7 @@ def test_cli_fit_predict_evaluate(data, tmp_path: Path) -> None:
     evaluated = runner.invoke(app, ["evaluate", str(model), "--data", str(root / "test"), "--json", str(numbers)])
     assert evaluated.exit_code == 0, evaluated.output
     result = json.loads(numbers.read_text())
-    assert result["images"] == 60 and np.trace(np.array(result["confusion"])) == round(result["accuracy"] * 60)
+    assert result["images"] == 60 and np.trace(np.array(result["confusion"])) == round(result["accuracy"] * 60 / 100)
     wrong = tmp_path / "other"
     write_digits(wrong, per_class=1, offset=0)
     (wrong / "seven").mkdir()
@@ -202,7 +202,7 @@ def test_merged_export_predicts_like_the_classifier_in_plain_open_clip(
     plain = open_clip.create_model(exported["open_clip_model"], pretrained=str(weights)).eval()
     paths = [path for path, _ in test[:15]]
     context, _ = classifier._fitted
-    index = _path_index(paths, [0] * len(paths), ["?"], ["?"], every_image=True)
+    index = _path_index(paths, [0] * len(paths), ["?"], ["?"], checked=True)
     images = _batch(index, context, context.config, query=list(range(len(paths))), class_names=["?"]).query[0]
     with torch.no_grad():
         features = torch.nn.functional.normalize(plain.encode_image(images).float(), dim=-1)

@@ -11,14 +11,17 @@ tag, or the SHA-256 of a local checkpoint, checked again at load —, method, re
 and their prompt names) and `trained.safetensors` (what the method trains: LoRA factors, prompt context, MaPLe's
 prompts; nothing for zeroshot); with a local tokenizer (`--tokenizer DIR`), a copy of it in `tokenizer/` (its digest
 in `model.json`, checked at load), so the folder works where the original tokenizer folder is not. Loading reads JSON
-and safetensors only, never pickled code.
+and safetensors only, never pickled code, and checks `model.json`'s fields against each other before building anything.
+A folder is written beside its place and renamed into it (`cdfsl.files.replace_folder`); its files get the umask's mode.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,7 +30,8 @@ import numpy as np
 import torch
 
 from cdfsl.config import RunConfig
-from cdfsl.errors import ConfigError
+from cdfsl.errors import ConfigError, DatasetWarning
+from cdfsl.files import atomic_output, refuse_overwriting, replace_folder, umask_mode, write_text
 
 if TYPE_CHECKING:
     from cdfsl.data.episodes import EpisodeBatch
@@ -70,6 +74,7 @@ class FewShotClassifier:
         self.classes_: list[Any] = []
         self.class_names_: list[str] = []
         self._fitted: tuple[RunContext, Method] | None = None
+        self._folder: Path | None = None  # the folder it was saved to or loaded from: never an export's target
 
     # ------------------------------------------------------------------------------------------------- fitting
     def fit(
@@ -141,12 +146,19 @@ class FewShotClassifier:
         return context, build_method(context.config, context.backbone, context.autocast_dtype)
 
     # ---------------------------------------------------------------------------------------------- prediction
+    @staticmethod
+    def image_paths(images: str | Path | Sequence[str | Path]) -> list[Path]:
+        """The images `predict_proba` classifies, in its rows' order: each image file as given, and each folder's
+        image files (sorted by path). A file in a folder that cannot be read is named in a `DatasetWarning` and left
+        out; an image file given by name that cannot be read, or a missing path, is a `ConfigError`."""
+        return _predictable(images)
+
     def predict_proba(self, images: str | Path | Sequence[str | Path]) -> np.ndarray:
-        """Class probabilities `[N, K]` (columns in `classes_` order): the softmax of the method's logits, for image
-        paths or every image in a folder (sorted by path)."""
+        """Class probabilities `[N, K]` (columns in `classes_` order): the softmax of the method's logits, one row per
+        image of `image_paths(images)` (image files, or every readable image in a folder)."""
         context, method = self._require_fitted()
-        paths = _paths(images)
-        index = _path_index(paths, [0] * len(paths), ["?"], ["?"], every_image=True)
+        paths = _predictable(images)
+        index = _path_index(paths, [0] * len(paths), ["?"], ["?"], checked=True)
         position = {key: i for i, key in enumerate(index.items)}
         keys = [_key(index.root, p) for p in paths]
         rows = []
@@ -167,8 +179,11 @@ class FewShotClassifier:
         return self._fitted
 
     # ------------------------------------------------------------------------------------------ save and load
-    def save(self, directory: str | Path) -> Path:
-        """Write `model.json` and `trained.safetensors` into `directory` (created; its parent must exist)."""
+    def save(self, directory: str | Path, overwrite: bool = False) -> Path:
+        """Write `model.json` and `trained.safetensors` into the folder `directory` (created; its parent must exist).
+
+        An existing folder must be empty, or, with `overwrite`, a saved classifier: it is then replaced whole (the
+        new folder is written beside it and renamed into place, so an error leaves the old one as it was)."""
         from safetensors.torch import save_file
 
         from cdfsl import __version__
@@ -177,11 +192,7 @@ class FewShotClassifier:
 
         context, method = self._require_fitted()
         folder = Path(directory)
-        if folder.exists() and not folder.is_dir():
-            raise ConfigError(f"{folder} is a file, not a folder")
-        if not folder.parent.is_dir():
-            raise ConfigError(f"the folder {folder.parent} does not exist; create it first")
-        folder.mkdir(exist_ok=True)
+        check_save_folder(folder, overwrite)
         config = context.config
         meta = {
             "format": FORMAT_VERSION,
@@ -196,35 +207,33 @@ class FewShotClassifier:
             "template": config.train.template,
             "config": config.to_dict(),
         }
-        if config.tokenizer is not None:
-            shutil.copytree(config.tokenizer, folder / TOKENIZER_FOLDER, dirs_exist_ok=True)
-            meta["config"]["tokenizer"] = TOKENIZER_FOLDER  # relative to the classifier's folder
-            meta["tokenizer"] = tokenizer_identity(str(folder / TOKENIZER_FOLDER))
         state = {name: t.detach().cpu().contiguous() for name, t in method.trained_state().items()}
-        save_file(state, str(folder / STATE_FILE))
-        (folder / MODEL_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+        def fill(staging: Path) -> None:
+            if config.tokenizer is not None:
+                shutil.copytree(config.tokenizer, staging / TOKENIZER_FOLDER)
+                meta["config"]["tokenizer"] = TOKENIZER_FOLDER  # relative to the classifier's folder
+                meta["tokenizer"] = tokenizer_identity(str(staging / TOKENIZER_FOLDER))
+            save_file(state, str(staging / STATE_FILE))
+            os.chmod(staging / STATE_FILE, umask_mode())  # safetensors writes 0600
+            (staging / MODEL_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+        replace_folder(folder, fill)
+        self._folder = folder
         return folder
 
     @classmethod
     def load(cls, directory: str | Path, device: str = "auto") -> FewShotClassifier:
         """A saved classifier, ready to predict. Refuses a folder of a newer format, other checkpoint bytes than
         those it was fitted with, or a state that does not fit its method."""
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         from cdfsl.backbone.factory import weights_identity
         from cdfsl.backbone.tokenizers import tokenizer_identity
 
         folder = Path(directory)
-        try:
-            meta = json.loads((folder / MODEL_FILE).read_text(encoding="utf-8"))
-            version = meta["format"]
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            raise ConfigError(f"{folder} is not a saved cdfsl classifier ({MODEL_FILE}: {error})") from None
-        if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise ConfigError(
-                f"{folder} was saved in classifier format {version}; this cdfsl reads format {FORMAT_VERSION} and "
-                "older: upgrade cdfsl"
-            )
+        meta = _read_meta(folder)
         if weights_identity(meta["pretrained"]) != meta["weights"]:
             raise ConfigError(
                 f"{folder} was fitted on weights {meta['weights']}, but {meta['pretrained']} now holds other bytes; "
@@ -233,30 +242,46 @@ class FewShotClassifier:
         config = RunConfig.from_dict(meta["config"], source=str(folder / MODEL_FILE))
         config.device = device
         if config.tokenizer is not None:
-            config.tokenizer = str(folder / config.tokenizer)
+            config.tokenizer = str(folder / TOKENIZER_FOLDER)
             if tokenizer_identity(config.tokenizer) != meta.get("tokenizer"):
                 raise ConfigError(f"{folder}: its tokenizer/ folder was changed since the classifier was saved")
         classifier = cls(config.method, config.backbone, config.pretrained, config.recipe, device, config.seed)
         context, method = cls._build(config)
         try:
             state = load_file(str(folder / STATE_FILE))
+        except (OSError, SafetensorError) as error:
+            raise ConfigError(
+                f"{folder / STATE_FILE} cannot be read as safetensors ({error}); restore the file or fit again"
+            ) from None
+        several = sorted(name for name, tensor in state.items() if tensor.ndim == 0 or tensor.shape[0] != 1)
+        if several:
+            raise ConfigError(
+                f"{folder / STATE_FILE}: a saved classifier holds one episode's tensors (leading axis 1), but "
+                f"{', '.join(several[:3])} {'has' if len(several) == 1 else 'have'} shape "
+                f"{list(state[several[0]].shape)}; restore the file or fit again"
+            )
+        try:
             method.load_trained_state(state)
-        except (OSError, ValueError, RuntimeError) as error:
+        except (ValueError, RuntimeError) as error:
             raise ConfigError(f"{folder}: cannot restore the trained state ({error})") from None
         classifier.classes_ = list(meta["classes"])
         classifier.class_names_ = list(meta["class_names"])
         classifier._fitted = (context, method)
+        classifier._folder = folder
         return classifier
 
     # ------------------------------------------------------------------------------------------------- export
     def export_merged(self, path: str | Path) -> tuple[Path, Path]:
         """Write the backbone's open_clip state dict with every LoRA update merged into its weights (`path`, a
-        safetensors file `open_clip.create_model(NAME, pretrained=path)` loads without cdfsl), and beside it
-        `<stem>.classes.json`: the open_clip name, the class labels and prompt names, the logit scale and the class
-        text features `[K, C]` as prediction uses them (learned context and text LoRA included). A query's logits
-        are then `logit_scale · cos(encode_image(x), text_features)`.
+        safetensors file `open_clip.create_model(NAME, pretrained=path)` loads), and beside it `<stem>.classes.json`:
+        the open_clip name, whether open_clip knows that name only once cdfsl is imported (`needs_cdfsl`: the tiny
+        and small test models), the class labels and prompt names, the logit scale and the class text features
+        `[K, C]` as prediction uses them (learned context and text LoRA included). A query's logits are then
+        `logit_scale · cos(encode_image(x), text_features)`.
 
-        Refused for what a plain open_clip model cannot reproduce: TIR acting at prediction, MaPLe's prompts.
+        Refused for what a plain open_clip model cannot reproduce (TIR acting at prediction, MaPLe's prompts), and
+        for a path that is an input (the checkpoint) or inside the classifier's folder or the tokenizer's. Both files
+        are written whole (a temporary name, then a rename) with the umask's mode.
         """
         from safetensors.torch import save_file
 
@@ -272,8 +297,15 @@ class FewShotClassifier:
                 "MaPLe's prompts enter every forward pass: a maple classifier cannot become plain weights"
             )
         target = Path(path)
+        sidecar = target.with_suffix(".classes.json")
+        if target.is_dir():
+            raise ConfigError(f"{target} is a folder; give a file path for the exported weights")
         if not target.parent.is_dir():
             raise ConfigError(f"the folder {target.parent} does not exist; create it first")
+        checkpoint = [config.pretrained] if Path(config.pretrained).is_file() else []
+        folders = [p for p in (self._folder, config.tokenizer) if p is not None]
+        for written in (target, sidecar):
+            refuse_overwriting(written, "the export path", inputs=checkpoint, folders=folders)
         backbone = context.backbone
         model = backbone.model
         names = {id(p): n for n, p in model.named_parameters()}
@@ -292,12 +324,15 @@ class FewShotClassifier:
         with torch.no_grad():
             text = method.class_features([self.class_names_])[0].float().cpu()  # [K, C]
         scale = float(config.train.logit_scale)
-        save_file(state, str(target))
-        sidecar = target.with_suffix(".classes.json")
-        sidecar.write_text(
+        name = _open_clip_name(config)
+        with atomic_output(target) as temporary:
+            save_file(state, str(temporary))
+        write_text(
+            sidecar,
             json.dumps(
                 {
-                    "open_clip_model": _open_clip_name(config),
+                    "open_clip_model": name,
+                    "needs_cdfsl": needs_cdfsl(name),
                     "classes": [_as_json(c) for c in self.classes_],
                     "class_names": self.class_names_,
                     "logit_scale": scale,
@@ -306,12 +341,107 @@ class FewShotClassifier:
                 indent=1,
             )
             + "\n",
-            encoding="utf-8",
         )
         return target, sidecar
 
 
 # --------------------------------------------------------------------------------------------------- helpers
+def check_save_folder(folder: Path, overwrite: bool) -> None:
+    """Refuse a folder `save` could not fill: a file, a missing parent, a non-empty folder (unless `overwrite`, and
+    then only a saved classifier: never a folder of other files)."""
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{folder} is a file, not a folder; choose a folder for the classifier")
+    if not folder.parent.is_dir():
+        raise ConfigError(f"the folder {folder.parent} does not exist; create it first")
+    if not folder.is_dir():
+        return
+    held = sorted(entry.name for entry in folder.iterdir())
+    if not held:
+        return
+    listed = ", ".join(held[:3]) + (", ..." if len(held) > 3 else "")
+    if not (folder / MODEL_FILE).is_file():
+        raise ConfigError(
+            f"{folder} holds files ({listed}) and is not a saved classifier; choose a new or empty folder"
+        )
+    if not overwrite:
+        raise ConfigError(
+            f"{folder} already holds a saved classifier ({listed}); choose a new folder, or replace it with "
+            "--overwrite (Python: save(folder, overwrite=True))"
+        )
+
+
+# model.json's fields, what each holds, and the name of that kind in a message
+_META_FIELDS: dict[str, tuple[type | tuple[type, ...], str]] = {
+    "method": (str, "a string"),
+    "recipe": (str, "a string"),
+    "backbone": (str, "a string"),
+    "pretrained": (str, "a string"),
+    "weights": (str, "a string"),
+    "classes": (list, "a list"),
+    "class_names": (list, "a list"),
+    "config": (dict, "a table"),
+}
+
+
+def _read_meta(folder: Path) -> dict[str, Any]:
+    """`model.json` of a saved classifier, its fields checked against their kinds and each other (the classes, their
+    prompt names and the configuration's `ways` agree; the top-level method, backbone and weights are the
+    configuration's), before anything is built from it."""
+    where = folder / MODEL_FILE
+    try:
+        meta = json.loads(where.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"{folder} is not a saved cdfsl classifier ({MODEL_FILE}: {error})") from None
+    if not isinstance(meta, dict) or "format" not in meta:
+        raise ConfigError(f'{folder} is not a saved cdfsl classifier ({MODEL_FILE} has no "format")')
+
+    def malformed(problem: str) -> ConfigError:
+        return ConfigError(f"{where} is malformed: {problem}; restore the file or fit the classifier again")
+
+    version = meta["format"]
+    if type(version) is not int or version < 1:
+        raise malformed(f'"format" must be a whole number such as {FORMAT_VERSION}, not {version!r}')
+    if version > FORMAT_VERSION:
+        raise ConfigError(
+            f"{folder} was saved in classifier format {version}; this cdfsl reads format {FORMAT_VERSION} and "
+            "older: upgrade cdfsl"
+        )
+    for key, (kind, described) in _META_FIELDS.items():
+        if key not in meta:
+            raise malformed(f'it has no "{key}"')
+        if not isinstance(meta[key], kind):
+            raise malformed(f'"{key}" must be {described}, not {json.dumps(meta[key])[:60]}')
+    classes, names, config = meta["classes"], meta["class_names"], meta["config"]
+    if not all(type(c) in (str, int) for c in classes):
+        raise malformed('"classes" must list strings or whole numbers')
+    if not all(isinstance(n, str) and n for n in names):
+        raise malformed('"class_names" must list non-empty strings')
+    if len({str(c) for c in classes}) != len(classes) or len(classes) < 2:
+        raise malformed(f'"classes" must list at least 2 different classes, not {len(classes)} ({classes[:5]})')
+    if len(names) != len(classes):
+        raise malformed(f'"classes" has {len(classes)} entries but "class_names" {len(names)}')
+    if config.get("ways") != len(classes):
+        raise malformed(f'"config.ways" is {config.get("ways")!r} but "classes" has {len(classes)} entries')
+    for key in ("method", "recipe", "backbone", "pretrained"):
+        if config.get(key) != meta[key]:
+            raise malformed(f'"{key}" is {meta[key]!r} but "config.{key}" {config.get(key)!r}')
+    if config.get("tokenizer") not in (None, TOKENIZER_FOLDER):
+        raise malformed(
+            f'"config.tokenizer" must be "{TOKENIZER_FOLDER}" (the copy inside the classifier\'s folder) or null, '
+            f"not {config.get('tokenizer')!r}"
+        )
+    return meta
+
+
+def needs_cdfsl(open_clip_name: str) -> bool:
+    """Whether open_clip knows the architecture `open_clip_name` only once cdfsl registered it (the tiny and small
+    test models, whose configs and timm trunks ship with cdfsl); open_clip's own models load without cdfsl."""
+    from cdfsl.backbone.small import SMALL_NAMES
+    from cdfsl.backbone.tiny import TINY_NAME
+
+    return open_clip_name in (TINY_NAME, *SMALL_NAMES)
+
+
 def _open_clip_name(config: RunConfig) -> str:
     """The open_clip model name whose architecture and activation the exported weights need."""
     from cdfsl.backbone.factory import QUICKGELU, TINY, resolve_activation
@@ -322,6 +452,52 @@ def _open_clip_name(config: RunConfig) -> str:
         return TINY_NAME  # open_clip knows it once cdfsl registered its config
     quick = resolve_activation(name, config.pretrained, config.activation) == QUICKGELU
     return f"{name}-quickgelu" if quick and not name.endswith("-quickgelu") else name
+
+
+def _predictable(images: str | Path | Sequence[str | Path]) -> list[Path]:
+    """`FewShotClassifier.image_paths`: given files (each must be readable) and the readable images of given folders
+    (the others named in a warning)."""
+    from cdfsl.data.readers import image_files
+
+    given = [Path(images)] if isinstance(images, str | Path) else [Path(p) for p in images]
+    if not given:
+        raise ConfigError("no images given")
+    missing = [str(p) for p in given if not p.is_dir() and not p.is_file()]
+    if missing:
+        raise ConfigError(f"image path(s) not found: {', '.join(missing[:5])}")
+    named = [p for p in given if p.is_file()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DatasetWarning)  # named in the error below instead
+        unreadable = [str(p) for p, ok in zip(named, _readable(named), strict=True) if not ok]
+    if unreadable:
+        raise ConfigError(
+            f"cannot read the image(s) {', '.join(unreadable[:5])} (not an image of a supported format, or "
+            "truncated); leave them out of the command"
+        )
+    paths: list[Path] = []
+    for path in given:
+        if path.is_file():
+            paths.append(path)
+            continue
+        found = image_files(path)
+        if not found:
+            raise ConfigError(f"no image files in {path}")
+        readable = [p for p, ok in zip(found, _readable(found), strict=True) if ok]
+        if not readable:
+            raise ConfigError(f"none of the {len(found)} image files in {path} can be read")
+        paths += readable
+    return paths
+
+
+def _readable(paths: list[Path]) -> list[bool]:
+    """`readable_images` for paths anywhere (unreadable ones named in one `DatasetWarning`)."""
+    from cdfsl.data.readers import readable_images
+
+    if not paths:
+        return []
+    resolved = [p.resolve() for p in paths]
+    root = Path(os.path.commonpath([str(p.parent) for p in resolved]))
+    return readable_images(root, [p.relative_to(root).as_posix() for p in resolved])
 
 
 def _paths(images: str | Path | Sequence[str | Path]) -> list[Path]:
@@ -351,11 +527,11 @@ def _key(root: Path | None, path: Path) -> str:
 
 
 def _path_index(
-    paths: list[Path], labels: list[int], keys: list[str], names: list[str], every_image: bool = False
+    paths: list[Path], labels: list[int], keys: list[str], names: list[str], checked: bool = False
 ) -> ImageIndex:
     """An `ImageIndex` of `paths` (root: their common folder) read by the datasets' rules; unreadable files are
-    named in a warning and left out (a class left without images is refused by the caller), or, with
-    `every_image` (images to predict), refused."""
+    named in a warning and left out (a class left without images is refused by the caller). `checked`: the paths
+    are known readable (`_predictable`), not checked again."""
     import functools
     import os
 
@@ -365,12 +541,11 @@ def _path_index(
     resolved = [p.resolve() for p in paths]
     root = Path(os.path.commonpath([str(p.parent) for p in resolved]))
     pairs = sorted({(label, p.relative_to(root).as_posix()) for label, p in zip(labels, resolved, strict=True)})
-    readable = readable_images(root, [key for _, key in pairs])
-    pairs = [pair for pair, ok in zip(pairs, readable, strict=True) if ok]
+    if not checked:
+        readable = readable_images(root, [key for _, key in pairs])
+        pairs = [pair for pair, ok in zip(pairs, readable, strict=True) if ok]
     if not pairs:
         raise ConfigError(f"none of the {len(paths)} images can be read")
-    if every_image and len(pairs) < len(set(map(str, resolved))):
-        raise ConfigError("some images cannot be read (named in the warning above); remove them from the list")
     return ImageIndex(
         name="images",
         class_keys=tuple(keys),
@@ -457,4 +632,4 @@ def _as_json(value: Any) -> Any:
     return value if isinstance(value, str | int) or (isinstance(value, float) and math.isfinite(value)) else str(value)
 
 
-__all__ = ["FewShotClassifier"]
+__all__ = ["FewShotClassifier", "check_save_folder", "needs_cdfsl"]

@@ -254,16 +254,18 @@ def read_chestx(root: Path) -> ImageIndex:
     return builder.build()
 
 
-def read_imagefolder(root: Path) -> ImageIndex:
-    """Generic class-folder tree; class = immediate subfolder, images directly in it or anywhere below it."""
+def read_imagefolder(root: Path, min_classes: int = 2) -> ImageIndex:
+    """Generic class-folder tree; class = immediate subfolder, images directly in it or anywhere below it.
+    `min_classes`: the class folders with images it needs (1 for a classifier's test folder)."""
     folders = _class_folders(root, "imagefolder")
-    if len(folders) < 2:
-        raise DatasetError(f"imagefolder: expected at least 2 class folders in {root}; found {_describe(folders)}")
+    if len(folders) < min_classes:
+        least = f"at least {min_classes} class folders" if min_classes > 1 else "a class folder"
+        raise DatasetError(f"imagefolder: expected {least} in {root}; found {_describe(folders)}")
     names = _imagefolder_names(root, folders)
     builder = _IndexBuilder("imagefolder", root, folders, names)
     for label, folder in enumerate(folders):
         builder.add_folder(label, root / folder)
-    return builder.build()
+    return builder.build(min_classes)
 
 
 def read_digits() -> ImageIndex:
@@ -800,7 +802,7 @@ class _IndexBuilder:
         self._seen.add(key)
         self.pairs.append((label, key))
 
-    def build(self) -> ImageIndex:
+    def build(self, min_classes: int = 2) -> ImageIndex:
         pairs = sorted(self.pairs)
         readable = _check_files(self.root, [key for _, key in pairs])
         unreadable = [key for (_, key), ok in zip(pairs, readable, strict=True) if not ok]
@@ -814,9 +816,9 @@ class _IndexBuilder:
                 f"{len(self.special) + len(self.escaping) + len(self.undecodable)} other skipped)"
             )
         with_images = sorted({label for label, _ in pairs})
-        if len(with_images) < 2:
+        if len(with_images) < min_classes:
             raise DatasetError(
-                f"{self.name}: expected images in at least 2 classes; found images only in "
+                f"{self.name}: expected images in at least {min_classes} classes; found images only in "
                 f"{_describe([self.class_keys[c] for c in with_images])} under {self.root}"
             )
         return ImageIndex(

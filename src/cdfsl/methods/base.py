@@ -175,8 +175,23 @@ class Method(ABC):
         """Restore `trained_state()` of a method built with the same config and backbone, as if `fit` had run.
 
         Raises `ValueError` when `state` is not what this method trains."""
-        if state:
-            raise ValueError(f"{self.name} trains nothing, but the saved state has {', '.join(sorted(state))}")
+        check_state_fits(state, {}, self.config.method)
+
+
+def check_state_fits(state: dict[str, Tensor], expected: dict[str, Tensor], method: str) -> None:
+    """Raise `ValueError` naming what differs when `state` does not have exactly `expected`'s tensor names and
+    shapes (the missing and unexpected names, or the first tensors whose shape differs, with both shapes)."""
+    missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or extra:
+        parts = [f"{label} {', '.join(names[:4])}{', ...' if len(names) > 4 else ''}"
+                 for label, names in (("missing", missing), ("unexpected", extra)) if names]  # fmt: skip
+        raise ValueError(f"the saved state does not fit {method} ({'; '.join(parts)})")
+    shapes = [name for name in sorted(expected) if tuple(state[name].shape) != tuple(expected[name].shape)]
+    if shapes:
+        differ = ", ".join(f"{n} is {list(state[n].shape)}, not {list(expected[n].shape)}" for n in shapes[:3]) + (
+            f" and {len(shapes) - 3} more" if len(shapes) > 3 else ""
+        )
+        raise ValueError(f"the saved state does not fit {method}: {differ}")
 
 
 def raise_unless_finite(finite: Tensor, batch: EpisodeBatch, what: str, remedies: str) -> None:

@@ -29,7 +29,7 @@ from cdfsl.backbone.lora import EpisodeLoRA
 from cdfsl.backbone.towers import BlockInputHook, QkvProjection, plain_qkv
 from cdfsl.config import ALL_SUPPORT, RunConfig
 from cdfsl.data.episodes import EpisodeBatch
-from cdfsl.methods.base import Method, Observer, observed
+from cdfsl.methods.base import Method, Observer, check_state_fits, observed
 from cdfsl.methods.text_side import TextSide
 from cdfsl.methods.training import (
     Curves,
@@ -265,11 +265,7 @@ class LoraMethod(Method):
         self.text_side.start(0, list(range(episodes)))  # shells of the learned text side, overwritten below
         self.lora = self._lora_shell(episodes) if self.trains_vision else None
         expected = self.trained_state()
-        if set(state) != set(expected) or any(state[k].shape != expected[k].shape for k in expected):
-            raise ValueError(
-                f"the saved state does not fit {self.config.method}: expected {len(expected)} tensors "
-                f"({', '.join(sorted(expected)[:4])}, ...), got {len(state)}"
-            )
+        check_state_fits(state, expected, self.config.method)
         with torch.no_grad():
             for name, tensor in state.items():
                 expected[name].copy_(tensor.to(device))

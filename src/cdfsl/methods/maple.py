@@ -73,7 +73,7 @@ from cdfsl.backbone.adapter import ClipAdapter, VisionOutput
 from cdfsl.config import MapleConfig, RunConfig
 from cdfsl.data.episodes import EpisodeBatch
 from cdfsl.errors import ConfigError
-from cdfsl.methods.base import Method, Observer, observed
+from cdfsl.methods.base import Method, Observer, check_state_fits, observed
 from cdfsl.methods.text_side import PromptTokens, placeholder_embeddings, text_block_index
 from cdfsl.methods.training import (
     Absorb,
@@ -405,10 +405,7 @@ class MapleMethod(Method):
         generators = [torch.Generator().manual_seed(0) for _ in range(episodes)]
         shell = EpisodePrompts(self.context_init, self.config.maple.depth, self.backbone.vision_width, generators)
         expected = {f"prompts.{k}": v for k, v in shell.state_dict().items()}
-        if set(state) != set(expected) or any(state[k].shape != expected[k].shape for k in expected):
-            raise ValueError(
-                f"the saved state does not fit {self.config.method} (maple.depth={self.config.maple.depth})"
-            )
+        check_state_fits(state, expected, f"{self.config.method} (maple.depth={self.config.maple.depth})")
         shell.load_state_dict({k.removeprefix("prompts."): v for k, v in state.items()})
         self.prompts = shell.to(self.backbone.device).requires_grad_(False)
         self._failure = None
