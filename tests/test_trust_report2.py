@@ -7,12 +7,17 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import re
 import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+import pytest
+from scipy.stats import t as student_t
 
 from cdfsl.analysis.compare import compare_runs
 from cdfsl.analysis.report import build_report, render, render_table
@@ -263,3 +268,30 @@ def test_report_paired_pairs_the_baseline_run_with_the_same_settings(tmp_path: P
         report = build_report(store, paired="lora")
     (cell,) = report.paired.values()
     assert (cell.run_id, cell.baseline_run_id) == ("tirplain", "loraplain")
+
+
+# ---------------------------------------------------------------------------------------------- 27.3 one interval
+
+
+def test_report_paired_and_compare_show_one_interval_the_t_interval(tmp_path: Path) -> None:
+    """n = 6 shared episodes: `report --paired` and `compare` give the same half-width, Student's t, and compare
+    prints no second interval."""
+    db = tmp_path / "r.sqlite"
+    a, b = [60, 62, 58, 70, 66, 61], [55, 63, 50, 64, 60, 61]
+    with ResultStore(db) as store:
+        _add(store, "loraplain", _lora(), b)
+        _add(store, "tirplain", RunConfig(dataset="digits", method="tir", backbone="tiny", shots=1), a)
+    diffs = (np.array(a) - np.array(b)) / TOTAL * 100.0
+    expected = student_t.ppf(0.975, 5) * diffs.std(ddof=1) / math.sqrt(6)
+    out = tmp_path / "c.json"
+    compared = invoke(["compare", "tirplain", "loraplain", "--db", str(db), "--json", str(out)])
+    assert compared.exit_code == 0, compared.output
+    assert json.loads(out.read_text())["ci95"] == pytest.approx(expected)
+    (line,) = [text for text in compared.stdout.splitlines() if text.startswith("A − B")]
+    assert line.count("±") == 1 and f"± {expected:.2f} " in line
+    reported = invoke(["report", "--paired", "lora", "--db", str(db), "--format", "json"])
+    assert reported.exit_code == 0, reported.output
+    (paired,) = [row["paired"]["digits/1-shot"] for row in json.loads(reported.stdout)["rows"] if row["paired"]]
+    assert paired["ci95"] == pytest.approx(expected)
+    markdown = invoke(["report", "--paired", "lora", "--db", str(db), "--format", "markdown"]).stdout
+    assert f"± {expected:.2f} (" in markdown and "Student's t" in markdown

@@ -623,7 +623,9 @@ def compare_command(
     db: Annotated[Path, typer.Option(help="SQLite result store.")] = Path("results.sqlite"),
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the numbers as JSON here.")] = None,
 ) -> None:
-    """Two stored runs on their shared episodes: mean difference, 95% interval, Wilcoxon p, n (t-interval below 30)."""
+    """Two stored runs on their shared episodes: mean difference, 95% Student's t interval, Wilcoxon p, n."""
+    import math
+
     from cdfsl.analysis.compare import compare_runs
     from cdfsl.engine.store import ResultStore
     from cdfsl.labels import settings_text
@@ -646,11 +648,11 @@ def compare_command(
             plain(settings_text(side["settings"]) or "–"), plain(side["backbone"]), str(side["episodes"]), accuracy,
         )  # fmt: skip
     out.print(table)
+    interval = f"{result['ci95']:.2f}" if math.isfinite(result["ci95"]) else "n/a"
     line = (
-        f"A − B = {result['mean_diff']:+.2f} ± {result['ci95']:.2f} points (95%), Wilcoxon p = {result['p_value']:.3g}"
+        f"A − B = {result['mean_diff']:+.2f} ± {interval} points (95% Student's t interval, as report --paired), "
+        f"Wilcoxon p = {result['p_value']:.3g}"
     )
-    if result["t_ci95"] is not None:
-        line += f"; t-interval ± {result['t_ci95']:.2f} (n < 30)"
     if result["only_a"] or result["only_b"]:
         line += f"; left out: {result['only_a']} episodes only in A, {result['only_b']} only in B"
     out.print(line, highlight=False)

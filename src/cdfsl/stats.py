@@ -1,6 +1,10 @@
 """Episode statistics as the field reports them: mean accuracy and the 95% interval half-width, in percent.
 
-Also paired comparisons of two methods on the episodes both ran (differences in percentage points).
+Also paired comparisons of two methods on the episodes both ran (differences in percentage points). The two
+intervals follow two rules on purpose: a run's mean uses the field's `1.96 · std / sqrt(n)` (ddof = 0), so reported
+accuracies are comparable with the papers' over 400 or 800 episodes; a paired difference, often taken over a few
+episodes of an ablation, uses Student's t interval `t_{0.975, n−1} · s / sqrt(n)` (s with ddof = 1), right at small
+n and equal to the normal one in the limit. `cdfsl report --paired` and `cdfsl compare` both read `paired_difference`.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.stats import t as student_t
 from scipy.stats import wilcoxon
 
 Z95 = 1.96
@@ -31,10 +36,11 @@ def mean_ci95(accuracies: Sequence[float]) -> tuple[float, float]:
 class PairedStats:
     """A method against a baseline on the episodes both ran, in percentage points.
 
-    `mean_diff` and `ci95` are the mean of the per-episode differences `a − b` and `1.96 · std / sqrt(n)` of
-    them (numpy's default std, ddof=0, as `mean_ci95`). `p_value` is the two-sided Wilcoxon signed-rank test
-    of the differences (scipy's default `zero_method="wilcox"`: zero differences are dropped); it is NaN when
-    fewer than two episodes are shared or every difference is zero, where the test is undefined. `shared`
+    `mean_diff` and `ci95` are the mean of the per-episode differences `a − b` and the half-width of their 95%
+    Student's t interval (`t_ci95`; NaN for a single episode, where it is undefined). `p_value` is the two-sided
+    Wilcoxon signed-rank test of the differences (scipy's default `zero_method="wilcox"`: zero differences are
+    dropped); it is NaN when fewer than two episodes are shared or every difference is zero, where the test is
+    undefined. `shared`
     counts the matched episodes; `only_a` and `only_b` count the episodes only one side has, which the
     statistics leave out.
     """
@@ -72,9 +78,17 @@ def paired_difference(a: Mapping[int, float], b: Mapping[int, float]) -> PairedS
     only_a, only_b = len(set(a) - set(b)), len(set(b) - set(a))
     if n == 0:
         return PairedStats(float("nan"), float("nan"), float("nan"), 0, only_a, only_b)
-    mean = float(diffs.mean())
-    ci95 = float(Z95 * diffs.std() / np.sqrt(n))
-    return PairedStats(mean, ci95, _wilcoxon_p(diffs), n, only_a, only_b)
+    return PairedStats(float(diffs.mean()), t_ci95(diffs), _wilcoxon_p(diffs), n, only_a, only_b)
+
+
+def t_ci95(values: Sequence[float] | np.ndarray) -> float:
+    """Half-width of the 95% Student's t interval of the mean of `values`: `t_{0.975, n−1} · s / sqrt(n)`, `s` the
+    sample standard deviation (ddof = 1). NaN below two values."""
+    array = np.asarray(values, dtype=np.float64)
+    n = int(array.size)
+    if n < 2:
+        return float("nan")
+    return float(student_t.ppf(0.975, n - 1) * array.std(ddof=1) / np.sqrt(n))
 
 
 def _wilcoxon_p(diffs: np.ndarray) -> float:

@@ -5,26 +5,21 @@ A run is named by its id (or a unique prefix of at least 4 hex digits), its run 
 holds one run of that method. Two runs are paired only when
 their episodes are the same images: the same dataset content (index fingerprint), ways, shots, queries and seed;
 otherwise the comparison is refused, since unpaired accuracies say nothing episode by episode. On the shared
-episodes: the mean difference `a − b` in points with its 95% interval (`1.96 · std / sqrt(n)`, as `report`), the
-two-sided Wilcoxon signed-rank p-value, n, and, when n < 30, where the normal interval is too narrow, Student's t
-interval (`t_{0.975, n−1} · s / sqrt(n)` with the sample standard deviation, ddof = 1).
+episodes: the mean difference `a − b` in points with its 95% Student's t interval (`t_{0.975, n−1} · s / sqrt(n)`,
+s with ddof = 1; `cdfsl.stats.paired_difference`, the same number `report --paired` shows), the two-sided Wilcoxon
+signed-rank p-value, and n. Each run's own mean keeps the field's `1.96 · std / sqrt(n)`.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
-
-import numpy as np
-from scipy.stats import t as student_t
 
 from cdfsl.engine.store import ResultStore, RunRecord
 from cdfsl.errors import ConfigError, StoreError
 from cdfsl.labels import changed_settings, run_label, variant_text, visible
-from cdfsl.stats import episode_differences, mean_ci95, paired_difference
+from cdfsl.stats import mean_ci95, paired_difference
 
 PAIRING_KEYS = ("dataset", "index", "ways", "shots", "queries", "seed")
-SMALL_SAMPLE = 30
 
 
 def find_run(runs: list[RunRecord], reference: str) -> RunRecord:
@@ -74,7 +69,7 @@ def compare_runs(store: ResultStore, first: str, second: str) -> dict[str, Any]:
     """Compare runs `first` (a) and `second` (b) of `store` on their shared episodes (module docstring).
 
     Returns plain numbers: `a`, `b` (run id, name, method, recipe, backbone, episodes, mean and ci95 in percent),
-    `n`, `only_a`, `only_b`, `mean_diff`, `ci95`, `p_value` (Wilcoxon), `t_ci95` (None from 30 episodes on).
+    `n`, `only_a`, `only_b`, `mean_diff`, `ci95` (Student's t), `p_value` (Wilcoxon).
     """
     runs = stored_runs(store)
     a, b = find_run(runs, first), find_run(runs, second)
@@ -91,11 +86,6 @@ def compare_runs(store: ResultStore, first: str, second: str) -> dict[str, Any]:
     paired = paired_difference(acc_a, acc_b)
     if paired.shared == 0:
         raise ConfigError(f"runs {a.run_id} and {b.run_id} share no finished episode")
-    diffs = np.array(list(episode_differences(acc_a, acc_b).values()))
-    n = diffs.size
-    t_ci95 = None
-    if 1 < n < SMALL_SAMPLE:
-        t_ci95 = float(student_t.ppf(0.975, n - 1) * diffs.std(ddof=1) / math.sqrt(n))
     return {
         "a": _side(a, acc_a),
         "b": _side(b, acc_b),
@@ -105,7 +95,6 @@ def compare_runs(store: ResultStore, first: str, second: str) -> dict[str, Any]:
         "mean_diff": paired.mean_diff,
         "ci95": paired.ci95,
         "p_value": paired.p_value,
-        "t_ci95": t_ci95,
     }
 
 

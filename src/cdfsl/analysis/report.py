@@ -1,7 +1,9 @@
 """`cdfsl report`: stored runs as the papers' table, paired tests against a baseline, and renderers.
 
 A report has one row per (method, recipe, backbone) and one column per (dataset, shots), plus a "mean" column per
-shots value. Cells are mean accuracy ± 95% interval half-width over a run's finished episodes, in percent.
+shots value. Cells are mean accuracy ± 95% interval half-width over a run's finished episodes, in percent (the
+protocol's `1.96 · std / sqrt(n)`, `cdfsl.stats.mean_ci95`); paired differences carry Student's t interval, the
+number `cdfsl compare` shows (`cdfsl.stats.paired_difference`).
 
 Which run fills a cell (the grouping rule):
 
@@ -521,13 +523,18 @@ def format_paired(cell: PairedCell | None, marker: str = "†") -> str:
     if cell is None or cell.stats.shared == 0:
         return ""
     s = cell.stats
-    text = f"{s.mean_diff:+.2f} ± {s.ci95:.2f} ({format_p(s.p_value)}, n={s.shared})"
+    text = f"{s.mean_diff:+.2f} ± {_interval(s.ci95)} ({format_p(s.p_value)}, n={s.shared})"
     return text + (marker if s.unequal else "")
+
+
+def _interval(half_width: float) -> str:
+    """A paired interval's half-width; `n/a` where it is undefined (a single shared episode)."""
+    return f"{half_width:.2f}" if math.isfinite(half_width) else "n/a"
 
 
 def _paired_title(report: Report) -> str:
     return (
-        f"Paired differences vs {report.baseline} (method - baseline, percentage points, ± 95% interval; "
+        f"Paired differences vs {report.baseline} (method - baseline, percentage points, ± 95% Student's t interval; "
         "Wilcoxon signed-rank p; n shared episodes; † episode sets differ, matched on the shared ones)"
     )
 
@@ -669,7 +676,7 @@ def _tex_paired(cell: PairedCell | None) -> str:
     s = cell.stats
     p = format_p(s.p_value).replace("<", r"$<$")
     dagger = r"$^\dagger$" if s.unequal else ""
-    return rf"${s.mean_diff:+.2f} \pm {s.ci95:.2f}$ ({p}, n={s.shared}){dagger}"
+    return rf"${s.mean_diff:+.2f} \pm {_interval(s.ci95)}$ ({p}, n={s.shared}){dagger}"
 
 
 def render_csv(report: Report) -> str:
@@ -799,7 +806,7 @@ def rich_table(report: Report) -> Table:
     """
     title = "Mean accuracy (%) ± 95% interval"
     if report.baseline is not None:
-        title += f"; Δ vs {report.baseline}: points, Wilcoxon p, n shared († unequal episode sets)"
+        title += f"; Δ vs {report.baseline}: points ± 95% t interval, Wilcoxon p, n shared († unequal episode sets)"
     table = Table(title=title, caption="\n".join(report.notes) or None, caption_justify="left")
     table.add_column("Method")
     table.add_column("Backbone")
