@@ -242,3 +242,38 @@ def test_deep_check_exits_1_with_the_count_when_images_fail(tmp_path: Path) -> N
     clean = make_imagefolder(tmp_path / "clean", classes=("a", "b"), per_class=3)
     ok = invoke(["datasets", "check", "--dataset", "imagefolder", "--data-root", str(clean), "--deep"])
     assert ok.exit_code == 0 and "all 6 images decode" in ok.stdout, ok.output
+
+
+# 27.4. one naming rule for folder classes ------------------------------------------------------------------------
+
+
+def test_folder_names_become_prompts_by_one_rule(tmp_path: Path) -> None:
+    folders = ("blue_square", "red__ circle_", "plain")
+    index = load_quietly("imagefolder", make_imagefolder(tmp_path / "data", classes=folders, per_class=1))
+    assert dict(zip(index.class_keys, index.class_names, strict=True)) == {
+        "blue_square": "blue square",
+        "red__ circle_": "red circle",
+        "plain": "plain",
+    }
+    named = make_imagefolder(tmp_path / "named", classes=("a_b", "c_d"), per_class=1, classnames={"a_b": "a_b  x"})
+    assert load_quietly("imagefolder", named).class_names == ("a_b  x", "c d")  # classnames.json is taken as written
+
+
+def test_separators_alone_do_not_make_two_classes(tmp_path: Path) -> None:
+    root = make_imagefolder(tmp_path / "data", classes=("ice_cream", "ice__cream", "tea"), per_class=1)
+    with pytest.raises(DatasetError, match="'ice__cream' \\(prompt 'ice cream'\\) and 'ice_cream'"):
+        load_index("imagefolder", root)
+
+
+def test_folder_fit_and_paths_fit_prompt_alike(tmp_path: Path) -> None:
+    from cdfsl.classifier import FewShotClassifier
+
+    root = make_imagefolder(tmp_path / "data", classes=("blue_square", "red_circle"), per_class=1)
+    settings = {"device": "cpu"}
+    by_folder = FewShotClassifier("zeroshot", backbone="tiny", pretrained="none", settings=settings).fit(root)
+    paths = sorted(root.rglob("*.png"))
+    by_paths = FewShotClassifier("zeroshot", backbone="tiny", pretrained="none", settings=settings).fit(
+        paths, [p.parent.name for p in paths]
+    )
+    assert by_folder.class_names_ == by_paths.class_names_ == ["blue square", "red circle"]
+    assert np.array_equal(by_folder.predict_proba(paths), by_paths.predict_proba(paths))

@@ -90,6 +90,7 @@ class FewShotClassifier:
         order) the name put in the prompt; by default the label itself, underscores as spaces. `shots`: use K images
         per class, drawn from each class's images by the seed (the same K images for the same seed and files).
         `on_step(step, steps)` is called after each training step (a progress bar)."""
+        from cdfsl.data.classnames import folder_prompt
         from cdfsl.data.readers import read_imagefolder
 
         if labels is None:
@@ -105,7 +106,7 @@ class FewShotClassifier:
             classes = sorted(set(labels), key=str)
             if len(classes) < 2:
                 raise ConfigError(f"fit needs at least 2 classes; got {classes}")
-            names = [str(c).replace("_", " ") for c in classes]
+            names = [folder_prompt(str(c)) for c in classes]
             index = _path_index(paths, [classes.index(label) for label in labels], [str(c) for c in classes], names)
         if class_names is not None:
             names = _named(classes, class_names)

@@ -31,8 +31,9 @@ _WORDS = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
 
 def folder_prompt(name: str) -> str:
-    """The prompt name of a class named after a folder or a label: `_` as spaces, runs of separators as one space."""
-    return " ".join(name.replace("_", " ").split())
+    """The prompt name of a class named after a folder or a label: `_` as spaces, runs of separators as one space
+    (a name of separators only is kept as it is)."""
+    return " ".join(name.replace("_", " ").split()) or name
 
 
 def tokenizer_words(name: str) -> tuple[str, ...]:

@@ -5,8 +5,8 @@ Layouts accepted under the data root (`docs/protocol.md`, "Datasets and their on
 - `eurosat`: class folders of RGB JPEGs (`AnnualCrop/`, `Forest/`, ...), directly under the root or under
   `root/2750/` (preferred when it exists). The folders present must be known EuroSAT class names, at least 2.
 - `cropdiseases`: PlantVillage class folders (`Apple___Apple_scab/`, ...), directly under the root or under
-  `root/dataset/train/` (preferred when it exists). Prompt name = folder name with `___` and `_` turned into
-  spaces, whitespace collapsed.
+  `root/dataset/train/` (preferred when it exists). Prompt name = folder name by the folder rule
+  (`cdfsl.data.classnames.folder_prompt`: underscores as spaces, runs of them and of spaces as one space).
 - `isic2018`: `ISIC2018_Task3_Training_Input/<image>.jpg` and
   `ISIC2018_Task3_Training_GroundTruth/ISIC2018_Task3_Training_GroundTruth.csv` with exactly the columns
   `image,MEL,NV,BCC,AKIEC,BKL,DF,VASC` (one-hot `1.0`/`0.0`). Rows that are not exactly one-hot, or whose
@@ -19,7 +19,8 @@ Layouts accepted under the data root (`docs/protocol.md`, "Datasets and their on
   input size comes after that, in `cdfsl.data.images`.
 - `imagefolder`: the immediate non-hidden subfolders of the root are the classes; a class's images are the
   image files directly in its folder and, recursively, in every folder below it. Files directly in the root
-  are ignored. An optional `root/classnames.json` (`{"folder": "prompt name"}`) overrides prompt names.
+  are ignored. Prompt names follow the folder rule, as for `cropdiseases`; an optional `root/classnames.json`
+  (`{"folder": "prompt name"}`) gives any class its own.
 - `digits`: scikit-learn's 8x8 handwritten digits, embedded; the data root is ignored.
 
 Common rules (the user-facing description is in `docs/protocol.md`): image files are those with extension .jpg
@@ -74,6 +75,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps
 
+from cdfsl.data.classnames import folder_prompt
 from cdfsl.data.fingerprint import Content, open_regular
 from cdfsl.data.index import ImageIndex
 from cdfsl.errors import DatasetError, DatasetWarning
@@ -188,7 +190,7 @@ def read_cropdiseases(root: Path) -> ImageIndex:
             f"cropdiseases: expected PlantVillage class folders (such as Apple___Apple_scab) in {root} or "
             f"{nested}; found {_describe(folders)}"
         )
-    builder = _IndexBuilder("cropdiseases", root, folders, [plantvillage_prompt(f) for f in folders])
+    builder = _IndexBuilder("cropdiseases", root, folders, [folder_prompt(f) for f in folders])
     for label, folder in enumerate(folders):
         builder.add_folder(label, base / folder)
     return builder.build()
@@ -463,11 +465,6 @@ def deep_check(index: ImageIndex, workers: int = 4) -> list[tuple[str, str]]:
 # shared helpers
 
 
-def plantvillage_prompt(folder: str) -> str:
-    """`Corn_(maize)___Common_rust_` -> `Corn (maize) Common rust`."""
-    return " ".join(folder.replace("___", " ").replace("_", " ").split())
-
-
 def _require_root(dataset: str, data_root: str | Path | None) -> Path:
     if data_root is None:
         raise DatasetError(f"{dataset}: a data root is needed (--data-root); none was given")
@@ -595,10 +592,10 @@ def _chestx_locations(builder: _IndexBuilder, folders: Sequence[Path]) -> dict[s
 
 
 def _imagefolder_names(root: Path, folders: Sequence[str]) -> list[str]:
-    """Prompt names: folder names, overridden by `root/classnames.json` where it has an entry."""
+    """Prompt names: `root/classnames.json`'s name where it has an entry, else the folder's by `folder_prompt`."""
     path = root / CLASSNAMES_FILE
     if not path.is_file():
-        return list(folders)
+        return [folder_prompt(folder) for folder in folders]
     try:
         mapping = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -615,7 +612,7 @@ def _imagefolder_names(root: Path, folders: Sequence[str]) -> list[str]:
             f"imagefolder: {path.name} names folder(s) {', '.join(unknown)} that are not class folders; "
             f"class folders: {_describe(list(folders))}"
         )
-    return [mapping.get(folder, folder).strip() for folder in folders]
+    return [mapping[folder].strip() if folder in mapping else folder_prompt(folder) for folder in folders]
 
 
 def _readable(path: Path) -> bool:
