@@ -295,3 +295,30 @@ def test_report_paired_and_compare_show_one_interval_the_t_interval(tmp_path: Pa
     assert paired["ci95"] == pytest.approx(expected)
     markdown = invoke(["report", "--paired", "lora", "--db", str(db), "--format", "markdown"]).stdout
     assert f"± {expected:.2f} (" in markdown and "Student's t" in markdown
+
+
+# ------------------------------------------------------------------------------------- 15c control characters
+
+
+def test_a_run_name_with_control_characters_keeps_every_table_on_its_lines(tmp_path: Path) -> None:
+    """Two runs alike in every setting share a cell, so their labels carry their run names; a newline, tab or
+    carriage return in one is written as an escape in markdown, csv and latex (and the table and json labels)."""
+    with ResultStore(tmp_path / "r.sqlite") as store:
+        named = _lora()
+        named.run_name = "line one\nline two\r\tend | x"
+        _add(store, "lora-named", named, [50, 55])
+        store.register_run("lora-other", _lora().resolved().to_dict(), {**IDENTITY, "index": "other"})
+        store.add_episodes("lora-other", [EpisodeResult(i, 60, TOTAL, 0.1) for i in range(2)])
+        report = build_report(store)
+    assert any(r"line one\nline two\r\tend | x" in row.label for row in report.rows)
+    markdown = render(report, "markdown").splitlines()
+    table = [line for line in markdown if line.startswith("|")]
+    assert len(table) == 4 and all(line.endswith("|") for line in table)
+    assert {len(re.findall(r"(?<!\\)\|", line)) for line in table} == {4}
+    rows = list(csv.reader(io.StringIO(render(report, "csv"))))
+    assert len(rows) == 3 and all("\n" not in field and "\r" not in field for row in rows for field in row)
+    latex = render(report, "latex")
+    body = latex.split(r"\midrule", 1)[1].split(r"\bottomrule", 1)[0].strip().splitlines()
+    assert len(body) == 2 and all(line.endswith(r"\\") for line in body)
+    assert "\t" not in render_table(report, width=400)
+    assert all("\n" not in row["label"] for row in json.loads(render(report, "json"))["rows"])
