@@ -220,7 +220,7 @@ def test_latex_is_a_balanced_booktabs_fragment(store: ResultStore) -> None:
         assert rule in latex
     assert r"tir+vtt [a\_b \& 50\% \#1]" in latex
     assert "a_b" not in latex.replace("% ", "%").split("\\begin{tabular}", 1)[1]
-    assert r"\textit{CLIP-LoRA-Vision (paper)}" in latex and r"\textit{65.99}" in latex
+    assert r"\textit{CLIP-LoRA-Vision (TIR paper)}" in latex and r"\textit{65.99}" in latex
     for table in re.findall(r"\\begin\{tabular\}\{(\w+)\}(.*?)\\end\{tabular\}", latex, flags=re.S):
         spec, body = table
         rows = [line for line in body.splitlines() if line.endswith(r"\\")]
@@ -230,23 +230,23 @@ def test_latex_is_a_balanced_booktabs_fragment(store: ResultStore) -> None:
     digits = next(line for line in lines if line.startswith("Method & ")).split(" & ").index("digits 1-shot")
     best_line = next(line for line in lines if line.startswith("tir+vtt [tv-digits-1] & "))
     assert best_line.split(" & ")[digits].startswith(r"\textbf{")
-    assert not any(r"\textbf" in line for line in latex.splitlines() if "(paper)" in line)
+    assert not any(r"\textbf" in line for line in latex.splitlines() if "paper)" in line)
 
 
 def test_best_ignores_quoted_rows(store: ResultStore) -> None:
     report = build_report(store, with_paper_results=True)
     quoted = [row for row in report.rows if row.quoted]
-    assert quoted and all(row.label.endswith("(paper)") for row in quoted)
+    assert quoted and all(row.label.endswith(("(TIR paper)", "(VtT paper)")) for row in quoted)
     for column in report.columns:
         assert not any(row.quoted for row in report.best(column))
     data = report.to_dict()
     paper = [row for row in data["rows"] if row["quoted"]]
     assert all(row["source"] and "CVPR 2026" in row["source"] for row in paper)
     mean5 = {row["label"]: row["cells"].get("mean/5-shot", {}).get("mean") for row in paper}
-    assert mean5["TIR (paper)"] == 68.44 and mean5["CLIP-LoRA-Vision (paper)"] == 65.99
+    assert mean5["TIR (TIR paper)"] == 68.44 and mean5["CLIP-LoRA-Vision (TIR paper)"] == 65.99
     pe_core = {row["label"]: row for row in paper if row["backbone"] == "PE-Core"}
-    assert pe_core["PE-Core-LoRA + VtT (paper)"]["cells"]["mean/1-shot"]["mean"] == 61.00
-    assert pe_core["PE-Core-LoRA (paper)"]["cells"]["mean/1-shot"]["mean"] == 59.78
+    assert pe_core["PE-Core-LoRA + VtT (VtT paper)"]["cells"]["mean/1-shot"]["mean"] == 61.00
+    assert pe_core["PE-Core-LoRA (VtT paper)"]["cells"]["mean/1-shot"]["mean"] == 59.78
     assert all(not cell["best"] for row in paper for cell in row["cells"].values())
 
 

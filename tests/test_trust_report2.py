@@ -322,3 +322,34 @@ def test_a_run_name_with_control_characters_keeps_every_table_on_its_lines(tmp_p
     assert len(body) == 2 and all(line.endswith(r"\\") for line in body)
     assert "\t" not in render_table(report, width=400)
     assert all("\n" not in row["label"] for row in json.loads(render(report, "json"))["rows"])
+
+
+# ---------------------------------------------------------------------------------------- 22 the papers' numbers
+
+
+def test_with_paper_results_shows_every_per_dataset_number_and_both_means(tmp_path: Path) -> None:
+    """Every quoted per-dataset number has its cell; a printed mean shows as printed, with its columns' mean beside it
+    exactly where the two differ (55.97, 68.57, 70.05); the two papers' baselines stay two rows."""
+    from cdfsl.analysis.paper_results import paper_results
+
+    db = tmp_path / "r.sqlite"
+    with ResultStore(db) as store:
+        _add(store, "loraplain", _lora(), [50, 55])
+        report = build_report(store, with_paper_results=True)
+    data = json.loads(render(report, "json"))
+    rows = {row["label"]: row for row in data["rows"] if row["quoted"]}
+    for result in paper_results():
+        cells = rows[f"{result.name} ({result.paper} paper)"]["cells"]
+        for dataset, value in result.per_dataset:
+            assert cells[f"{dataset}/{result.shots}-shot"]["mean"] == value
+        mean = cells[f"mean/{result.shots}-shot"]
+        assert mean["mean"] == result.mean
+        assert ("columns_mean" in mean) == (result.mean in (55.97, 68.57, 70.05))
+    baseline = {
+        label: row["cells"]["mean/1-shot"]["mean"] for label, row in rows.items() if "CLIP-LoRA-Vision" in label
+    }
+    assert baseline == {"CLIP-LoRA-Vision (TIR paper)": 55.92, "CLIP-LoRA-Vision (VtT paper)": 55.97}
+    markdown = invoke(["report", "--with-paper-results", "--format", "markdown", "--db", str(db)]).stdout
+    for text in ("*55.97 (columns: 56.05)*", "*68.57 (columns: 68.60)*", "*70.05 (columns: 70.03)*", "*35.23*"):
+        assert text in markdown, text
+    assert "arXiv 2603.05235" in markdown and "main table" in markdown
