@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cdfsl.data.images import resize_square
 from cdfsl.data.index import ImageIndex
 from cdfsl.data.readers import load_index
 from cdfsl.errors import DatasetError, DatasetWarning
@@ -191,24 +192,26 @@ def test_chestx_keeps_single_label_rows_of_seven_classes(tmp_path: Path, spread:
     assert gray.mode == "L" and index.open(0).mode == "RGB"
 
 
-def test_chestx_loader_pre_resizes_to_256_like_the_release(tmp_path: Path) -> None:
-    """ChestX items open as the VtT loader opens them: `Image.open(p).resize((256, 256)).convert("RGB")`."""
+def test_chestx_pre_resize_gives_the_release_loaders_pixels(tmp_path: Path) -> None:
+    """The ChestX loader opens an image at its stored size; `pre_resize=256` (vtt-release on ChestX) then gives what
+    the VtT loader gives, `Image.open(p).resize((256, 256)).convert("RGB")`, before the resize to the model's size."""
     root = make_chestx(tmp_path / "chestx", per_class=2)
     key = "images/00000003_000.png"  # rows are numbered class-major from 1, two per class: a Cardiomegaly image
     rng = np.random.default_rng(5)
     Image.fromarray(rng.integers(0, 256, (37, 61), dtype=np.uint8), mode="L").save(root / key)  # non-square grey
     index = load_quietly("chestx", root)
     image = index.open(index.items.index(key))
-    assert image.mode == "RGB" and image.size == (256, 256)
+    assert image.mode == "RGB" and image.size == (61, 37)
     with Image.open(root / key) as opened:
         assert opened.mode == "L" and opened.size == (61, 37)
-        expected = np.asarray(opened.resize((256, 256)).convert("RGB"))
+        released = opened.resize((256, 256)).convert("RGB")
         bilinear = np.asarray(opened.convert("RGB").resize((256, 256), Image.Resampling.BILINEAR))
-    assert np.array_equal(np.asarray(image), expected)
-    assert not np.array_equal(expected, bilinear)  # the filter matters: Pillow's default here is bicubic
+    assert not np.array_equal(np.asarray(released), bilinear)  # the filter matters: Pillow's default here is bicubic
+    expected = np.asarray(released.resize((64, 64), Image.Resampling.BILINEAR))
+    assert np.array_equal(resize_square(image, 64, pre_resize=256), expected)
     # The loader pickles (data-loader workers) and opens the same image after a round trip.
-    assert np.array_equal(np.asarray(pickle.loads(pickle.dumps(index.loader))(key)), expected)
-    # Other datasets keep their stored size.
+    assert np.array_equal(np.asarray(pickle.loads(pickle.dumps(index.loader))(key)), np.asarray(image))
+    # Other datasets keep their stored size too.
     other = load_quietly("imagefolder", make_imagefolder(tmp_path / "folder", classes=("a", "b"), per_class=1))
     assert other.open(0).size == (12, 12)
     assert pickle.loads(pickle.dumps(other.loader))(other.items[0]).size == (12, 12)

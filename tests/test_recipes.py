@@ -30,6 +30,7 @@ RECIPE_FIELDS = (
     "train.logit_scale",
     "vtt.fusion",
     "vtt.lr",
+    "pre_resize",
 )
 
 

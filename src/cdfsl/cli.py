@@ -332,22 +332,62 @@ def run_with_progress(config: RunConfig, runner: Any = None, on_stored: Any = No
     `Runner`'s."""
     from cdfsl.engine.runner import Runner
 
+    interrupted: KeyboardInterrupt | None = None
     with progress_bar() as bar:
         task = bar.add_task(f"{config.method} · {config.dataset}", total=config.resolved_episodes(), accuracy="")
 
         def update(p: Any) -> None:
             bar.update(task, completed=p.done, accuracy=f"{p.mean:.2f} ± {p.ci95:.2f}%")
 
+        def waiting(holders: Any) -> None:
+            bar.console.print(waiting_line(holders), markup=False, highlight=False, soft_wrap=True)
+
         runner = runner or Runner()
         runner.progress = update
         runner.on_stored = on_stored
+        runner.on_wait = waiting
         try:
             result = runner.run(config)
+        except KeyboardInterrupt as error:
+            bar.live.transient = True
+            interrupted = error
         except BaseException:
             bar.live.transient = True  # a failed run ends with its error line alone
             raise
-        bar.update(task, completed=len(result.per_episode), accuracy=f"{result.mean_acc:.2f} ± {result.ci95:.2f}%")
+        else:
+            accuracy = f"{result.mean_acc:.2f} ± {result.ci95:.2f}%"
+            bar.update(task, completed=len(result.per_episode), accuracy=accuracy)
+    if interrupted is not None:
+        console.print(interrupted_line(interrupted), markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(130)
     return result
+
+
+def waiting_line(holders: Any) -> str:
+    """What a run waits on: per other process, the episodes it holds and until when its lease runs."""
+    from datetime import datetime
+
+    parts = []
+    for holder in holders:
+        if holder.count == 1:
+            episodes = f"episode {holder.first}"
+        else:
+            episodes = f"{holder.count} episodes of {holder.first}–{holder.last}"
+        until = datetime.fromtimestamp(holder.expires_at).strftime("%H:%M:%S")
+        parts.append(f"{episodes}, claimed by {shown(holder.process)} until {until}")
+    return f"waiting for {'; '.join(parts)} (a claim is renewed while its process runs, and taken over once it stops)"
+
+
+def interrupted_line(error: KeyboardInterrupt) -> str:
+    """The one line Ctrl-C leaves: what is stored, and how to resume."""
+    from cdfsl.engine.runner import RunInterrupted
+
+    if isinstance(error, RunInterrupted):
+        return (
+            f"interrupted: {error.stored} of {error.total} episodes stored in {shown(error.db)}; run the same "
+            "command again to resume"
+        )
+    return "interrupted before any episode was trained: nothing new was stored; run the same command again to resume"
 
 
 # Options `run` and the `diagnose` commands share: one definition, one default.
@@ -1296,9 +1336,46 @@ def _plan_table(plans: list[Any], title: str, with_accuracy: bool) -> Table:
         last = _duration(plan.seconds_left)
         if with_accuracy:
             last = "–" if plan.mean is None else f"{plan.mean:.2f} ± {plan.ci95:.2f}"
-        row = [str(plan.run.position + 1), plan.run.label, plan.run_id, str(plan.total), str(plan.stored), last]
-        table.add_row(*row)
+        label = plain(plan.run.label)
+        if plan.same_as is not None:
+            label.append(f" (same run as #{plan.same_as + 1}, counted once)")
+        if plan.data_missing is not None:
+            label.append(" (no data here)")
+        stored = "?" if plan.stored is None else str(plan.stored)
+        table.add_row(str(plan.run.position + 1), label, plan.run_id or "–", str(plan.total), stored, last)
     return table
+
+
+def _planned(file: Path, device: str | None) -> tuple[Any, list[Any], list[Any]]:
+    """(sweep, every run's plan, one plan per distinct run), with a transient bar while the runs are identified."""
+    from cdfsl.engine.sweep import distinct_runs, load_sweep, plan_sweep
+
+    sweep = load_sweep(file)
+    with Progress(
+        TextColumn("planning"), BarColumn(), MofNCompleteColumn(), console=console, transient=True
+    ) as bar:  # fmt: skip
+        task = bar.add_task("plan", total=len(sweep.runs))
+        plans = plan_sweep(sweep, device=device, on_planned=lambda done, _: bar.update(task, completed=done))
+    return sweep, plans, distinct_runs(plans)
+
+
+def _plan_notes(plans: list[Any], distinct: list[Any]) -> list[str]:
+    """Lines under a plan or status table: runs listed twice, and runs whose data cannot be read here."""
+    notes = []
+    repeated = len(plans) - len(distinct)
+    if repeated:
+        notes.append(f"{repeated} run(s) repeat an earlier run's identity: each run is trained and counted once")
+    reasons: dict[str, list[int]] = {}
+    for plan in plans:
+        if plan.data_missing is not None:
+            reasons.setdefault(plan.data_missing, []).append(plan.run.position + 1)
+    for reason, positions in reasons.items():
+        runs = ", ".join(map(str, positions))
+        notes.append(
+            f"no data for run(s) {runs} here ({shown(reason)}); their stored episodes cannot be counted until it is "
+            "there (the file's roots table)"
+        )
+    return notes
 
 
 @sweep_app.command("plan")
@@ -1308,20 +1385,20 @@ def sweep_plan(
     device: Annotated[str | None, typer.Option(help="The device the runs will train on (cpu, cuda).")] = None,
 ) -> None:
     """Every run of the sweep with its episodes, how many are stored, and the time left estimated from stored
-    timings."""
-    from cdfsl.engine.sweep import load_sweep, plan_sweep
-
-    sweep = load_sweep(file)
-    plans = plan_sweep(sweep, device=device)
+    timings. Runs whose data is not there yet are listed too, marked."""
+    sweep, plans, distinct = _planned(file, device)
     out.print(_plan_table(plans, f"{len(plans)} runs of {file} in {sweep.db}", with_accuracy=False))
-    left = [p.seconds_left for p in plans if p.total > p.stored]
-    missing = sum(p.total - p.stored for p in plans)
+    for note in _plan_notes(plans, distinct):
+        out.print(note, markup=False, highlight=False, soft_wrap=True)
+    left = [p.seconds_left for p in distinct if p.stored is None or p.total > p.stored]
+    missing = sum(p.total - (p.stored or 0) for p in distinct)
     known = [s for s in left if s is not None]
     estimate = _duration(sum(known)) + ("" if len(known) == len(left) else " for the runs with a timing")
     if not missing:
         out.print("every episode is stored: `cdfsl sweep status` shows the results", highlight=False)
         return
-    out.print(f"{missing} episodes to train; time left: {estimate if known else '–'}", highlight=False)
+    at_most = " at most" if any(p.stored is None for p in distinct) else ""
+    out.print(f"{missing} episodes to train{at_most}; time left: {estimate if known else '–'}", highlight=False)
 
 
 @sweep_app.command("status")
@@ -1331,12 +1408,12 @@ def sweep_status(
     device: Annotated[str | None, typer.Option(help="The device the runs train on (cpu, cuda).")] = None,
 ) -> None:
     """Progress of every run of the sweep: stored episodes and the accuracy so far (the store is only read)."""
-    from cdfsl.engine.sweep import load_sweep, plan_sweep
-
-    sweep = load_sweep(file)
-    plans = plan_sweep(sweep, device=device)
-    out.print(_plan_table(plans, f"{file}: {sum(p.stored for p in plans)} of {sum(p.total for p in plans)} episodes "
-              "stored", with_accuracy=True))  # fmt: skip
+    _, plans, distinct = _planned(file, device)
+    stored = sum(p.stored or 0 for p in distinct)
+    title = f"{file}: {stored} of {sum(p.total for p in distinct)} episodes stored"
+    out.print(_plan_table(plans, title, with_accuracy=True))
+    for note in _plan_notes(plans, distinct):
+        out.print(note, markup=False, highlight=False, soft_wrap=True)
 
 
 @sweep_app.command("run")
@@ -1360,7 +1437,7 @@ def sweep_run(
         runner = Runner()
 
         def announce(run: Any) -> None:
-            out.print(f"run {run.position + 1} of {len(sweep.runs)}: {run.label}", highlight=False)
+            out.print(f"run {run.position + 1} of {len(sweep.runs)}: {shown(run.label)}", highlight=False)
 
         results = run_local(sweep, lambda config: run_with_progress(config, runner), announce)
         out.print(f"{len(results)} runs done; `cdfsl sweep status {file}` shows them", highlight=False)
@@ -1369,9 +1446,18 @@ def sweep_run(
 
     def stored(plan: Any, episodes: int) -> None:
         total["stored"] += episodes
-        console.print(f"stored {episodes} episodes of {plan.run.label} ({total['stored']} this sweep)")
+        line = f"stored {episodes} episodes of {shown(plan.run.label)} ({total['stored']} this sweep)"
+        console.print(line, markup=False, highlight=False)
 
-    count = run_ray(sweep, address, gpus_per_task, cpus_per_task, on_stored=stored)
+    def waiting(plan: Any, holders: Any) -> None:
+        line = f"{shown(plan.run.label)}: {waiting_line(holders)}"
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+    try:
+        count = run_ray(sweep, address, gpus_per_task, cpus_per_task, on_stored=stored, on_wait=waiting)
+    except KeyboardInterrupt as error:
+        console.print(interrupted_line(error), markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
     out.print(f"stored {count} episodes; `cdfsl sweep status {file}` shows the results", highlight=False)
 
 

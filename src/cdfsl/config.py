@@ -45,6 +45,7 @@ LR_WHY = "a larger rate overflows the optimizer's float32 step"
 DECAY_WHY = "a larger decay overflows the optimizer's float32 step"
 MAX_WIDTH = 4096  # LoRA rank and VtT widths allocate per episode and block; wider than any CLIP's projections
 MAX_DEPTH = 64  # VtT's sequence layers and convolution kernel (2 and 4 in the recipes)
+MAX_PRE_RESIZE = 8192  # pixels; the VtT release pre-resizes ChestX to 256, and ChestX's own images are 1024
 
 
 @dataclass
@@ -167,6 +168,7 @@ class RunConfig:
 
     dataset: str = "digits"
     data_root: str | None = None
+    pre_resize: int | None = None  # square side images are first resized to when opened, 0: none; None: the recipe's
     method: str = "lora"
     recipe: str | None = None
     ways: int = 5
@@ -506,6 +508,7 @@ NUMERIC_RULES: dict[str, Rule] = {
         integer("episodes", 1, MAX_EPISODES, optional=True),
         integer("seed", 0, MAX_SEED, why="2**63 - 1, the largest the result store holds"),
         integer("episode_batch", 1),
+        integer("pre_resize", 0, MAX_PRE_RESIZE, why="0 for none"),
         integer("lora.rank", 1, MAX_WIDTH),
         number("lora.alpha", 0, low_open=True),
         number("lora.dropout", 0, 1, high_open=True),

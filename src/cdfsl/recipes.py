@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 # Datasets on which the VtT release's README commands double both learning rates.
 HIGH_LR_DATASETS = ("isic2018", "chestx")
 BASE_LORA_LR = 2e-4
+# Datasets the VtT release's loader resizes to a square of this side when opening an image (before the model's resize).
+VTT_PRE_RESIZE = {"chestx": 256}
 
 
 def tir_logit_scale(shots: int) -> float:
@@ -71,6 +73,10 @@ def _tir_logit_scale(config: RunConfig) -> float:
     return tir_logit_scale(config.shots)
 
 
+def _vtt_pre_resize(config: RunConfig) -> int:
+    return VTT_PRE_RESIZE.get(config.dataset, 0)
+
+
 _VTT = "zhenyuZ-HUST/CVPR26-VtT"
 _TIR = "shuaiyi308/TIR"
 _CLIP_LORA = "MaxZanella/CLIP-LoRA"
@@ -104,6 +110,13 @@ _VTT_LOOP = (
     ),
     RecipeValue("vtt.beta", 7.0, f"{_VTT} run_utils.py (`--beta 7`)"),
     RecipeValue("vtt.window", 50, f"{_VTT} run_utils.py (`--grad_steps 50`)"),
+    RecipeValue(
+        "pre_resize",
+        _vtt_pre_resize,
+        f"{_VTT} fslcd_datasets_aug2/Chest_few_shot_da.py (`.resize((256, 256)).convert('RGB')` on opening); "
+        "the other datasets' loaders open images as they are",
+        rule="256 on chestx; 0 (none) elsewhere",
+    ),
 )
 
 RECIPES: dict[str, Recipe] = {
@@ -137,11 +150,22 @@ RECIPES: dict[str, Recipe] = {
                 f"{_TIR} coop_lora_trainer.py (`logit_scale = 4 if n_shot == 5 else 2`); cdfsl for other shots",
                 rule="4 from 5 shots, 2 below",
             ),
-            RecipeValue("tir.blocks", (-4, -2), f"{_TIR} clip/model.py (`i == 8 or i == 10` of 12 blocks)"),
+            RecipeValue(
+                "tir.blocks",
+                (-4, -2),
+                f"{_TIR} clip/model.py (`i == 8 or i == 10` of 12 blocks); counted from the end on other depths "
+                "(20, 22 of 24), where the release's literal 8 and 10 would stay",
+            ),
             RecipeValue("tir.ratio", 0.3, f"{_TIR} README command (`-top_ratio 0.3`; the code default 0.0 is a no-op)"),
             RecipeValue("tir.text_layer", -2, f"{_TIR} options/options_coop_lora.py (`-txtlayer 10`, 0-based)"),
             RecipeValue("vtt.fusion", "release", "cdfsl (VtT cannot train with a learned text side; unused)"),
             RecipeValue("vtt.lr", _vtt_lr, "cdfsl (as vtt-release; unused)", rule="5e-4; 1e-3 on isic2018, chestx"),
+            RecipeValue(
+                "pre_resize",
+                0,
+                f"{_TIR} data/dataset_aug.py (`Image.open(...).convert('RGB')`, every dataset alike), then "
+                "data/datamgr_aug.py (`Resize([224, 224])`): no pre-resize",
+            ),
         ),
     ),
     "paper": Recipe(

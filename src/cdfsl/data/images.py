@@ -3,18 +3,19 @@
 Resizing follows the released loaders whose numbers we reproduce (the VtT and TIR releases, see `docs/protocol.md`):
 torchvision's `Resize([s, s])` on a PIL image, which is Pillow's bilinear `resize((s, s))` (antialiased when
 downscaling: the filter support widens with the scale factor); square model input, aspect ratio not kept, no crop.
-Dataset-specific steps before it live in the readers' loaders (ChestX: a 256x256 pre-resize, see
-`cdfsl.data.readers.open_chestx`; 16-bit and float images brought to 8 bits, see `cdfsl.data.readers.to_8bit`).
+Before it, a run may resize every image as opened to a square of `pre_resize` pixels with Pillow's default filter
+(bicubic), as the VtT release's ChestX loader does at 256 (a recipe value, docs/recipes.md); 16-bit and float images
+are brought to 8 bits by the readers' loaders (`cdfsl.data.readers.to_8bit`).
 
 Decoding a large PNG (ChestX) for every episode is the slow part of a run, so each decoded, resized image is kept in
-memory and, with a cache folder, on disk as a `.npy` file `<cache_dir>/<dataset>/<size>-<PREPROCESSING>/<digest>.npy`,
+memory and, with a cache folder, on disk as a `.npy` file `<cache_dir>/<dataset>/<size>-<rule>/<digest>.npy`,
 named by the item's content digest (`ImageIndex.item_digest`: sha256 of the file's bytes). `ImageIndex.open` reads a
 file's bytes once, checks their digest against that one and decodes those same bytes, so an entry always holds the
 pixels of the bytes it is named by: a file changed since the run started is refused (`DatasetError`), never stored
 under its old digest. Different pixels at the same path therefore never meet a stale entry, and identical files share
-one. The dataset name stays in the path
-because the dataset decides the loader (ChestX pre-resizes), and `PREPROCESSING` names the decode-and-resize rule, so
-a cache written under an older rule is never read back.
+one. The dataset name stays in the path because the dataset decides the loader, and the rule (`image_rule`:
+`PREPROCESSING` and the pre-resize) names the decode-and-resize rule, so a cache written under another rule is never
+read back.
 
 Entries are written to a name private to the process and thread, then renamed into place (`os.replace`), so runs
 sharing a cache folder never see a half-written entry. An entry that cannot be read back, or holds anything but a
@@ -49,21 +50,42 @@ older caches are never reused. History: untagged = bicubic resize, no ChestX pre
 Pillow bilinear (antialiased) resize as torchvision's `Resize([s, s])`, ChestX first resized to 256x256 by its loader;
 `bilinear-aa.chestx256.wide8` = the same, with 16-bit and float images scaled to 8 bits by the loaders instead of
 Pillow's `convert("RGB")` (which made them all white or all black); `bilinear-aa.chestx256.wide8.exif` = the same,
-with each image first turned upright as its EXIF orientation tag says (`cdfsl.data.readers.upright`)."""
+with each image first turned upright as its EXIF orientation tag says (`cdfsl.data.readers.upright`). The ChestX
+pre-resize is now the run's `pre_resize` (`image_rule`); this tag stands for the pre-resize it used to fix,
+`TAGGED_PRE_RESIZE`."""
+
+TAGGED_PRE_RESIZE = {"chestx": 256}
+"""The pre-resize `PREPROCESSING` stands for, by dataset (0 for the others): a fixed step of the ChestX loader before
+it became the `pre_resize` config value. Runs and caches with that pre-resize keep the tag (and so their run ids and
+cache folders); any other pre-resize is appended to it (`image_rule`)."""
 
 
-def resize_square(image: Image.Image, size: int) -> np.ndarray:
+def image_rule(dataset: str, pre_resize: int) -> str:
+    """Tag of the decode-and-resize rule of `dataset`'s images with `pre_resize` (0: none): part of the run identity
+    and of the disk cache's folder name. `PREPROCESSING` where the pre-resize is the one it stands for
+    (`TAGGED_PRE_RESIZE`), else `PREPROCESSING` + `.pre<N>` (`.pre0`: none, e.g. ChestX under `tir-release`)."""
+    if pre_resize == TAGGED_PRE_RESIZE.get(dataset, 0):
+        return PREPROCESSING
+    return f"{PREPROCESSING}.pre{pre_resize}"
+
+
+def resize_square(image: Image.Image, size: int, pre_resize: int = 0) -> np.ndarray:
     """PIL image → RGB `[size, size, 3]` uint8, aspect ratio not kept (no crop).
 
     Exactly torchvision's `Resize([size, size])` on a PIL image: Pillow's bilinear `resize`, which antialiases
-    when downscaling.
+    when downscaling. With `pre_resize` > 0 the RGB image is first resized to `pre_resize`² with Pillow's default
+    filter (bicubic), as the VtT release's ChestX loader does; for grey or opaque images this gives the same pixels
+    as that loader's resize before its RGB conversion.
     """
-    return np.asarray(image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
+    image = image.convert("RGB")
+    if pre_resize:
+        image = image.resize((pre_resize, pre_resize))
+    return np.asarray(image.resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
 
 
-def cache_folder(cache_dir: str | Path, index: ImageIndex, size: int) -> Path:
-    """Disk cache folder of `index` at `size`: `<cache_dir>/<dataset>/<size>-<PREPROCESSING>`."""
-    return Path(cache_dir) / index.name / f"{size}-{PREPROCESSING}"
+def cache_folder(cache_dir: str | Path, index: ImageIndex, size: int, pre_resize: int = 0) -> Path:
+    """Disk cache folder of `index` at `size`: `<cache_dir>/<dataset>/<size>-<image_rule(dataset, pre_resize)>`."""
+    return Path(cache_dir) / index.name / f"{size}-{image_rule(index.name, pre_resize)}"
 
 
 class ImageCache:
@@ -73,19 +95,28 @@ class ImageCache:
         index: the dataset.
         size: square side in pixels.
         cache_dir: optional folder for a disk cache shared across runs and processes; files go under
-            `cache_folder(cache_dir, index, size)`, named by content digest (see the module docstring).
+            `cache_folder(cache_dir, index, size, pre_resize)`, named by content digest (see the module docstring).
         workers: decoding threads (PIL releases the GIL while decoding).
+        pre_resize: square side every image is first resized to (0: none; see `resize_square`).
 
     Raises:
         DatasetError: the disk cache folder cannot be created.
     """
 
-    def __init__(self, index: ImageIndex, size: int, cache_dir: str | Path | None = None, workers: int = 4) -> None:
+    def __init__(
+        self,
+        index: ImageIndex,
+        size: int,
+        cache_dir: str | Path | None = None,
+        workers: int = 4,
+        pre_resize: int = 0,
+    ) -> None:
         self.index = index
         self.size = size
         self.workers = workers
+        self.pre_resize = pre_resize
         self._memory: dict[int, np.ndarray] = {}
-        self._disk = cache_folder(cache_dir, index, size) if cache_dir else None
+        self._disk = cache_folder(cache_dir, index, size, pre_resize) if cache_dir else None
         self._write_failed = False
         self._lock = threading.Lock()
         if self._disk is not None:
@@ -110,7 +141,7 @@ class ImageCache:
                 return cached
         key = self.index.items[position]
         try:
-            array = resize_square(self.index.open(position), self.size)
+            array = resize_square(self.index.open(position), self.size, self.pre_resize)
         except DECODE_ERRORS as error:
             # Readers check every file's header and end; a file damaged in the middle is only found here. Dropping
             # it now would change the episode, so stop with its name instead.

@@ -13,10 +13,9 @@ Layouts accepted under the data root (`docs/protocol.md`, "Datasets and their on
   image is missing, are skipped with one warning for each kind.
 - `chestx`: `Data_Entry_2017.csv` (columns `Image Index`, `Finding Labels`, labels joined by `|`) and the PNGs
   in `images/` and/or `images_001/images/` ... `images_012/images/` (all are searched). Only rows with exactly
-  one label among the seven classes are kept; the others are left out silently, as the protocol says. As in the
-  VtT release's ChestX loader, each image is first resized to 256x256 with Pillow's default filter on the image as
-  opened (bicubic for these 8-bit grey PNGs), then converted to RGB (`open_chestx`); the resize to the model's
-  input size comes after that, in `cdfsl.data.images`.
+  one label among the seven classes are kept; the others are left out silently, as the protocol says. The VtT
+  release's 256x256 pre-resize of ChestX images is not the reader's: it is the run's `pre_resize` (a recipe
+  value), applied in `cdfsl.data.images`.
 - `imagefolder`: the immediate non-hidden subfolders of the root are the classes; a class's images are the
   image files directly in its folder and, recursively, in every folder below it. Files directly in the root
   are ignored. Prompt names follow the folder rule, as for `cropdiseases`; an optional `root/classnames.json`
@@ -47,12 +46,12 @@ What is left out, never shifting other labels: each kind below is listed in `Ima
 - File and folder names that are not valid UTF-8 (Python sees them with surrogate escapes) are skipped in every
   reader; `skipped` holds them with the undecodable bytes written as `\\udcXX`.
 
-Loaders open an item as RGB at its stored size (ChestX: at 256x256, see above), turned upright as its EXIF
-orientation tag says (`upright`). 16-bit and 32-bit integer grey
-images (modes `I;16*`, `I`) are scaled from 0..65535 to 0..255 (rounded, higher values clipped), and float images
-(mode `F`) are scaled by 255 when all values lie in [0, 1], else clipped to [0, 255] with one warning per file;
-Pillow's own `convert("RGB")` would make them all white or all black. Other modes convert as Pillow does. A file
-that fails to decode raises one of `DECODE_ERRORS` (the image cache turns it into a `DatasetError` naming it).
+Loaders open an item as RGB at its stored size, turned upright as its EXIF orientation tag says (`upright`).
+16-bit and 32-bit integer grey images (modes `I;16*`, `I`) are scaled from 0..65535 to 0..255 (rounded, higher
+values clipped), and float images (mode `F`) are scaled by 255 when all values lie in [0, 1], else clipped to
+[0, 255] with one warning per file; Pillow's own `convert("RGB")` would make them all white or all black. Other
+modes convert as Pillow does. A file that fails to decode raises one of `DECODE_ERRORS` (the image cache turns it into
+a `DatasetError` naming it).
 """
 
 from __future__ import annotations
@@ -124,7 +123,6 @@ CHESTX_CSV = "Data_Entry_2017.csv"
 CHESTX_IMAGE_COLUMN = "Image Index"
 CHESTX_LABEL_COLUMN = "Finding Labels"
 CHESTX_CLASSES = ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumothorax")
-CHESTX_PRE_RESIZE = 256  # side of the square every ChestX image is resized to when opened, as in the VtT release
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
@@ -245,7 +243,7 @@ def read_chestx(root: Path) -> ImageIndex:
             f"chestx: {csv_path.name} lacks column(s) {', '.join(missing)}; expected columns including "
             f"{CHESTX_IMAGE_COLUMN!r} and {CHESTX_LABEL_COLUMN!r}; found {', '.join(header) or 'no header'}"
         )
-    builder = _IndexBuilder("chestx", root, list(CHESTX_CLASSES), list(CHESTX_CLASSES), opener=open_chestx)
+    builder = _IndexBuilder("chestx", root, list(CHESTX_CLASSES), list(CHESTX_CLASSES))
     locations = _chestx_locations(builder, folders)
     for row in rows:
         labels = [part.strip() for part in row[CHESTX_LABEL_COLUMN].split("|")]
@@ -350,22 +348,6 @@ def upright(image: Image.Image, path: str | Path) -> Image.Image:
             path, f"cannot read the EXIF orientation of {os.fsdecode(path)!r} ({error}); used the image as stored"
         )
         return image
-
-
-def open_chestx(root: Path, key: str, data: bytes | None = None) -> Image.Image:
-    """Open `root/key` as the VtT release's ChestX loader does: resize to 256x256, then convert to RGB.
-
-    The resize runs on the image as opened (mode `L` for ChestX) with Pillow's default `resize` filter, which is
-    bicubic for 8-bit grey and RGB images; the image's aspect ratio is not kept. A 16-bit or float image is first
-    brought to 8-bit grey (`to_8bit`). `data`: as for `open_rgb`.
-
-    Raises:
-        One of `DECODE_ERRORS`: the file cannot be opened or decoded.
-    """
-    path = root / key
-    source = io.BytesIO(data) if data is not None else open_regular(path)
-    with source as handle, Image.open(handle, formats=IMAGE_FORMATS) as image:
-        return to_8bit(upright(image, path), path).resize((CHESTX_PRE_RESIZE, CHESTX_PRE_RESIZE)).convert("RGB")
 
 
 def to_8bit(image: Image.Image, path: str | Path) -> Image.Image:

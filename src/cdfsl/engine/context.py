@@ -67,12 +67,12 @@ class LoadCache:
 
     A backbone is keyed by (name, pretrained, the weights' identity, activation, the tokenizer folder's identity,
     device), so a checkpoint or tokenizer rebuilt at the same path is loaded afresh; an image cache by (index
-    fingerprint, image size, cache folder).
+    fingerprint, image size, cache folder, pre-resize).
     """
 
     def __init__(self) -> None:
         self._backbones: dict[tuple[str, str, str, str, str | None, str], ClipAdapter] = {}
-        self._caches: dict[tuple[str, int, str | None], ImageCache] = {}
+        self._caches: dict[tuple[str, int, str | None, int], ImageCache] = {}
 
     def backbone(self, config: RunConfig, device: torch.device) -> ClipAdapter:
         """The frozen backbone of `config` (name, pretrained weights, activation) on `device`."""
@@ -84,11 +84,12 @@ class LoadCache:
             )
         return self._backbones[key]
 
-    def image_cache(self, index: ImageIndex, size: int, cache_dir: str | None) -> ImageCache:
-        """The images of `index` decoded at `size`² pixels, on disk under `cache_dir` too when given."""
-        key = (index.fingerprint(), size, cache_dir)
+    def image_cache(self, index: ImageIndex, size: int, cache_dir: str | None, pre_resize: int = 0) -> ImageCache:
+        """The images of `index` decoded at `size`² pixels (after a `pre_resize`² pre-resize when > 0), on disk under
+        `cache_dir` too when given."""
+        key = (index.fingerprint(), size, cache_dir, pre_resize)
         if key not in self._caches:
-            self._caches[key] = ImageCache(index, size, cache_dir)
+            self._caches[key] = ImageCache(index, size, cache_dir, pre_resize=pre_resize)
         return self._caches[key]
 
 
@@ -125,7 +126,8 @@ class RunContext:
     def cache(self) -> ImageCache:
         """The dataset's image cache at the backbone's input size (loads the backbone first)."""
         index, _ = self.data()
-        return self.loads.image_cache(index, self.backbone.image_size, self.config.cache_dir)
+        config = self.config
+        return self.loads.image_cache(index, self.backbone.image_size, config.cache_dir, config.pre_resize or 0)
 
     def data(self) -> tuple[ImageIndex, EpisodeSampler]:
         """(index, sampler); a `RuntimeError` in a context built without its dataset."""

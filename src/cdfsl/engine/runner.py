@@ -8,26 +8,25 @@ written in the same transaction as its first stored episodes: a run that fails b
 an unknown backbone) leaves nothing in the store.
 
 Concurrency: several processes may run the same command on the same store (on one machine, or on a filesystem
-whose locking SQLite can trust) and share its episodes. Each `Runner` has a unique `owner` id (host, process id,
-random). It claims the next `episode_batch` episodes that are neither stored nor claimed by a live lease, in
-ascending order, in one transaction (`ResultStore.claim_episodes`); trains them; stores the rows and deletes its
-claims in one transaction; and repeats. Claims whose lease expired (their owner was killed) are taken over. When
-nothing is left to claim, it polls the store every `poll_seconds` (or sooner, when the next lease expires) until
-every episode is stored, taking over episodes whose lease expired or that were handed back, and then returns the
-full result. A lease lasts `lease_seconds` (default 30 minutes) from the moment its batch is claimed, and each new
-batch is claimed with a fresh lease: choose it longer than one batch takes to train. If a batch outlives its lease,
-another process may train the same episodes as well; the rows are the same (episodes are deterministic by index and
-the method starts afresh per batch) and the first stored row is kept, so only the work is doubled. An interrupted
-or failed runner hands back its claims (`try/finally`) and stores nothing of the batch in flight. `trained_episodes`
-counts the episodes this process trained; progress counts every stored episode, whoever trained it.
+whose locking SQLite can trust) and share its episodes. Each `Runner` has a unique `owner` id (`host:pid:token`,
+`store.new_owner_id`). It claims the next `episode_batch` episodes that are neither stored nor claimed by a live
+lease, in ascending order, in one transaction (`ResultStore.claim_episodes`); trains them; stores the rows and deletes
+its claims in one transaction; and repeats. A lease is short (`lease_seconds`, default 60 s) and a heartbeat thread
+renews it every quarter lease while the process lives (`ResultStore.keep_claims_alive`), so a batch may train for
+any length of time. The claims of a killed process (SIGKILL, out of memory) are taken over: at once when it ran on
+this host (its pid is gone), within one lease otherwise. When nothing is left to claim, the runner polls the store
+every `poll_seconds` (or sooner, when the next lease expires) until every episode is stored, telling `on_wait` which
+episodes it waits on and until when, and then returns the full result. Should a lease lapse while its owner still
+trains (a store locked for longer than a lease), another process may train the same episodes as well; the rows are
+the same (episodes are deterministic by index and the method starts afresh per batch) and the first stored row is
+kept, so only the work is doubled. An interrupted or failed runner hands back its claims (`try/finally`) and stores
+nothing of the batch in flight; an interrupt reaches the caller as `RunInterrupted`, with what is stored.
+`trained_episodes` counts the episodes this process trained; progress counts every stored episode, whoever trained it.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import secrets
-import socket
 import time
 from collections.abc import Callable
 from contextlib import suppress
@@ -44,7 +43,7 @@ from cdfsl.config import RunConfig, run_id_of
 from cdfsl.data.images import PREPROCESSING, ImageCache
 from cdfsl.data.index import ImageIndex
 from cdfsl.engine.context import LoadCache, RunContext, build_context, resolve_precision
-from cdfsl.engine.store import EpisodeQueries, EpisodeResult, ResultStore
+from cdfsl.engine.store import EpisodeQueries, EpisodeResult, Holder, ResultStore, new_owner_id
 from cdfsl.errors import StoreError
 from cdfsl.methods import Method, build_method
 from cdfsl.stats import mean_ci95
@@ -182,8 +181,13 @@ class _Tally:
         return self._mean, 1.96 * math.sqrt(max(self._m2, 0.0) / self.count) / math.sqrt(self.count)
 
 
-def _owner_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+class RunInterrupted(KeyboardInterrupt):
+    """A run stopped by Ctrl-C (SIGINT) after its store was opened: `stored` of its `total` episodes are in `db`,
+    whoever trained them. Its claims were handed back; the same command resumes it."""
+
+    def __init__(self, stored: int, total: int, db: Path) -> None:
+        super().__init__(f"interrupted: {stored} of {total} episodes stored in {db}")
+        self.stored, self.total, self.db = stored, total, db
 
 
 class Runner:
@@ -193,9 +197,11 @@ class Runner:
         progress: called after every finished batch of episodes (this process's or, while it waits, others').
         on_stored: called with (run name or id, results) after each batch this process trained is stored (e.g.
             `engine.tensorboard.TensorBoardSink`).
-        lease_seconds: how long a claim on a batch of episodes holds before other processes may take it over; it
-            starts when the batch is claimed, so it must exceed the time one batch takes (default 30 minutes).
+        lease_seconds: how long a claim holds without renewal before other processes may take it over; a heartbeat
+            renews this runner's claims every quarter lease while it lives, so it need not exceed a batch's time.
         poll_seconds: how often to look at the store while other processes finish the last episodes.
+        on_wait: called with the other owners' live claims (`store.Holder`: episodes, owner, lease end) each time
+            the runner starts waiting on a different set of them.
 
     `owner` is this runner's unique id in the store's claims and in `episodes.trained_by`; `loads` keeps the loaded
     backbones and image caches (`engine.context.LoadCache`), which each run's context (`build_context`) draws on.
@@ -204,26 +210,28 @@ class Runner:
     def __init__(
         self,
         progress: Callable[[Progress], None] | None = None,
-        lease_seconds: float = 30 * 60.0,
+        lease_seconds: float = 60.0,
         poll_seconds: float = 5.0,
         on_stored: Callable[[str, list[EpisodeResult]], None] | None = None,
+        on_wait: Callable[[tuple[Holder, ...]], None] | None = None,
     ) -> None:
         if lease_seconds <= 0 or poll_seconds <= 0:
             raise ValueError(f"lease_seconds and poll_seconds must be positive, not {lease_seconds}, {poll_seconds}")
         self.progress = progress
         self.on_stored = on_stored
+        self.on_wait = on_wait
         self.lease_seconds = lease_seconds
         self.poll_seconds = poll_seconds
-        self.owner = _owner_id()
+        self.owner = new_owner_id()
         self.loads = LoadCache()
 
     def backbone(self, config: RunConfig, device: torch.device) -> ClipAdapter:
         """`config`'s frozen backbone on `device`, loaded once per weights (see `LoadCache`)."""
         return self.loads.backbone(config, device)
 
-    def image_cache(self, index: ImageIndex, size: int, cache_dir: str | None) -> ImageCache:
-        """The images of `index` at `size`² pixels, loaded once per (index, size, cache folder)."""
-        return self.loads.image_cache(index, size, cache_dir)
+    def image_cache(self, index: ImageIndex, size: int, cache_dir: str | None, pre_resize: int = 0) -> ImageCache:
+        """The images of `index` at `size`² pixels, loaded once per (index, size, cache folder, pre-resize)."""
+        return self.loads.image_cache(index, size, cache_dir, pre_resize)
 
     def run(self, config: RunConfig) -> RunResult:
         """Run (or resume) `config`; return its results over episodes `0 … episodes−1`.
@@ -243,8 +251,6 @@ class Runner:
             resumed = tally.count
             trained = 0
             if resumed < total:
-                method = build_method(config, context.backbone, context.autocast_dtype)
-                context.load()  # the image cache, before the first claim
 
                 def train(chunk: list[int]) -> list[EpisodeResult]:
                     return train_episodes(context, method, chunk)
@@ -255,11 +261,19 @@ class Runner:
                         self.progress(Progress(tally.count, total, resumed, mean, ci, time.perf_counter() - started))
 
                 try:
-                    trained = self._share(store, run_id, total, config, identity, tally, train, report)
-                except BaseException:
+                    method = build_method(config, context.backbone, context.autocast_dtype)
+                    context.load()  # the image cache, before the first claim
+                    with store.keep_claims_alive(self.owner, self.lease_seconds):
+                        trained = self._share(store, run_id, total, config, identity, tally, train, report)
+                except BaseException as error:
                     # Interrupted or failed: hand back the claims of the batch in flight (nothing of it is stored).
                     with suppress(StoreError):
                         store.release_claims(run_id, self.owner)
+                    if isinstance(error, KeyboardInterrupt) and not isinstance(error, RunInterrupted):
+                        count = tally.count
+                        with suppress(StoreError):
+                            count = store.pending(run_id, total).stored
+                        raise RunInterrupted(count, total, store.path) from None
                     raise
             store.register_run(run_id, config.to_dict(), identity)  # only updates a given run name by now
             stored = store.episode_accuracies(run_id, below=total)
@@ -302,6 +316,7 @@ class Runner:
         """
         trained = 0
         position = 0
+        waited_on: tuple[tuple[str, int, int, int], ...] = ()
         while True:
             chunk, position = store.claim_episodes(
                 run_id, total, config.episode_batch, self.owner, self.lease_seconds, position
@@ -325,6 +340,10 @@ class Runner:
                 continue
             if tally.refresh():
                 report()
+            holding = tuple((h.owner, h.count, h.first, h.last) for h in pending.holders)
+            if holding != waited_on and self.on_wait is not None:
+                self.on_wait(pending.holders)
+            waited_on = holding
             until_expiry = (pending.next_expiry or 0.0) - time.time()
             time.sleep(min(self.poll_seconds, max(until_expiry, 0.0) + 0.01))
 

@@ -11,13 +11,15 @@ Schema (bound parameters only; names and config values are data, never SQL):
   `L_VtT` off (NULL: never, or not VtT); `trained_by` is the owner id of the process that trained the episode (NULL
   in rows written before it existed, or through `add_episodes` without an owner).
 - `claims(run_id, episode, owner, expires_at, PK(run_id, episode))`: episodes a process is training now.
-  `expires_at` is a Unix time in seconds; a claim whose time has passed is a lease nobody holds any more.
+  `expires_at` is a Unix time in seconds; a claim whose time has passed is a lease nobody holds any more. `owner`
+  is `host:pid:token` (`new_owner_id`); a live owner renews its leases (`keep_claims_alive`).
 
 Concurrency: the store is in WAL mode with a 60 s busy timeout, so several processes (the same command started
 twice, or several workers) can share one file on one machine. Every write is one `BEGIN IMMEDIATE` transaction.
 `claim_episodes` picks, in ascending order, the next episodes that are neither stored nor held by a live claim
-(an expired claim, left by a killed process, is taken over) and records them with a lease, all in one transaction,
-so two processes never hold the same episode at once. `add_episodes(..., owner=...)` stores a finished batch,
+(an expired claim is taken over, and so is the claim of an owner on this host whose process is gone: SIGKILL or
+the out-of-memory killer leave claims behind) and records them with a lease, all in one transaction, so two
+processes never hold the same episode at once. `add_episodes(..., owner=...)` stores a finished batch,
 registers its run and deletes the owner's claims on it in one transaction: a batch is either fully stored or not
 at all, and an episode stored twice (a lease that expired while its owner was still training) keeps its first row.
 `release_claims` hands back an interrupted owner's claims. Rows never depend on which process trained an episode.
@@ -29,8 +31,9 @@ store in a folder the reader cannot write (SQLite cannot create its `-shm` file 
 `StoreError` says so). Stores written before a column existed read as NULL in that column.
 
 In read-write mode, stores written before a column existed gain it when opened (NULL for their rows). A SQLite file
-with tables of another program is refused in both modes, and so is a read-only or damaged file: every SQLite error
-at this boundary becomes a one-line `StoreError` naming the file and what to do.
+with tables of another program, or with any object cdfsl does not create (a trigger, which would run inside cdfsl's
+own writes; a view; another table or index), is refused in both modes, and so is a read-only or damaged file:
+every SQLite error at this boundary becomes a one-line `StoreError` naming the file and what to do.
 """
 
 from __future__ import annotations
@@ -38,7 +41,10 @@ from __future__ import annotations
 import json
 import os
 import random
+import secrets
+import socket
 import sqlite3
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
@@ -210,13 +216,33 @@ class RunRecord:
 
 
 @dataclass(frozen=True)
+class Holder:
+    """One other owner's live claims on a run: `count` episodes between `first` and `last`, held by `owner`
+    (`host:pid:token`, see `new_owner_id`) until Unix time `expires_at` unless its heartbeat renews them."""
+
+    owner: str
+    count: int
+    first: int
+    last: int
+    expires_at: float
+
+    @property
+    def process(self) -> str:
+        """The owner as a person reads it: `process PID on HOST` (or the raw id when it is not of that form)."""
+        parts = self.owner.rsplit(":", 2)
+        return f"process {parts[1]} on {parts[0]}" if len(parts) == 3 else self.owner
+
+
+@dataclass(frozen=True)
 class Pending:
     """Where a run stands among all processes: `stored` of its first episodes are stored, `claimed` more are held
-    by live claims, and the earliest of those claims expires at Unix time `next_expiry` (None: no live claim)."""
+    by live claims, and the earliest of those claims expires at Unix time `next_expiry` (None: no live claim).
+    `holders`: the live claims per owner."""
 
     stored: int
     claimed: int
     next_expiry: float | None
+    holders: tuple[Holder, ...] = ()
 
 
 class ResultStore:
@@ -296,12 +322,21 @@ class ResultStore:
     def _inspect(self) -> None:
         """Read which tables and columns the file has; refuse another program's file; touch every table's and
         primary key's root page, so a damaged store fails on opening rather than halfway through a run."""
-        names = [row[0] for row in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
-        tables = {name for name in names if not name.startswith("sqlite_")}
+        objects = list(self._db.execute("SELECT type, name FROM sqlite_master"))
+        tables = {name for kind, name in objects if kind == "table" and not name.startswith("sqlite_")}
         if tables and not tables & {"runs", "episodes"}:
             raise StoreError(
                 f"{self.path} is not a cdfsl result store (it holds tables {', '.join(sorted(tables))}); pass a store "
                 "written by `cdfsl run`, or a new file, with --db"
+            )
+        foreign = sorted((kind, name) for kind, name in objects if not _created_by_cdfsl(kind, name))
+        if foreign:
+            kind, name = foreign[0]
+            more = f" and {len(foreign) - 1} more object(s)" if len(foreign) > 1 else ""
+            raise StoreError(
+                f"{self.path} holds {kind} {name!r}{more}, which cdfsl did not create (a trigger or view could change "
+                "what is stored or read), so it is treated as another program's file; pass a store written by "
+                "`cdfsl run`, or a new file, with --db"
             )
         self._columns = {}
         for table in _TABLES:
@@ -488,8 +523,9 @@ class ResultStore:
         owner: str | None = None,
         config: dict[str, Any] | None = None,
         identity: dict[str, Any] | None = None,
-    ) -> None:
-        """Store finished episodes in one transaction; an episode already stored is kept as it was.
+    ) -> int:
+        """Store finished episodes in one transaction; an episode already stored is kept as it was. Returns how
+        many rows were added (the episodes not stored before).
 
         With `config` and `identity`, the run is registered (as `register_run`) in the same transaction. With
         `owner`, the rows record it as `trained_by` and the owner's claims on these episodes are deleted.
@@ -499,7 +535,7 @@ class ResultStore:
         with self._guard(), self._write() as db:
             if config is not None and identity is not None:
                 self._register(db, run_id, config, identity)
-            db.executemany(
+            added = db.executemany(
                 "INSERT OR IGNORE INTO episodes (run_id, episode, correct, total, accuracy, seconds, finished_at,"
                 " dlc_off_step, trained_by, queries_json, curves_json) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
@@ -524,6 +560,7 @@ class ResultStore:
                     "DELETE FROM claims WHERE run_id = ? AND episode = ? AND owner = ?",
                     [(run_id, r.episode, owner) for r in results],
                 )
+        return max(added.rowcount, 0)
 
     def claim_episodes(
         self, run_id: str, below: int, count: int, owner: str, lease_seconds: float, start: int = 0
@@ -540,6 +577,7 @@ class ResultStore:
         window = max(count, 64)
         with self._guard(), self._write() as db:
             now = time.time()
+            self._forget_gone_owners(db, run_id, now)
             while len(claimed) < count and position < below:
                 end = min(below, position + window)
                 window = min(window * 4, max(count, _MAX_WINDOW))
@@ -569,6 +607,37 @@ class ResultStore:
             )
         return claimed, position
 
+    @staticmethod
+    def _forget_gone_owners(db: sqlite3.Connection, run_id: str, now: float) -> None:
+        """Delete the claims of owners on this host whose process is gone (killed by SIGKILL or out of memory): their
+        episodes are free at once rather than when the lease runs out."""
+        owners = [
+            row[0]
+            for row in db.execute(
+                "SELECT DISTINCT owner FROM claims WHERE run_id = ? AND expires_at > ?", (run_id, now)
+            )
+        ]
+        db.executemany("DELETE FROM claims WHERE owner = ?", [(owner,) for owner in owners if owner_is_gone(owner)])
+
+    def renew_claims(self, owner: str, lease_seconds: float) -> int:
+        """Extend every claim of `owner` to `lease_seconds` from now; returns how many claims it holds."""
+        with self._guard(), self._write() as db:
+            return db.execute(
+                "UPDATE claims SET expires_at = ? WHERE owner = ?", (time.time() + lease_seconds, owner)
+            ).rowcount
+
+    @contextmanager
+    def keep_claims_alive(self, owner: str, lease_seconds: float) -> Iterator[None]:
+        """While the block runs, a background thread renews `owner`'s claims every quarter lease (through its own
+        connection), so a claim outlives a batch of any length while its process lives and lapses within
+        `lease_seconds` once it does not."""
+        heartbeat = _Heartbeat(self.path, owner, lease_seconds)
+        heartbeat.start()
+        try:
+            yield
+        finally:
+            heartbeat.halt()
+
     def release_claims(self, run_id: str, owner: str) -> None:
         """Delete `owner`'s claims on the run's episodes, so other processes may train them at once."""
         with self._guard(), self._write() as db:
@@ -584,15 +653,18 @@ class ResultStore:
             stored = db.execute(
                 "SELECT COUNT(*) FROM episodes WHERE run_id = ? AND episode < ?", (run_id, below)
             ).fetchone()[0]
-            claimed, next_expiry = 0, None
+            holders: list[Holder] = []
             if self._has("claims"):
-                claimed, next_expiry = db.execute(
-                    "SELECT COUNT(*), MIN(c.expires_at) FROM claims c WHERE c.run_id = ? AND c.episode < ?"
-                    " AND c.expires_at > ? AND NOT EXISTS"
-                    " (SELECT 1 FROM episodes e WHERE e.run_id = c.run_id AND e.episode = c.episode)",
+                rows = db.execute(
+                    "SELECT c.owner, COUNT(*), MIN(c.episode), MAX(c.episode), MAX(c.expires_at) FROM claims c"
+                    " WHERE c.run_id = ? AND c.episode < ? AND c.expires_at > ? AND NOT EXISTS"
+                    " (SELECT 1 FROM episodes e WHERE e.run_id = c.run_id AND e.episode = c.episode)"
+                    " GROUP BY c.owner ORDER BY MIN(c.episode)",
                     (run_id, below, now),
-                ).fetchone()
-        return Pending(stored, claimed, next_expiry)
+                ).fetchall()
+                holders = [Holder(*row) for row in rows if not owner_is_gone(row[0])]
+        next_expiry = min((h.expires_at for h in holders), default=None)
+        return Pending(stored, sum(h.count for h in holders), next_expiry, tuple(holders))
 
     def accuracies_since(self, run_id: str, below: int, marker: int = 0) -> tuple[list[float], int]:
         """Accuracies of the run's episodes `< below` stored after `marker` (0: all), and the marker to pass next.
@@ -716,6 +788,72 @@ class ResultStore:
                 RunRecord(*row[:10], config=json.loads(row[10]), created_at=row[11], episodes=row[12], recipe=row[13])
                 for row in rows
             ]
+
+
+class _Heartbeat(threading.Thread):
+    """Renews one owner's claims every quarter lease until halted, through its own SQLite connection. A renewal
+    that fails (a store locked for long) is skipped: the lease may then lapse and another process may train the same
+    episodes, whose rows are identical (the first stored is kept), so only work is doubled."""
+
+    def __init__(self, path: Path, owner: str, lease_seconds: float) -> None:
+        super().__init__(name="cdfsl-claims-heartbeat", daemon=True)
+        self._path, self._owner, self._lease = path, owner, lease_seconds
+        self._halted = threading.Event()
+
+    def run(self) -> None:
+        interval = self._lease / 4
+        with suppress(sqlite3.Error):
+            db = sqlite3.connect(self._path, timeout=min(interval, _BUSY_TIMEOUT_S), isolation_level=None)
+            try:
+                while not self._halted.wait(interval):
+                    with suppress(sqlite3.Error):
+                        db.execute(
+                            "UPDATE claims SET expires_at = ? WHERE owner = ?", (time.time() + self._lease, self._owner)
+                        )
+            finally:
+                db.close()
+
+    def halt(self) -> None:
+        self._halted.set()
+        self.join()
+
+
+def new_owner_id() -> str:
+    """A claim owner id unique to this process: `host:pid:token` (the random token tells apart a later process that
+    reuses the pid)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
+def owner_is_gone(owner: str) -> bool:
+    """Whether `owner` (see `new_owner_id`) was a process of this host that no longer runs. Owners of other hosts,
+    and ids of another form, are never judged gone: their claims lapse when their lease is not renewed."""
+    parts = owner.rsplit(":", 2)
+    if os.name != "posix" or len(parts) != 3 or parts[0] != socket.gethostname() or not parts[1].isdigit():
+        return False
+    pid = int(parts[1])
+    if pid <= 0 or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # PermissionError: another user's process, alive
+        return False
+    try:  # a killed process its parent has not reaped yet still answers signal 0
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[:1] == ["Z"]
+
+
+def _created_by_cdfsl(kind: str, name: str) -> bool:
+    """Whether a `sqlite_master` entry is one cdfsl creates: its tables, their primary-key indexes, or SQLite's own
+    statistics tables (`ANALYZE`). Triggers, views and any other table or index are not."""
+    if kind == "table":
+        return name in _TABLES or name.startswith("sqlite_stat")
+    if kind == "index":
+        return any(name.startswith(f"sqlite_autoindex_{table}_") for table in _TABLES)
+    return False
 
 
 def _primary_code(error: sqlite3.Error) -> int | None:

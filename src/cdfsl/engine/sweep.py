@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import os
 import statistics
 import tomllib
@@ -61,6 +62,7 @@ from cdfsl.labels import changed_settings, run_label, variant_text
 RUN_KEYS = ("method", "dataset", "shots", "backbone", "pretrained", "seed", "recipe", "ways", "queries")
 SWEEP_KEYS = ("db", "episodes", "episode_batch", "device", "cache_dir")
 TASK_RETRIES = 3
+MAX_RUNS = 10_000  # runs per sweep file: each is identified (dataset index, config) when planned
 FAIL_ONCE_ENV = "CDFSL_TEST_FAIL_ONCE"  # tests only: a marker path; the first task to see it missing kills its worker
 
 
@@ -84,18 +86,21 @@ class Sweep:
 class RunPlan:
     """Where one run stands: its resolved config and identity, `stored` of `total` episodes in the store, seconds per
     stored episode (median; None when none is stored), the estimate of the time left (None when nothing to estimate
-    from) and the mean accuracy and 95% half-width so far (None when nothing is stored)."""
+    from) and the mean accuracy and 95% half-width so far (None when nothing is stored); whether it repeats an earlier
+    run (`same_as`) and why its data cannot be read here (`data_missing`)."""
 
     run: SweepRun
     config: RunConfig  # resolved, on the planned device: what the run trains and stores
-    run_id: str
+    run_id: str | None  # None: its dataset cannot be read here (`data_missing`)
     identity: dict[str, Any]
     total: int
-    stored: int
+    stored: int | None  # None: unknown without the dataset
     seconds_per_episode: float | None
     seconds_left: float | None
     mean: float | None = None
     ci95: float | None = None
+    same_as: int | None = None  # the position of an earlier run with the same identity: the same run, listed twice
+    data_missing: str | None = None  # why the run's dataset cannot be read here
 
 
 # ------------------------------------------------------------------------------------------------------ reading
@@ -122,6 +127,8 @@ def load_sweep(path: str | Path) -> Sweep:
     if not isinstance(extra, list) or not all(isinstance(e, dict) for e in extra):
         raise ConfigError(f"sweep file {path}: [[run]] entries must be tables")
     entries += [dict(e) for e in extra]
+    if len(entries) > MAX_RUNS:
+        raise ConfigError(f"sweep file {path} names {len(entries)} runs; a sweep holds at most {MAX_RUNS}: split it")
     if not entries:
         raise ConfigError(f"sweep file {path} names no run: give a [grid] or [[run]] entries")
     db = Path(str(sweep.get("db", "results.sqlite"))).expanduser()
@@ -144,6 +151,13 @@ def _grid_entries(grid: dict[str, Any], path: Path) -> list[dict[str, Any]]:
         raise ConfigError(f"sweep file {path}: [grid] takes {', '.join(RUN_KEYS)}, not {', '.join(sorted(bad))}")
     keys = list(grid)
     values = [v if isinstance(v, list) else [v] for v in grid.values()]
+    count = math.prod(len(v) for v in values)
+    if count > MAX_RUNS:  # counted before the product is built: a huge grid is refused at once, not after minutes
+        sizes = " × ".join(f"{len(v)} {k}" for k, v in zip(keys, values, strict=True) if len(v) > 1)
+        raise ConfigError(
+            f"sweep file {path}: [grid] names {count} runs ({sizes}); a sweep holds at most {MAX_RUNS} runs: split "
+            "it into several files or shorten its lists"
+        )
     return [dict(zip(keys, combination, strict=True)) for combination in itertools.product(*values)]
 
 
@@ -192,36 +206,59 @@ def _text(value: Any) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- planning
-def plan_sweep(sweep: Sweep, device: str | None = None, loads: Any = None) -> list[RunPlan]:
+def plan_sweep(
+    sweep: Sweep,
+    device: str | None = None,
+    loads: Any = None,
+    on_planned: Callable[[int, int], None] | None = None,
+) -> list[RunPlan]:
     """Each run's id, episode count, stored count, timing and accuracy so far (the store is only read).
 
     `device`: the device the runs will train on (`cpu`, `cuda`), which is part of a trained run's identity; None:
     each run's own `device` setting resolved on this machine. Runs with nothing stored are estimated from the median
-    seconds per episode of stored runs with the same method and backbone.
+    seconds per episode of stored runs with the same method and backbone. A run whose dataset cannot be read here
+    (its root not downloaded yet) is planned without an id (`data_missing` says why; whether it is stored cannot be
+    told without its images). A run with the same identity as an earlier one is marked `same_as` that run (see
+    `distinct_runs`). `on_planned(done, total)` is told after each run.
     """
     from cdfsl.engine.context import LoadCache, build_context
     from cdfsl.engine.runner import run_identity
     from cdfsl.engine.store import ResultStore
+    from cdfsl.errors import DatasetError
     from cdfsl.stats import mean_ci95
 
     loads = loads or LoadCache()
     plans: list[RunPlan] = []
     seconds: dict[str, list[float]] = {}
+    first: dict[str, int] = {}
     store = ResultStore(sweep.db, read_only=True) if sweep.db.is_file() else None
     try:
         for run in sweep.runs:
-            # The identity for `device` is computed without that device: the context itself is built on the CPU.
-            context = build_context(_on_device(run.config, "cpu" if device else None), loads)
-            run_id, identity = run_identity(context, device)
-            config = _on_device(context.config, device)
-            total = context.config.resolved_episodes()
-            accuracies = store.episode_accuracies(run_id, below=total) if store else {}
-            timings = list(store.episode_seconds(run_id, below=total).values()) if store else []
-            per_episode = statistics.median(timings) if timings else None
-            if per_episode is not None:
-                seconds.setdefault(_kind(run), []).append(per_episode)
-            mean, ci = mean_ci95(list(accuracies.values())) if accuracies else (None, None)
-            plans.append(RunPlan(run, config, run_id, identity, total, len(accuracies), per_episode, None, mean, ci))
+            total = run.config.resolved_episodes()
+            try:
+                # The identity for `device` is computed without that device: the context itself is built on the CPU.
+                context = build_context(_on_device(run.config, "cpu" if device else None), loads)
+            except DatasetError as error:
+                config = _on_device(run.config.resolved(), device)
+                plans.append(RunPlan(run, config, None, {}, total, None, None, None, data_missing=str(error)))
+            else:
+                run_id, identity = run_identity(context, device)
+                config = _on_device(context.config, device)
+                accuracies = store.episode_accuracies(run_id, below=total) if store else {}
+                timings = list(store.episode_seconds(run_id, below=total).values()) if store else []
+                per_episode = statistics.median(timings) if timings else None
+                if per_episode is not None:
+                    seconds.setdefault(_kind(run), []).append(per_episode)
+                mean, ci = mean_ci95(list(accuracies.values())) if accuracies else (None, None)
+                same_as = first.setdefault(run_id, run.position)
+                plans.append(
+                    RunPlan(
+                        run, config, run_id, identity, total, len(accuracies), per_episode, None, mean, ci,
+                        same_as=None if same_as == run.position else same_as,
+                    )
+                )  # fmt: skip
+            if on_planned is not None:
+                on_planned(len(plans), len(sweep.runs))
     finally:
         if store is not None:
             store.close()
@@ -230,9 +267,28 @@ def plan_sweep(sweep: Sweep, device: str | None = None, loads: Any = None) -> li
         per_episode = plan.seconds_per_episode
         if per_episode is None and seconds.get(_kind(plan.run)):
             per_episode = statistics.median(seconds[_kind(plan.run)])
-        left = None if per_episode is None else per_episode * (plan.total - plan.stored)
+        left = None if per_episode is None else per_episode * (plan.total - (plan.stored or 0))
         estimated.append(dataclasses.replace(plan, seconds_left=left))
     return estimated
+
+
+def distinct_runs(plans: list[RunPlan]) -> list[RunPlan]:
+    """One plan per run identity, in file order: what sums and executors count, so a run listed twice (an
+    identical `[[run]]`, or a grid point repeated) is counted and trained once. Of runs that share an identity the one
+    asking for the most episodes stands for them; runs without an id (data missing) are kept."""
+    chosen: dict[str, RunPlan] = {}
+    order: list[str | int] = []
+    kept: dict[int, RunPlan] = {}
+    for plan in plans:
+        if plan.run_id is None:
+            kept[plan.run.position] = plan
+            order.append(plan.run.position)
+        elif plan.run_id not in chosen:
+            chosen[plan.run_id] = plan
+            order.append(plan.run_id)
+        elif plan.total > chosen[plan.run_id].total:
+            chosen[plan.run_id] = plan
+    return [kept[key] if isinstance(key, int) else chosen[key] for key in order]
 
 
 def _kind(run: SweepRun) -> str:
@@ -276,40 +332,142 @@ def run_ray(
     cpus_per_task: float = 1,
     on_stored: Callable[[RunPlan, int], None] | None = None,
     init_options: dict[str, Any] | None = None,
+    on_wait: Callable[[RunPlan, tuple[Any, ...]], None] | None = None,
+    lease_seconds: float = 60.0,
+    poll_seconds: float = 5.0,
 ) -> int:
     """Run the missing episodes of every run of `sweep` as Ray tasks (module docstring); returns how many episodes
-    were stored. `address`: an existing cluster (None: a local Ray on this machine's devices). `on_stored(plan,
-    episodes)` is called after each stored chunk."""
+    this driver stored (an episode another process stored first is not counted). `address`: an existing cluster
+    (None: a local Ray on this machine's devices). `on_stored(plan, episodes)` is called after each stored chunk;
+    `on_wait(plan, holders)` when the driver starts waiting on episodes other processes hold (`store.Holder`).
+
+    The driver claims episodes as `Runner` does (so a `cdfsl run` or another driver on the same runs shares them),
+    keeps its claims alive with a heartbeat while it lives, and hands them back when interrupted or failed; an
+    interrupt reaches the caller as `runner.RunInterrupted` with the sweep's stored and total episodes. A cluster
+    without the GPUs or CPUs one task asks for is refused before anything is submitted.
+    """
     try:
         import ray
     except ImportError:
         raise ConfigError("--executor ray needs Ray: pip install 'cdfsl[ray]'") from None
-    from cdfsl.engine.context import chunks
-    from cdfsl.engine.runner import _owner_id
-    from cdfsl.engine.store import ResultStore
+    from cdfsl.engine.store import ResultStore, new_owner_id
 
-    device = "cuda" if gpus_per_task > 0 else "cpu"
-    plans = plan_sweep(sweep, device=device)
+    started_here = not ray.is_initialized()
     ray.init(address=address, ignore_reinit_error=True, include_dashboard=False, **(init_options or {}))
-    task = ray.remote(num_gpus=gpus_per_task, num_cpus=cpus_per_task, max_retries=TASK_RETRIES)(_train_task)
-    owner = _owner_id()
+    try:
+        _check_resources(ray.cluster_resources(), gpus_per_task, cpus_per_task, address)
+        plans = distinct_runs(plan_sweep(sweep, device="cuda" if gpus_per_task > 0 else "cpu"))
+        lacking = [plan for plan in plans if plan.data_missing is not None]
+        if lacking:
+            plan = lacking[0]
+            raise ConfigError(
+                f"sweep file {sweep.path}, run {plan.run.position + 1} ({plan.run.label}): {plan.data_missing}; the "
+                "Ray driver reads every dataset to identify its runs (`cdfsl sweep plan` lists the runs without data)"
+            )
+        task = ray.remote(num_gpus=gpus_per_task, num_cpus=cpus_per_task, max_retries=TASK_RETRIES)(_train_task)
+        owner = new_owner_id()
+        with ResultStore(sweep.db) as store:
+            try:
+                with store.keep_claims_alive(owner, lease_seconds):
+                    return _drive(ray, task, store, plans, owner, lease_seconds, poll_seconds, on_stored, on_wait)
+            except BaseException as error:
+                from contextlib import suppress
+
+                from cdfsl.engine.runner import RunInterrupted
+                from cdfsl.errors import StoreError
+
+                with suppress(StoreError):
+                    for plan in plans:
+                        store.release_claims(str(plan.run_id), owner)
+                if isinstance(error, KeyboardInterrupt) and not isinstance(error, RunInterrupted):
+                    done = sum(store.pending(str(plan.run_id), plan.total).stored for plan in plans)
+                    raise RunInterrupted(done, sum(plan.total for plan in plans), store.path) from None
+                raise
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def _check_resources(resources: dict[str, float], gpus: float, cpus: float, address: str | None) -> None:
+    """Refuse a task shape the cluster can never place (Ray would queue it forever)."""
+    where = "this machine's Ray" if address is None else f"the Ray cluster at {address}"
+    for option, asked, name in (("--gpus-per-task", gpus, "GPU"), ("--cpus-per-task", cpus, "CPU")):
+        have = float(resources.get(name, 0.0))
+        if asked > have:
+            hint = "pass --gpus-per-task 0 for CPU tasks, or" if name == "GPU" else "pass fewer, or"
+            raise ConfigError(
+                f"{option} {asked:g}: {where} has {have:g} {name}s in all, so no task could ever start; {hint} "
+                f"--address of a cluster that has them"
+            )
+
+
+def _drive(
+    ray: Any,
+    task: Any,
+    store: Any,
+    plans: list[RunPlan],
+    owner: str,
+    lease_seconds: float,
+    poll_seconds: float,
+    on_stored: Callable[[RunPlan, int], None] | None,
+    on_wait: Callable[[RunPlan, tuple[Any, ...]], None] | None,
+) -> int:
+    """Claim every free episode of every run, submit them in chunks, store results as they arrive, and wait on
+    episodes other processes hold, until every run is stored; returns the episodes this driver stored."""
+    import time
+
+    from cdfsl.engine.context import chunks
+
+    fields = {str(plan.run_id): plan.config.to_dict() for plan in plans}
+    position = {str(plan.run_id): 0 for plan in plans}
+    in_flight = {str(plan.run_id): 0 for plan in plans}
+    waited_on: dict[str, tuple[tuple[str, int, int, int], ...]] = {}
+    submitted: dict[Any, RunPlan] = {}
+    open_runs = list(plans)
     stored = 0
-    with ResultStore(sweep.db) as store:
-        pending: dict[Any, tuple[RunPlan, dict[str, Any]]] = {}
-        for plan in plans:
-            fields = plan.config.to_dict()
-            missing = sorted(set(range(plan.total)) - store.finished_episodes(plan.run_id))
-            for chunk in chunks(missing, plan.config.episode_batch):
-                pending[task.remote(fields, chunk)] = (plan, fields)
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
+    while open_runs or submitted:
+        for plan in open_runs:
+            run_id = str(plan.run_id)
+            if position[run_id] < plan.total:
+                claimed, position[run_id] = store.claim_episodes(
+                    run_id, plan.total, plan.total, owner, lease_seconds, position[run_id]
+                )
+                for chunk in chunks(claimed, plan.config.episode_batch):
+                    submitted[task.remote(fields[run_id], chunk)] = plan
+                    in_flight[run_id] += 1
+        if submitted:
+            done, _ = ray.wait(list(submitted), num_returns=1, timeout=poll_seconds)
             for ref in done:
-                plan, fields = pending.pop(ref)
-                results = ray.get(ref)
-                store.add_episodes(plan.run_id, results, owner=owner, config=fields, identity=plan.identity)
-                stored += len(results)
+                plan = submitted.pop(ref)
+                run_id = str(plan.run_id)
+                in_flight[run_id] -= 1
+                added = store.add_episodes(
+                    run_id, ray.get(ref), owner=owner, config=fields[run_id], identity=plan.identity
+                )
+                stored += added
                 if on_stored is not None:
-                    on_stored(plan, len(results))
+                    on_stored(plan, added)
+        still_open, next_expiry = [], float("inf")
+        for plan in open_runs:
+            run_id = str(plan.run_id)
+            if in_flight[run_id]:
+                still_open.append(plan)
+                continue
+            pending = store.pending(run_id, plan.total)
+            if pending.stored >= plan.total:
+                continue
+            still_open.append(plan)
+            if pending.stored + pending.claimed < plan.total:
+                position[run_id] = 0  # an episode came free behind the sweep: claim it next round
+                continue
+            holding = tuple((h.owner, h.count, h.first, h.last) for h in pending.holders)
+            if holding != waited_on.get(run_id) and on_wait is not None:
+                on_wait(plan, pending.holders)
+            waited_on[run_id] = holding
+            next_expiry = min(next_expiry, pending.next_expiry or next_expiry)
+        open_runs = still_open
+        if open_runs and not submitted and all(position[str(p.run_id)] >= p.total for p in open_runs):
+            time.sleep(min(poll_seconds, max(next_expiry - time.time(), 0.0) + 0.01))
     return stored
 
 
