@@ -191,7 +191,9 @@ def test_validate_errors_in_sections(assignment: str, message: str) -> None:
 def test_validate_accepts_data_root_and_zero_iterations() -> None:
     config = RunConfig(dataset="eurosat", data_root="/data/eurosat")
     config.train.iterations = 0
-    config.validate()
+    assert config.validate() is config
+    resolved = config.resolved()
+    assert (resolved.data_root, resolved.train.iterations) == ("/data/eurosat", 0)  # not the recipe's 250
 
 
 # ------------------------------------------------------------------------------------------- presets

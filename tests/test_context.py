@@ -114,7 +114,12 @@ def test_classes_too_small_for_an_episode_are_named_in_a_warning() -> None:
 
 @pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:0", "cuda:12", "mps"])
 def test_device_names_accepted(device: str) -> None:
-    RunConfig(device=device).validate()
+    """Kept as given, and each name but `auto` is one torch reads as that very device."""
+    assert RunConfig(device=device).validate().device == device
+    if device == "auto":
+        assert resolve_device(device).type in ("cuda", "cpu")
+    else:
+        assert str(torch.device(device)) == device
 
 
 @pytest.mark.parametrize("device", ["tpu", "cuda:", "cuda:x", "cuda:-1", "cuda:１", "gpu"])

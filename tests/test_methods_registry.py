@@ -79,26 +79,39 @@ def _changed(value: object) -> object:
     return None
 
 
-SECTIONS = ("lora", "prompt", "augment", "tir", "vtt", "maple")
+SECTIONS = ("train", "lora", "prompt", "augment", "tir", "vtt", "maple")
+
+
+def _shapes_results(config: RunConfig, section: str, name: str) -> bool:
+    """Whether `section.name` enters the run identity of `config`'s method: `train` whole for a method that trains,
+    only the template and logit scale for one that does not; another section when the method uses it."""
+    if section == "train":
+        return config.trains or name in ("template", "logit_scale")
+    return section in config.spec.sections
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_set_reaches_the_sections_the_method_uses(method: str) -> None:
-    """A `--set` on a field of a section the method uses changes its run identity; of another section, it does not."""
+    """Every numeric and on/off field of every section, nudged by `--set` to another valid value: the method accepts
+    it, and its run identity changes exactly when the method uses the field."""
     config = tiny(method)
-    spec = config.spec
     reference = run_id_of(config.identity("fp32", "index", "gelu"))
+    nudged: set[str] = set()
     for section in SECTIONS:
-        values = dataclasses.asdict(getattr(config.resolved(), section))
-        name, value = next((n, v) for n, v in values.items() if _changed(v) is not None and n != "tokens")
-        changed = tiny(method)
-        apply_override(changed, f"{section}.{name}={_changed(value)}")
-        try:
-            changed.validate()
-        except ConfigError:
-            continue  # the nudged value is outside what this method accepts: nothing to compare
-        identity = run_id_of(changed.identity("fp32", "index", "gelu"))
-        assert (identity != reference) == (section in spec.sections), (section, name)
+        for name, value in dataclasses.asdict(getattr(config.resolved(), section)).items():
+            if _changed(value) is None:
+                continue
+            assignment = f"{section}.{name}={_changed(value)}"
+            changed = tiny(method)
+            apply_override(changed, assignment)
+            try:
+                changed.validate()
+            except ConfigError as error:
+                pytest.fail(f"{method}: the nudge {assignment} was refused ({error}); nudge it to a valid value")
+            identity = run_id_of(changed.identity("fp32", "index", "gelu"))
+            assert (identity != reference) == _shapes_results(config, section, name), assignment
+            nudged.add(section)
+    assert nudged == set(SECTIONS)  # the walk found fields to nudge in every section
 
 
 def test_every_base_and_plug_in_is_listed() -> None:

@@ -45,6 +45,7 @@ from cdfsl.engine.runner import Runner
 from cdfsl.errors import CdfslError, ConfigError, TrainingError
 from cdfsl.methods import build_method
 from cdfsl.methods.lora import LoraMethod, learning_rate_schedules
+from cdfsl.methods.text_side import ClassText
 from cdfsl.pretrain.train_tiny import pretrain_tiny
 from cdfsl.recipes import RECIPES
 from cdfsl.seeding import seed_of
@@ -94,8 +95,9 @@ def value_at(config: RunConfig, key: str) -> Any:
         (["train.schedule_horizon=inf"], r"train.schedule_horizon must be a number in \(0, 1,000,000\]"),
         (["train.schedule_horizon=0"], r"train.schedule_horizon must be a number in \(0, 1,000,000\]"),
         (["train.schedule_horizon=1e7"], r"train.schedule_horizon must be a number in \(0, 1,000,000\]"),
-        (["lora.alpha=nan"], "lora.alpha must be a finite number > 0, got nan"),
-        (["lora.alpha=0"], "lora.alpha must be a finite number > 0"),
+        (["lora.alpha=nan"], r"lora.alpha must be a number in \(0, 10,000\] \(alpha / sqrt\(rank\)"),
+        (["lora.alpha=0"], r"lora.alpha must be a number in \(0, 10,000\]"),
+        (["lora.alpha=1e300"], r"lora.alpha must be a number in \(0, 10,000\].*, got 1e\+300"),
         (["lora.dropout=1"], r"lora.dropout must be a number in \[0, 1\)"),
         (["lora.dropout=-0.1"], r"lora.dropout must be a number in \[0, 1\)"),
         (["lora.rank=0"], "lora.rank must be a positive integer <= 4,096, got 0"),
@@ -144,7 +146,7 @@ def test_each_rule_refuses_with_a_one_line_message(assignments: list[str], fragm
     "assignments",
     [
         ["train.lr=1e-9", "train.weight_decay=0", "train.min_lr=0", "train.beta1=0", "train.beta2=0.9999"],
-        ["lora.alpha=1e-3", "lora.dropout=0", "lora.rank=1", "lora.rank=4096"],
+        ["lora.alpha=1e-3", "lora.alpha=1e4", "lora.dropout=0", "lora.rank=1", "lora.rank=4096"],
         ["augment.rotation=0", "augment.rotation=180", "augment.jitter=0", "augment.jitter=1", "augment.flip_p=1"],
         ["tir.ratio=1", "tir.alpha=-2", "tir.beta=0", "tir.text_layer=-100", "tir.blocks=-40,99"],
         ["vtt.beta=0", "vtt.window=1", "vtt.conv=64", "vtt.ssm_layers=1", "vtt.hidden=4096", "vtt.dt_rank=1"],
@@ -155,7 +157,16 @@ def test_each_rule_refuses_with_a_one_line_message(assignments: list[str], fragm
     ],
 )
 def test_values_at_the_edges_are_accepted(assignments: list[str]) -> None:
-    configured(*assignments).validate()
+    """Accepted as given: validation neither clamps nor replaces a value, and the recipe keeps every value set."""
+    config = configured(*assignments)
+    given = dataclasses.asdict(config)
+    assert config.validate() is config
+    assert dataclasses.asdict(config) == given
+    resolved = config.resolved()
+    for key in {assignment.partition("=")[0] for assignment in assignments}:
+        assert value_at(resolved, key) == value_at(config, key), key
+        if key in NUMERIC_RULES:
+            assert NUMERIC_RULES[key].allows(value_at(resolved, key)), key
 
 
 def test_every_numeric_field_has_a_rule() -> None:
@@ -222,12 +233,30 @@ def test_template_needs_exactly_one_plain_field(template: str) -> None:
     assert repr(template) in str(caught.value)
 
 
-@pytest.mark.parametrize("template", ["{}", "a photo of a {}.", "{{literal}} {} ", "x{}y, a=b"])
-def test_templates_with_one_field_are_accepted(template: str) -> None:
+@pytest.mark.parametrize(
+    ("template", "prompt"),
+    [
+        ("{}", "seven"),
+        ("a photo of a {}.", "a photo of a seven."),
+        ("{{literal}} {} ", "{literal} seven "),
+        ("x{}y, a=b", "xseveny, a=b"),
+    ],
+)
+def test_templates_with_one_field_are_accepted(template: str, prompt: str) -> None:
+    """Accepted, and the class prompt the frozen text side builds from it is the template with the name in its field."""
     config = RunConfig()
     config.train.template = template
     config.validate()
-    assert template.format("seven")  # what every text path does with it
+    assert config.train.template == template
+    seen: list[str] = []
+
+    def text_features(prompts: list[str]) -> torch.Tensor:
+        seen.extend(prompts)
+        return torch.ones(len(prompts), 4)
+
+    backbone = types.SimpleNamespace(device=torch.device("cpu"), text_features=text_features)
+    ClassText(backbone, config.train.template)([["seven"]])  # type: ignore[arg-type]
+    assert seen == [prompt]
 
 
 def test_seed_bound_is_what_the_pipeline_takes() -> None:
