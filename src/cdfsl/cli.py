@@ -9,7 +9,6 @@ import copy
 import json
 import os
 import sys
-import tomllib
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -32,7 +31,7 @@ from rich.table import Table
 from rich.text import Text
 from typer.core import TyperGroup
 
-from cdfsl.config import DATASETS, METHODS, RunConfig, apply_override
+from cdfsl.config import DATASETS, METHODS, RunConfig, apply_override, read_data_file
 from cdfsl.errors import CdfslError, ConfigError
 from cdfsl.recipes import RECIPES
 
@@ -287,15 +286,9 @@ def load_config_file(path: Path) -> RunConfig:
     summary, whose `config` reproduces the run."""
     if not path.is_file():
         raise ConfigError(f"--config {path}: no such file")
-    try:
-        if path.suffix == ".toml":
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        elif path.suffix == ".json":
-            data = json.loads(path.read_text(encoding="utf-8"))
-        else:
-            raise ConfigError(f"--config {path}: give a .toml or .json file")
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ConfigError(f"--config {path} is not valid {path.suffix[1:].upper()}: {error}") from None
+    if path.suffix not in (".toml", ".json"):
+        raise ConfigError(f"--config {path}: give a .toml or .json file")
+    data = read_data_file(path, f"--config {path}", path.suffix[1:])
     if isinstance(data, dict) and isinstance(data.get("config"), dict) and "run_id" in data:
         data = data["config"]  # a --json summary
     return RunConfig.from_dict(data, source=f"--config {path}")

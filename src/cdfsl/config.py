@@ -13,11 +13,14 @@ import dataclasses
 import hashlib
 import json
 import math
+import reprlib
 import string
+import tomllib
 import types
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from cdfsl.data.readers import DATASETS as DATASET_SPECS
@@ -45,6 +48,8 @@ LR_WHY = "a larger rate overflows the optimizer's float32 step"
 DECAY_WHY = "a larger decay overflows the optimizer's float32 step"
 MAX_WIDTH = 4096  # LoRA rank and VtT widths allocate per episode and block; wider than any CLIP's projections
 MAX_DEPTH = 64  # VtT's sequence layers and convolution kernel (2 and 4 in the recipes)
+MAX_LORA_ALPHA = 1e4  # the recipes use 8; training the tiny model overflows float32 from about 1e7
+LORA_ALPHA_WHY = "alpha / sqrt(rank) scales the update; a larger one overflows training, the recipes use 8"
 MAX_PRE_RESIZE = 8192  # pixels; the VtT release pre-resizes ChestX to 256, and ChestX's own images are 1024
 
 
@@ -203,11 +208,10 @@ class RunConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "config") -> RunConfig:
         """A config from a nested mapping, as a TOML or JSON file or a `--json` summary's `config` holds it: top-level
-        keys, sections as mappings, lists where a field holds a tuple. Keys left out keep their defaults; an
-        unknown key is a `ConfigError` naming it (and `source`). Values are checked by `validate`."""
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"{source} must hold a table of config keys, got {type(data).__name__}")
-        return _filled(cls(), data, "", source)
+        keys, sections as mappings (or dotted keys), lists where a field holds a tuple. Keys left out keep their
+        defaults; an unknown key or a value of the wrong type (`check_field`) is a `ConfigError` naming it (and
+        `source`). Ranges and choices are checked by `validate`."""
+        return update_from_dict(cls(), data, source)
 
     # ------------------------------------------------------------------ recipe
     @property
@@ -510,7 +514,7 @@ NUMERIC_RULES: dict[str, Rule] = {
         integer("episode_batch", 1),
         integer("pre_resize", 0, MAX_PRE_RESIZE, why="0 for none"),
         integer("lora.rank", 1, MAX_WIDTH),
-        number("lora.alpha", 0, low_open=True),
+        number("lora.alpha", 0, MAX_LORA_ALPHA, low_open=True, why=LORA_ALPHA_WHY),
         number("lora.dropout", 0, 1, high_open=True),
         number("prompt.lr", 0, MAX_LR, low_open=True, why=LR_WHY),
         number("prompt.momentum", 0, 1, high_open=True),
@@ -574,6 +578,23 @@ def check_device(device: object) -> None:
     raise ConfigError(f"device must be one of auto, cpu, cuda, cuda:N (a GPU index) or mps; got {device!r}")
 
 
+def read_data_file(path: Path, label: str, kind: str) -> Any:
+    """The data of the TOML (`kind="toml"`) or JSON (`"json"`) file at `path`; a `ConfigError` starting with `label`
+    (`--config run.toml`, `sweep file grid.toml`) when it cannot be read, is not valid, or nests deeper than the
+    parser can follow (a `RecursionError` inside `tomllib` or `json`)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+        return tomllib.loads(text) if kind == "toml" else json.loads(text)
+    except OSError as error:
+        raise ConfigError(f"cannot read {label}: {error.strerror or error}") from None
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{label} is not valid {kind.upper()}: {error}") from None
+    except RecursionError:
+        raise ConfigError(
+            f"{label} nests tables or lists too deeply to read (a config needs only a few levels)"
+        ) from None
+
+
 def check_template(template: str) -> None:
     """`train.template` must have exactly one `{}` (the class name) and no other format field (`{0}`, `{x}`, `{!r}`)."""
     hint = "use {{ and }} for literal braces"
@@ -608,21 +629,159 @@ def apply_override(config: RunConfig, assignment: str) -> None:
     setattr(target, name, _parse_value(key, raw, types_of[name]))
 
 
+def update_from_dict(config: RunConfig, data: Mapping[str, Any], source: str) -> RunConfig:
+    """Set the fields `data` names on `config` (in place; returned): a file's typed values, sections as mappings or
+    dotted keys (`{"train": {"lr": 1e-3}}` or `{"train.lr": 1e-3}`). Each value must have its field's type
+    (`check_field`); an unknown key or a wrong type is a `ConfigError` naming `source` and the key."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source} must hold a table of config keys, got {_shown_value(data)}")
+    return _filled(config, data, "", source)
+
+
 def _filled(target: Any, data: Mapping[str, Any], prefix: str, source: str) -> Any:
-    """`target` (a config dataclass) with the fields in `data` set; sections recurse, lists become tuples."""
+    """`target` (a config dataclass) with the fields in `data` set and type-checked; sections recurse."""
     types_of = _field_types(target)
     for name, value in data.items():
         key = prefix + str(name)
+        head, dot, rest = str(name).partition(".")
+        if name not in types_of and dot and dataclasses.is_dataclass(getattr(target, head, None)):
+            _filled(getattr(target, head), {rest: value}, f"{prefix}{head}.", source)
+            continue
         if name not in types_of:
             raise ConfigError(f"{source}: unknown config key {key!r}; known keys: {', '.join(config_keys())}")
         current = getattr(target, name)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, Mapping):
-                raise ConfigError(f"{source}: {key} is a section; give it as a table of keys, got {value!r}")
+                raise ConfigError(
+                    f"{source}: {key} is a section; give it as a table of keys, got {_shown_value(value)}"
+                )
             _filled(current, value, key + ".", source)
         else:
-            setattr(target, name, tuple(value) if isinstance(value, list) else value)
+            setattr(target, name, check_field(key, value, types_of[name], source))
     return target
+
+
+# ------------------------------------------------------------------------------------------- field types
+_WRONG = object()  # `_conformed`'s answer for a value of another type
+
+
+def check_field(key: str, value: Any, annotation: Any, source: str = "config") -> Any:
+    """`value` as field `key` of type `annotation` holds it, or a `ConfigError` naming `source` and `key`.
+
+    The one type check of values read from files (TOML, JSON, sweep files, a classifier's model.json), driven by the
+    config dataclasses' type hints: a bool field takes only true/false (never 1, "false" or "no"), an int field only
+    an integer (not a bool), a float field an integer or a float, a str field only a string, a tuple field a list or
+    tuple of items of its type (never a string, whose characters would be read as items; a list becomes a tuple),
+    an optional field also None (JSON null), a `Literal` one of its values. Ranges are `NUMERIC_RULES`' business."""
+    conformed = _conformed(value, annotation)
+    if conformed is _WRONG:
+        hint = ""
+        options = _options(annotation)
+        if isinstance(value, str) and bool in options and value.strip().lower() in ("true", "false"):
+            hint = f"; write {value.strip().lower()} without quotes"
+        elif isinstance(value, str) and any(typing.get_origin(option) is tuple for option in options):
+            hint = f"; give a list, e.g. [{_shown_value(value)}]"
+        raise ConfigError(
+            f"{source}: {key} must be {_described(annotation)}, got {_shown_value(value)} ({_kind_of(value)}){hint}"
+        )
+    return conformed
+
+
+def _conformed(value: Any, annotation: Any) -> Any:
+    """`value` as a field of type `annotation` holds it (a list as a tuple), or `_WRONG`."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (types.UnionType, typing.Union):
+        for option in args:
+            conformed = _conformed(value, option)
+            if conformed is not _WRONG:
+                return conformed
+        return _WRONG
+    if origin is typing.Literal:
+        return value if any(type(value) is type(a) and value == a for a in args) else _WRONG
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            return _WRONG
+        item_types = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
+        if len(item_types) != len(value):
+            return _WRONG
+        items = [_conformed(item, kind) for item, kind in zip(value, item_types, strict=True)]
+        return _WRONG if any(item is _WRONG for item in items) else tuple(items)
+    if annotation is type(None):
+        return value if value is None else _WRONG
+    if annotation is bool:
+        return value if isinstance(value, bool) else _WRONG
+    if annotation is int:
+        return value if _is_int(value) else _WRONG
+    if annotation is float:
+        # An integer is a number (`alpha = 16`), kept as given: the run identity of such files does not change.
+        return value if isinstance(value, int | float) and not isinstance(value, bool) else _WRONG
+    if annotation is str:
+        return value if isinstance(value, str) else _WRONG
+    if annotation is Any:
+        return value
+    raise TypeError(f"config fields of type {annotation!r} have no type check")  # a new field type: add it above
+
+
+def _options(annotation: Any) -> tuple[Any, ...]:
+    """The types a union holds, or `(annotation,)`."""
+    is_union = typing.get_origin(annotation) in (types.UnionType, typing.Union)
+    return typing.get_args(annotation) if is_union else (annotation,)
+
+
+def _described(annotation: Any) -> str:
+    """What a field of type `annotation` takes, in words: `true or false`, `an integer or none`, ..."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (types.UnionType, typing.Union):
+        words = [_described(option) for option in args if option is not type(None)]
+        if type(None) in args:
+            words.append("none (unset)")
+        return ", ".join(words[:-1]) + f" or {words[-1]}" if len(words) > 1 else words[0]
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin is tuple:
+        item = args[0] if args else Any
+        return f"a list of {_PLURALS.get(item, _described(item))}"
+    return _WORDS.get(annotation, getattr(annotation, "__name__", str(annotation)))
+
+
+_WORDS: dict[Any, str] = {
+    bool: "true or false",
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    type(None): "none (unset)",
+}
+_PLURALS: dict[Any, str] = {bool: "booleans", int: "integers", float: "numbers", str: "strings"}
+
+
+def _kind_of(value: Any) -> str:
+    """The TOML/JSON kind of a value, for messages: `a string`, `a boolean`, `a list`, ..."""
+    kinds = ((bool, "a boolean"), (int, "an integer"), (float, "a number"), (str, "a string"))
+    for kind, words in kinds:
+        if isinstance(value, kind):
+            return words
+    if value is None:
+        return "none"
+    if isinstance(value, list | tuple):
+        return "a list"
+    if isinstance(value, Mapping):
+        return "a table"
+    return type(value).__name__
+
+
+def _shown_value(value: Any) -> str:
+    """A value as a one-line message shows it: nested and long values shortened with `...`."""
+    return _SHORT_REPR.repr(value)
+
+
+def _short_repr() -> reprlib.Repr:
+    shortened = reprlib.Repr()  # keyword arguments need Python 3.12
+    shortened.maxlevel, shortened.maxlist, shortened.maxtuple, shortened.maxdict = 2, 4, 4, 4
+    shortened.maxstring, shortened.maxother, shortened.maxlong = 60, 60, 40
+    return shortened
+
+
+_SHORT_REPR = _short_repr()
 
 
 def config_keys(obj: Any = None, prefix: str = "") -> list[str]:
@@ -659,11 +818,9 @@ def _parse_value(key: str, raw: str, annotation: Any) -> Any:
         return _parse_value(key, raw, inner[-1])
     try:
         if annotation is bool:
-            lowered = raw.lower()
-            if lowered in ("1", "true", "yes", "on"):
-                return True
-            if lowered in ("0", "false", "no", "off"):
-                return False
+            lowered = raw.lower()  # true/false only, as in a file: `no`, `off` or `0` might mean either to a reader
+            if lowered in ("true", "false"):
+                return lowered == "true"
             raise ValueError(raw)
         if annotation is int:
             return int(raw)
@@ -682,4 +839,6 @@ def _parse_value(key: str, raw: str, annotation: Any) -> Any:
 def _type_name(annotation: Any) -> str:
     if typing.get_origin(annotation) is tuple:
         return f"a comma-separated list of {typing.get_args(annotation)[0].__name__}"
+    if annotation is bool:
+        return "true or false"
     return getattr(annotation, "__name__", str(annotation))

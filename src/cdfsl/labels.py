@@ -53,7 +53,10 @@ def changed_settings(config: RunConfig | Mapping[str, Any]) -> dict[str, Any]:
     mapping; keys this version does not know are left out). Keys come in the order of the run identity. A method or
     recipe this version does not know gives `{}`: there is nothing to compare with.
     """
-    run = config if isinstance(config, RunConfig) else _from_stored(config)
+    try:
+        run = config if isinstance(config, RunConfig) else _from_stored(config)
+    except ConfigError:  # stored by a version that let a value of another type through: nothing to compare with
+        return {}
     reference = RunConfig(**{name: getattr(run, name) for name in _FRAME_FIELDS})
     try:
         mine, recipe = _settings(run), _settings(reference)

@@ -49,13 +49,13 @@ import itertools
 import math
 import os
 import statistics
-import tomllib
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cdfsl.config import RunConfig, apply_override
+from cdfsl.config import RunConfig, check_field, read_data_file, update_from_dict
 from cdfsl.errors import CdfslError, ConfigError
 from cdfsl.labels import changed_settings, run_label, variant_text
 
@@ -107,12 +107,7 @@ class RunPlan:
 def load_sweep(path: str | Path) -> Sweep:
     """Read and check a sweep file; raises `ConfigError` naming the file (and the run) for anything wrong."""
     path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as error:
-        raise ConfigError(f"cannot read sweep file {path}: {error.strerror or error}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
-        raise ConfigError(f"sweep file {path} is not valid TOML: {error}") from None
+    data = read_data_file(path, f"sweep file {path}", "toml")
     unknown = set(data) - {"sweep", "grid", "roots", "set", "run"}
     if unknown:
         raise ConfigError(f"sweep file {path}: unknown section(s) {', '.join(sorted(unknown))}")
@@ -120,7 +115,9 @@ def load_sweep(path: str | Path) -> Sweep:
     bad = set(sweep) - set(SWEEP_KEYS)
     if bad:
         raise ConfigError(f"sweep file {path}: [sweep] takes {', '.join(SWEEP_KEYS)}, not {', '.join(sorted(bad))}")
-    roots = {str(k): str(v) for k, v in _table(data, "roots", path).items()}
+    hints = typing.get_type_hints(RunConfig)
+    sweep = {key: check_field(key, value, hints[key], f"sweep file {path}, [sweep]") for key, value in sweep.items()}
+    roots = {k: check_field(k, v, str, f"sweep file {path}, [roots]") for k, v in _table(data, "roots", path).items()}
     common = _table(data, "set", path)
     entries = _grid_entries(_table(data, "grid", path), path)
     extra = data.get("run", [])
@@ -131,7 +128,7 @@ def load_sweep(path: str | Path) -> Sweep:
         raise ConfigError(f"sweep file {path} names {len(entries)} runs; a sweep holds at most {MAX_RUNS}: split it")
     if not entries:
         raise ConfigError(f"sweep file {path} names no run: give a [grid] or [[run]] entries")
-    db = Path(str(sweep.get("db", "results.sqlite"))).expanduser()
+    db = Path(sweep.get("db", "results.sqlite")).expanduser()
     runs = [_run(i, entry, sweep, roots, common, db, path) for i, entry in enumerate(entries)]
     return Sweep(path, db, runs)
 
@@ -170,9 +167,11 @@ def _run(
     db: Path,
     path: Path,
 ) -> SweepRun:
-    overrides = {**common, **entry.pop("set", {})}
+    own = entry.pop("set", {})
     bad = set(entry) - set(RUN_KEYS)
     where = f"sweep file {path}, run {position + 1} ({', '.join(f'{k}={v}' for k, v in entry.items())})"
+    if not isinstance(own, dict):
+        raise ConfigError(f"{where}: set must be a table of config keys ([run.set]), got {own!r}")
     if bad:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(bad))}; a run takes {', '.join(RUN_KEYS)}")
     for needed in ("method", "dataset"):
@@ -183,12 +182,13 @@ def _run(
     fields = {**{k: v for k, v in sweep.items() if k != "db"}, **entry, "db": str(db)}
     if root is not None:
         fields["data_root"] = str(Path(root).expanduser())
+    # Typed values, as in a config file: each is checked against its field's type, naming the table it came from.
+    config = RunConfig.from_dict(fields, source=where)
+    update_from_dict(config, common, f"{where}, [set]")
+    update_from_dict(config, own, f"{where}, [run.set]")
     try:
-        config = RunConfig(**fields)
-        for key, value in overrides.items():
-            apply_override(config, f"{key}={_text(value)}")
         config.validate()
-    except (CdfslError, TypeError) as error:
+    except CdfslError as error:
         raise ConfigError(f"{where}: {error}") from None
     return SweepRun(position, _label(config), config)
 
@@ -199,10 +199,6 @@ def _label(config: RunConfig) -> str:
     changes = {key: value for key, value in changed_settings(config).items() if key != "seed"}
     name = run_label(config.method, config.recipe_name, variant_text(config.ways, changes))
     return f"{name} · {config.dataset} · {config.shots}-shot · {config.backbone} · seed {config.seed}"
-
-
-def _text(value: Any) -> str:
-    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 # ---------------------------------------------------------------------------------------------------- planning
