@@ -4,6 +4,7 @@ read, and every `cdfsl …` line of the docs naming a real command and option.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -225,3 +226,88 @@ def test_recipes_resolve_on_the_recipe_base() -> None:
     vtt = invoke(["recipes", "--recipe", "vtt-release"], env={"COLUMNS": "300"})
     assert "lora base" in vtt.stdout and "coop+lora base" not in vtt.stdout
     assert "''" in _row(vtt.stdout, "prompt.context")
+
+
+# ----------------------------------------------------------------------------------------------------
+# 26. listings never break a name, piped or not, and have a --format json for scripts
+
+
+def first_cells(output: str) -> list[str]:
+    """The first cell of every table line of a rich listing (continuation lines give '')."""
+    return [line.split("│")[1].strip() for line in output.splitlines() if line.startswith("│")]
+
+
+@pytest.fixture(scope="module")
+def backbone_names() -> list[str]:
+    from cdfsl.backbone.catalog import catalogue
+
+    return [entry.name for entry in catalogue() if entry.supported]
+
+
+def test_backbones_json_lists_the_supported_models(backbone_names: list[str]) -> None:
+    result = invoke(["backbones", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    entries = json.loads(result.stdout)
+    assert {"name", "family", "supported", "diagnostics", "tags", "vtt_release_fusion"} <= set(entries[0])
+    assert [entry["name"] for entry in entries] == backbone_names
+
+
+def test_backbones_piped_keep_every_name_whole(backbone_names: list[str]) -> None:
+    result = script("backbones")  # stdout is a pipe: rich would lay the table out in 80 columns
+    assert result.returncode == 0, result.stderr
+    cells = [cell for cell in first_cells(result.stdout) if cell]
+    assert cells == backbone_names, result.stdout
+    assert any(line.split("│")[1].strip() == "PE-Core-B-16" for line in result.stdout.splitlines() if "│" in line)
+
+
+@pytest.mark.parametrize("columns", ["80", "140"])
+def test_backbones_at_terminal_widths_keep_every_name_whole(backbone_names: list[str], columns: str) -> None:
+    result = invoke(["backbones"], env={"COLUMNS": columns})
+    assert [cell for cell in first_cells(result.stdout) if cell] == backbone_names, result.stdout
+    if columns == "140":  # wide enough for whole names and words: the table fits the terminal
+        assert max(len(line) for line in result.stdout.splitlines()) <= 140
+
+
+def test_backbones_json_with_all_lists_the_others_with_why() -> None:
+    entries = json.loads(invoke(["backbones", "--all", "--format", "json"]).stdout)
+    others = [entry for entry in entries if not entry["supported"]]
+    assert others and all(entry["reason"] for entry in others)
+
+
+def test_methods_listing_keeps_names_whole() -> None:
+    from cdfsl.config import METHODS
+    from cdfsl.registry import BASES, PLUGINS
+
+    result = script("methods")
+    assert result.returncode == 0, result.stderr
+    tables = result.stdout.split("sources")
+    assert [cell for cell in first_cells(tables[0]) if cell] == list(METHODS), result.stdout
+    assert [cell for cell in first_cells(tables[1]) if cell] == [*BASES, *PLUGINS], result.stdout
+    rows = [line.split("│") for line in tables[0].splitlines() if line.startswith("│") and line.split("│")[1].strip()]
+    assert all(row[4].strip() in ("vtt-release", "tir-release", "–") for row in rows), tables[0]
+    data = json.loads(invoke(["methods", "--format", "json"]).stdout)
+    assert [m["method"] for m in data["methods"]] == list(METHODS)
+    assert {m["method"]: m["recipe"] for m in data["methods"]}["tir"] == "tir-release"
+    assert [b["name"] for b in data["bases"]] == list(BASES)
+
+
+def test_recipes_listing_keeps_keys_whole_and_has_json() -> None:
+    from cdfsl.recipes import RECIPES
+
+    result = invoke(["recipes", "--recipe", "tir-release"], env={"COLUMNS": "80"})
+    keys = [value.key for value in RECIPES["tir-release"].values]
+    assert [cell for cell in first_cells(result.stdout) if cell] == keys, result.stdout
+    assert "zhenyuZ-HUST/CVPR26-VtT" in invoke(["recipes"], env={"COLUMNS": "80"}).stdout
+    data = json.loads(invoke(["recipes", "--format", "json", "--dataset", "isic2018", "--shots", "1"]).stdout)
+    assert [r["name"] for r in data] == list(RECIPES)
+    tir = next(r for r in data if r["name"] == "tir-release")
+    assert tir["base"] == "coop+lora" and tir["dataset"] == "isic2018" and tir["shots"] == 1
+    values = {v["key"]: v for v in tir["values"]}
+    assert values["prompt.context"]["value"] == "a photo of a"
+    assert values["train.logit_scale"]["value"] == 2.0 and values["train.logit_scale"]["rule"]
+    assert values["tir.blocks"]["value"] == [-4, -2] and values["tir.blocks"]["source"].startswith("shuaiyi308/TIR")
+
+
+@pytest.mark.parametrize("command", ["backbones", "methods", "recipes"])
+def test_listing_refuses_an_unknown_format(command: str) -> None:
+    assert_one_line_error(invoke([command, "--format", "yaml"]), "--format", "table or json")

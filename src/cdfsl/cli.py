@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
+from rich.cells import cell_len
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import (
@@ -693,29 +694,83 @@ def compare_command(
         json_path.write_text(json.dumps(result, indent=2))
 
 
+ListingFormat = Annotated[str, typer.Option("--format", help="table, or json for scripts.")]
+
+
+def check_listing_format(format_: str) -> None:
+    if format_ not in ("table", "json"):
+        raise ConfigError(f"--format must be table or json, not {format_!r}")
+
+
+def print_json(data: Any) -> None:
+    out.print(json.dumps(data, indent=2), markup=False, highlight=False, soft_wrap=True)
+
+
+def print_listing(table: Table) -> None:
+    """Print a listing without breaking a word: a `no_wrap` column (names) is never wrapped, the others wrap between
+    words only. The table takes the console's width, or more when its names and longest words need it (stdout to a
+    pipe gets 80 columns, and a script greps for a whole model name)."""
+    columns = table.columns
+    lowest, highest = [], []
+    for column in columns:
+        texts = [str(cell) for cell in (column.header, *column.cells)]
+        longest = max(cell_len(text) for text in texts)
+        lowest.append(longest if column.no_wrap else max(cell_len(w) for text in texts for w in text.split() or [""]))
+        highest.append(longest)
+    frame = 3 * len(columns) + 1  # a space each side of a cell, a rule after it, and the left edge
+    width = max(out.width, sum(lowest) + frame)
+    widths, spare = list(lowest), width - sum(lowest) - frame
+    # share the spare width out evenly, a column that needs less than its share taking just what it needs
+    pending = sorted(range(len(columns)), key=lambda i: highest[i] - lowest[i])
+    while pending:
+        share = spare // len(pending)
+        need = highest[pending[0]] - lowest[pending[0]]
+        if need > share:
+            for i in pending:
+                widths[i] += share
+            break
+        widths[pending.pop(0)] += need
+        spare -= need
+    for column, column_width in zip(columns, widths, strict=True):
+        column.width = column_width
+    Console(width=width).print(table)  # `out.print(width=)` would not go beyond the console's width
+
+
 @app.command("methods")
 @user_errors
-def methods_command() -> None:
+def methods_command(format_: ListingFormat = "table") -> None:
     """Every method name: its base, plug-ins, default recipe and one line on what it does (docs/methods.md)."""
     from cdfsl.registry import BASES, PLUGINS, default_recipe, describe, parse_method
 
-    table = Table(title="methods: a base, then plug-ins joined by + (e.g. coop+lora+tir)", title_justify="left")
-    for column in ("method", "base", "plug-ins", "recipe", "what it does"):
-        table.add_column(column, overflow="fold", no_wrap=column == "method")
+    check_listing_format(format_)
+    methods = []
     for name in METHODS:
         recipe = default_recipe(name)
         spec = parse_method(name, recipe)
-        plugins = ", ".join(p.name for p in spec.plugins) or "–"
-        table.add_row(name, spec.base.name, plugins, recipe, describe(name))
-    out.print(table)
+        methods.append({
+            "method": name, "base": spec.base.name, "plugins": [p.name for p in spec.plugins], "recipe": recipe,
+            "description": describe(name),
+        })  # fmt: skip
+    bases = [{"name": base.name, "trains": base.trains, "source": base.source} for base in BASES.values()]
+    plugins = [{"name": p.name, "section": p.section, "source": p.source} for p in PLUGINS.values()]
+    if format_ == "json":
+        print_json({"methods": methods, "bases": bases, "plugins": plugins})
+        return
+    table = Table(title="methods: a base, then plug-ins joined by + (e.g. coop+lora+tir)", title_justify="left")
+    for column in ("method", "base", "plug-ins", "recipe", "what it does"):
+        table.add_column(column, no_wrap=column != "what it does")
+    for method in methods:
+        plugin_names = ", ".join(method["plugins"]) or "–"
+        table.add_row(method["method"], method["base"], plugin_names, method["recipe"], method["description"])
+    print_listing(table)
     sources = Table(title="sources", title_justify="left")
     for column in ("name", "trains", "source"):
-        sources.add_column(column, overflow="fold")
-    for base in BASES.values():
-        sources.add_row(base.name, base.trains, base.source)
-    for plugin in PLUGINS.values():
-        sources.add_row(plugin.name, f"plug-in (config section {plugin.section})", plugin.source)
-    out.print(sources)
+        sources.add_column(column, no_wrap=column == "name")
+    for base in bases:
+        sources.add_row(base["name"], base["trains"], base["source"])
+    for plugin in plugins:
+        sources.add_row(plugin["name"], f"plug-in (config section {plugin['section']})", plugin["source"])
+    print_listing(sources)
 
 
 @app.command("recipes")
@@ -724,14 +779,17 @@ def recipes_command(
     recipe: Annotated[str | None, typer.Option(help=f"Show only this recipe: {', '.join(RECIPES)}.")] = None,
     dataset: Annotated[str, typer.Option(help="Resolve dataset-dependent values for this dataset.")] = "eurosat",
     shots: Annotated[int, typer.Option(help="Resolve shot-dependent values for this many shots.")] = 5,
+    format_: ListingFormat = "table",
 ) -> None:
     """Every recipe's values with the source of each (paper section or release file); docs/recipes.md explains."""
     from cdfsl.registry import BASES, DEFAULT_BASE, RECIPE_BASE, default_recipe
 
+    check_listing_format(format_)
     if recipe is not None and recipe not in RECIPES:
         raise ConfigError(f"--recipe must be one of {', '.join(RECIPES)}; got {recipe!r}")
     if dataset not in DATASETS:
         raise ConfigError(f"--dataset must be one of {', '.join(DATASETS)}; got {dataset!r}")
+    listed = []
     for spec in RECIPES.values():
         if recipe is not None and spec.name != recipe:
             continue
@@ -740,6 +798,17 @@ def recipes_command(
         # learned context) would otherwise hide the recipe's own (tir-release's context on its coop+lora base)
         base = BASES[RECIPE_BASE.get(spec.name, DEFAULT_BASE)].name
         example = RunConfig(dataset=dataset, data_root=".", shots=shots, method=base, recipe=spec.name).resolved()
+        values = []
+        for value in spec.values:
+            section, _, name = value.key.rpartition(".")
+            resolved = getattr(getattr(example, section) if section else example, name)
+            values.append({"key": value.key, "value": resolved, "rule": value.rule, "source": value.source})
+        listed.append({
+            "name": spec.name, "summary": spec.summary, "default_for": defaults, "base": base, "dataset": dataset,
+            "shots": shots, "values": values,
+        })  # fmt: skip
+        if format_ == "json":
+            continue
         table = Table(
             title=f"{spec.name}: {spec.summary}\n(default for: {', '.join(defaults) or 'no method'}; values on the "
             f"{base} base)",
@@ -748,12 +817,13 @@ def recipes_command(
         table.add_column("key", no_wrap=True)
         table.add_column(f"value ({dataset}, {shots}-shot, {base} base)")
         table.add_column("source")
-        for value in spec.values:
-            section, _, name = value.key.rpartition(".")
-            resolved = getattr(getattr(example, section) if section else example, name)
+        for item in values:
+            resolved = item["value"]
             text = ",".join(map(str, resolved)) if isinstance(resolved, tuple) else repr(resolved)
-            table.add_row(value.key, f"{text} ({value.rule})" if value.rule else text, value.source)
-        out.print(table)
+            table.add_row(item["key"], f"{text} ({item['rule']})" if item["rule"] else text, item["source"])
+        print_listing(table)
+    if format_ == "json":
+        print_json(listed)
 
 
 @app.command("cost")
@@ -1276,36 +1346,45 @@ def export_command(
 @user_errors
 def backbones_command(
     all_: Annotated[bool, typer.Option("--all", help="Also list the models cdfsl cannot run yet, with why.")] = False,
+    format_: ListingFormat = "table",
 ) -> None:
     """The open_clip models cdfsl runs (every method; the diagnostics each supports), their towers and weights."""
+    import dataclasses
+
     from cdfsl.backbone.catalog import catalogue
     from cdfsl.registry import method_names
 
+    check_listing_format(format_)
     entries = catalogue()
     supported = [e for e in entries if e.supported]
+    if format_ == "json":
+        print_json([dataclasses.asdict(e) for e in (entries if all_ else supported)])
+        return
     table = Table(
         title=f"{len(supported)} of {len(entries)} open_clip models run in cdfsl, each with all "
         f"{len(method_names())} methods (`cdfsl methods`)",
         title_justify="left",
     )
     for column in ("name", "family", "vision", "text", "C", "VtT release fusion", "diagnostics", "pretrained tags"):
-        table.add_column(column, overflow="fold")
+        table.add_column(column, no_wrap=column in ("name", "family"))
     for entry in supported:
-        fusion = "yes" if entry.vtt_release_fusion else "no: --set vtt.fusion=ssm"
+        fusion = "yes" if entry.vtt_release_fusion else "no: ssm"
         row = [
             entry.name, entry.family, entry.vision, entry.text, str(entry.embed_dim), fusion,
             ", ".join(entry.diagnostics), ", ".join(entry.tags) or "–",
         ]  # fmt: skip
         table.add_row(*row)
-    out.print(table)
+    print_listing(table)
+    if not all(entry.vtt_release_fusion for entry in supported):
+        out.print("VtT on a model without the release fusion: --set vtt.fusion=ssm", highlight=False)
     others = [e for e in entries if not e.supported]
     if all_:
         rest = Table(title="not supported yet", title_justify="left")
-        rest.add_column("name")
-        rest.add_column("why", overflow="fold")
+        rest.add_column("name", no_wrap=True)
+        rest.add_column("why")
         for entry in others:
             rest.add_row(entry.name, entry.reason)
-        out.print(rest)
+        print_listing(rest)
     else:
         out.print(f"{len(others)} more (ResNets, ConvNeXt and EVA trunks, Hugging Face text towers): --all")
 
