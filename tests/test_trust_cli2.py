@@ -311,3 +311,44 @@ def test_recipes_listing_keeps_keys_whole_and_has_json() -> None:
 @pytest.mark.parametrize("command", ["backbones", "methods", "recipes"])
 def test_listing_refuses_an_unknown_format(command: str) -> None:
     assert_one_line_error(invoke([command, "--format", "yaml"]), "--format", "table or json")
+
+
+# ----------------------------------------------------------------------------------------------------
+# 27.13 zero-shot's recipe shown one way everywhere; nothing trained is never reported as trained
+
+TINY_RUN = ["--dataset", "digits", "--backbone", "tiny", "--pretrained", "none", "--device", "cpu"]
+
+
+def test_zeroshot_run_says_evaluated_not_trained(tmp_path: Path) -> None:
+    db = tmp_path / "r.sqlite"
+    result = invoke(["run", *TINY_RUN, "--method", "zeroshot", "--episodes", "2", "--db", str(db)])
+    assert result.exit_code == 0, result.output
+    assert "zeroshot (vtt-release)" in result.stdout
+    assert "2 evaluated, 0 from" in result.stdout and "trained" not in result.stdout
+
+
+@pytest.mark.parametrize("setting", [["--iterations", "0"], ["--set", "train.iterations=0"]])
+@pytest.mark.parametrize("method", ["lora", "tir"])
+def test_zero_iterations_are_refused_for_a_trained_method(method: str, setting: list[str], tmp_path: Path) -> None:
+    db = tmp_path / "r.sqlite"
+    result = invoke(["run", *TINY_RUN, "--method", method, "--episodes", "1", "--db", str(db), *setting])
+    assert_one_line_error(result, "train.iterations=0", "trains nothing", f"method {method}", "--method zeroshot")
+    assert not db.exists()
+
+
+def test_zero_iterations_stay_allowed_for_zeroshot(tmp_path: Path) -> None:
+    args = ["run", *TINY_RUN, "--method", "zeroshot", "--episodes", "1", "--db", str(tmp_path / "r.sqlite")]
+    assert invoke([*args, "--iterations", "0"]).exit_code == 0
+
+
+def test_demo_shows_zeroshot_recipe_as_run_and_methods_do(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import cdfsl.cli as cli
+
+    monkeypatch.setattr(cli, "DEMO_METHODS", ("zeroshot",))
+    result = invoke(["demo", "--episodes", "1", "--episode-batch", "1", "--db", str(tmp_path / "d.sqlite")])
+    assert result.exit_code == 0, result.output
+    row = _row(result.stdout, "zeroshot")
+    assert "vtt-release" in row, result.stdout
+    methods = json.loads(invoke(["methods", "--format", "json"]).stdout)["methods"]
+    assert {m["method"]: m["recipe"] for m in methods}["zeroshot"] == "vtt-release"
+    assert_one_line_error(invoke(["demo", "--iterations", "0"]), "--iterations must be at least 1")

@@ -271,6 +271,11 @@ def build_config(
             "give only one of them"
         )
     config.validate()  # before `auto`, which runs trial fits of this config
+    if config.trains and config.resolved().train.iterations == 0:
+        raise ConfigError(
+            f"train.iterations=0 (--iterations 0) trains nothing: method {config.method} would be stored with "
+            "zero-shot's accuracy as if trained; give 1 or more iterations, or run --method zeroshot"
+        )
     if episode_batch is not None:
         config.episode_batch = parse_episode_batch(episode_batch, config)
     return config.validate()
@@ -472,11 +477,12 @@ def run_command(
     result = run_with_progress(config, on_stored=sink)
     trained = result.trained_episodes
     resumed = len(result.per_episode) - trained
+    done = "trained" if result.config.trains else "evaluated"  # zero-shot trains nothing
     out.print(
         f"{config.method} ({result.config.recipe}) on {config.dataset} ({config.ways}-way {config.shots}-shot, "
         f"{len(result.per_episode)} "
         f"episodes): [bold]{result.mean_acc:.2f} ± {result.ci95:.2f}%[/bold]  "
-        f"(run {result.run_id}; {trained} trained, {resumed} from {config.db})",
+        f"(run {result.run_id}; {trained} {done}, {resumed} from {config.db})",
         highlight=False,
     )
     if json_path is not None:
@@ -503,6 +509,8 @@ def demo_command(
     from cdfsl.backbone.tiny import CHECKPOINT_PATH
     from cdfsl.engine.runner import Runner
 
+    if iterations < 1:
+        raise ConfigError(f"--iterations must be at least 1 (a demo of trained methods), got {iterations}")
     pretrained = "openai"
     if not CHECKPOINT_PATH.is_file():
         console.print("[yellow]warning:[/yellow] the tiny model's weights are not installed; using random weights")
@@ -525,8 +533,8 @@ def demo_command(
         seconds = result.seconds / max(result.trained_episodes, 1)
         resolved = result.config
         trained = resolved.trains
-        table.add_row(
-            method, resolved.recipe if trained else "–", str(resolved.train.iterations) if trained else "–",
+        table.add_row(  # zero-shot's recipe is shown as run, report and methods show it: it is part of the run
+            method, resolved.recipe, str(resolved.train.iterations) if trained else "–",
             f"{result.mean_acc:.2f}", f"± {result.ci95:.2f}", f"{seconds:.2f}",
         )  # fmt: skip
     out.print(table)
