@@ -40,7 +40,7 @@ from cdfsl.backbone.adapter import ClipAdapter
 from cdfsl.backbone.factory import resolve_activation, weights_identity
 from cdfsl.backbone.tokenizers import tokenizer_identity
 from cdfsl.config import RunConfig, run_id_of
-from cdfsl.data.images import PREPROCESSING, ImageCache
+from cdfsl.data.images import ImageCache, image_rule
 from cdfsl.data.index import ImageIndex
 from cdfsl.engine.context import LoadCache, RunContext, build_context, resolve_precision
 from cdfsl.engine.store import EpisodeQueries, EpisodeResult, Holder, ResultStore, new_owner_id
@@ -64,7 +64,13 @@ def run_identity(context: RunContext, device: str | None = None) -> tuple[str, d
     weights = weights_identity(config.pretrained)
     tokenizer = tokenizer_identity(config.tokenizer)
     identity = config.identity(
-        precision, index.fingerprint(), activation, target.type, PREPROCESSING, weights, tokenizer
+        precision,
+        index.fingerprint(),
+        activation,
+        target.type,
+        image_rule(config.dataset, config.pre_resize or 0),
+        weights,
+        tokenizer,
     )
     return run_id_of(identity), identity
 
