@@ -352,3 +352,35 @@ def test_demo_shows_zeroshot_recipe_as_run_and_methods_do(monkeypatch: pytest.Mo
     methods = json.loads(invoke(["methods", "--format", "json"]).stdout)["methods"]
     assert {m["method"]: m["recipe"] for m in methods}["zeroshot"] == "vtt-release"
     assert_one_line_error(invoke(["demo", "--iterations", "0"]), "--iterations must be at least 1")
+
+
+# ----------------------------------------------------------------------------------------------------
+# 27.14 a refusal is its error line alone: no progress line, no blank line
+
+
+def assert_error_line_alone(result: Any, *fragments: str) -> None:
+    assert_one_line_error(result, *fragments)
+    assert result.output.count("\n") == 1, repr(result.output)
+
+
+def test_run_refusal_during_the_work_prints_no_blank_line(tmp_path: Path) -> None:
+    args = ["run", *TINY_RUN[2:], "--dataset", "eurosat", "--data-root", str(tmp_path / "nowhere"), "--method", "lora"]
+    assert_error_line_alone(invoke([*args, "--db", str(tmp_path / "r.sqlite")]), "data root not found")
+
+
+def test_fit_refusal_prints_no_progress_line(tmp_path: Path) -> None:
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    (tmp_path / "train" / "b").mkdir()
+    args = ["fit", "--data", str(tmp_path / "train"), "--out", str(tmp_path / "model"), "--method", "tir"]
+    result = invoke([*args, "--backbone", "tiny", "--pretrained", "none", "--device", "cpu"])
+    assert_error_line_alone(result, "zero images found")
+
+
+def test_report_counts_one_figure_in_the_singular(tmp_path: Path) -> None:
+    db = tmp_path / "r.sqlite"
+    assert invoke(["run", *TINY_RUN, "--method", "zeroshot", "--episodes", "2", "--db", str(db)]).exit_code == 0
+    result = invoke(["report", "--db", str(db), "--per-class", "--plot", str(tmp_path / "figures")])
+    assert result.exit_code == 0, result.output
+    written = list((tmp_path / "figures").iterdir())
+    assert len(written) == 1
+    assert f"wrote 1 figure to {tmp_path / 'figures'}" in " ".join(result.stderr.split())

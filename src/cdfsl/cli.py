@@ -142,6 +142,11 @@ def shown(text: object) -> str:
     return str(text).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+def counted(number: int, noun: str) -> str:
+    """`1 figure`, `2 figures`."""
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
 def plain(text: object) -> Text:
     """A table cell or message part with user-supplied text: printable (`shown`) and never read as rich markup."""
     return Text(shown(text))
@@ -312,8 +317,22 @@ def parse_episode_batch(value: str, config: RunConfig) -> int:
         raise ConfigError(f"--episode-batch expects a positive integer or 'auto', got {value!r}") from None
 
 
+class QuietProgress(Progress):
+    """rich's `Progress`, except that a bar ended by an error (or made transient) leaves nothing behind: no half-drawn
+    bar and no blank line (rich ends a bar with one when the console is not a terminal), so a failed command ends with
+    its error line alone."""
+
+    def __exit__(self, exc_type: type[BaseException] | None, *rest: Any) -> None:
+        if exc_type is None and not self.live.transient:
+            super().__exit__(exc_type, *rest)
+            return
+        self.live.transient = True
+        if not self.disable:
+            self.live.stop()
+
+
 def progress_bar() -> Progress:
-    return Progress(
+    return QuietProgress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
@@ -620,7 +639,7 @@ def report_command(
         from cdfsl.analysis.plots import plot_report
 
         written = plot_report(report, plot)
-        console.print(f"wrote {len(written)} figures to {plot}")
+        console.print(f"wrote {counted(len(written), 'figure')} to {plot}")
 
 
 def _run_detail_report(
@@ -652,7 +671,7 @@ def _run_detail_report(
         from cdfsl.analysis.plots import plot_confusions, plot_curves
 
         written = (plot_confusions if kind == "per-class" else plot_curves)(results, plot)
-        console.print(f"wrote {len(written)} figures to {plot}")
+        console.print(f"wrote {counted(len(written), 'figure')} to {plot}")
 
 
 @app.command("compare")
