@@ -25,6 +25,7 @@ from cdfsl.config import METHODS, LoraConfig, RunConfig, TirConfig
 from cdfsl.methods import build_method
 from cdfsl.methods.tir import TokenRecalibration
 from digits_world import DigitsWorld, configured
+from episode_batching import assert_same_as_alone, logit_scale_of
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TIMM_FAMILIES = ("small-pe-core", "small-siglip2")
@@ -165,6 +166,7 @@ def worlds() -> dict[str, DigitsWorld]:
     return {name: DigitsWorld.of(load_backbone(name, "none")) for name in TIMM_FAMILIES}
 
 
+@pytest.mark.batching
 @pytest.mark.parametrize("family", TIMM_FAMILIES)
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_runs_on_the_family(method: str, family: str, worlds: dict[str, DigitsWorld]) -> None:
@@ -178,7 +180,7 @@ def test_every_method_runs_on_the_family(method: str, family: str, worlds: dict[
     assert both.shape == (2, 10, 5) and torch.isfinite(both).all()
     alone = build_method(config, world.backbone)
     alone.fit(world.batch(config, [1]))
-    torch.testing.assert_close(alone.predict(world.batch(config, [1]))[0], both[1], atol=2e-5, rtol=1e-5)
+    assert_same_as_alone(alone.predict(world.batch(config, [1]))[0], both[1], logit_scale_of(together))
 
 
 # ----------------------------------------------------------------------------------- the commands on each family

@@ -50,6 +50,7 @@ def test_records_are_per_episode_with_nan_as_null() -> None:
     assert second["curves"]["loss_ce"] == [2.0, None, None]
 
 
+@pytest.mark.batching
 def test_lora_tir_vtt_records_every_quantity_and_episodes_at_once_equal_each_alone(world: DigitsWorld) -> None:
     config = tiny_config(
         "lora+tir+vtt", train__iterations=12, vtt__window=3, vtt__beta=50.0, shots=1, queries=2, lora__dropout=0.0

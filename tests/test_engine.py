@@ -21,6 +21,7 @@ from cdfsl.engine.runner import Progress, Runner, RunResult
 from cdfsl.errors import BackboneError, ConfigError, DatasetError, StoreError
 from cdfsl.stats import mean_ci95
 from digits_world import stored_run_config
+from episode_batching import assert_same_as_alone, logit_scale_of
 
 EPISODES = 4
 QUERIES = 5 * 15
@@ -129,6 +130,7 @@ def test_interrupted_run_resumes_to_the_same_results(base: Base, tmp_path: Path)
     assert (resumed.mean_acc, resumed.ci95) == (base.result.mean_acc, base.result.ci95)
 
 
+@pytest.mark.batching
 @pytest.mark.parametrize("dropout", [0.0, 0.25])
 def test_episode_batch_does_not_change_results(runner: Runner, base: Base, tmp_path: Path, dropout: float) -> None:
     results = {}
@@ -143,6 +145,7 @@ def test_episode_batch_does_not_change_results(runner: Runner, base: Base, tmp_p
     assert results[4].per_episode == results[1].per_episode
 
 
+@pytest.mark.batching
 def test_batched_logits_match_single_episode_logits(runner: Runner) -> None:
     """Below the accuracies: E = 2 query logits equal each episode's own E = 1 logits (dropout 0.25, 2 iterations)."""
     from cdfsl.data.episodes import build_batch
@@ -157,16 +160,19 @@ def test_batched_logits_match_single_episode_logits(runner: Runner) -> None:
     sampler = EpisodeSampler(index, 5, 1, 15, 0)
     cache = runner.image_cache(index, backbone.image_size, None)
 
+    scales: list[float] = []
+
     def logits(indices: list[int]) -> torch.Tensor:
         batch = build_batch(sampler.episodes(indices), index, cache, config.augment, backbone.normalize, 0, device)
         method = build_method(config, backbone)
         method.fit(batch)
+        scales.append(logit_scale_of(method))
         return method.predict(batch)
 
     together = logits([5, 6])
     assert together.shape == (2, QUERIES, 5)
     for e, i in enumerate([5, 6]):
-        torch.testing.assert_close(logits([i])[0], together[e], atol=1e-4, rtol=1e-5)
+        assert_same_as_alone(logits([i])[0], together[e], scales[0])
 
 
 def test_merged_and_unmerged_predictions_agree(runner: Runner) -> None:

@@ -11,6 +11,7 @@ from cdfsl.backbone.adapter import ClipAdapter
 from cdfsl.backbone.lora import EpisodeLoRA
 from cdfsl.config import LoraConfig
 from cdfsl.seeding import torch_stream
+from episode_batching import assert_same_as_alone
 
 SEED = 3
 
@@ -115,6 +116,7 @@ def test_rank_16_alpha_8_adds_twice_the_low_rank_product(tiny: ClipAdapter) -> N
     torch.testing.assert_close(lora(0, x, weight, bias)[0] - frozen[0], expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.batching
 def test_batched_equals_separate(tiny: ClipAdapter, images: torch.Tensor) -> None:
     """3 episodes in one LoRA = 3 single-episode LoRAs from the same streams (train mode, dropout 0.25)."""
     episodes = [0, 7, 2]
@@ -148,7 +150,7 @@ def test_batched_equals_separate(tiny: ClipAdapter, images: torch.Tensor) -> Non
     together = tiny.encode_images(images, batched).features
     for e, single in enumerate(singles):
         alone = tiny.encode_images(images[e : e + 1], single).features
-        torch.testing.assert_close(alone[0], together[e], atol=1e-5, rtol=1e-5)
+        assert_same_as_alone(alone[0], together[e])
 
     # Gradients: the summed loss gives each episode's factors exactly its own gradient.
     batched, singles = fresh()

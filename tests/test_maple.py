@@ -16,6 +16,7 @@ from cdfsl.errors import ConfigError, TrainingError
 from cdfsl.methods.maple import EpisodePrompts, MapleMethod, epoch_learning_rates
 from cdfsl.seeding import torch_stream
 from digits_world import DigitsWorld, tiny_config
+from episode_batching import assert_same_as_alone, logit_scale_of
 from poison import Poison
 
 SMALL = {"shots": 1, "queries": 2, "augment__views": ("plain", "flip")}  # 5 ways x 1 shot x 2 views = 10 views
@@ -215,6 +216,7 @@ def test_fit_predict_encode_shapes_and_steps(
     assert method.name == "maple" and not any(p.requires_grad for p in method.prompts.parameters())
 
 
+@pytest.mark.batching
 def test_batched_episodes_equal_single_runs(tiny: ClipAdapter, world: DigitsWorld) -> None:
     config = maple_config(maple__depth=3, maple__epochs=1, maple__warmup_epochs=0, maple__lr=0.05)
     batch = world.batch(config, [0, 1, 2])
@@ -228,7 +230,7 @@ def test_batched_episodes_equal_single_runs(tiny: ClipAdapter, world: DigitsWorl
         alone = MapleMethod(tiny, config)
         single = world.batch(config, [episode])
         alone.fit(single)
-        torch.testing.assert_close(alone.predict(single)[0], together[row], atol=1e-5, rtol=1e-5)
+        assert_same_as_alone(alone.predict(single)[0], together[row], logit_scale_of(method))
 
 
 def support_loss(method: MapleMethod, batch: Any) -> torch.Tensor:

@@ -21,6 +21,7 @@ from cdfsl.errors import ConfigError
 from cdfsl.methods import build_method
 from cdfsl.registry import BASES, PLUGINS, parse_method, split_method
 from digits_world import DigitsWorld, configured
+from episode_batching import assert_same_as_alone, logit_scale_of
 
 # One short setting of every method: two steps (MaPLe: one epoch of two batches), one view per support image, a
 # small VtT state.
@@ -43,6 +44,7 @@ def world(tiny: object) -> DigitsWorld:
     return DigitsWorld.of(tiny)  # type: ignore[arg-type]
 
 
+@pytest.mark.batching
 @pytest.mark.parametrize("method", METHODS)
 def test_fits_predicts_and_episodes_at_once_equal_each_alone(method: str, world: DigitsWorld) -> None:
     config = tiny(method)
@@ -55,7 +57,7 @@ def test_fits_predicts_and_episodes_at_once_equal_each_alone(method: str, world:
         alone = build_method(config, world.backbone)
         single = world.batch(config, [episode])
         alone.fit(single)
-        torch.testing.assert_close(alone.predict(single)[0], both[position], atol=2e-5, rtol=1e-5)
+        assert_same_as_alone(alone.predict(single)[0], both[position], logit_scale_of(together))
 
 
 @pytest.mark.parametrize("method", METHODS)

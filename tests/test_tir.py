@@ -10,6 +10,7 @@ from cdfsl.config import RunConfig, TirConfig
 from cdfsl.errors import ConfigError
 from cdfsl.methods.text_side import ClassText
 from cdfsl.methods.tir import TokenRecalibration, class_votes, resolve_blocks, token_weights
+from episode_batching import assert_same_as_alone
 
 
 def similarity_from_sets(marked: list[set[int]], tokens: int) -> torch.Tensor:
@@ -140,6 +141,7 @@ def test_weights_are_constant_for_autograd(tiny) -> None:
     assert torch.equal(x.grad[:, :, 0], torch.ones_like(x.grad[:, :, 0]))
 
 
+@pytest.mark.batching
 def test_episode_axis_matches_single_episodes(tiny) -> None:
     tir = TokenRecalibration(TirConfig(), tiny)
     images = torch.randn(2, 3, 3, 64, 64)
@@ -149,7 +151,7 @@ def test_episode_axis_matches_single_episodes(tiny) -> None:
             alone = tiny.encode_images(
                 images[e : e + 1], block_input_hook=tir.hook(texts(tiny, NAMES[e : e + 1]))
             ).features
-            assert torch.allclose(together[e], alone[0], atol=1e-5)
+            assert_same_as_alone(alone[0], together[e])
 
 
 @pytest.mark.parametrize("recipe", ["vtt-release", "tir-release"])

@@ -218,6 +218,7 @@ def test_vtt_gradient_reaches_lora_and_fusion(world, fusion: str) -> None:
     assert lora.lora_a[0].grad is not None  # through the per-layer features and the final feature
 
 
+@pytest.mark.batching
 def test_episode_axis_matches_single_runs_including_switch_off(world) -> None:
     config = vtt_config(iterations=12)
     config.vtt.window, config.vtt.beta = 3, 50.0  # makes some episodes switch off early (seen: episode 3 at step 4)

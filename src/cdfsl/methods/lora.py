@@ -5,8 +5,8 @@ One step: a batch of support views per episode (or all of them), class text feat
 side is frozen, recomputed with gradients when it learns), the vision pass with per-episode LoRA (and TIR's hook),
 cross-entropy on `logit_scale · cos`, backward, AdamW on the LoRA factors (and VtT's modules), SGD on the context, and
 the learning-rate schedule stepped once. E episodes train at once: the loss is the sum of per-episode mean losses, so
-each episode's parameters get exactly their own gradient, and AdamW and SGD act elementwise, so each episode's
-trajectory is the one it would have alone.
+each episode's parameters get their own gradient and no other's, and AdamW and SGD act elementwise, so each episode's
+trajectory is the one it would have alone, to float tolerance (docs/methods.md: batched kernels may round otherwise).
 
 Plug-ins (`cdfsl.methods.training`):
 - a `Recalibration` (TIR) rewrites the tokens entering chosen vision blocks, in training and optionally at prediction;

@@ -34,8 +34,9 @@ change rate together.
 Episode batching: every learnable tensor has a leading episode axis: context `[E, n, Wt]`, compound prompts
 `[E, J-1, n, Wt]`, coupling weights `[E, J, Wt, Wv]` and biases `[E, J, Wv]`, drawn from each episode's own
 `maple_init` stream (block-0 map, then the compound prompts, then the deeper map, the release's order). The loss is
-the sum of per-episode mean losses, so each episode gets exactly its own gradient, and SGD with momentum and weight
-decay is elementwise: E episodes at once follow the trajectories they would follow alone. The frozen towers run once
+the sum of per-episode mean losses, so each episode gets its own gradient and no other's, and SGD with momentum and
+weight decay is elementwise: E episodes at once follow the trajectories they would follow alone, to float tolerance
+(docs/methods.md: batched kernels may round otherwise). The frozen towers run once
 over all E·K prompts and E·B images (`ClipAdapter`'s deep prompts). Why our own code: the release (on Dassl) and
 prompt-tuning libraries such as peft train one prompt set per model; none trains many independent prompt sets, each
 with its own coupling maps, in one batched forward against one frozen backbone.
@@ -53,7 +54,8 @@ Deviations from the release, all deliberate:
 - Context words: the release falls back to random N(0, 0.02²) context ("X X ...") when N_CTX > 4, and with fewer
   context words than N_CTX silently takes end/padding tokens; we refuse `maple.tokens` beyond the words' tokens.
 - Class names: the release replaces `_` by spaces; ours are already prompt names.
-- Text length: sequences are cut after the batch's last end token (exact under the causal mask).
+- Text length: sequences are cut after the batch's last end token (the causal mask hides the tokens cut; the
+  attention's rounding may still differ in the last bits with the length).
 - Probes: `encode`'s observer and CLS attention see the CLS and patch tokens only (the first 1 + M; M on a tower
   without a CLS token); the P prompt tokens are hidden from them so patch-indexed analyses keep their meaning (the
   attention left out is the prompts').
