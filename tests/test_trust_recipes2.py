@@ -3,6 +3,10 @@ tags resolved once, and the Python API's progress."""
 
 from __future__ import annotations
 
+import io
+import json
+import re
+import sys
 import warnings
 from pathlib import Path
 
@@ -11,13 +15,16 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+import cdfsl
+from cdfsl.classifier import FewShotClassifier
 from cdfsl.cli import app
 from cdfsl.config import RunConfig, TirConfig
 from cdfsl.data.images import PREPROCESSING
 from cdfsl.engine.context import RunContext, build_context
-from cdfsl.engine.runner import run_identity
+from cdfsl.engine.runner import Progress, Runner, run_identity
+from cdfsl.engine.store import ResultStore
 from cdfsl.methods.tir import resolve_blocks
-from layouts import make_chestx
+from layouts import make_chestx, make_imagefolder
 from test_cli_trust import assert_one_line_error
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -126,3 +133,74 @@ def test_tir_docs_list_the_blocks_on_deeper_towers_as_a_deviation() -> None:
     rows = [line for line in deviations.splitlines() if line.startswith("|") and "24-block" in line]
     assert len(rows) == 1, deviations
     assert "i == 8 or i == 10" in rows[0] and f"blocks {deep[0]} and {deep[1]} of 24" in rows[0]
+
+
+# ------------------------------------------------------------------------------------------- item 27.5: backbone tags
+
+
+def test_tiny_tags_name_one_set_of_weights_and_one_run(tmp_path: Path) -> None:
+    """`openai` (the default) and `shipped` load the same tiny weights: one run, recorded as `shipped`."""
+    db = tmp_path / "r.sqlite"
+    runner = Runner()
+    ids = []
+    for tag in ("openai", "shipped"):
+        config = RunConfig(dataset="digits", method="zeroshot", backbone="tiny", pretrained=tag, episodes=1, db=str(db))
+        result = runner.run(config)
+        ids.append(result.run_id)
+        assert result.config.pretrained == "shipped"
+    assert ids[0] == ids[1]
+    with ResultStore(db) as store:
+        assert [run.config["pretrained"] for run in store.runs()] == ["shipped"]
+
+
+@pytest.mark.parametrize(
+    ("backbone", "tag"), [("tiny", "laion2b"), ("small-clip", "openai"), ("small-pe-core", "meta")]
+)
+def test_a_tag_the_backbone_does_not_have_is_refused(tmp_path: Path, backbone: str, tag: str) -> None:
+    args = ["run", "--dataset", "digits", "--method", "zeroshot", "--backbone", backbone, "--pretrained", tag]
+    result = CliRunner().invoke(app, [*args, "--episodes", "1", "--db", str(tmp_path / "r.sqlite")])
+    assert_one_line_error(result, f"no pretrained tag {tag!r}")
+    assert not (tmp_path / "r.sqlite").exists()
+
+
+def test_model_json_records_the_weights_loaded(tmp_path: Path) -> None:
+    folder = make_imagefolder(tmp_path / "train", classes=("a", "b"), per_class=2)
+    classifier = FewShotClassifier(method="zeroshot", backbone="tiny", pretrained="openai").fit(folder)
+    saved = classifier.save(tmp_path / "model")
+    meta = json.loads((saved / "model.json").read_text())
+    assert meta["pretrained"] == "shipped" and meta["weights"] == "shipped"
+
+
+# ------------------------------------------------------------------------------------------- item 27.12: API progress
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize(("progress", "tty", "shown"), [(None, True, True), (None, False, False), (False, True, False)])
+def test_api_shows_progress_on_a_terminal_by_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, progress: bool | None, tty: bool, shown: bool
+) -> None:
+    stderr = _Terminal() if tty else io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    config = RunConfig(dataset="digits", method="zeroshot", backbone="tiny", episodes=2, db=str(tmp_path / "r.sqlite"))
+    cdfsl.run(config, progress=progress)
+    text = stderr.getvalue()
+    assert ("2/2 episodes" in text and text.endswith("\n")) is shown, text
+    assert shown or text == ""
+
+
+def test_api_progress_callback_gets_every_batch(tmp_path: Path) -> None:
+    reports: list[Progress] = []
+    config = RunConfig(dataset="digits", method="zeroshot", backbone="tiny", episodes=2, db=str(tmp_path / "r.sqlite"))
+    cdfsl.run(config, progress=reports.append)
+    assert [r.done for r in reports] == [1, 2] and reports[-1].total == 2
+
+
+def test_readme_python_example_says_where_results_go_and_how_long() -> None:
+    readme = (DOCS.parent / "README.md").read_text()
+    section = readme[readme.index("From Python:") :].split("Other commands:")[0]
+    assert "results.sqlite" in section and "db=" in section
+    assert "progress" in section and re.search(r"\d+ s\b", section)

@@ -2,7 +2,8 @@
 
 ```python
 import cdfsl
-result = cdfsl.run(cdfsl.RunConfig(dataset="digits", method="tir", backbone="tiny", shots=1, episodes=20))
+config = cdfsl.RunConfig(dataset="digits", method="tir", backbone="tiny", shots=1, episodes=5, train={"iterations": 20})
+result = cdfsl.run(config)  # progress on stderr when it is a terminal; episodes stored in `config.db`
 result.mean_acc, result.ci95, result.per_episode
 ```
 

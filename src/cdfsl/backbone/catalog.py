@@ -139,6 +139,7 @@ def catalogue() -> list[BackboneInfo]:
     """Every open_clip model name (and cdfsl's `tiny` and small models), classified; sorted by name."""
     import open_clip
 
+    from cdfsl.backbone.factory import TINY_TAG
     from cdfsl.backbone.small import SMALL_NAMES, register_small_configs
     from cdfsl.backbone.tiny import register_tiny_config
 
@@ -151,7 +152,7 @@ def catalogue() -> list[BackboneInfo]:
         if config is None:
             continue
         if name == TINY_NAME:
-            shown, tags = "tiny", ("shipped",)
+            shown, tags = "tiny", (TINY_TAG,)
         else:
             shown = name
             tags = ("none: random",) if name in SMALL_NAMES else tuple(open_clip.list_pretrained_tags_by_model(name))

@@ -1,6 +1,7 @@
 """Backbones by name: open_clip architectures with a pretrained tag, a local checkpoint, or random weights.
 
-- `tiny`: the embedded tiny CLIP; any `--pretrained` but `none` or a file path gives the shipped weights.
+- `tiny`: the embedded tiny CLIP; its one pretrained tag is `shipped` (the default tag `openai` names it too and is
+  recorded as `shipped`; any other tag is refused), besides `none` and a file path.
 - any open_clip model name (`ViT-B-16`, ...): `--pretrained TAG` (e.g. `openai`, downloads when online),
   `--pretrained PATH` (a local checkpoint; safetensors or a `torch.load(weights_only=True)` file, never pickled code
   and never a TorchScript archive), or `--pretrained none` (random weights: tests, speed benchmarks).
@@ -39,6 +40,8 @@ from cdfsl.data.fingerprint import file_digest
 from cdfsl.errors import BackboneError
 
 TINY = "tiny"
+TINY_TAG = "shipped"  # the tiny model's one set of pretrained weights
+DEFAULT_TAG = "openai"  # `--pretrained`'s default: on the tiny model it names `TINY_TAG`
 # Random weights (`--pretrained none`) are a function of the architecture: resumed runs and separate processes agree.
 RANDOM_WEIGHTS_SEED = 0
 
@@ -66,6 +69,30 @@ def resolve_activation(name: str, pretrained: str, activation: str = AUTO) -> st
     TorchScript archive, and for a checkpoint whose activation cannot be told from the file.
     """
     return _resolve(name, pretrained, activation)[0]
+
+
+def resolve_pretrained(name: str, pretrained: str) -> str:
+    """The weights `pretrained` names for backbone `name`, as a run records them (run identity, stored rows,
+    `model.json`): `none` and checkpoint paths as given; on `tiny`, `shipped` for `shipped` or the default tag `openai`
+    (the same weights); on other models the tag itself, which must be one open_clip knows for `name` (the small test
+    models have none). Raises `BackboneError` for a tag the backbone does not have, or an unknown backbone."""
+    if pretrained in ("none", "") or _checkpoint_file(pretrained) is not None:
+        return pretrained
+    if name == TINY:
+        if pretrained in (TINY_TAG, DEFAULT_TAG):
+            return TINY_TAG
+        raise BackboneError(
+            f"tiny has no pretrained tag {pretrained!r}; its one set of weights is {TINY_TAG!r} (what the default "
+            f"{DEFAULT_TAG!r} loads too); use 'none' for random weights or a checkpoint path"
+        )
+    _model_config(name)  # an unknown name is refused first
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    if pretrained not in tags:
+        raise BackboneError(
+            f"{name} has no pretrained tag {pretrained!r}; known tags: {', '.join(tags) or 'none'} "
+            "(or give a checkpoint path, or 'none' for random weights)"
+        )
+    return pretrained
 
 
 def weights_identity(pretrained: str) -> str:
@@ -161,13 +188,7 @@ def _resolve(name: str, pretrained: str, activation: str) -> tuple[str, Path | N
     checkpoint = _checkpoint_file(pretrained)
     config = _model_config(name)
     random_weights = pretrained in ("none", "")
-    if name != TINY and checkpoint is None and not random_weights:
-        tags = open_clip.list_pretrained_tags_by_model(name)
-        if pretrained not in tags:
-            raise BackboneError(
-                f"{name} has no pretrained tag {pretrained!r}; known tags: {', '.join(tags) or 'none'} "
-                "(or give a checkpoint path, or 'none' for random weights)"
-            )
+    pretrained = resolve_pretrained(name, pretrained)
     if activation != AUTO:
         return activation, checkpoint
     from_config = QUICKGELU if config.get("quick_gelu", False) else GELU

@@ -21,7 +21,7 @@ from functools import cached_property
 import torch
 
 from cdfsl.backbone.adapter import ClipAdapter
-from cdfsl.backbone.factory import load_backbone, weights_identity
+from cdfsl.backbone.factory import load_backbone, resolve_pretrained, weights_identity
 from cdfsl.backbone.tokenizers import tokenizer_identity
 from cdfsl.config import RunConfig
 from cdfsl.data.episodes import EpisodeBatch, build_batch
@@ -175,6 +175,8 @@ def build_context(config: RunConfig, loads: LoadCache | None = None, *, load_dat
     only.
     """
     config = config.validate().resolved()
+    # One name for one set of weights, so the run identity, stored rows and model.json agree (tiny: `shipped`).
+    config.pretrained = resolve_pretrained(config.backbone, config.pretrained)
     device = resolve_device(config.device)
     precision, autocast_dtype = resolve_precision(config.train.precision, device)
     index, sampler = None, None

@@ -27,12 +27,13 @@ nothing of the batch in flight; an interrupt reaches the caller as `RunInterrupt
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 
@@ -354,6 +355,29 @@ class Runner:
             time.sleep(min(self.poll_seconds, max(until_expiry, 0.0) + 0.01))
 
 
-def run(config: RunConfig, progress: Callable[[Progress], None] | None = None) -> RunResult:
-    """Run one config (the Python API: `cdfsl.run(cdfsl.RunConfig(...))`)."""
+class StderrProgress:
+    """A one-line progress display on standard error (`cdfsl.run`'s default when it is a terminal): episodes done,
+    running mean accuracy ± 95% half-width and seconds, rewritten in place and ended with a newline when done."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+
+    def __call__(self, report: Progress) -> None:
+        done = f"{report.done}/{report.total} episodes"
+        line = f"\r{done}  {report.mean:.2f} ± {report.ci95:.2f}%  {report.seconds:.0f} s"
+        self.stream.write(line + ("\n" if report.done >= report.total else ""))
+        self.stream.flush()
+
+
+def run(config: RunConfig, progress: Callable[[Progress], None] | bool | None = None) -> RunResult:
+    """Run one config (the Python API: `cdfsl.run(cdfsl.RunConfig(...))`); results go to the store `config.db`.
+
+    `progress`: a callable given a `Progress` after every batch of episodes; `True`: a one-line display on standard
+    error (`StderrProgress`); `False`: nothing; `None` (default): the display when standard error is a terminal,
+    nothing otherwise (a log file, a notebook, a pipe).
+    """
+    if progress is None:
+        progress = sys.stderr is not None and sys.stderr.isatty()
+    if isinstance(progress, bool):
+        progress = StderrProgress() if progress else None
     return Runner(progress).run(config)
