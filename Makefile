@@ -26,12 +26,17 @@ demo: $(STAMP)
 
 # The batching tests (E episodes at once against each alone) run again under other CPU kernel sets: which kernels
 # compute a row may decide whether the batched and single runs round alike, so a result that holds on one CPU only
-# fails here on any CPU. avx512 is added where the CPU has it.
+# fails here on any CPU. avx512 is added where the CPU has it. The reruns take the files that check every method on
+# every family (the learned context on PE-Core first showed the CPU dependence) and the tower-level checks: about 3 CPU
+# minutes each; the multi-step ones (curves, VtT's switch-off, the TIR release, the runner: 11 minutes under load for
+# all of -m batching) run once, in the first line.
 BATCHING_CAPABILITIES := default avx2 $(if $(shell grep -m1 -ow avx512f /proc/cpuinfo 2>/dev/null),avx512)
+BATCHING_RERUN := tests/test_backbone_families.py tests/test_methods_registry.py tests/test_adapter.py \
+	tests/test_lora.py tests/test_tir.py tests/test_maple.py
 test: $(DEV_STAMP)
 	$(BIN)/python -m pytest -m "not slow"
 	for capability in $(BATCHING_CAPABILITIES); do \
-		ATEN_CPU_CAPABILITY=$$capability $(BIN)/python -m pytest -m "batching and not slow" || exit 1; \
+		ATEN_CPU_CAPABILITY=$$capability $(BIN)/python -m pytest -m "batching and not slow" $(BATCHING_RERUN) || exit 1; \
 	done
 
 # Longer checks outside CI (tests marked slow).

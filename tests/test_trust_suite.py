@@ -73,7 +73,8 @@ def test_make_test_runs_the_batching_tests_under_each_cpu_kernel_set() -> None:
     if "avx512f" in Path("/proc/cpuinfo").read_text().split():
         expected.append("avx512")
     assert f"for capability in {' '.join(expected)} ;" in commands
-    assert 'ATEN_CPU_CAPABILITY=$capability .venv/bin/python -m pytest -m "batching and not slow"' in commands
+    assert 'ATEN_CPU_CAPABILITY=$capability .venv/bin/python -m pytest -m "batching and not slow" tests/' in commands
+    assert "tests/test_backbone_families.py" in commands  # every method on PE-Core's and SigLIP's towers
 
 
 @pytest.mark.parametrize(
