@@ -45,10 +45,21 @@ test-slow: $(DEV_STAMP)
 
 # The backbone tests against the oldest timm pyproject.toml allows (CI's install gets the newest); outside CI.
 TIMM_LOWEST := 1.0.21
+# Then the lowest torch (with the torchvision built for it), numpy, scipy and Pillow pyproject.toml allows, in a venv of
+# their own, over a subset that exercises each: the towers and every method (torch), images and augmentation
+# (Pillow, numpy), the statistics (scipy). torch 2.4.0 is the oldest whose wheels install here with a matching
+# torchvision from the same index (the CPU-only 2.13 wheel does not match PyPI's torchvision).
+LOWEST := torch==2.4.0 torchvision==0.19.0 numpy==1.24.0 scipy==1.10.0 pillow==10.0.0
+LOWEST_VENV := .bounds/lowest
 test-bounds: $(DEV_STAMP)
 	$(BIN)/pip install --quiet --no-deps --target .bounds/timm-$(TIMM_LOWEST) timm==$(TIMM_LOWEST)
 	PYTHONPATH=.bounds/timm-$(TIMM_LOWEST) $(BIN)/python -m pytest tests/test_backbone_families.py \
 		tests/test_catalog.py tests/test_tokenizers.py tests/test_full_size.py -m "slow or not slow"
+	test -x $(LOWEST_VENV)/bin/python || $(PYTHON) -m venv $(LOWEST_VENV)
+	$(LOWEST_VENV)/bin/pip install --quiet -e ".[dev]" $(LOWEST)
+	$(LOWEST_VENV)/bin/python -m pytest -p no:cacheprovider tests/test_adapter.py tests/test_lora.py \
+		tests/test_methods_registry.py tests/test_images.py tests/test_augment.py tests/test_compare.py \
+		tests/test_engine.py -m "not slow"
 
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check src tests benchmarks
