@@ -108,7 +108,7 @@ def test_a_json_summary_still_reproduces_its_run(tmp_path: Path) -> None:
     assert first.exit_code == 0, first.output
     again = invoke(["run", "--config", str(summary)])
     assert again.exit_code == 0, again.output
-    assert "0 trained, 1 from" in again.output
+    assert "0 evaluated, 1 from" in again.output
 
 
 def test_from_dict_takes_dotted_keys_and_integers_for_numbers() -> None:

@@ -507,6 +507,7 @@ FIT_GROUPS: dict[str, tuple[str, dict[str, object], tuple[str, ...]]] = {
 # Keys whose accepted values decide the episode shape or the amount of work: validated, then given to their consumer.
 SHAPE_KEYS = (
     "ways", "shots", "queries", "episodes", "episode_batch", "seed", "train.iterations", "train.schedule_horizon",
+    "pre_resize",  # decoding cost grows with it (up to 8192²); its range is checked in test_trust_recipes2.py
 )  # fmt: skip
 
 

@@ -334,6 +334,7 @@ def open_rgb(root: Path, key: str, data: bytes | None = None) -> Image.Image:
     path = root / key
     source = io.BytesIO(data) if data is not None else open_regular(path)
     with source as handle, Image.open(handle, formats=IMAGE_FORMATS) as image:
+        image.load()  # a damaged file fails here, as a decode error, before its EXIF block is looked for
         return to_8bit(upright(image, path), path).convert("RGB")
 
 
