@@ -329,3 +329,27 @@ def test_predict_out_format_follows_the_suffix(images: Path, model: Path, tmp_pa
     assert as_json.exit_code == 0 and "as json" in as_json.output
     assert json.loads((tmp_path / "p.json").read_text())[0]["image"] == image
     assert_one_line_error(invoke(["predict", str(model), image, "--format", "table", "--out", str(tmp_path / "t")]))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Found in review: the classifier's own images follow the configured pre-resize; a too-deep model.json is one line
+
+
+def test_the_classifier_decodes_with_the_configured_pre_resize(images: Path) -> None:
+    """`pre_resize` is a run setting (ChestX's 256 under vtt-release); a classifier given it must decode its images
+    with it, as the runner does (zero-shot, so the probabilities differ only through the pixels)."""
+    test_images = sorted((images / "test").rglob("*.png"))
+
+    def probabilities(**settings: Any) -> Any:
+        classifier = FewShotClassifier("zeroshot", "tiny", "none", device="cpu", settings=settings)
+        return classifier.fit(images / "train").predict_proba(test_images)
+
+    plain, pre_resized = probabilities(), probabilities(pre_resize=7)
+    assert plain.shape == pre_resized.shape and not (plain == pre_resized).all()
+
+
+def test_a_model_json_nested_too_deeply_is_one_line(images: Path, model: Path) -> None:
+    (model / "model.json").write_text("[" * 100_000 + "]" * 100_000)
+    before = snapshot(model)
+    assert_one_line_error(invoke(["predict", str(model), str(images / "test")]), "model.json", "deeper")
+    assert snapshot(model) == before

@@ -393,6 +393,8 @@ def _read_meta(folder: Path) -> dict[str, Any]:
         meta = json.loads(where.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
         raise ConfigError(f"{folder} is not a saved cdfsl classifier ({MODEL_FILE}: {error})") from None
+    except RecursionError:
+        raise ConfigError(f"{where} is malformed: it nests deeper than JSON can be read; restore the file") from None
     if not isinstance(meta, dict) or "format" not in meta:
         raise ConfigError(f'{folder} is not a saved cdfsl classifier ({MODEL_FILE} has no "format")')
 
@@ -613,7 +615,7 @@ def _batch(
         episode = Episode(0, tuple(range(len(groups))), tuple(tuple(g) for g in groups), tuple(() for _ in groups))
     else:
         episode = Episode(0, (0,), ((),), (tuple(query),))
-    cache = ImageCache(index, context.backbone.image_size)
+    cache = ImageCache(index, context.backbone.image_size, pre_resize=config.pre_resize or 0)
     batch = build_batch(
         [episode], index, cache, config.augment, context.backbone.normalize, config.seed, context.device,
         with_views=query is None and config.trains,
