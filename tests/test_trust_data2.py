@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,6 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-import cdfsl.data.fingerprint as fingerprint_module
 import cdfsl.data.images as images_module
 from cdfsl.cli import app
 from cdfsl.data.images import ImageCache, cache_folder
@@ -24,17 +22,9 @@ from cdfsl.data.readers import load_index
 from cdfsl.errors import DatasetError
 from layouts import make_imagefolder
 from test_cli_trust import assert_one_line_error
+from test_data_trust import private_cache  # noqa: F401  (autouse: each test its own digest cache)
 
 TINY = ["--backbone", "tiny", "--pretrained", "none", "--device", "cpu"]
-
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """Every test gets its own digest cache folder and a fresh warn-once memory."""
-    folder = tmp_path_factory.mktemp("cdfsl-cache")
-    monkeypatch.setenv("CDFSL_CACHE_DIR", str(folder))
-    monkeypatch.setattr(fingerprint_module, "_warned", set())
-    yield folder
 
 
 def invoke(args: list[str]) -> Any:
