@@ -353,3 +353,14 @@ def test_with_paper_results_shows_every_per_dataset_number_and_both_means(tmp_pa
     for text in ("*55.97 (columns: 56.05)*", "*68.57 (columns: 68.60)*", "*70.05 (columns: 70.03)*", "*35.23*"):
         assert text in markdown, text
     assert "arXiv 2603.05235" in markdown and "main table" in markdown
+
+
+def test_the_tiny_models_shipped_weights_are_not_a_changed_setting() -> None:
+    """A run on `tiny` records its weights as `shipped` (what the default tag `openai` loads there): the demo's rows
+    must not read `[pretrained=shipped]`, while random weights are a change."""
+    from cdfsl.labels import changed_settings
+
+    for tag in ("shipped", "openai"):
+        assert changed_settings(RunConfig(dataset="digits", method="lora", backbone="tiny", pretrained=tag)) == {}
+    changed = changed_settings(RunConfig(dataset="digits", method="lora", backbone="tiny", pretrained="none"))
+    assert changed == {"pretrained": "none"}

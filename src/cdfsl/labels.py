@@ -19,6 +19,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from cdfsl.backbone.tags import weights_alias
 from cdfsl.config import RunConfig
 from cdfsl.errors import ConfigError
 
@@ -112,6 +113,7 @@ def _settings(config: RunConfig) -> dict[str, Any]:
     (those the identity holds in a derived form, such as `pre_resize` in its image rule); raises `ConfigError` for
     an unknown method or recipe."""
     resolved = config.resolved()
+    resolved.pretrained = weights_alias(resolved.backbone, resolved.pretrained)  # as the run context records it
     identity = resolved.identity(
         precision=resolved.train.precision, index_fingerprint="", activation=resolved.activation, device=""
     )

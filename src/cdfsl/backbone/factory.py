@@ -33,15 +33,13 @@ import torch
 from cdfsl.backbone.adapter import ClipAdapter
 from cdfsl.backbone.downloads import check_download
 from cdfsl.backbone.small import register_small_configs
+from cdfsl.backbone.tags import DEFAULT_TAG, TINY, TINY_TAG, weights_alias
 from cdfsl.backbone.tiny import CONFIG_PATH as TINY_CONFIG_PATH
 from cdfsl.backbone.tiny import create_tiny_model, register_tiny_config
 from cdfsl.backbone.tokenizers import load_tokenizer
 from cdfsl.data.fingerprint import file_digest
 from cdfsl.errors import BackboneError
 
-TINY = "tiny"
-TINY_TAG = "shipped"  # the tiny model's one set of pretrained weights
-DEFAULT_TAG = "openai"  # `--pretrained`'s default: on the tiny model it names `TINY_TAG`
 # Random weights (`--pretrained none`) are a function of the architecture: resumed runs and separate processes agree.
 RANDOM_WEIGHTS_SEED = 0
 
@@ -79,7 +77,7 @@ def resolve_pretrained(name: str, pretrained: str) -> str:
     if pretrained in ("none", "") or _checkpoint_file(pretrained) is not None:
         return pretrained
     if name == TINY:
-        if pretrained in (TINY_TAG, DEFAULT_TAG):
+        if weights_alias(name, pretrained) == TINY_TAG:
             return TINY_TAG
         raise BackboneError(
             f"tiny has no pretrained tag {pretrained!r}; its one set of weights is {TINY_TAG!r} (what the default "
