@@ -267,3 +267,15 @@ def test_folder_fit_and_paths_fit_prompt_alike(tmp_path: Path) -> None:
     )
     assert by_folder.class_names_ == by_paths.class_names_ == ["blue square", "red circle"]
     assert np.array_equal(by_folder.predict_proba(paths), by_paths.predict_proba(paths))
+
+
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [('{"cat": {"name": "cat"}, "dog": "dog"}', "non-empty strings"), ("[" * 100_000 + "]" * 100_000, "deeper")],
+    ids=["nested-object", "nested-too-deeply"],
+)
+def test_a_nested_classnames_json_is_one_line(tmp_path: Path, content: str, fragment: str) -> None:
+    make_imagefolder(tmp_path / "data", ("cat", "dog"), per_class=3)
+    (tmp_path / "data" / "classnames.json").write_text(content)
+    args = ["datasets", "check", "--dataset", "imagefolder", "--data-root", str(tmp_path / "data")]
+    assert_one_line_error(invoke(args), "classnames.json", fragment)

@@ -164,9 +164,10 @@ def _exported_config(checkpoint: Path) -> dict[str, Any] | None:
         exported = json.loads(sibling.read_text(encoding="utf-8"))
         if not isinstance(exported, dict):
             raise ValueError("it does not hold a JSON object")
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, RecursionError) as error:
         raise BackboneError(
-            f"cannot read {sibling} (the open_clip config next to checkpoint {checkpoint}): {error}; fix or remove it"
+            f"cannot read {sibling} (the open_clip config next to checkpoint {checkpoint}): "
+            f"{'it nests too deeply' if isinstance(error, RecursionError) else error}; fix or remove it"
         ) from None
     return exported
 

@@ -583,6 +583,8 @@ def _imagefolder_names(root: Path, folders: Sequence[str]) -> list[str]:
         mapping = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise DatasetError(f"imagefolder: cannot read {path}: {error}") from error
+    except RecursionError:
+        raise DatasetError(f"imagefolder: {path} nests deeper than JSON can be read; write one flat object") from None
     if not isinstance(mapping, dict) or not all(
         isinstance(k, str) and isinstance(v, str) and v.strip() for k, v in mapping.items()
     ):
