@@ -29,13 +29,16 @@ demo: $(STAMP)
 # fails here on any CPU. avx512 is added where the CPU has it. The reruns take the files that check every method on
 # every family (the learned context on PE-Core first showed the CPU dependence) and the tower-level checks: about 3 CPU
 # minutes each; the multi-step ones (curves, VtT's switch-off, the TIR release, the runner: 11 minutes under load for
-# all of -m batching) run once, in the first line.
+# all of -m batching) run once, in the first line. The set this CPU runs by itself (torch's own choice) is not rerun:
+# the first line ran under it.
 BATCHING_CAPABILITIES := default avx2 $(if $(shell grep -m1 -ow avx512f /proc/cpuinfo 2>/dev/null),avx512)
 BATCHING_RERUN := tests/test_backbone_families.py tests/test_methods_registry.py tests/test_adapter.py \
 	tests/test_lora.py tests/test_tir.py tests/test_maple.py
 test: $(DEV_STAMP)
 	$(BIN)/python -m pytest -m "not slow"
+	native=$$($(BIN)/python -c "import torch; print(torch.backends.cpu.get_cpu_capability().lower())"); \
 	for capability in $(BATCHING_CAPABILITIES); do \
+		[ "$$capability" = "$$native" ] && continue; \
 		ATEN_CPU_CAPABILITY=$$capability $(BIN)/python -m pytest -m "batching and not slow" $(BATCHING_RERUN) || exit 1; \
 	done
 
