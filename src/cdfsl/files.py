@@ -22,9 +22,21 @@ from cdfsl.errors import ConfigError
 
 def umask_mode(folder: bool = False) -> int:
     """The mode a new file (0666) or folder (0777) gets from the process's umask."""
-    mask = os.umask(0)
+    return (0o777 if folder else 0o666) & ~_umask()
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where the system tells it (Linux's `/proc/self/status`), so no
+    other thread ever creates a file under a borrowed mask; elsewhere set and restored at once."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o077)  # the most private mask while it is borrowed
     os.umask(mask)
-    return (0o777 if folder else 0o666) & ~mask
+    return mask
 
 
 @contextmanager
