@@ -34,6 +34,7 @@ from typer.core import TyperGroup
 
 from cdfsl.config import DATASETS, METHODS, RunConfig, apply_override, read_data_file
 from cdfsl.errors import CdfslError, ConfigError
+from cdfsl.files import same_file
 from cdfsl.recipes import RECIPES
 
 try:  # typer 0.2x carries its own copy of click; older releases use click itself
@@ -182,7 +183,7 @@ def check_output_file(path: Path, option: str, store: Path | None = None) -> Non
     _check_parent(path, option)
     if path.exists() and not os.access(path, os.W_OK):
         raise ConfigError(f"{option} {path} is not writable; change its permissions or choose another path")
-    if store is not None and _same_file(path, store):
+    if store is not None and same_file(path, store):
         raise ConfigError(f"{option} {path} is the result store (--db); choose another path")
 
 
@@ -209,16 +210,6 @@ def _check_parent(path: Path, option: str) -> None:
         raise ConfigError(f"{option} {path}: {parent} is a file, not a folder; choose another path")
     if not path.exists() and not os.access(parent, os.W_OK | os.X_OK):
         raise ConfigError(f"{option} {path}: folder {parent} is not writable; choose another path")
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    """Whether `a` and `b` name one file (an existing one, or the same path to be created)."""
-    try:
-        if a.exists() and b.exists():
-            return os.path.samefile(a, b)
-        return a.resolve() == b.resolve()
-    except OSError:
-        return False
 
 
 # `run` options that set a config field, by parameter name: (config key, how the option's value is stored).

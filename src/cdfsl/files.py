@@ -86,10 +86,13 @@ def _resolved(path: Path) -> Path:
     return Path(os.path.realpath(path))
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    """Whether `a` and `b` are one existing file (hard links included)."""
+def same_file(a: Path, b: Path) -> bool:
+    """Whether `a` and `b` name one file: one existing file (hard links and symlinks included), or the same resolved
+    path for a file still to be created."""
     try:
-        return a.exists() and b.exists() and os.path.samefile(a, b)
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+        return _resolved(a) == _resolved(b)
     except OSError:
         return False
 
@@ -107,8 +110,8 @@ def refuse_overwriting(
                 f"{option} {path} is inside {folder}, which this command reads; write the output outside that folder"
             )
     for given in inputs:
-        if target == _resolved(Path(given)) or _same_file(target, Path(given)):
+        if same_file(target, Path(given)):
             raise ConfigError(f"{option} {path} is {given}, an input of this command; choose another output path")
 
 
-__all__ = ["atomic_output", "refuse_overwriting", "replace_folder", "umask_mode", "write_text"]
+__all__ = ["atomic_output", "refuse_overwriting", "replace_folder", "same_file", "umask_mode", "write_text"]
