@@ -23,7 +23,7 @@ from cdfsl.backbone.small import SMALL_NAMES
 from cdfsl.cli import app
 from cdfsl.config import METHODS, LoraConfig, RunConfig, TirConfig
 from cdfsl.methods import build_method
-from cdfsl.methods.tir import TokenRecalibration
+from cdfsl.methods.tir.recalibration import TokenRecalibration
 from digits_world import DigitsWorld, configured
 from episode_batching import assert_same_as_alone, logit_scale_of
 

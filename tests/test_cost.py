@@ -23,7 +23,7 @@ from cdfsl.backbone.lora import EpisodeLoRA
 from cdfsl.cli import app
 from cdfsl.config import LoraConfig, RunConfig
 from cdfsl.engine.runner import Runner
-from cdfsl.methods.fusion import ReleaseFusion, parameter_count
+from cdfsl.methods.vtt.fusion import ReleaseFusion, parameter_count
 from cdfsl.seeding import torch_stream
 
 TINY = ["--backbone", "tiny", "--pretrained", "none", "--device", "cpu", "--shots", "1"]

@@ -22,7 +22,7 @@ from cdfsl.engine.runner import Runner
 from cdfsl.engine.store import ResultStore
 from cdfsl.errors import ConfigError, StoreError
 from cdfsl.methods import build_method
-from cdfsl.methods.tir import TokenRecalibration, class_votes
+from cdfsl.methods.tir.recalibration import TokenRecalibration, class_votes
 from cdfsl.methods.training import Curves
 from digits_world import DigitsWorld, stored_run_config, tiny_config
 

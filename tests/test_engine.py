@@ -259,7 +259,7 @@ def test_failure_during_a_batch_stores_only_finished_batches(
     runner: Runner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A crash inside the second batch keeps the first batch and nothing of the one in flight."""
-    from cdfsl.methods.lora import LoraMethod
+    from cdfsl.methods.lora.method import LoraMethod
 
     calls = []
     original = LoraMethod.predict

@@ -15,7 +15,7 @@ def test_full_size_clip_vits_match_open_clip(name: str, shape: tuple[int, int, i
     """Full-size builds (random weights) of the papers' other CLIP ViTs: the adapter's block loops equal open_clip's
     `encode_image` and `encode_text`, and VtT's aligned layers span both towers (ViT-L-14: 24 vision, 12 text)."""
     from cdfsl.backbone.factory import load_backbone
-    from cdfsl.methods.vtt import aligned_layers
+    from cdfsl.methods.vtt.extension import aligned_layers
 
     backbone = load_backbone(name, "none")
     assert (backbone.image_size, backbone.num_vision_blocks, backbone.vision_width) == shape

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cdfsl.methods.fusion import ReleaseFusion, ReleaseMamba, parameter_count
+from cdfsl.methods.vtt.fusion import ReleaseFusion, ReleaseMamba, parameter_count
 
 
 def generators(*seeds: int) -> list[torch.Generator]:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from cdfsl.backbone.adapter import ClipAdapter, VisionOutput
 from cdfsl.config import MapleConfig, RunConfig
 from cdfsl.errors import ConfigError, TrainingError
-from cdfsl.methods.maple import EpisodePrompts, MapleMethod, epoch_learning_rates
+from cdfsl.methods.maple.method import EpisodePrompts, MapleMethod, epoch_learning_rates
 from cdfsl.seeding import torch_stream
 from digits_world import DigitsWorld, tiny_config
 from episode_batching import assert_same_as_alone, logit_scale_of

@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from cdfsl.backbone.adapter import ClipAdapter
 from cdfsl.config import RunConfig, TirConfig
 from cdfsl.methods import build_method
-from cdfsl.methods.maple import EpisodePrompts, MapleMethod
+from cdfsl.methods.maple.method import EpisodePrompts, MapleMethod
 from cdfsl.methods.text_side import TemplateAbsorber
-from cdfsl.methods.tir import TokenRecalibration
-from cdfsl.methods.vtt import VttExtension
+from cdfsl.methods.tir.recalibration import TokenRecalibration
+from cdfsl.methods.vtt.extension import VttExtension
 from cdfsl.seeding import torch_stream
 from digits_world import DigitsWorld, tiny_config
 

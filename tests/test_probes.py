@@ -14,7 +14,7 @@ from cdfsl.analysis.probes import cka_probe, linear_cka, lost_layers_probe, sink
 from cdfsl.config import RunConfig
 from cdfsl.engine.runner import Runner
 from cdfsl.errors import ConfigError
-from cdfsl.methods.tir import class_votes
+from cdfsl.methods.tir.recalibration import class_votes
 
 LAYERS = 12  # the tiny model's vision and text depth
 

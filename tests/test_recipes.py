@@ -16,7 +16,7 @@ from cdfsl.config import METHODS, RunConfig, apply_override
 from cdfsl.engine.runner import Runner
 from cdfsl.engine.store import ResultStore
 from cdfsl.errors import ConfigError
-from cdfsl.methods.lora import learning_rate_schedules
+from cdfsl.methods.lora.method import learning_rate_schedules
 from cdfsl.recipes import RECIPES, tir_logit_scale
 
 # The fields a recipe decides: `None` by default, never `None` once resolved.

@@ -9,7 +9,7 @@ import cdfsl
 from cdfsl.config import RunConfig, TirConfig
 from cdfsl.errors import ConfigError
 from cdfsl.methods.text_side import ClassText
-from cdfsl.methods.tir import TokenRecalibration, class_votes, resolve_blocks, token_weights
+from cdfsl.methods.tir.recalibration import TokenRecalibration, class_votes, resolve_blocks, token_weights
 from episode_batching import assert_same_as_alone
 
 

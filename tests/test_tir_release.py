@@ -12,7 +12,7 @@ from cdfsl.backbone.adapter import ClipAdapter
 from cdfsl.config import RunConfig
 from cdfsl.data.episodes import EpisodeBatch
 from cdfsl.methods import build_method
-from cdfsl.methods.lora import LoraMethod
+from cdfsl.methods.lora.method import LoraMethod
 from cdfsl.methods.text_side import ClassText, TextSide
 from digits_world import DigitsWorld, tiny_config
 from episode_batching import assert_same_as_alone, logit_scale_of

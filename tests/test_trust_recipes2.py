@@ -23,7 +23,7 @@ from cdfsl.data.images import PREPROCESSING
 from cdfsl.engine.context import RunContext, build_context
 from cdfsl.engine.runner import Progress, Runner, run_identity
 from cdfsl.engine.store import ResultStore
-from cdfsl.methods.tir import resolve_blocks
+from cdfsl.methods.tir.recalibration import resolve_blocks
 from layouts import make_chestx, make_imagefolder
 from test_cli_trust import assert_one_line_error
 

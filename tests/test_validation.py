@@ -22,7 +22,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import cdfsl.methods.vtt as vtt_module
+import cdfsl.methods.vtt.extension as vtt_module
 from cdfsl.analysis.lost_layers import lost_layers_probe
 from cdfsl.backbone.adapter import ClipAdapter, VisionOutput
 from cdfsl.config import (
@@ -44,7 +44,7 @@ from cdfsl.data.sampler import EpisodeSampler
 from cdfsl.engine.runner import Runner
 from cdfsl.errors import CdfslError, ConfigError, TrainingError
 from cdfsl.methods import build_method
-from cdfsl.methods.lora import LoraMethod, learning_rate_schedules
+from cdfsl.methods.lora.method import LoraMethod, learning_rate_schedules
 from cdfsl.methods.text_side import ClassText
 from cdfsl.pretrain.train_tiny import pretrain_tiny
 from cdfsl.recipes import RECIPES

@@ -11,9 +11,9 @@ import torch
 
 from cdfsl.config import RunConfig
 from cdfsl.methods import build_method
-from cdfsl.methods.fusion import selective_scan
 from cdfsl.methods.text_side import TemplateAbsorber
-from cdfsl.methods.vtt import LossSwitch, aligned_layers, correct_gradient, scan_sequence
+from cdfsl.methods.vtt.extension import LossSwitch, aligned_layers, correct_gradient, scan_sequence
+from cdfsl.methods.vtt.fusion import selective_scan
 from digits_world import DigitsWorld, tiny_config
 
 # ---------------------------------------------------------------- the selective scan

@@ -19,8 +19,8 @@ from cdfsl.engine.runner import Runner
 from cdfsl.engine.store import ResultStore
 from cdfsl.errors import ConfigError
 from cdfsl.methods import build_method
-from cdfsl.methods.fusion import EpisodeLinear, ReleaseFusion
-from cdfsl.methods.vtt import VttExtension, release_grid, release_sequence
+from cdfsl.methods.vtt.extension import VttExtension, release_grid, release_sequence
+from cdfsl.methods.vtt.fusion import EpisodeLinear, ReleaseFusion
 from digits_world import DigitsWorld, tiny_config
 
 

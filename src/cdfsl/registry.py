@@ -46,7 +46,7 @@ class Base:
     sections: tuple[str, ...] = ()
     decides: dict[str, Any] = field(default_factory=dict)
     defaults: dict[str, Any] = field(default_factory=dict)
-    builder: str = "cdfsl.methods.lora:LoraMethod"
+    builder: str = "cdfsl.methods.lora.method:LoraMethod"
     learns_text: bool = False
 
     @property
@@ -90,7 +90,7 @@ BASES: dict[str, Base] = {
             "CLIP's zero-shot classifier: class texts from the template, nothing trained",
             "nothing",
             "Radford et al., ICML 2021",
-            builder="cdfsl.methods.zeroshot:ZeroShot",
+            builder="cdfsl.methods.zeroshot.method:ZeroShot",
         ),
         Base(
             "lora",
@@ -125,7 +125,7 @@ BASES: dict[str, Base] = {
             "text prompts per block and the text-to-vision coupling maps",
             "Khattak et al., CVPR 2023 (muzairkhattak/multimodal-prompt-learning)",
             ("maple", "augment"),
-            builder="cdfsl.methods.maple:MapleMethod",
+            builder="cdfsl.methods.maple.method:MapleMethod",
             learns_text=True,
         ),
     )

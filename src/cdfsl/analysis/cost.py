@@ -42,10 +42,10 @@ from cdfsl.engine.context import build_context
 from cdfsl.engine.runner import Runner
 from cdfsl.errors import ConfigError
 from cdfsl.methods import Method, build_method
-from cdfsl.methods.fusion import parameter_count
-from cdfsl.methods.lora import LoraMethod
-from cdfsl.methods.maple import MapleMethod
-from cdfsl.methods.vtt import VttExtension, state_sizes
+from cdfsl.methods.lora.method import LoraMethod
+from cdfsl.methods.maple.method import MapleMethod
+from cdfsl.methods.vtt.extension import VttExtension, state_sizes
+from cdfsl.methods.vtt.fusion import parameter_count
 
 # Quoted: the VtT paper's cost table (its counting convention for FLOPs is not stated).
 PAPER_VTT_PARAMETERS = 3_900_000  # "3.9 M" trainable parameters

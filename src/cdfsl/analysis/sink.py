@@ -48,7 +48,7 @@ from cdfsl.backbone.adapter import ClipAdapter
 from cdfsl.config import METHODS, RunConfig
 from cdfsl.engine.runner import Runner
 from cdfsl.errors import BackboneError, ConfigError
-from cdfsl.methods.tir import resolve_blocks
+from cdfsl.methods.tir.recalibration import resolve_blocks
 from cdfsl.registry import split_method
 
 BEFORE = "before"

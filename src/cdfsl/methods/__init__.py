@@ -10,7 +10,7 @@ import torch
 from cdfsl.backbone.adapter import ClipAdapter
 from cdfsl.config import RunConfig
 from cdfsl.methods.base import Method
-from cdfsl.methods.tir import TokenRecalibration
+from cdfsl.methods.tir.recalibration import TokenRecalibration
 
 
 def build_method(config: RunConfig, backbone: ClipAdapter, autocast_dtype: torch.dtype | None = None) -> Method:
@@ -25,7 +25,7 @@ def build_method(config: RunConfig, backbone: ClipAdapter, autocast_dtype: torch
         recalibration = TokenRecalibration(config.tir, backbone) if spec.uses("tir") else None
         method = base_class(backbone, config, autocast_dtype, recalibration)
         if spec.uses("vtt"):
-            from cdfsl.methods.vtt import VttExtension
+            from cdfsl.methods.vtt.extension import VttExtension
 
             method.extension = VttExtension(config, backbone, method.autocast)  # type: ignore[attr-defined]
     method.name = config.method

@@ -43,8 +43,8 @@ from cdfsl.backbone.adapter import ClipAdapter, VisionOutput
 from cdfsl.config import RunConfig
 from cdfsl.data.episodes import EpisodeBatch
 from cdfsl.errors import ConfigError
-from cdfsl.methods.fusion import EpisodeLinear, ReleaseFusion, ScanningFusion
 from cdfsl.methods.training import Absorb, TrainedTensor
+from cdfsl.methods.vtt.fusion import EpisodeLinear, ReleaseFusion, ScanningFusion
 from cdfsl.seeding import torch_stream
 
 

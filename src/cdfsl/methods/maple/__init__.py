@@ -1,0 +1,1 @@
+"""The `maple` base: multi-modal prompt learning (`method.py`); this package imports nothing heavy."""

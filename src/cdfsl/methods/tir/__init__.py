@@ -1,0 +1,1 @@
+"""The `tir` plug-in: token importance recalibration (`recalibration.py`); this package imports nothing heavy."""

@@ -1,0 +1,1 @@
+"""The `zeroshot` base: CLIP's zero-shot classifier (`method.py`); this package imports nothing heavy."""
