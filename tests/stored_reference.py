@@ -86,7 +86,8 @@ def fit_records(method: str, db: Path) -> list[dict[str, Any]]:
 
     def watched(context: Any, fitted: Any, episodes: list[int]) -> Any:
         results = plain(context, fitted, episodes)
-        seen.extend({k: v for k, v in r.items() if k != "curves"} for r in fitted.episode_records() or [{}] * len(episodes))
+        records = fitted.episode_records() or [{}] * len(episodes)
+        seen.extend({k: v for k, v in r.items() if k != "curves"} for r in records)
         return results
 
     with mock.patch.object(runner_module, "train_episodes", watched):

@@ -64,8 +64,6 @@ def test_the_demo_prints_the_accuracies_it_printed_before(tmp_path: Path) -> Non
 
     result = CliRunner().invoke(app, ["demo", "--db", str(tmp_path / "demo.sqlite")])
     assert result.exit_code == 0, result.output
-    printed = {
-        m.group(1): float(m.group(2))
-        for m in re.finditer(r"^\W*(\w+)\W+\S+\W+\S+\W+(\d+\.\d\d)\W", result.output, flags=re.MULTILINE)
-    }
+    rows = [[cell.strip() for cell in line.split("│")] for line in result.output.splitlines() if "│" in line]
+    printed = {row[1]: float(row[4]) for row in rows if re.fullmatch(r"\d+\.\d\d", row[4])}
     assert printed == RECORDED["demo"]
