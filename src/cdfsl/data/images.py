@@ -5,7 +5,7 @@ torchvision's `Resize([s, s])` on a PIL image, which is Pillow's bilinear `resiz
 downscaling: the filter support widens with the scale factor); square model input, aspect ratio not kept, no crop.
 Before it, a run may resize every image as opened to a square of `pre_resize` pixels with Pillow's default filter
 (bicubic), as the VtT release's ChestX loader does at 256 (a recipe value, docs/recipes.md); 16-bit and float images
-are brought to 8 bits by the readers' loaders (`cdfsl.data.readers.to_8bit`).
+are brought to 8 bits by the loaders (`cdfsl.data.decode.to_8bit`).
 
 Decoding a large PNG (ChestX) for every episode is the slow part of a run, so each decoded, resized image is kept in
 memory and, with a cache folder, on disk as a `.npy` file `<cache_dir>/<dataset>/<size>-<rule>/<digest>.npy`,
@@ -22,7 +22,7 @@ sharing a cache folder never see a half-written entry. An entry that cannot be r
 uint8 `[size, size, 3]` array, is reported with a `DatasetWarning` naming it, decoded again and overwritten; a failed
 write (full disk) is reported once and the run goes on with the memory cache. A file that fails to decode stops the
 run with a `DatasetError` naming it (the readers' indexing check leaves out files cut short; files damaged in the
-middle are found here, or beforehand with `cdfsl.data.readers.deep_check`).
+middle are found here, or beforehand with `cdfsl.data.file_checks.deep_check`).
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from cdfsl.data.decode import DECODE_ERRORS
 from cdfsl.data.index import ImageIndex
-from cdfsl.data.readers import DECODE_ERRORS
 from cdfsl.errors import DatasetError, DatasetWarning
 
 PREPROCESSING = "bilinear-aa.chestx256.wide8.exif"
@@ -50,7 +50,7 @@ older caches are never reused. History: untagged = bicubic resize, no ChestX pre
 Pillow bilinear (antialiased) resize as torchvision's `Resize([s, s])`, ChestX first resized to 256x256 by its loader;
 `bilinear-aa.chestx256.wide8` = the same, with 16-bit and float images scaled to 8 bits by the loaders instead of
 Pillow's `convert("RGB")` (which made them all white or all black); `bilinear-aa.chestx256.wide8.exif` = the same,
-with each image first turned upright as its EXIF orientation tag says (`cdfsl.data.readers.upright`). The ChestX
+with each image first turned upright as its EXIF orientation tag says (`cdfsl.data.decode.upright`). The ChestX
 pre-resize is now the run's `pre_resize` (`image_rule`); this tag stands for the pre-resize it used to fix,
 `TAGGED_PRE_RESIZE`."""
 

@@ -88,7 +88,7 @@ class ImageIndex:
 
         Raises:
             DatasetError: the file changed (or went away) since the index was fingerprinted.
-            One of `cdfsl.data.readers.DECODE_ERRORS`: the content does not decode.
+            One of `cdfsl.data.decode.DECODE_ERRORS`: the content does not decode.
         """
         key = self.items[position]
         if self.root is None:

@@ -1,0 +1,120 @@
+"""Benchmarks by name: what `--dataset` accepts. A `Benchmark` entry names its reader (the source layout, one module
+under `cdfsl.data.readers`), its protocol (the episode sampler or split protocol it is evaluated with, by name, with
+the ways, shots, queries and episode counts that protocol uses by default), its prompt template and its class-name
+rule. `DATASETS` is the one table the config, the CLI's choices and the tests read; a third-party benchmark is one
+`register_benchmark(Benchmark(...))` call (`docs/extending.md`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+from cdfsl.data.index import ImageIndex
+from cdfsl.data.readers.registry import READERS, create_reader
+from cdfsl.errors import DatasetError
+
+FIXED_WAY = "fixed-way"
+"""Today's protocol: N-way K-shot episodes with Q queries per class, drawn by the seeded episode sampler."""
+
+PHOTO_TEMPLATE = "a photo of a {}."
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """One benchmark.
+
+    Attributes:
+        name: what `--dataset` takes; also the index's name (in its fingerprint and the image cache's folder).
+        reader: the registered reader of its source layout (`cdfsl.data.readers.READERS`).
+        class_names: the class-name rule, in words (how the reader names classes in prompts).
+        protocol: the episode protocol's name, resolved by the protocol registry.
+        ways: classes per episode by default.
+        shots: support images per class by default.
+        queries: query images per class by default.
+        episodes: episodes per run by default, unless `episodes_by_shots` names the shots (`episodes_for`).
+        episodes_by_shots: (shots, episodes) pairs where the default episode count depends on the shots.
+        template: the prompt template, one `{}` for the class name.
+    """
+
+    name: str
+    reader: str
+    class_names: str
+    protocol: str = FIXED_WAY
+    ways: int = 5
+    shots: int = 1
+    queries: int = 15
+    episodes: int = 400
+    episodes_by_shots: tuple[tuple[int, int], ...] = ((1, 800),)
+    template: str = PHOTO_TEMPLATE
+
+    @property
+    def needs_root(self) -> bool:
+        """Whether the benchmark is read from a data root (its reader's)."""
+        return READERS[self.reader].needs_root
+
+    def episodes_for(self, shots: int) -> int:
+        """The default episode count of a run with `shots` support images per class (800 for 1-shot, else 400)."""
+        return dict(self.episodes_by_shots).get(shots, self.episodes)
+
+    def read(self, data_root: str | Path | None) -> ImageIndex:
+        """The benchmark's index, read by its reader under `data_root` (ignored when it needs none).
+
+        Raises:
+            DatasetError: a missing root, or a missing/malformed layout.
+        """
+        index = create_reader(self.reader, data_root, dataset=self.name)
+        # a benchmark on a shared layout (say `imagefolder`) is its own dataset: its name enters the fingerprint
+        return index if index.name == self.name else dataclasses.replace(index, name=self.name)
+
+
+DATASETS: dict[str, Benchmark] = {}
+"""Every benchmark `--dataset` accepts, by name: the one table the config, the CLI and the tests read."""
+
+
+def register_benchmark(benchmark: Benchmark) -> Benchmark:
+    """Add `benchmark` to `DATASETS` (returned, so a module can keep it).
+
+    Raises:
+        ValueError: the name is taken, the reader is not registered, or the template lacks its one `{}`.
+    """
+    if benchmark.name in DATASETS:
+        raise ValueError(f"a benchmark named {benchmark.name!r} is already registered")
+    if benchmark.reader not in READERS:
+        raise ValueError(
+            f"benchmark {benchmark.name!r} names reader {benchmark.reader!r}, which is not registered; "
+            f"registered readers: {', '.join(READERS)}"
+        )
+    if benchmark.template.count("{}") != 1:
+        raise ValueError(f"benchmark {benchmark.name!r}: template {benchmark.template!r} needs exactly one {{}}")
+    DATASETS[benchmark.name] = benchmark
+    return benchmark
+
+
+def load_index(dataset: str, data_root: str | Path | None) -> ImageIndex:
+    """Index `dataset` found under `data_root` (ignored for datasets that need no root, such as `digits`).
+
+    Raises:
+        DatasetError: unknown dataset name, or a missing/malformed dataset; the message says what was expected
+            and what was found.
+    """
+    benchmark = DATASETS.get(dataset)
+    if benchmark is None:
+        raise DatasetError(f"unknown dataset {dataset!r}; known datasets: {', '.join(DATASETS)}")
+    return benchmark.read(data_root)
+
+
+for _benchmark in (
+    Benchmark("eurosat", reader="eurosat", class_names="EuroSAT's names for its class folders (EUROSAT_CLASSES)"),
+    Benchmark("isic2018", reader="isic2018", class_names="the diagnosis of each label column (ISIC_CLASSES)"),
+    Benchmark("cropdiseases", reader="cropdiseases", class_names="the folder rule (folder_prompt)"),
+    Benchmark("chestx", reader="chestx", class_names="the finding labels as written"),
+    Benchmark(
+        "imagefolder",
+        reader="imagefolder",
+        class_names="classnames.json where it names a folder, else the folder rule (folder_prompt)",
+    ),
+    Benchmark("digits", reader="digits", class_names="the digit as a word (DIGIT_NAMES)"),
+):
+    register_benchmark(_benchmark)
