@@ -6,8 +6,9 @@ for the same method, dataset, ways, shots and backbone follows as `key=value` in
 (`tir / tir-release [train.iterations=10]`), always, so a pasted table says what was run. `changed_settings` is the
 one place that decides it: report rows, `compare`, and the sweep plan and status read it.
 
-Only what enters the run identity counts (`RunConfig.identity`): the sections of plug-ins a method does not use, the
-episode count, the device, the paths and the run name never make a difference. The dataset, ways, shots and backbone
+Only what enters the run identity counts (`RunConfig.identity`), which holds only the fields the method reads
+(`MethodSpec.reads`): a field it never reads (`train.iterations` for `maple`, the sections of plug-ins it does not
+use), the episode count, the device, the paths and the run name never make a difference. The dataset, ways, shots and backbone
 are the table's columns or the label's other parts, so they are not repeated as settings.
 """
 
