@@ -5,6 +5,7 @@ declares its fields, records and builder; the frozen run spec resolves a config 
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 from typing import Any
 
@@ -69,7 +70,7 @@ def test_a_registered_section_is_reached_by_set_files_and_section(toy: None) -> 
     assert RunConfig.from_dict({"toy.knob": 5}).toy.knob == 5
     assert {"toy.knob", "toy.mode"} <= set(config_keys())
     assert config.to_dict()["toy"] == {"knob": 3, "mode": "soft"}
-    with pytest.raises(ConfigError, match="toy.knob"):
+    with pytest.raises(ConfigError, match=re.escape("toy.knob")):
         RunConfig.from_dict({"toy": {"knob": "many"}})
 
 
@@ -77,11 +78,11 @@ def test_a_registered_section_is_validated_by_its_rules_and_check(toy: None) -> 
     RunConfig(method="toybase").validate()
     too_big = RunConfig(method="toybase")
     too_big.toy.knob = 11
-    with pytest.raises(ConfigError, match="toy.knob must be a positive integer <= 10, got 11"):
+    with pytest.raises(ConfigError, match=re.escape("toy.knob must be a positive integer <= 10, got 11")):
         too_big.validate()
     bad_mode = RunConfig(method="lora")  # checked on every run, as the built-in sections
     bad_mode.toy.mode = "loud"
-    with pytest.raises(ConfigError, match="toy.mode must be soft or hard"):
+    with pytest.raises(ConfigError, match=re.escape("toy.mode must be soft or hard")):
         bad_mode.validate()
 
 
@@ -102,14 +103,16 @@ def test_registered_parts_leave_with_their_block() -> None:
         assert "toybase" in BASES and "toy" in SECTIONS
     assert "toybase" not in BASES and "toy" not in SECTIONS
     assert not any(key.startswith("toy.") for key in config_keys())
-    with pytest.raises(ConfigError, match="unknown config key 'toy.knob'"):
+    with pytest.raises(ConfigError, match=re.escape("unknown config key 'toy.knob'")):
         apply_override(RunConfig(), "toy.knob=3")
 
 
 def test_a_name_cannot_be_registered_twice() -> None:
-    with pytest.raises(ValueError, match="registered already"):
-        with registered(dataclasses.replace(BASES["lora"], summary="another lora")):
-            pass
+    with (
+        pytest.raises(ValueError, match="registered already"),
+        registered(dataclasses.replace(BASES["lora"], summary="another lora")),
+    ):
+        pass
     assert BASES["lora"].summary.startswith("LoRA")
 
 
@@ -157,7 +160,7 @@ def test_a_run_spec_is_the_config_resolved_and_validated_once() -> None:
 def test_a_run_spec_refuses_a_bad_config() -> None:
     config = RunConfig(method="lora")
     config.lora.rank = 0
-    with pytest.raises(ConfigError, match="lora.rank must be a positive integer"):
+    with pytest.raises(ConfigError, match=re.escape("lora.rank must be a positive integer")):
         RunSpec.of(config)
 
 

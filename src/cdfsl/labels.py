@@ -7,9 +7,9 @@ for the same method, dataset, ways, shots and backbone follows as `key=value` in
 one place that decides it: report rows, `compare`, and the sweep plan and status read it.
 
 Only what enters the run identity counts (`RunConfig.identity`), which holds only the fields the method reads
-(`MethodSpec.reads`): a field it never reads (`train.iterations` for `maple`, the sections of plug-ins it does not
-use), the episode count, the device, the paths and the run name never make a difference. The dataset, ways, shots and backbone
-are the table's columns or the label's other parts, so they are not repeated as settings.
+(`MethodSpec.reads`): a field it never reads (`train.iterations` for `maple`, the sections of plug-ins it does
+not use), the episode count, the device, the paths and the run name never make a difference. The dataset, ways,
+shots and backbone are the table's columns or the label's other parts, so they are not repeated as settings.
 """
 
 from __future__ import annotations
