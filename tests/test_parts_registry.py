@@ -179,3 +179,13 @@ def test_a_label_shows_only_settings_the_method_reads() -> None:
     lora = RunConfig(method="lora")
     lora.prompt.lr = 0.5  # no learned context: lora reads no prompt field
     assert changed_settings(lora) == {}
+
+
+def test_a_label_shows_a_registered_sections_setting(toy: None) -> None:
+    from cdfsl.labels import changed_settings
+
+    config = RunConfig(method="toybase")
+    assert changed_settings(config) == {}
+    config.toy.knob = 7
+    assert changed_settings(config) == {"toy.knob": 7}
+    assert changed_settings(config.resolved().to_dict()) == {"toy.knob": 7}  # as a store keeps it
