@@ -17,7 +17,7 @@ import string
 import tomllib
 import types
 import typing
-from collections.abc import Iterator, Mapping
+from collections.abc import ItemsView, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -397,6 +397,9 @@ class _AllRules(Mapping[str, Rule]):
 
     def __len__(self) -> int:
         return len(self._rules())
+
+    def items(self) -> ItemsView[str, Rule]:  # one composition for a whole walk (`check_numbers`)
+        return self._rules().items()
 
 
 NUMERIC_RULES: Mapping[str, Rule] = _AllRules()
