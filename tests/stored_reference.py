@@ -74,6 +74,22 @@ def observe(method: str, db: Path) -> dict[str, Any]:
     }
 
 
+def legacy_run_id(method: str, db: Path, run_id: str) -> str:
+    """The id `observe`'s run of `method` had under the identity of earlier versions (`RunConfig.legacy_identity`),
+    from the run-level values its stored identity holds."""
+    from cdfsl.config import run_id_of
+    from cdfsl.engine.store import ResultStore
+
+    with ResultStore(db, read_only=True) as store:
+        identity = store.run_identity(run_id)
+    config = reference_config(method, db)
+    legacy = config.legacy_identity(
+        identity["precision"], identity["index"], identity["activation"], identity.get("device", "cpu"),
+        identity["images"], identity["pretrained"], identity.get("tokenizer"),
+    )  # fmt: skip
+    return run_id_of(legacy)
+
+
 def fit_records(method: str, db: Path) -> list[dict[str, Any]]:
     """What the fitted method itself recorded per episode beyond its curves (the recorder's second look: before
     issue 28 the runner dropped MaPLe's epoch losses, so the store alone could not show them)."""

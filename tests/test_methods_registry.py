@@ -2,7 +2,7 @@
 
 For each name `cdfsl methods` lists, at tiny sizes on the tiny model and `digits`: fit and predict an episode, E
 episodes at once equal E alone, a stored run resumes without training again, and `--set` reaches the config sections
-the method uses (and only those change its identity). Also the name grammar: plug-ins on a base, refused
+the method uses (and only the fields it reads change its identity). Also the name grammar: plug-ins on a base, refused
 combinations with a message, and the dataset table as the one source of dataset names.
 """
 
@@ -84,12 +84,10 @@ def _changed(value: object) -> object:
 SECTIONS = ("train", "lora", "prompt", "augment", "tir", "vtt", "maple")
 
 
-def _shapes_results(config: RunConfig, section: str, name: str) -> bool:
-    """Whether `section.name` enters the run identity of `config`'s method: `train` whole for a method that trains,
-    only the template and logit scale for one that does not; another section when the method uses it."""
-    if section == "train":
-        return config.trains or name in ("template", "logit_scale")
-    return section in config.spec.sections
+def _shapes_results(config: RunConfig, changed: RunConfig, section: str, name: str) -> bool:
+    """Whether `section.name` enters the run identity of `config`'s method: the method reads it, before or after the
+    change (`MethodSpec.reads`; `tests/test_run_identity.py` checks every field and that the reads are true)."""
+    return f"{section}.{name}" in config.reads() | changed.reads()
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -111,7 +109,7 @@ def test_set_reaches_the_sections_the_method_uses(method: str) -> None:
             except ConfigError as error:
                 pytest.fail(f"{method}: the nudge {assignment} was refused ({error}); nudge it to a valid value")
             identity = run_id_of(changed.identity("fp32", "index", "gelu"))
-            assert (identity != reference) == _shapes_results(config, section, name), assignment
+            assert (identity != reference) == _shapes_results(config, changed, section, name), assignment
             nudged.add(section)
     assert nudged == set(SECTIONS)  # the walk found fields to nudge in every section
 

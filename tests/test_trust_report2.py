@@ -84,10 +84,10 @@ def _reads(method: str, recipe: str, key: str) -> bool:
         spec = parse_method(method, recipe)
     except ConfigError:
         return False
-    section = key.rpartition(".")[0]
     if key in spec.base.decides or not spec.base.trains_anything:
         return False
-    return section in ("", "train") or section in spec.sections
+    config = RunConfig(dataset="digits", method=method, recipe=recipe, backbone="tiny", shots=1)
+    return "." not in key or key in config.reads()
 
 
 def _cases() -> list[Case]:

@@ -12,155 +12,65 @@ import copy
 import dataclasses
 import hashlib
 import json
-import math
 import reprlib
 import string
 import tomllib
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import ItemsView, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cdfsl.data.readers import DATASETS as DATASET_SPECS
 from cdfsl.errors import ConfigError
+from cdfsl.methods.lora.settings import LORA_TOWERS, LoraConfig, PromptConfig
+from cdfsl.methods.maple.settings import MapleConfig
+from cdfsl.methods.tir.settings import TIR_VARIANTS, TirConfig
+from cdfsl.methods.training_settings import PRECISIONS, SCHEDULES, AugmentConfig, TrainConfig
+from cdfsl.methods.vtt.settings import VTT_FUSIONS, VTT_SCANS, VttConfig
 from cdfsl.recipes import RECIPES, Recipe
-from cdfsl.registry import MethodSpec, default_recipe, method_names, parse_method
+from cdfsl.registry import SECTIONS, MethodSpec, default_recipe, method_names, parse_method
+from cdfsl.rules import (  # re-exported: the rules of every field, as before the parts declared their own
+    ALL_SUPPORT,
+    BLOCK_RANGE,
+    DECAY_WHY,
+    LR_WHY,
+    MAX_DEPTH,
+    MAX_HORIZON,
+    MAX_ITERATIONS,
+    MAX_LR,
+    MAX_WIDTH,
+    Rule,
+    integer,
+    integers,
+    is_int,
+    number,
+)
+
+from cdfsl.methods.lora.settings import LORA_ALPHA_WHY, MAX_LORA_ALPHA  # isort: skip
+from cdfsl.rules import check_choice as _check_choice  # isort: skip
+
+__all__ = [
+    "ALL_SUPPORT", "BLOCK_RANGE", "DECAY_WHY", "LORA_ALPHA_WHY", "LORA_TOWERS", "LR_WHY", "MAX_DEPTH", "MAX_HORIZON",
+    "MAX_ITERATIONS", "MAX_LORA_ALPHA", "MAX_LR", "MAX_WIDTH", "PRECISIONS", "SCHEDULES", "TIR_VARIANTS",
+    "VTT_FUSIONS", "VTT_SCANS", "AugmentConfig", "LoraConfig", "MapleConfig", "PromptConfig", "Rule", "RunConfig",
+    "TirConfig", "TrainConfig", "VttConfig", "integer", "integers", "number",
+]  # fmt: skip
+_is_int = is_int
+
+if TYPE_CHECKING:
+    from cdfsl.spec import RunSpec
 
 DATASETS = tuple(DATASET_SPECS)
 METHODS = method_names()  # every name `cdfsl methods` lists; others of the grammar are accepted too
-TIR_VARIANTS = ("full", "inhibit", "enhance", "simplified")
-VTT_FUSIONS = ("release", "ssm", "attention", "lstm", "gru", "none")
-VTT_SCANS = ("deep_to_shallow", "shallow_to_deep", "bidirectional")
-LORA_TOWERS = ("vision", "text", "both", "none")  # none: the coop base
-SCHEDULES = ("cosine", "none")
-PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")  # cuda:N: the GPU of index N
 ACTIVATIONS = ("auto", "gelu", "quickgelu")
-ALL_SUPPORT = "all"
 MAX_EPISODES = 10_000_000  # the to-do list and the store grow with it; the paper protocol is 400 or 800
 MAX_SEED = 2**63 - 1  # the result store keeps the seed in an SQLite INTEGER, which is signed 64-bit
-MAX_ITERATIONS = 1_000_000  # the recipes train 100 or 250 steps; beyond this a typo, not a run
-MAX_HORIZON = 1e6  # cosine period / iterations (8 in the recipes); from about 1e3 on the rate is constant anyway
-MAX_LR = 1e6  # an optimizer's step is lr / bias correction in float32: far larger rates overflow it
-LR_WHY = "a larger rate overflows the optimizer's float32 step"
-DECAY_WHY = "a larger decay overflows the optimizer's float32 step"
-MAX_WIDTH = 4096  # LoRA rank and VtT widths allocate per episode and block; wider than any CLIP's projections
-MAX_DEPTH = 64  # VtT's sequence layers and convolution kernel (2 and 4 in the recipes)
-MAX_LORA_ALPHA = 1e4  # the recipes use 8; training the tiny model overflows float32 from about 1e7
-LORA_ALPHA_WHY = "alpha / sqrt(rank) scales the update; a larger one overflows training, the recipes use 8"
 MAX_PRE_RESIZE = 8192  # pixels; the VtT release pre-resizes ChestX to 256, and ChestX's own images are 1024
-
-
-@dataclass
-class LoraConfig:
-    """LoRA on the attention projections of every block of one or both towers (docs/methods.md).
-
-    The update is scaled by `alpha / sqrt(rank)` (2 for rank 16, alpha 8), as in the released LoRA layers.
-    """
-
-    rank: int = 16
-    alpha: float = 8.0
-    dropout: float = 0.25
-    targets: tuple[str, ...] = ("q", "k", "v")
-    towers: str | None = None  # vision, text or both; None: the recipe's
-    merge_for_prediction: bool = True
-
-
-@dataclass
-class PromptConfig:
-    """A CoOp-style learnable prompt context shared by an episode's classes (recipe tir-release).
-
-    `context` holds the words whose token embeddings initialise the context vectors; the class prompt is
-    `"{context} {class name}."`. An empty string means no learned context: the fixed `train.template` is used.
-    """
-
-    context: str | None = None  # None: the recipe's ("" or "a photo of a")
-    lr: float = 2e-3
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-
-
-@dataclass
-class MapleConfig:
-    """MaPLe (multi-modal prompt learning, Khattak et al., CVPR 2023): learnable text context in the first `depth`
-    text blocks and vision prompts coupled from it by per-block linear maps (docs/methods.md). Defaults are the
-    release's (muzairkhattak/multimodal-prompt-learning, `configs/trainers/MaPLe/vit_b16_c2_ep5_batch4_2ctx.yaml`)."""
-
-    context: str = "a photo of a"  # CTX_INIT; its first `tokens` token embeddings initialise the context
-    tokens: int = 2  # N_CTX
-    depth: int = 9  # PROMPT_DEPTH: blocks (from the first) that get learned prompts, in both towers
-    lr: float = 0.0035
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    batch_size: int = 4  # support views per step
-    epochs: int = 5  # passes over the support views
-    warmup_epochs: int = 1  # constant-rate warm-up, then cosine
-    warmup_lr: float = 1e-5
-
-
-@dataclass
-class AugmentConfig:
-    """Support views, one per entry: `plain` or `+`-joined `rotate`, `jitter`, `flip` (the benchmark's five views,
-    docs/protocol.md)."""
-
-    views: tuple[str, ...] = ("plain", "rotate+jitter+flip", "rotate", "jitter", "flip")
-    rotation: float = 45.0
-    jitter: float = 0.4
-    flip_p: float = 0.5
-
-
-@dataclass
-class TrainConfig:
-    """The shared training loop of every trained method; `None` fields come from the recipe."""
-
-    iterations: int | None = None  # vtt-release 250, tir-release 100
-    batch_size: int | str | None = None  # support views per step, or "all"; vtt-release 25, tir-release all
-    lr: float | None = None  # LoRA learning rate (AdamW); vtt-release 2e-4 (4e-4 on ISIC2018, ChestX)
-    weight_decay: float = 0.01
-    beta1: float = 0.9
-    beta2: float = 0.999
-    schedule: str | None = None  # cosine or none
-    schedule_horizon: float = 8.0  # cosine T_max = schedule_horizon x iterations
-    min_lr: float = 1e-6
-    logit_scale: float | None = None  # vtt-release 100; tir-release 4 (5-shot) / 2 (1-shot)
-    template: str = "a photo of a {}."
-    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
-
-
-@dataclass
-class TirConfig:
-    """Token Importance Recalibration (docs/tir.md)."""
-
-    blocks: tuple[int, ...] = (-4, -2)
-    ratio: float = 0.3
-    alpha: float | None = None  # None: auto, (K+1)/2
-    beta: float | None = None  # None: auto, 1/(K - alpha)
-    text_layer: int = -2
-    variant: str = "full"
-    at_prediction: bool = True
-
-
-@dataclass
-class VttConfig:
-    """VtT: fusion, absorption and DGSO (docs/vtt.md). `tia`, `fusion=none`, `correction` and `dlc` each remove one
-    piece (the paper's ablation rows)."""
-
-    beta: float = 7.0
-    window: int = 50
-    fusion: str | None = None  # release (vtt-release) | ssm (paper) | attention | lstm | gru | none
-    scan: str = "deep_to_shallow"  # the paper-style fusions' scan order
-    lr: float | None = None  # fusion learning rate; vtt-release 5e-4 (1e-3 on ISIC2018, ChestX)
-    hidden: int | None = None  # paper-style fusions' width; None: the joint embedding width C
-    state: int | None = None  # SSM state size N; None: 256 (the release, at C = 512), at most C/2 on narrower models
-    dt_rank: int | None = None  # release fusion: rank of the step-size projection; None: equal to the state size
-    conv: int = 4  # release fusion: causal convolution kernel
-    ssm_layers: int = 2  # paper-style fusions' sequence layers
-    tia: bool = True  # absorb through the text encoder; false: L_VtT compares the fused token with f directly
-    correction: bool = True  # DGSO: project out the part of the combined gradient that opposes L_ce's
-    dlc: bool = True  # DGSO: switch L_VtT off for the episode once the recent gradient agreement is <= 0
-    placeholder: str = "X"
+BUILT_IN_SECTIONS = ("lora", "prompt", "train", "augment", "tir", "vtt", "maple")
+"""The sections `RunConfig` holds as attributes; other registered sections are reached by `RunConfig.section`."""
 
 
 @dataclass
@@ -198,12 +108,35 @@ class RunConfig:
     vtt: VttConfig = field(default_factory=VttConfig)
     maple: MapleConfig = field(default_factory=MapleConfig)
 
+    _extra: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
+    """The registered sections beyond `BUILT_IN_SECTIONS` (a third party's part), by name; see `section`."""
+
     def __post_init__(self) -> None:
         # Sections given as mappings (`RunConfig(train={"lr": 1e-3})`) become their dataclasses.
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, Mapping) and f.default_factory is not dataclasses.MISSING:
+            if isinstance(value, Mapping) and f.default_factory is not dataclasses.MISSING and f.init:
                 setattr(self, f.name, _filled(f.default_factory(), value, f"{f.name}.", "config"))
+        for name, section in SECTIONS.items():
+            if name not in BUILT_IN_SECTIONS:
+                self._extra[name] = section.settings()
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached when normal lookup fails: a registered section that is not an attribute of its own.
+        extra = self.__dict__.get("_extra")
+        if extra is not None and name in extra:
+            return extra[name]
+        if extra is not None and not name.startswith("__") and name in SECTIONS:
+            extra[name] = SECTIONS[name].settings()  # registered after this config was made
+            return extra[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def section(self, name: str) -> Any:
+        """The settings of section `name`: a built-in one (`config.lora`) or one a part registered
+        (`cdfsl.registry.register_section`); raises `ConfigError` for an unknown section."""
+        if name not in SECTIONS and name not in BUILT_IN_SECTIONS:
+            raise ConfigError(f"unknown config section {name!r}; known: {', '.join(section_names(self))}")
+        return getattr(self, name)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "config") -> RunConfig:
@@ -235,8 +168,7 @@ class RunConfig:
         config = copy.deepcopy(self)
         config.recipe = self.recipe_name
         for key, decided in base.decides.items():
-            section, _, name = key.rpartition(".")
-            owner = getattr(config, section)
+            owner, name = _owner(config, key)
             if getattr(owner, name) not in (None, decided):
                 raise ConfigError(
                     f"{key}={getattr(owner, name)!r} does not fit method {self.method}: the {base.name} base has "
@@ -244,15 +176,20 @@ class RunConfig:
                 )
             setattr(owner, name, decided)
         for key, default in base.defaults.items():
-            section, _, name = key.rpartition(".")
-            if getattr(getattr(config, section), name) is None:
-                setattr(getattr(config, section), name, default)
+            owner, name = _owner(config, key)
+            if getattr(owner, name) is None:
+                setattr(owner, name, default)
         for value in RECIPES[config.recipe].values:
-            section, _, name = value.key.rpartition(".")
-            owner = getattr(config, section) if section else config
+            owner, name = _owner(config, value.key)
             if getattr(owner, name) is None:
                 setattr(owner, name, value.resolve(config))
         return config
+
+    def resolve(self) -> RunSpec:
+        """The frozen run spec of this config: validated once, resolved, its method parsed once (`cdfsl.spec`)."""
+        from cdfsl.spec import RunSpec
+
+        return RunSpec.of(self)
 
     def recipe_spec(self) -> Recipe:
         return RECIPES[self.recipe_name]
@@ -278,8 +215,10 @@ class RunConfig:
             raise ConfigError(f"--data-root is required for dataset {self.dataset!r}")
         resolved = self.resolved()
         check_numbers(resolved)
-        _validate_training(resolved)
-        _validate_vtt(resolved)
+        for name, section in SECTIONS.items():
+            if section.check is not None:
+                section.check(getattr(resolved, name), resolved)
+        resolved.spec.validate(resolved)
         return self
 
     @property
@@ -305,7 +244,10 @@ class RunConfig:
         return 800 if self.shots == 1 else 400
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The config as a nested mapping (as stores and `--json` keep it); registered sections as top-level keys."""
+        data = dataclasses.asdict(self)
+        extra = data.pop("_extra")
+        return {**data, **extra}
 
     def identity(
         self,
@@ -319,76 +261,100 @@ class RunConfig:
     ) -> dict[str, Any]:
         """The fields that determine per-episode results, on the resolved config; `run_id` hashes them.
 
-        Besides the config: the resolved precision, the dataset index fingerprint, the resolved activation, the device
-        type of trained methods (their dropout masks come from generators on the compute device, which draw differently
-        on CPU and CUDA), the image preprocessing rule, and `weights`: what identifies the pretrained weights (a
-        checkpoint file's content digest; defaults to `pretrained` itself, right for tags and `none`), and
-        `tokenizer`: the digest of a `--tokenizer` folder's files (present only when one is given, so runs with the
-        model's own tokenizer keep the identity they had before the option existed). Leaves out what
-        never changes an episode's outcome (how many episodes, the episode batch, where results go) and the sections
-        of methods the run does not use.
+        Besides the run's frame (dataset, method, recipe, episode shape, seed, backbone): the resolved precision, the
+        dataset index fingerprint, the resolved activation, the device type of trained methods (their dropout masks
+        come from generators on the compute device, which draw differently on CPU and CUDA), the image preprocessing
+        rule, and `weights`: what identifies the pretrained weights (a checkpoint file's content digest; defaults to
+        `pretrained` itself, right for tags and `none`), and `tokenizer`: the digest of a `--tokenizer` folder's
+        files (present only when one is given). Of the settings sections it holds only the fields the method reads
+        under this config (`MethodSpec.reads`: the base's and its plug-ins'), grouped by section, with
+        `train.precision` as resolved; so a field the method never reads (`train.iterations` for `maple`) cannot
+        split one run into two. Leaves out what never changes an episode's outcome (how many episodes, the episode
+        batch, where results go). Runs stored under the identity of earlier versions are found by
+        `legacy_identity`.
         """
         config = self.resolved()
-        ident: dict[str, Any] = {
-            "dataset": config.dataset,
-            "index": index_fingerprint,
-            "method": config.method,
-            "recipe": config.recipe,
-            "ways": config.ways,
-            "shots": config.shots,
-            "queries": config.queries,
-            "seed": config.seed,
-            "backbone": config.backbone,
-            "pretrained": config.pretrained if weights is None else weights,
-            "activation": activation,
-            "precision": precision,
-            "images": images,
-            "train": {**dataclasses.asdict(config.train), "precision": precision},
-        }
-        if config.tokenizer is not None:
-            ident["tokenizer"] = tokenizer or config.tokenizer
-        if config.trains:
-            ident["device"] = device
-        else:
+        ident = config._frame(precision, index_fingerprint, activation, device, images, weights, tokenizer)
+        for key in sorted(config.spec.reads(config)):
+            section, _, name = key.partition(".")
+            value = precision if key == "train.precision" else _plain(getattr(config.section(section), name))
+            ident.setdefault(section, {})[name] = value
+        return ident
+
+    def legacy_identity(
+        self,
+        precision: str,
+        index_fingerprint: str,
+        activation: str,
+        device: str = "cpu",
+        images: str = "",
+        weights: str | None = None,
+        tokenizer: str | None = None,
+    ) -> dict[str, Any]:
+        """The identity runs were stored under before it held only the fields a method reads: the whole `train`
+        section (template and logit scale alone for `zeroshot`) and every section of `MethodSpec.sections`. The
+        runner adopts a run stored under it (`ResultStore.adopt_run`) when the run's own id has no rows."""
+        config = self.resolved()
+        ident = config._frame(precision, index_fingerprint, activation, device, images, weights, tokenizer)
+        ident["train"] = {**dataclasses.asdict(config.train), "precision": precision}
+        if not config.trains:
             ident["train"] = {"template": config.train.template, "logit_scale": config.train.logit_scale}
         for section in config.spec.sections:
             ident[section] = dataclasses.asdict(getattr(config, section))
         return ident
 
+    def _frame(
+        self,
+        precision: str,
+        index_fingerprint: str,
+        activation: str,
+        device: str,
+        images: str,
+        weights: str | None,
+        tokenizer: str | None,
+    ) -> dict[str, Any]:
+        """The run-level part of both identities (of a resolved config)."""
+        ident: dict[str, Any] = {
+            "dataset": self.dataset,
+            "index": index_fingerprint,
+            "method": self.method,
+            "recipe": self.recipe,
+            "ways": self.ways,
+            "shots": self.shots,
+            "queries": self.queries,
+            "seed": self.seed,
+            "backbone": self.backbone,
+            "pretrained": self.pretrained if weights is None else weights,
+            "activation": activation,
+            "precision": precision,
+            "images": images,
+        }
+        if self.tokenizer is not None:
+            ident["tokenizer"] = tokenizer or self.tokenizer
+        if self.trains:
+            ident["device"] = device
+        return ident
 
-def _validate_training(config: RunConfig) -> None:
-    """Checks of the resolved training fields."""
-    _check_choice("lora.towers", config.lora.towers, LORA_TOWERS)
-    _check_choice("train.schedule", config.train.schedule, SCHEDULES)
-    _check_choice("train.precision", config.train.precision, PRECISIONS)
-    _check_choice("tir.variant", config.tir.variant, TIR_VARIANTS)
-    if not config.augment.views:
-        raise ConfigError("augment.views needs at least one view, e.g. plain")
-    base = config.spec.base.name
-    if config.lora.towers == "none" and base in ("lora", "coop+lora"):
-        raise ConfigError(f"lora.towers=none leaves method {config.method} without LoRA; use the coop base for that")
-    if base in ("coop", "coop+lora") and not config.prompt.context:
-        raise ConfigError(f"method {config.method} learns a prompt context: prompt.context needs its first words")
-    bad_targets = set(config.lora.targets) - {"q", "k", "v"}
-    if bad_targets or not config.lora.targets:
-        raise ConfigError(f"lora.targets must be a non-empty subset of q,k,v, got {config.lora.targets}")
-    tir = config.tir
-    if config.uses_tir and tir.alpha is not None and tir.beta is None and tir.alpha >= config.ways:
-        raise ConfigError(
-            f"tir.alpha={tir.alpha:g} with tir.beta=auto (1 / (ways - alpha)) needs alpha < ways = {config.ways}; "
-            "set tir.beta too, or a smaller tir.alpha"
-        )
-    if config.prompt.context is not None and config.prompt.context != config.prompt.context.strip():
-        raise ConfigError(f"prompt.context must not start or end with spaces, got {config.prompt.context!r}")
+    def reads(self) -> frozenset[str]:
+        """The dotted settings keys this run's method reads under its resolved config (`MethodSpec.reads`)."""
+        config = self.resolved()
+        return config.spec.reads(config)
 
 
-def _validate_vtt(config: RunConfig) -> None:
-    """Checks of the resolved VtT fields (of every run: a bad value is refused even where VtT is unused)."""
-    vtt = config.vtt
-    _check_choice("vtt.fusion", vtt.fusion, VTT_FUSIONS)
-    _check_choice("vtt.scan", vtt.scan, VTT_SCANS)
-    if config.uses_vtt and vtt.fusion == "none" and not vtt.tia:
-        raise ConfigError("vtt.fusion=none with vtt.tia=false leaves VtT nothing to learn (-cos(f, f) is constant)")
+def _plain(value: Any) -> Any:
+    """A field's value as `dataclasses.asdict` gives it (tuples stay tuples; JSON writes both as lists)."""
+    return copy.deepcopy(value)
+
+
+def _owner(config: RunConfig, key: str) -> tuple[Any, str]:
+    """The object holding dotted `key` (`train.lr` → (config.train, "lr"); `shots` → (config, "shots"))."""
+    section, _, name = key.rpartition(".")
+    return (config.section(section) if section else config), name
+
+
+def section_names(config: RunConfig | None = None) -> tuple[str, ...]:
+    """The built-in sections, then every other registered one."""
+    return (*BUILT_IN_SECTIONS, *(name for name in SECTIONS if name not in BUILT_IN_SECTIONS))
 
 
 def run_id_of(identity: dict[str, Any]) -> str:
@@ -397,113 +363,8 @@ def run_id_of(identity: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
-
-
 # ------------------------------------------------------------------------------------------- numeric rules
-
-
-@dataclass(frozen=True)
-class Rule:
-    """What one numeric config field accepts: `allows(value)` decides, `allowed` says the same in words.
-
-    Build rules with `integer`, `number` or `integers`, which derive both from one set of bounds, so the message can
-    never disagree with the check.
-    """
-
-    key: str
-    allows: Callable[[Any], bool]
-    allowed: str
-
-    def check(self, value: Any) -> None:
-        """Raise `ConfigError` naming the key, the value and the allowed range unless `allows(value)`."""
-        if not self.allows(value):
-            raise ConfigError(f"{self.key} must be {self.allowed}, got {value!r}")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_real(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def integer(
-    key: str, low: int | None = None, high: int | None = None, *, optional: bool = False, why: str = ""
-) -> Rule:
-    """An integer in `[low, high]` (either side may be open-ended); `optional`: None (automatic) is allowed too."""
-
-    def allows(value: Any) -> bool:
-        if value is None:
-            return optional
-        return _is_int(value) and (low is None or value >= low) and (high is None or value <= high)
-
-    if high is not None:
-        kind = {0: "a non-negative integer", 1: "a positive integer"}.get(low) if low is not None else None
-        words = f"{kind} <= {high:,}" if kind else f"an integer in [{low}, {high}]"
-    elif low not in (None, 0, 1):
-        words, why = f"at least {low}", "a whole number" + (f"; {why}" if why else "")
-    else:
-        words = {None: "an integer", 0: "a non-negative integer", 1: "a positive integer"}[low]
-    return Rule(key, allows, _words(words, optional, why))
-
-
-def number(
-    key: str,
-    low: float | None = None,
-    high: float | None = None,
-    *,
-    low_open: bool = False,
-    high_open: bool = False,
-    optional: bool = False,
-    why: str = "",
-) -> Rule:
-    """A finite number between `low` and `high` (each bound closed unless `*_open`, either may be absent)."""
-
-    def allows(value: Any) -> bool:
-        if value is None:
-            return optional
-        if not _is_real(value):
-            return False
-        above = low is None or (value > low if low_open else value >= low)
-        below = high is None or (value < high if high_open else value <= high)
-        return above and below
-
-    if low is not None and high is not None:
-        words = f"a number in {'(' if low_open else '['}{_shown(low)}, {_shown(high)}{')' if high_open else ']'}"
-    elif low is not None:
-        words = f"a finite number {'>' if low_open else '>='} {_shown(low)}"
-    elif high is not None:
-        words = f"a finite number {'<' if high_open else '<='} {_shown(high)}"
-    else:
-        words = "a finite number"
-    return Rule(key, allows, _words(words, optional, why))
-
-
-def _shown(bound: float) -> str:
-    """A bound as a message shows it: `0`, `180`, `1,000,000`, `0.5`."""
-    return f"{int(bound):,}" if float(bound).is_integer() else f"{bound:g}"
-
-
-def integers(key: str, why: str) -> Rule:
-    """A tuple of integers (block indices whose range depends on the backbone: checked when the method is built)."""
-    return Rule(key, lambda v: isinstance(v, tuple) and all(_is_int(i) for i in v), f"a list of integers ({why})")
-
-
-def _batch_size_allows(value: Any) -> bool:
-    return value == ALL_SUPPORT or (_is_int(value) and value >= 1)
-
-
-def _words(words: str, optional: bool, why: str) -> str:
-    return words + (" or none (auto)" if optional else "") + (f" ({why})" if why else "")
-
-
-BLOCK_RANGE = "negative from the end; checked against the backbone's depth when the method is built"
-
-NUMERIC_RULES: dict[str, Rule] = {
+RUN_RULES: dict[str, Rule] = {
     rule.key: rule
     for rule in (
         integer("ways", 2, why="an episode needs classes to tell apart"),
@@ -513,48 +374,35 @@ NUMERIC_RULES: dict[str, Rule] = {
         integer("seed", 0, MAX_SEED, why="2**63 - 1, the largest the result store holds"),
         integer("episode_batch", 1),
         integer("pre_resize", 0, MAX_PRE_RESIZE, why="0 for none"),
-        integer("lora.rank", 1, MAX_WIDTH),
-        number("lora.alpha", 0, MAX_LORA_ALPHA, low_open=True, why=LORA_ALPHA_WHY),
-        number("lora.dropout", 0, 1, high_open=True),
-        number("prompt.lr", 0, MAX_LR, low_open=True, why=LR_WHY),
-        number("prompt.momentum", 0, 1, high_open=True),
-        number("prompt.weight_decay", 0, MAX_LR, why=DECAY_WHY),
-        number("augment.rotation", 0, 180, why="degrees either way"),
-        number("augment.jitter", 0, 1),
-        number("augment.flip_p", 0, 1),
-        integer("train.iterations", 0, MAX_ITERATIONS),
-        Rule("train.batch_size", _batch_size_allows, f"a positive integer or '{ALL_SUPPORT}'"),
-        number("train.lr", 0, MAX_LR, low_open=True, why=LR_WHY),
-        number("train.weight_decay", 0, MAX_LR, why=DECAY_WHY),
-        number("train.beta1", 0, 1, high_open=True),
-        number("train.beta2", 0, 1, high_open=True),
-        number("train.schedule_horizon", 0, MAX_HORIZON, low_open=True, why="the cosine period in train.iterations"),
-        number("train.min_lr", 0, MAX_LR, why=LR_WHY),
-        number("train.logit_scale", 0, low_open=True),
-        integers("tir.blocks", f"vision block indices, {BLOCK_RANGE}"),
-        number("tir.ratio", 0, 1, low_open=True),
-        number("tir.alpha", optional=True),
-        number("tir.beta", optional=True),
-        integer("tir.text_layer", why=f"a text block index, {BLOCK_RANGE}"),
-        number("vtt.beta", 0),
-        integer("vtt.window", 1),
-        number("vtt.lr", 0, MAX_LR, low_open=True, why=LR_WHY),
-        integer("vtt.hidden", 1, MAX_WIDTH, optional=True),
-        integer("vtt.state", 1, MAX_WIDTH, optional=True),
-        integer("vtt.dt_rank", 1, MAX_WIDTH, optional=True),
-        integer("vtt.conv", 1, MAX_DEPTH),
-        integer("vtt.ssm_layers", 1, MAX_DEPTH),
-        integer("maple.tokens", 1, MAX_DEPTH),
-        integer("maple.depth", 1, MAX_DEPTH, why="checked against the backbone's depth when the method is built"),
-        number("maple.lr", 0, MAX_LR, low_open=True, why=LR_WHY),
-        number("maple.momentum", 0, 1, high_open=True),
-        number("maple.weight_decay", 0, MAX_LR, why=DECAY_WHY),
-        integer("maple.batch_size", 1),
-        integer("maple.epochs", 1, MAX_ITERATIONS),
-        integer("maple.warmup_epochs", 0, MAX_ITERATIONS),
-        number("maple.warmup_lr", 0, MAX_LR, low_open=True, why=LR_WHY),
     )
 }
+"""The bounds of the run-level numeric fields; each section's are declared with it (`cdfsl.registry.Section`)."""
+
+
+class _AllRules(Mapping[str, Rule]):
+    """The bounds of every numeric config field by dotted key: the run's, then every registered section's (read
+    live, so a part registered later is covered too)."""
+
+    def _rules(self) -> dict[str, Rule]:
+        rules = dict(RUN_RULES)
+        for section in SECTIONS.values():
+            rules.update((rule.key, rule) for rule in section.rules)
+        return rules
+
+    def __getitem__(self, key: str) -> Rule:
+        return self._rules()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._rules())
+
+    def __len__(self) -> int:
+        return len(self._rules())
+
+    def items(self) -> ItemsView[str, Rule]:  # one composition for a whole walk (`check_numbers`)
+        return self._rules().items()
+
+
+NUMERIC_RULES: Mapping[str, Rule] = _AllRules()
 """The bounds of every numeric config field, by dotted key; `check_numbers` applies them (a test checks that every
 numeric field has one)."""
 
@@ -785,20 +633,26 @@ _SHORT_REPR = _short_repr()
 
 
 def config_keys(obj: Any = None, prefix: str = "") -> list[str]:
-    """All dotted keys `--set` accepts."""
+    """All dotted keys `--set` accepts (the sections a part registered after the built-in ones)."""
     obj = RunConfig() if obj is None else obj
     keys: list[str] = []
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
+    for name in _field_types(obj):
+        value = getattr(obj, name)
         if dataclasses.is_dataclass(value):
-            keys.extend(config_keys(value, f"{prefix}{f.name}."))
+            keys.extend(config_keys(value, f"{prefix}{name}."))
         else:
-            keys.append(prefix + f.name)
+            keys.append(prefix + name)
     return keys
 
 
 def _field_types(obj: Any) -> dict[str, Any]:
-    return typing.get_type_hints(type(obj))
+    """Field name → type of a config dataclass; a `RunConfig`'s registered sections count as its fields."""
+    hints = typing.get_type_hints(type(obj))
+    if isinstance(obj, RunConfig):
+        hints.pop("_extra", None)
+        hints.update((name, type(section)) for name, section in obj._extra.items())
+        hints.update((name, SECTIONS[name].settings) for name in SECTIONS if name not in hints)
+    return hints
 
 
 def _parse_value(key: str, raw: str, annotation: Any) -> Any:

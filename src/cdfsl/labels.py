@@ -6,9 +6,10 @@ for the same method, dataset, ways, shots and backbone follows as `key=value` in
 (`tir / tir-release [train.iterations=10]`), always, so a pasted table says what was run. `changed_settings` is the
 one place that decides it: report rows, `compare`, and the sweep plan and status read it.
 
-Only what enters the run identity counts (`RunConfig.identity`): the sections of plug-ins a method does not use, the
-episode count, the device, the paths and the run name never make a difference. The dataset, ways, shots and backbone
-are the table's columns or the label's other parts, so they are not repeated as settings.
+Only what enters the run identity counts (`RunConfig.identity`), which holds only the fields the method reads
+(`MethodSpec.reads`): a field it never reads (`train.iterations` for `maple`, the sections of plug-ins it does
+not use), the episode count, the device, the paths and the run name never make a difference. The dataset, ways,
+shots and backbone are the table's columns or the label's other parts, so they are not repeated as settings.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from cdfsl.backbone.tags import weights_alias
-from cdfsl.config import RunConfig
+from cdfsl.config import RunConfig, section_names
 from cdfsl.errors import ConfigError
 
 # Identity keys a label or a table shows elsewhere, or that duplicate another key (`precision` is `train.precision`).
@@ -120,7 +121,7 @@ def _settings(config: RunConfig) -> dict[str, Any]:
     settings = {key: value for key, value in _flatten(identity).items() if key not in _SHOWN_ELSEWHERE}
     for f in dataclasses.fields(resolved):
         value = getattr(resolved, f.name)
-        if f.name not in _FRAME_FIELDS and f.name not in settings and not dataclasses.is_dataclass(value):
+        if f.init and f.name not in _FRAME_FIELDS and f.name not in settings and not dataclasses.is_dataclass(value):
             settings[f.name] = value
     return settings
 
@@ -141,7 +142,9 @@ def _from_stored(data: Mapping[str, Any]) -> RunConfig:
 
 
 def _known(data: Mapping[str, Any], target: Any) -> dict[str, Any]:
-    names = {f.name: getattr(target, f.name) for f in dataclasses.fields(target)}
+    names = {f.name: getattr(target, f.name) for f in dataclasses.fields(target) if f.init}
+    if isinstance(target, RunConfig):
+        names.update((name, target.section(name)) for name in section_names())
     kept: dict[str, Any] = {}
     for key, value in data.items():
         if key not in names:

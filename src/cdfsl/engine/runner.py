@@ -55,6 +55,25 @@ def run_identity(context: RunContext, device: str | None = None) -> tuple[str, d
 
     `device` (`cpu`, `cuda`, …): the identity of the run on that device instead of the context's, which need not
     exist here (a sweep planned, or driven, from a machine without the workers' GPUs)."""
+    identity = context.config.identity(*_identity_arguments(context, device))
+    return run_id_of(identity), identity
+
+
+def legacy_run_id(context: RunContext, device: str | None = None) -> str:
+    """The id the run had under the identity of earlier versions (`RunConfig.legacy_identity`)."""
+    return run_id_of(context.config.legacy_identity(*_identity_arguments(context, device)))
+
+
+def adopt_legacy_run(store: ResultStore, context: RunContext, run_id: str, identity: dict[str, Any]) -> int:
+    """Serve a run stored under its legacy id: when `run_id` has no row, move the legacy run's rows to it
+    (`ResultStore.adopt_run`). Returns the number of episodes adopted."""
+    old_id = legacy_run_id(context)
+    return 0 if old_id == run_id else store.adopt_run(old_id, run_id, identity)
+
+
+def _identity_arguments(context: RunContext, device: str | None) -> tuple[Any, ...]:
+    """The values besides the config that both identities hash: precision, index fingerprint, activation, device
+    type, image rule, weights and tokenizer digests."""
     config = context.config
     index, _ = context.data()
     precision, target = context.precision, context.device
@@ -62,18 +81,15 @@ def run_identity(context: RunContext, device: str | None = None) -> tuple[str, d
         target = torch.device(device)
         precision, _ = resolve_precision(config.train.precision, target)
     activation = resolve_activation(config.backbone, config.pretrained, config.activation)
-    weights = weights_identity(config.pretrained)
-    tokenizer = tokenizer_identity(config.tokenizer)
-    identity = config.identity(
+    return (
         precision,
         index.fingerprint(),
         activation,
         target.type,
         image_rule(config.dataset, config.pre_resize or 0),
-        weights,
-        tokenizer,
+        weights_identity(config.pretrained),
+        tokenizer_identity(config.tokenizer),
     )
-    return run_id_of(identity), identity
 
 
 def train_episodes(context: RunContext, method: Method, episodes: list[int]) -> list[EpisodeResult]:
@@ -253,6 +269,7 @@ class Runner:
         total = config.resolved_episodes()
         run_id, identity = run_identity(context)
         with ResultStore(Path(config.db)) as store:
+            adopt_legacy_run(store, context, run_id, identity)
             started = time.perf_counter()
             tally = _Tally(store, run_id, total)
             resumed = tally.count

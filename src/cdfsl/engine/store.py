@@ -643,6 +643,29 @@ class ResultStore:
         with self._guard(), self._write() as db:
             db.execute("DELETE FROM claims WHERE run_id = ? AND owner = ?", (run_id, owner))
 
+    def adopt_run(self, old_id: str, new_id: str, identity: dict[str, Any]) -> int:
+        """Move the run stored as `old_id` (its row, episodes and claims) to `new_id` with `identity`, in one
+        transaction, when `new_id` has no row yet: how a run stored under an earlier version's identity
+        (`RunConfig.legacy_identity`) keeps serving its episodes. Returns the number of episodes moved (0 when there
+        was nothing to adopt)."""
+        with self._guard(), self._write() as db:
+            if db.execute("SELECT 1 FROM runs WHERE run_id = ?", (new_id,)).fetchone() is not None:
+                return 0
+            if db.execute("SELECT 1 FROM runs WHERE run_id = ?", (old_id,)).fetchone() is None:
+                return 0
+            columns = [row[1] for row in db.execute("PRAGMA table_info(runs)")]
+            replaced = {"run_id": new_id, "identity_json": json.dumps(identity, sort_keys=True)}
+            selected = ", ".join("?" if c in replaced else c for c in columns)
+            db.execute(
+                f"INSERT INTO runs ({', '.join(columns)}) SELECT {selected} FROM runs WHERE run_id = ?",
+                (*(replaced[c] for c in columns if c in replaced), old_id),
+            )
+            moved = db.execute("UPDATE episodes SET run_id = ? WHERE run_id = ?", (new_id, old_id)).rowcount
+            if self._has("claims"):
+                db.execute("UPDATE claims SET run_id = ? WHERE run_id = ?", (new_id, old_id))
+            db.execute("DELETE FROM runs WHERE run_id = ?", (old_id,))
+        return moved
+
     # ------------------------------------------------------------------------------------------------------
     # reading
 

@@ -1,1 +1,4 @@
-"""The LoRA bases `lora`, `coop` and `coop+lora` (`method.py`); this package imports nothing heavy."""
+"""The LoRA bases `lora`, `coop` and `coop+lora` (`method.py`), declared in `settings.py` (imported here, so that they
+register); this package imports nothing heavy."""
+
+from cdfsl.methods.lora import settings as settings

@@ -1,2 +1,4 @@
-"""The `vtt` plug-in: VtT's training extension (`extension.py`) and its fusions (`fusion.py`); this package imports
-nothing heavy."""
+"""The `vtt` plug-in: VtT's training extension (`extension.py`) and its fusions (`fusion.py`), declared in
+`settings.py` (imported here, so that it registers); this package imports nothing heavy."""
+
+from cdfsl.methods.vtt import settings as settings
