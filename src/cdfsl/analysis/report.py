@@ -740,7 +740,7 @@ def render_csv(report: Report) -> str:
 
     Per column `KEY mean`, `KEY ci95`, `KEY episodes`; in paired mode, per compared dataset column, also
     `KEY diff`, `KEY diff_ci95`, `KEY p_value`, `KEY shared`, `KEY only_method`, `KEY only_baseline`. Column
-    keys are `dataset/N-shot` or `mean/N-shot`.
+    keys are `dataset/N-shot` or `mean/N-shot` (`dataset/PROTOCOL/N-shot` for a protocol other than fixed-way).
     """
     header = ["label", "method", "backbone", "variant", "quoted", "source"]
     for column in report.columns:
