@@ -29,7 +29,7 @@ from cdfsl.config import RunConfig
 from cdfsl.data.episodes import EpisodeBatch, build_batch, group_by_shape
 from cdfsl.data.images import ImageCache
 from cdfsl.data.index import Episode, ImageIndex
-from cdfsl.data.protocols import EpisodeSettings, Sampler, build_sampler, protocol_of
+from cdfsl.data.protocols import FIXED_WAY, EpisodeSettings, Sampler, build_sampler, protocol_of
 from cdfsl.data.readers import load_index
 from cdfsl.errors import ConfigError, DatasetWarning
 
@@ -119,7 +119,7 @@ class RunContext:
     index: ImageIndex | None
     sampler: Sampler | None
     loads: LoadCache = field(repr=False)
-    protocol: str = "fixed-way"
+    protocol: str = FIXED_WAY
 
     @cached_property
     def backbone(self) -> ClipAdapter:
