@@ -57,7 +57,7 @@ def test_a_bad_config_is_refused_before_anything_is_loaded(
     def must_not_load(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("loaded before the config was checked")
 
-    for name in ("load_index", "load_backbone", "EpisodeSampler", "ImageCache"):
+    for name in ("load_index", "load_backbone", "build_sampler", "ImageCache"):
         monkeypatch.setattr(context_module, name, must_not_load)
     config = stored_run_config(tmp_path / "r.sqlite", 1, **changes)
     with pytest.raises(ConfigError):

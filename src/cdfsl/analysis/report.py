@@ -11,9 +11,13 @@ Which run fills a cell (the grouping rule):
    (`tir / tir-release`; runs stored before recipes existed show none) and, always, every setting of the run that
    differs from its recipe's, as `key=value` (`tir / tir-release [train.iterations=10]`; `cdfsl.labels`). Runs
    with different settings are different rows.
-2. If a group holds 5-way runs (the protocol) and runs of other ways, only the 5-way runs are kept (a note
-   says so). A run that is not 5-way and has no 5-way counterpart is kept, and its row label says `N-way`.
-3. Queries are taken as stored. If runs alike in every setting still share a cell (another dataset content or
+2. If a group of `fixed-way` runs holds 5-way runs (the field's protocol) and runs of other ways, only the 5-way
+   runs are kept (a note says so). A run that is not 5-way and has no 5-way counterpart is kept, and its row label
+   says `N-way`.
+3. Runs under an episode protocol other than `fixed-way` (its name is in the run's identity) are kept whatever
+   their ways and get columns of their own after the others, labelled by the protocol (`digits 3/5/7-way`,
+   `cdfsl.data.protocols`), with no mean column.
+4. Queries are taken as stored. If runs alike in every setting still share a cell (another dataset content or
    checkpoint at the same path), every run of that row gets its run name (control characters escaped) or else its
    run id in its label.
 
@@ -55,6 +59,7 @@ from rich.text import Text
 from cdfsl.analysis.compare import ambiguous, find_run
 from cdfsl.analysis.paper_results import BENCHMARKS, PaperResult, paper_results
 from cdfsl.config import METHODS
+from cdfsl.data.protocols import PROTOCOLS, EpisodeSettings
 from cdfsl.engine.store import ResultStore, RunRecord
 from cdfsl.errors import ConfigError, StoreError
 from cdfsl.labels import PROTOCOL_WAYS, changed_settings, run_label, variant_text, visible
@@ -69,10 +74,15 @@ _BLANK = "–"
 
 @dataclass(frozen=True)
 class Column:
-    """A (dataset, shots) column, or the mean over datasets of one shots value (`dataset is None`)."""
+    """A (dataset, shots) column, or the mean over datasets of one shots value (`dataset is None`).
+
+    Runs under an episode protocol other than `fixed-way` have columns of their own: `protocol` names it and
+    `heading` is its column label (`data.protocols.EpisodeProtocol.column`); such columns get no mean column."""
 
     dataset: str | None
     shots: int
+    protocol: str | None = None
+    heading: str | None = None
 
     @property
     def is_mean(self) -> bool:
@@ -80,11 +90,15 @@ class Column:
 
     @property
     def key(self) -> str:
-        """Stable identifier used in JSON and CSV: `digits/1-shot`, `mean/5-shot`."""
+        """Stable identifier used in JSON and CSV: `digits/1-shot`, `mean/5-shot`, `digits/toy-varied/1-shot`."""
+        if self.protocol is not None:
+            return f"{self.dataset}/{self.protocol}/{self.shots}-shot"
         return f"{self.dataset or 'mean'}/{self.shots}-shot"
 
     @property
     def label(self) -> str:
+        if self.protocol is not None:
+            return f"{self.dataset} {self.heading or self.protocol}"
         return f"{self.dataset or 'mean'} {self.shots}-shot"
 
 
@@ -237,7 +251,8 @@ def build_report(store: ResultStore, paired: str | None = None, with_paper_resul
                 f"id prefix or run name in {store.path}"
             ) from None
     notes: list[str] = []
-    runs = _keep_protocol_ways(runs, notes)
+    protocols = {run.run_id: store.run_identity(run.run_id).get("protocol") for run in runs}
+    runs = _keep_protocol_ways(runs, notes, protocols)
     changes = {run.run_id: changed_settings(run.config) for run in runs}
     variants = _variants(runs, changes)
     accuracies = {run.run_id: store.episode_accuracies(run.run_id) for run in runs}
@@ -247,7 +262,7 @@ def build_report(store: ResultStore, paired: str | None = None, with_paper_resul
         row = Row(
             run.method, run.backbone, variants[run.run_id], recipe=run.recipe, settings=_frozen(changes[run.run_id])
         )
-        key = (row, Column(run.dataset, run.shots))
+        key = (row, _column_of(run, protocols[run.run_id]))
         mean, ci95 = mean_ci95(list(accuracies[run.run_id].values()))
         placed[key] = run
         cells[key] = Cell(mean, ci95, len(accuracies[run.run_id]), run.run_id)
@@ -295,17 +310,30 @@ def _pair_with_run(
     return paired
 
 
+def _column_of(run: RunRecord, protocol: str | None) -> Column:
+    """A run's column: (dataset, shots) under `fixed-way` (no protocol in its identity), else its protocol's own."""
+    if protocol is None:
+        return Column(run.dataset, run.shots)
+    known = PROTOCOLS.get(protocol)
+    heading = known.column(EpisodeSettings(run.ways, run.shots, run.queries)) if known is not None else None
+    return Column(run.dataset, run.shots, protocol, heading)
+
+
 def _group_key(run: RunRecord) -> tuple[str, str | None, str, str, int]:
     """The cell a run belongs to: (method, recipe, backbone, dataset, shots)."""
     return (run.method, run.recipe, run.backbone, run.dataset, run.shots)
 
 
-def _keep_protocol_ways(runs: list[RunRecord], notes: list[str]) -> list[RunRecord]:
-    """Drop runs of other ways from a (method, recipe, backbone, dataset, shots) group that has a 5-way run."""
+def _keep_protocol_ways(
+    runs: list[RunRecord], notes: list[str], protocols: Mapping[str, str | None]
+) -> list[RunRecord]:
+    """Drop runs of other ways from a (method, recipe, backbone, dataset, shots) group of fixed-way runs that has a
+    5-way run; runs under another protocol (`protocols`: run id → its name, None for fixed-way) are all kept."""
     groups: dict[tuple[str, str | None, str, str, int], list[RunRecord]] = defaultdict(list)
+    kept: list[RunRecord] = [run for run in runs if protocols.get(run.run_id) is not None]
     for run in runs:
-        groups[_group_key(run)].append(run)
-    kept: list[RunRecord] = []
+        if protocols.get(run.run_id) is None:
+            groups[_group_key(run)].append(run)
     for (method, _, backbone, dataset, shots), group in groups.items():
         protocol = [run for run in group if run.ways == PROTOCOL_WAYS]
         if protocol and len(protocol) < len(group):
@@ -366,19 +394,22 @@ def _dataset_order(dataset: str) -> tuple[int, str]:
 
 
 def _columns(measured: set[Column], quoted_shots: set[int]) -> list[Column]:
-    """Dataset columns grouped by shots, each group followed by its mean column where one is shown."""
+    """Dataset columns grouped by shots, each group followed by its mean column where one is shown; then the columns
+    of other protocols, by protocol, dataset and shots."""
     columns: list[Column] = []
-    for shots in sorted({column.shots for column in measured} | quoted_shots):
-        datasets = sorted((c.dataset for c in measured if c.shots == shots and c.dataset), key=_dataset_order)
+    fixed = {column for column in measured if column.protocol is None}
+    for shots in sorted({column.shots for column in fixed} | quoted_shots):
+        datasets = sorted((c.dataset for c in fixed if c.shots == shots and c.dataset), key=_dataset_order)
         columns += [Column(dataset, shots) for dataset in datasets]
         if len(datasets) >= 2 or shots in quoted_shots:
             columns.append(Column(None, shots))
-    return columns
+    others = measured - fixed
+    return columns + sorted(others, key=lambda c: (c.protocol or "", _dataset_order(c.dataset or ""), c.shots))
 
 
 def _add_means(rows: list[Row], columns: list[Column], cells: dict[tuple[Row, Column], Cell]) -> None:
     for mean_column in (column for column in columns if column.is_mean):
-        datasets = [c for c in columns if c.shots == mean_column.shots and not c.is_mean]
+        datasets = [c for c in columns if c.shots == mean_column.shots and not c.is_mean and c.protocol is None]
         if not datasets:
             continue
         for row in rows:
@@ -430,7 +461,7 @@ def _add_quoted(
         measured = {
             row.method for (row, column) in cells if column.shots == shots and not row.quoted and not column.is_mean
         }
-        datasets = {c.dataset for c in columns if c.shots == shots and c.dataset}
+        datasets = {c.dataset for c in columns if c.shots == shots and c.dataset and c.protocol is None}
         if measured and not datasets <= set(BENCHMARKS):
             notes.append(
                 f"mean {shots}-shot: quoted means average {', '.join(BENCHMARKS)}; a measured row's mean needs a run "
@@ -709,7 +740,7 @@ def render_csv(report: Report) -> str:
 
     Per column `KEY mean`, `KEY ci95`, `KEY episodes`; in paired mode, per compared dataset column, also
     `KEY diff`, `KEY diff_ci95`, `KEY p_value`, `KEY shared`, `KEY only_method`, `KEY only_baseline`. Column
-    keys are `dataset/N-shot` or `mean/N-shot`.
+    keys are `dataset/N-shot` or `mean/N-shot` (`dataset/PROTOCOL/N-shot` for a protocol other than fixed-way).
     """
     header = ["label", "method", "backbone", "variant", "quoted", "source"]
     for column in report.columns:
@@ -777,6 +808,7 @@ def _column_dict(column: Column) -> dict[str, Any]:
         "shots": column.shots,
         "kind": "mean" if column.is_mean else "dataset",
         "label": column.label,
+        **({"protocol": column.protocol} if column.protocol is not None else {}),
     }
 
 

@@ -33,6 +33,7 @@ eager PyTorch gives on the CPU and on CUDA (the tests check it against Pillow on
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -41,6 +42,22 @@ from cdfsl.errors import ConfigError
 
 TRANSFORMS = ("rotate", "jitter", "flip")
 DEFAULT_VIEWS = ("plain", "rotate+jitter+flip", "rotate", "jitter", "flip")
+
+
+class ViewSettings(Protocol):
+    """What the support views read (the config's `augment` section satisfies it; data/ never imports the config)."""
+
+    @property
+    def views(self) -> tuple[str, ...]: ...
+
+    @property
+    def rotation(self) -> float: ...
+
+    @property
+    def jitter(self) -> float: ...
+
+    @property
+    def flip_p(self) -> float: ...
 
 
 def parse_view(view: str) -> frozenset[str]:

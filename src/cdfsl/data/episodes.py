@@ -1,4 +1,8 @@
-"""Episodes as tensors: support views and queries for E episodes, stacked on the episode axis."""
+"""Episodes as tensors: support views and queries for E episodes of one shape, stacked on the episode axis.
+
+A batch holds episodes of one `EpisodeShape` (classes, support and query counts); `group_by_shape` splits episodes of
+several shapes into such groups, in order of first appearance, each keeping its episodes' order.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +12,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from cdfsl.config import AugmentConfig
-from cdfsl.data.augment import support_views
+from cdfsl.data.augment import ViewSettings, support_views
 from cdfsl.data.images import ImageCache
 from cdfsl.data.index import Episode, ImageIndex
+from cdfsl.data.protocols import EpisodeShape
 from cdfsl.seeding import torch_stream
 
 
@@ -49,7 +53,7 @@ def build_batch(
     episodes: Sequence[Episode],
     index: ImageIndex,
     cache: ImageCache,
-    augment: AugmentConfig,
+    augment: ViewSettings,
     normalize: Callable[[Tensor], Tensor],
     seed: int,
     device: torch.device,
@@ -57,8 +61,13 @@ def build_batch(
 ) -> EpisodeBatch:
     """Decode (through the cache), augment and normalize the images of `episodes`.
 
-    `with_views=False` keeps only the plain support image (methods that do not train).
+    `with_views=False` keeps only the plain support image (methods that do not train). The episodes must share one
+    `EpisodeShape` (else a `ValueError`: split them with `group_by_shape` first).
     """
+    shapes = sorted({EpisodeShape.of(episode) for episode in episodes})
+    if len(shapes) > 1:
+        found = ", ".join(f"{s.ways}-way/{s.supports} supports/{s.queries} queries" for s in shapes)
+        raise ValueError(f"one batch needs episodes of one shape, got {found}: batch each group of group_by_shape")
     supports, support_labels, queries, query_labels = [], [], [], []
     views = augment.views if with_views else ("plain",)
     for episode in episodes:
@@ -81,3 +90,11 @@ def build_batch(
         query_labels=torch.stack(query_labels),
         seed=seed,
     )
+
+
+def group_by_shape(episodes: Sequence[Episode]) -> list[list[Episode]]:
+    """`episodes` split by `EpisodeShape`: one list per shape, in order of first appearance, episodes kept in order."""
+    groups: dict[EpisodeShape, list[Episode]] = {}
+    for episode in episodes:
+        groups.setdefault(EpisodeShape.of(episode), []).append(episode)
+    return list(groups.values())

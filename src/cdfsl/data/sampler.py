@@ -26,7 +26,8 @@ from cdfsl.seeding import numpy_stream
 
 
 class EpisodeSampler:
-    """Draws episode `i` of a run; see the module docstring for the determinism contract.
+    """Draws episode `i` of a run; see the module docstring for the determinism contract. The `fixed-way` protocol's
+    sampler (`cdfsl.data.protocols`): every episode has the same shape.
 
     Attributes:
         ways, shots, queries, seed: the episode shape and the run seed.

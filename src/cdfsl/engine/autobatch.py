@@ -1,9 +1,10 @@
 """`--episode-batch auto`: how many episodes to train at once.
 
-On CUDA, two short trial fits (E = 1 and E = 2, two iterations on random images of the run's shapes) give the memory a
-run needs per episode and for everything else; E is then the largest batch that fits in 85% of the free memory,
-capped by `MAX_EPISODE_BATCH` and the number of episodes. On CPU the backbone's matrix work is already large enough per
-episode that batching buys little, so `auto` means `CPU_EPISODE_BATCH`.
+On CUDA, two short trial fits (E = 1 and E = 2, two iterations on random images of the largest episode shape the run's
+protocol may yield, `EpisodeProtocol.largest`) give the memory a run needs per episode and for everything else; E is
+then the largest batch that fits in 85% of the free memory, capped by `MAX_EPISODE_BATCH` and the number of episodes.
+On CPU the backbone's matrix work is already large enough per episode that batching buys little, so `auto` means
+`CPU_EPISODE_BATCH`.
 """
 
 from __future__ import annotations
@@ -15,24 +16,37 @@ import torch
 from cdfsl.config import RunConfig
 from cdfsl.data.episodes import EpisodeBatch
 from cdfsl.data.index import Episode
+from cdfsl.data.protocols import EpisodeSettings, EpisodeShape, get_protocol, protocol_of
 
 CPU_EPISODE_BATCH = 4
 MAX_EPISODE_BATCH = 64
 MEMORY_SHARE = 0.85
 
 
-def synthetic_batch(config: RunConfig, episodes: int, image_size: int, device: torch.device) -> EpisodeBatch:
-    """Random normalized images with the shapes of `episodes` real episodes of `config` (for trials and benchmarks)."""
+def largest_shape(config: RunConfig) -> EpisodeShape:
+    """The largest episode shape the protocol of `config`'s dataset may yield under its ways, shots and queries."""
+    settings = EpisodeSettings(config.ways, config.shots, config.queries)
+    return get_protocol(protocol_of(config.dataset)).largest(settings)
+
+
+def synthetic_batch(
+    config: RunConfig, episodes: int, image_size: int, device: torch.device, shape: EpisodeShape | None = None
+) -> EpisodeBatch:
+    """Random normalized images with the shapes of `episodes` real episodes of `config` (for trials and benchmarks):
+    `shape`, or by default `ways` classes of `shots` supports and `queries` queries each. Supports and queries are
+    spread over the classes as evenly as they go (the first classes get one more)."""
+    shape = shape or EpisodeShape(config.ways, config.ways * config.shots, config.ways * config.queries)
+    ways = shape.ways
     views = len(config.augment.views) if config.trains else 1
-    support = config.ways * config.shots * views
-    query = config.ways * config.queries
+    support = shape.supports * views
+    query = shape.queries
     generator = torch.Generator().manual_seed(0)
-    labels_s = torch.arange(config.ways).repeat_interleave(config.shots * views)
-    labels_q = torch.arange(config.ways).repeat_interleave(config.queries)
-    specs = [Episode(i, tuple(range(config.ways)), (), ()) for i in range(episodes)]
+    labels_s = (torch.arange(shape.supports) % ways).sort().values.repeat_interleave(views)
+    labels_q = (torch.arange(shape.queries) % ways).sort().values
+    specs = [Episode(i, tuple(range(ways)), (), ()) for i in range(episodes)]
     return EpisodeBatch(
         episodes=specs,
-        class_names=[[f"class {c}" for c in range(config.ways)] for _ in range(episodes)],
+        class_names=[[f"class {c}" for c in range(ways)] for _ in range(episodes)],
         support=torch.randn((episodes, support, 3, image_size, image_size), generator=generator).to(device),
         support_labels=labels_s.expand(episodes, -1).to(device),
         query=torch.randn((episodes, query, 3, image_size, image_size), generator=generator).to(device),
@@ -56,7 +70,8 @@ def _peak_bytes(config: RunConfig, episodes: int) -> int:
     context = build_context(trial, load_data=False)  # no dataset: the images are synthetic
     device = context.device
     method = build_method(context.config, context.backbone, context.autocast_dtype)
-    batch = synthetic_batch(context.config, episodes, context.backbone.image_size, device)
+    shape = largest_shape(context.config)
+    batch = synthetic_batch(context.config, episodes, context.backbone.image_size, device, shape)
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     method.fit(batch)

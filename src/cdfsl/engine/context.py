@@ -3,7 +3,9 @@
 From a config it builds, in this order: the config validated (a bad one is a `ConfigError` before anything is loaded)
 and resolved (every recipe value filled in); the compute device; the precision label and the methods' autocast dtype;
 the dataset's image index and episode sampler (warning about classes too small for an episode); and, on first use, the
-frozen backbone and the image cache. Backbones and image caches are kept across contexts in a `LoadCache`.
+frozen backbone and the image cache. Backbones and image caches are kept across contexts in a `LoadCache`. The sampler
+comes from the dataset's episode protocol (`cdfsl.data.protocols`); `batches` splits each chunk of episodes by shape, so
+a protocol whose episodes differ in ways, shots or queries gives every method uniform batches.
 
 Who builds one: the episode runner (`engine.runner.Runner.run`, whose `Runner` keeps one `LoadCache` for all its runs),
 the diagnostic probes (`analysis.probe_setup.prepare`), the training-cost count (`analysis.cost.training_cost`) and
@@ -24,11 +26,11 @@ from cdfsl.backbone.adapter import ClipAdapter
 from cdfsl.backbone.factory import load_backbone, resolve_pretrained, weights_identity
 from cdfsl.backbone.tokenizers import tokenizer_identity
 from cdfsl.config import RunConfig
-from cdfsl.data.episodes import EpisodeBatch, build_batch
+from cdfsl.data.episodes import EpisodeBatch, build_batch, group_by_shape
 from cdfsl.data.images import ImageCache
-from cdfsl.data.index import ImageIndex
+from cdfsl.data.index import Episode, ImageIndex
+from cdfsl.data.protocols import FIXED_WAY, EpisodeSettings, Sampler, build_sampler, protocol_of
 from cdfsl.data.readers import load_index
-from cdfsl.data.sampler import EpisodeSampler
 from cdfsl.errors import ConfigError, DatasetWarning
 
 
@@ -101,8 +103,9 @@ class RunContext:
         config: the run config, validated and resolved (every recipe value filled in).
         device: the compute device; `precision` its label (`fp32` or `bf16`), `autocast_dtype` the methods' autocast
             dtype (None in fp32).
-        index, sampler: the dataset's image index and its episode sampler; None in a context built without its
-            dataset (`load_data=False`).
+        index, sampler: the dataset's image index and its episode sampler (built by the dataset's protocol); None in
+            a context built without its dataset (`load_data=False`).
+        protocol: the name of the dataset's episode protocol (`fixed-way` for every built-in dataset).
         loads: where `backbone` and `cache` are loaded from and kept.
 
     `backbone` (the frozen adapter) and `cache` (the dataset's images at the backbone's input size) are loaded on
@@ -114,8 +117,9 @@ class RunContext:
     precision: str
     autocast_dtype: torch.dtype | None
     index: ImageIndex | None
-    sampler: EpisodeSampler | None
+    sampler: Sampler | None
     loads: LoadCache = field(repr=False)
+    protocol: str = FIXED_WAY
 
     @cached_property
     def backbone(self) -> ClipAdapter:
@@ -129,7 +133,7 @@ class RunContext:
         config = self.config
         return self.loads.image_cache(index, self.backbone.image_size, config.cache_dir, config.pre_resize or 0)
 
-    def data(self) -> tuple[ImageIndex, EpisodeSampler]:
+    def data(self) -> tuple[ImageIndex, Sampler]:
         """(index, sampler); a `RuntimeError` in a context built without its dataset."""
         if self.index is None or self.sampler is None:
             raise RuntimeError("this run context was built without its dataset (load_data=False)")
@@ -145,12 +149,23 @@ class RunContext:
         """The episodes with these indices (in the config's episode sequence) as one batch of E = len(episodes).
 
         Support views `[E, S·V, 3, H, W]` (`with_views=False`: the plain image only, V = 1), query images
-        `[E, Q, 3, H, W]`, both normalized for the backbone, and labels `[E, S·V]`, `[E, Q]`, on `device`.
+        `[E, Q, 3, H, W]`, both normalized for the backbone, and labels `[E, S·V]`, `[E, Q]`, on `device`. The
+        episodes must share one shape (a `ValueError` otherwise); `shaped_batches` splits any set of them.
         """
-        index, sampler = self.data()
+        _, sampler = self.data()
+        return self._build(sampler.episodes(episodes), with_views)
+
+    def shaped_batches(self, episodes: Sequence[int], with_views: bool = True) -> list[EpisodeBatch]:
+        """The episodes with these indices as one batch per episode shape (`data.episodes.group_by_shape`): a single
+        batch when they share one. Each episode's tensors are those it has alone (its streams are per index)."""
+        _, sampler = self.data()
+        return [self._build(group, with_views) for group in group_by_shape(sampler.episodes(episodes))]
+
+    def _build(self, episodes: list[Episode], with_views: bool) -> EpisodeBatch:
+        index, _ = self.data()
         config = self.config
         return build_batch(
-            sampler.episodes(episodes),
+            episodes,
             index,
             self.cache,
             config.augment,
@@ -161,18 +176,18 @@ class RunContext:
         )
 
     def batches(self, episodes: Sequence[int], with_views: bool = True) -> Iterator[EpisodeBatch]:
-        """`batch` over `episodes` in consecutive chunks of `config.episode_batch` episodes."""
+        """`shaped_batches` over `episodes` in consecutive chunks of `config.episode_batch` episodes."""
         for chunk in chunks(episodes, self.config.episode_batch):
-            yield self.batch(chunk, with_views)
+            yield from self.shaped_batches(chunk, with_views)
 
 
 def build_context(config: RunConfig, loads: LoadCache | None = None, *, load_data: bool = True) -> RunContext:
     """Validate and resolve `config` and build its run context; the backbone and image cache come from `loads`.
 
     A bad config is a `ConfigError` before anything is loaded. With `load_data`, the dataset's index and episode
-    sampler are loaded, and classes with fewer than shots + queries images are named in a `DatasetWarning`; without
-    it, the context has no dataset (for fits on synthetic images). `loads=None` keeps what is loaded in this context
-    only.
+    sampler (its protocol's, `data.protocols.protocol_of`) are loaded, and classes with fewer than shots + queries
+    images are named in a `DatasetWarning`; without it, the context has no dataset (for fits on synthetic images).
+    `loads=None` keeps what is loaded in this context only.
     """
     config = config.validate().resolved()
     # One name for one set of weights, so the run identity, stored rows and model.json agree (tiny: `shipped`).
@@ -180,16 +195,18 @@ def build_context(config: RunConfig, loads: LoadCache | None = None, *, load_dat
     device = resolve_device(config.device)
     precision, autocast_dtype = resolve_precision(config.train.precision, device)
     index, sampler = None, None
+    protocol = protocol_of(config.dataset)
     if load_data:
         index = load_index(config.dataset, config.data_root)
-        sampler = EpisodeSampler(index, config.ways, config.shots, config.queries, config.seed)
+        settings = EpisodeSettings(config.ways, config.shots, config.queries)
+        sampler = build_sampler(protocol, index, settings, config.seed)
         _warn_excluded(config, sampler)
     return RunContext(
-        config, device, precision, autocast_dtype, index, sampler, LoadCache() if loads is None else loads
+        config, device, precision, autocast_dtype, index, sampler, LoadCache() if loads is None else loads, protocol
     )
 
 
-def _warn_excluded(config: RunConfig, sampler: EpisodeSampler) -> None:
+def _warn_excluded(config: RunConfig, sampler: Sampler) -> None:
     if sampler.excluded_classes:
         warnings.warn(
             f"{config.dataset}: classes with fewer than shots + queries = {config.shots + config.queries} images "

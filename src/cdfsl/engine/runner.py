@@ -41,8 +41,10 @@ from cdfsl.backbone.adapter import ClipAdapter
 from cdfsl.backbone.factory import resolve_activation, weights_identity
 from cdfsl.backbone.tokenizers import tokenizer_identity
 from cdfsl.config import RunConfig, run_id_of
+from cdfsl.data.episodes import group_by_shape
 from cdfsl.data.images import ImageCache, image_rule
 from cdfsl.data.index import ImageIndex
+from cdfsl.data.protocols import FIXED_WAY
 from cdfsl.engine.context import LoadCache, RunContext, build_context, resolve_precision
 from cdfsl.engine.store import EpisodeQueries, EpisodeResult, Holder, ResultStore, new_owner_id
 from cdfsl.errors import StoreError
@@ -54,8 +56,11 @@ def run_identity(context: RunContext, device: str | None = None) -> tuple[str, d
     """(run id, identity) of a run context built with its dataset: what its id hashes (`RunConfig.identity`).
 
     `device` (`cpu`, `cuda`, …): the identity of the run on that device instead of the context's, which need not
-    exist here (a sweep planned, or driven, from a machine without the workers' GPUs)."""
+    exist here (a sweep planned, or driven, from a machine without the workers' GPUs). A run under an episode protocol
+    other than `fixed-way` has the protocol's name in its identity; fixed-way runs keep the identity they had."""
     identity = context.config.identity(*_identity_arguments(context, device))
+    if context.protocol != FIXED_WAY:
+        identity["protocol"] = context.protocol
     return run_id_of(identity), identity
 
 
@@ -66,7 +71,10 @@ def legacy_run_id(context: RunContext, device: str | None = None) -> str:
 
 def adopt_legacy_run(store: ResultStore, context: RunContext, run_id: str, identity: dict[str, Any]) -> int:
     """Serve a run stored under its legacy id: when `run_id` has no row, move the legacy run's rows to it
-    (`ResultStore.adopt_run`). Returns the number of episodes adopted."""
+    (`ResultStore.adopt_run`). Returns the number of episodes adopted. Only fixed-way runs have legacy ids: the
+    earlier identity did not name a protocol, so another protocol's run must never take a fixed-way run's rows."""
+    if context.protocol != FIXED_WAY:
+        return 0
     old_id = legacy_run_id(context)
     return 0 if old_id == run_id else store.adopt_run(old_id, run_id, identity)
 
@@ -93,7 +101,17 @@ def _identity_arguments(context: RunContext, device: str | None) -> tuple[Any, .
 
 
 def train_episodes(context: RunContext, method: Method, episodes: list[int]) -> list[EpisodeResult]:
-    """Fit and predict episodes `episodes` of the context's run as one batch; their results (not stored)."""
+    """Fit and predict episodes `episodes` of the context's run, one batch per episode shape (a single batch under
+    `fixed-way`); their results (not stored), in the order of `episodes`."""
+    by_episode: dict[int, EpisodeResult] = {}
+    for chunk in group_by_shape(context.data()[1].episodes(episodes)):
+        for result in _train_batch(context, method, [episode.index for episode in chunk]):
+            by_episode[result.episode] = result
+    return [by_episode[i] for i in episodes]
+
+
+def _train_batch(context: RunContext, method: Method, episodes: list[int]) -> list[EpisodeResult]:
+    """Fit and predict episodes of one shape as one batch."""
     config = context.config
     batch_start = time.perf_counter()
     batch = context.batch(episodes, with_views=config.trains)
