@@ -187,7 +187,7 @@ class FewShotClassifier:
         new folder is written beside it and renamed into place, so an error leaves the old one as it was)."""
         from safetensors.torch import save_file
 
-        from cdfsl import __version__
+        from cdfsl.version import __version__
         from cdfsl.backbone.factory import weights_identity
         from cdfsl.backbone.tokenizers import tokenizer_identity
 

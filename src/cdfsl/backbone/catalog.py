@@ -173,7 +173,7 @@ class _TrunkCache:
     def __init__(self) -> None:
         import timm
 
-        from cdfsl import __version__
+        from cdfsl.version import __version__
         from cdfsl.data.fingerprint import cache_dir
 
         folder = cache_dir()
