@@ -319,3 +319,15 @@ def test_help_loads_neither_torch_nor_open_clip() -> None:
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split("\n")[:2] == ["[]", "True"]
+
+
+def test_cka_against_another_dataset_compares_zero_shot_image_sets(tmp_path: Path) -> None:
+    """`diagnose cka --other-dataset`: both sets are zero-shot's (`--method` is for before vs after); the same
+    dataset on both sides is the same images, whose linear CKA is 1 at every layer."""
+    out = tmp_path / "cka"
+    args = ["diagnose", "cka", "--out", str(out), "--dataset", "digits", "--other-dataset", "digits", "--masks", "none"]
+    result = invoke([*args, "--backbone", "tiny", "--pretrained", "none", "--episodes", "1", "--set", "device=cpu"])
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "cka.json").read_text())
+    assert data["config"]["method"] == data["other_config"]["method"] == "zeroshot"
+    assert data["cka"]["none"] == pytest.approx([1.0] * data["layers"], abs=1e-5)

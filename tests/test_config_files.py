@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from cdfsl.cli import app, build_config, load_config_file
+from cdfsl.cli import app
+from cdfsl.cli.options import config_from_options, load_config_file
 from cdfsl.config import RunConfig
 from cdfsl.errors import ConfigError
 
@@ -79,7 +80,7 @@ def test_bad_mappings_are_refused(data: Any, message: str) -> None:
 def test_options_typed_and_set_override_the_file(tmp_path: Path) -> None:
     base = load_config_file(write(tmp_path / "run.toml", TOML))
     options = {"shots": 5, "dataset": None, "method": None, "ways": 5}
-    config = build_config(options, ["train.iterations=7"], base=base, given={"shots"})
+    config = config_from_options(options, ["train.iterations=7"], base=base, typed={"shots"})
     assert (config.shots, config.train.iterations, config.train.lr) == (5, 7, 0.001)
     assert (config.method, config.queries, config.augment.views) == ("lora", 3, ("plain", "flip"))
 

@@ -342,7 +342,7 @@ def test_zero_iterations_stay_allowed_for_zeroshot(tmp_path: Path) -> None:
 
 
 def test_demo_shows_zeroshot_recipe_as_run_and_methods_do(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    import cdfsl.cli as cli
+    import cdfsl.cli.run as cli
 
     monkeypatch.setattr(cli, "DEMO_METHODS", ("zeroshot",))
     result = invoke(["demo", "--episodes", "1", "--episode-batch", "1", "--db", str(tmp_path / "d.sqlite")])

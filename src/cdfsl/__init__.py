@@ -25,13 +25,13 @@ from typing import TYPE_CHECKING, Any
 
 from cdfsl.config import RunConfig
 from cdfsl.errors import CdfslError
+from cdfsl.version import __version__
 
 if TYPE_CHECKING:
     from cdfsl.classifier import FewShotClassifier
     from cdfsl.engine.runner import Progress, Runner, RunResult, run
 
-__all__ = ["CdfslError", "FewShotClassifier", "Progress", "RunConfig", "RunResult", "Runner", "run"]
-__version__ = "0.1.0"
+__all__ = ["CdfslError", "FewShotClassifier", "Progress", "RunConfig", "RunResult", "Runner", "__version__", "run"]
 
 _LAZY = {"Progress", "Runner", "RunResult", "run"}
 

@@ -187,9 +187,9 @@ class FewShotClassifier:
         new folder is written beside it and renamed into place, so an error leaves the old one as it was)."""
         from safetensors.torch import save_file
 
-        from cdfsl import __version__
         from cdfsl.backbone.factory import weights_identity
         from cdfsl.backbone.tokenizers import tokenizer_identity
+        from cdfsl.version import __version__
 
         context, method = self._require_fitted()
         folder = Path(directory)

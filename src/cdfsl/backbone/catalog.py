@@ -173,8 +173,8 @@ class _TrunkCache:
     def __init__(self) -> None:
         import timm
 
-        from cdfsl import __version__
         from cdfsl.data.fingerprint import cache_dir
+        from cdfsl.version import __version__
 
         folder = cache_dir()
         self.path = folder / TRUNK_CACHE if folder is not None else None
