@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cdfsl.data.readers import DATASETS as DATASET_SPECS
+from cdfsl.data.benchmarks import DATASETS as DATASET_SPECS
 from cdfsl.errors import ConfigError
 from cdfsl.methods.lora.settings import LORA_TOWERS, LoraConfig, PromptConfig
 from cdfsl.methods.maple.settings import MapleConfig
@@ -200,7 +200,7 @@ class RunConfig:
 
         Numeric fields follow `NUMERIC_RULES`; fields left to the recipe are checked once the recipe has filled them.
         """
-        _check_choice("dataset", self.dataset, DATASETS)
+        _check_choice("dataset", self.dataset, tuple(DATASET_SPECS))  # live: a benchmark registered later counts
         _check_choice("recipe", self.recipe_name, tuple(RECIPES))
         parse_method(self.method, self.recipe_name)  # refuses an unknown method or an impossible combination
         check_device(self.device)
