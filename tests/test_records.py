@@ -104,7 +104,7 @@ def test_records_json_cannot_hold_are_refused_and_nothing_of_the_batch_is_stored
 ) -> None:
     with ResultStore(tmp_path / "r.sqlite") as store:
         batch = [EpisodeResult(0, 1, 2, 0.1, records={"ok": 1}), EpisodeResult(1, 1, 2, 0.1, records=records)]
-        with pytest.raises(StoreError, match=reason):
+        with pytest.raises(StoreError, match=f"^run r episode 1: .*{reason}"):
             store.add_episodes("r", batch, config=config_of("lora"), identity=IDENTITY)
         assert store.episode_records("r") == {} and store.runs() == []
 

@@ -133,6 +133,7 @@ class RunResult:
         `dlc_off_step`, MaPLe's epoch losses). When any episode of the run has a record, every `per_episode` entry
         gets `records` with every name the run recorded (null where that episode has none)."""
         cfg = self.config
+        names = record_names(self.records.values())
         return {
             "run_id": self.run_id,
             "dataset": cfg.dataset,
@@ -146,13 +147,12 @@ class RunResult:
             "mean_acc": round(self.mean_acc, 4),
             "ci95": round(self.ci95, 4),
             "recipe": cfg.recipe,
-            "per_episode": [self._episode_json(i, a) for i, a in self.per_episode],
+            "per_episode": [self._episode_json(i, a, names) for i, a in self.per_episode],
             "config": cfg.to_dict(),
         }
 
-    def _episode_json(self, episode: int, accuracy: float) -> dict[str, Any]:
+    def _episode_json(self, episode: int, accuracy: float, names: list[str]) -> dict[str, Any]:
         entry: dict[str, Any] = {"episode": episode, "acc": round(accuracy, 4)}
-        names = record_names(self.records.values())
         if names:
             records = self.records.get(episode, {})
             entry["records"] = {name: records.get(name) for name in names}

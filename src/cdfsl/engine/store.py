@@ -185,24 +185,27 @@ class EpisodeResult:
         return self.correct / self.total
 
 
-def records_json(records: Mapping[str, Any]) -> str | None:
+def records_json(records: Mapping[str, Any], where: str = "") -> str | None:
     """An episode's records as the text of its `records_json` cell (None when there are none).
 
     Raises `StoreError` for a record that JSON cannot hold as it is: a name that is not a string, a value that is not
     a JSON value (a tensor, a NumPy number, an object), or a number that is not finite (stored, it would read back
-    as something else or not at all)."""
+    as something else or not at all). `where` (`run R episode E`) starts the message."""
+    prefix = f"{where}: " if where else ""
     if not records:
         return None
     names = [name for name in records if not isinstance(name, str)]
     if names:
-        raise StoreError(f"record names must be strings, not {names[0]!r}; name each per-episode record by a string")
+        raise StoreError(
+            f"{prefix}record names must be strings, not {names[0]!r}; name each per-episode record by a string"
+        )
     try:
         return json.dumps(dict(records), separators=(",", ":"), sort_keys=True, allow_nan=False)
     except (TypeError, ValueError) as error:
         raise StoreError(
-            f"per-episode records {_shown(records)} cannot be stored ({error}): a method's `episode_records` must give "
-            "finite JSON values (numbers, strings, booleans, null, lists and objects of them; convert tensors with "
-            "`.item()` or `.tolist()`)"
+            f"{prefix}per-episode records {_shown(records)} cannot be stored ({error}): a method's `episode_records` "
+            "must give finite JSON values (numbers, strings, booleans, null, lists and objects of them; convert "
+            "tensors with `.item()` or `.tolist()`)"
         ) from None
 
 
@@ -586,7 +589,7 @@ class ResultStore:
                 owner,
                 r.queries.to_json() if r.queries is not None else None,
                 json.dumps(r.curves, separators=(",", ":")) if r.curves else None,
-                records_json(r.records),
+                records_json(r.records, f"run {run_id} episode {r.episode}"),
             )
             for r in results
         ]  # encoded before the transaction: a record that cannot be stored stores nothing of the batch
