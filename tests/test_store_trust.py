@@ -57,10 +57,10 @@ def fill(db: Path, episodes: int = 20) -> None:
 
 
 def contents(db: Path) -> dict[str, Any]:
-    """What reports read: every run with its episodes' accuracies and DGSO steps."""
+    """What reports read: every run with its episodes' accuracies and records."""
     with ResultStore(db, read_only=True) as store:
         return {
-            run.run_id: (run, store.episode_accuracies(run.run_id), store.episode_dlc_off_steps(run.run_id))
+            run.run_id: (run, store.episode_accuracies(run.run_id), store.episode_records(run.run_id))
             for run in store.runs()
         }
 
@@ -189,7 +189,7 @@ CREATE TABLE episodes (
 
 
 def old_store(db: Path) -> dict[str, dict[int, float]]:
-    """A store of the first release (no `recipe`, `dlc_off_step`, `trained_by` or claims) in rollback mode."""
+    """A store of the first release (no `recipe`, records, `trained_by` or claims) in rollback mode."""
     accuracies: dict[str, dict[int, float]] = {}
     with closing(sqlite3.connect(db)) as connection:
         connection.executescript(OLD_SCHEMA)
@@ -221,7 +221,7 @@ def test_old_schema_store_reads_without_being_altered(tmp_path: Path) -> None:
         assert [(run.run_id, run.recipe, run.episodes) for run in runs] == [("zeroshot", None, 10), ("vtt", None, 10)]
         for run_id, expected in accuracies.items():
             assert store.episode_accuracies(run_id) == expected
-            assert store.episode_dlc_off_steps(run_id) == dict.fromkeys(range(10))
+            assert store.episode_records(run_id) == {i: {} for i in range(10)}
             assert store.episode_accuracies(run_id, below=3) == {i: expected[i] for i in range(3)}
         report = build_report(store, paired="zeroshot")
         assert len(report.cells) == 2
@@ -231,7 +231,7 @@ def test_old_schema_store_reads_without_being_altered(tmp_path: Path) -> None:
     # Opening it for writing upgrades it in place and keeps every row.
     with ResultStore(db) as store:
         assert {run: store.episode_accuracies(run) for run in accuracies} == accuracies
-        assert store.episode_dlc_off_steps("vtt") == dict.fromkeys(range(10))
+        assert store.episode_records("vtt") == {i: {} for i in range(10)}
     assert tables(db) == {"runs", "episodes", "claims"}
 
 

@@ -170,15 +170,17 @@ def test_switch_off_step_is_stored_and_reported(world, tmp_path: Path) -> None:
     method = build_method(config, world.backbone)
     method.fit(batch_of(world, config, [0, 1, 2, 3]))
     expected = [r["dlc_off_step"] for r in method.episode_records()]
-    assert [e["dlc_off_step"] for e in result.to_json()["per_episode"]] == expected
+    assert [e["records"] for e in result.to_json()["per_episode"]] == [{"dlc_off_step": s} for s in expected]
     with ResultStore(db) as store:
-        assert list(store.episode_dlc_off_steps(result.run_id).values()) == expected
+        assert [r["dlc_off_step"] for r in store.episode_records(result.run_id).values()] == expected
     report = CliRunner().invoke(app, ["report", "--db", str(db), "--format", "json"])
     assert report.exit_code == 0, report.output
     rows = json.loads(report.output)["rows"]
-    assert rows[0]["dlc_off_steps"] == {"digits/1-shot": expected}
+    step = rows[0]["records"]["digits/1-shot"]["dlc_off_step"]
+    assert step["per_episode"] == expected
+    assert (step["present"], step["episodes"]) == (sum(s is not None for s in expected), 4)
 
 
 def test_lora_runs_carry_no_switch_off_step(tmp_path: Path) -> None:
     config = tiny_config("lora", episodes=1, db=str(tmp_path / "l.sqlite"), train__iterations=1)
-    assert "dlc_off_step" not in Runner().run(config).to_json()["per_episode"][0]
+    assert "records" not in Runner().run(config).to_json()["per_episode"][0]

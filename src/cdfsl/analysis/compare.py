@@ -7,13 +7,16 @@ their episodes are the same images: the same dataset content (index fingerprint)
 otherwise the comparison is refused, since unpaired accuracies say nothing episode by episode. On the shared
 episodes: the mean difference `a − b` in points with its 95% Student's t interval (`t_{0.975, n−1} · s / sqrt(n)`,
 s with ddof = 1; `cdfsl.stats.paired_difference`, the same number `report --paired` shows), the two-sided Wilcoxon
-signed-rank p-value, and n. Each run's own mean keeps the field's `1.96 · std / sqrt(n)`.
+signed-rank p-value, and n. Each run's own mean keeps the field's `1.96 · std / sqrt(n)`. Each side also carries its
+per-episode records by name (`cdfsl.analysis.records`: VtT's switch-off step, MaPLe's epoch losses), which
+`record_lines` words.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from cdfsl.analysis.records import RecordSummary, records_dict, summarise_records
 from cdfsl.engine.store import ResultStore, RunRecord
 from cdfsl.errors import ConfigError, StoreError
 from cdfsl.labels import changed_settings, run_label, variant_text, visible
@@ -68,8 +71,9 @@ def stored_runs(store: ResultStore, reference: str | None = None) -> list[RunRec
 def compare_runs(store: ResultStore, first: str, second: str) -> dict[str, Any]:
     """Compare runs `first` (a) and `second` (b) of `store` on their shared episodes (module docstring).
 
-    Returns plain numbers: `a`, `b` (run id, name, method, recipe, backbone, episodes, mean and ci95 in percent),
-    `n`, `only_a`, `only_b`, `mean_diff`, `ci95` (Student's t), `p_value` (Wilcoxon).
+    Returns plain numbers: `a`, `b` (run id, name, method, recipe, backbone, episodes, mean and ci95 in percent,
+    and `records`: per record name its summary, `RecordSummary.to_dict`), `n`, `only_a`, `only_b`, `mean_diff`,
+    `ci95` (Student's t), `p_value` (Wilcoxon).
     """
     runs = stored_runs(store)
     a, b = find_run(runs, first), find_run(runs, second)
@@ -87,8 +91,8 @@ def compare_runs(store: ResultStore, first: str, second: str) -> dict[str, Any]:
     if paired.shared == 0:
         raise ConfigError(f"runs {a.run_id} and {b.run_id} share no finished episode")
     return {
-        "a": _side(a, acc_a),
-        "b": _side(b, acc_b),
+        "a": _side(a, acc_a, summarise_records(store.episode_records(a.run_id))),
+        "b": _side(b, acc_b, summarise_records(store.episode_records(b.run_id))),
         "n": paired.shared,
         "only_a": paired.only_a,
         "only_b": paired.only_b,
@@ -98,7 +102,17 @@ def compare_runs(store: ResultStore, first: str, second: str) -> dict[str, Any]:
     }
 
 
-def _side(run: RunRecord, accuracies: dict[int, float]) -> dict[str, Any]:
+def record_lines(result: dict[str, Any]) -> list[str]:
+    """The records of a `compare_runs` result in words, one line per side and record:
+    `A: dlc_off_step: in 3 of 10 episodes, median 12, mean 12.33, range 5–20`."""
+    return [
+        f"{label.upper()}: {RecordSummary.from_dict(name, summary).text()}"
+        for label in ("a", "b")
+        for name, summary in result[label]["records"].items()
+    ]
+
+
+def _side(run: RunRecord, accuracies: dict[int, float], records: list[RecordSummary]) -> dict[str, Any]:
     mean, ci = mean_ci95(list(accuracies.values()))
     return {
         "run_id": run.run_id,
@@ -111,4 +125,5 @@ def _side(run: RunRecord, accuracies: dict[int, float]) -> dict[str, Any]:
         "episodes": len(accuracies),
         "mean": mean,
         "ci95": ci,
+        "records": records_dict(records),
     }

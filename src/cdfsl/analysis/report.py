@@ -34,6 +34,11 @@ runs), matched on the episodes both runs finished — see
 `cdfsl.stats.paired_difference`. Runs with different ways, queries or seed are not paired (their
 episode indices name different images); unequal episode sets are matched on the shared ones and noted.
 
+Per-episode records (what a method recorded beyond accuracy: VtT's `dlc_off_step`, MaPLe's epoch losses) are shown
+by name for every measured cell whose run has any (`cdfsl.analysis.records`): in how many episodes each has a value,
+and for numbers their median, mean and range. The table lists them under the table, markdown and LaTeX after it, CSV
+in columns and JSON per row.
+
 Quoted paper rows (`with_paper_results=True`, from `cdfsl.analysis.paper_results`) fill the four benchmarks'
 columns (added for every quoted shots value) and the mean columns, are labelled "(TIR paper)" or "(VtT paper)", and
 never count as a column's best. A quoted mean shows the number the paper prints; where it differs from the mean of
@@ -58,18 +63,19 @@ from rich.text import Text
 
 from cdfsl.analysis.compare import ambiguous, find_run
 from cdfsl.analysis.paper_results import BENCHMARKS, PaperResult, paper_results
+from cdfsl.analysis.records import RecordSummary, records_dict, summarise_records
 from cdfsl.config import METHODS
 from cdfsl.data.protocols import PROTOCOLS, EpisodeSettings
-from cdfsl.engine.store import ResultStore, RunRecord
+from cdfsl.engine.store import ResultStore, RunRecord, record_names
 from cdfsl.errors import ConfigError, StoreError
 from cdfsl.labels import PROTOCOL_WAYS, changed_settings, run_label, variant_text, visible
-from cdfsl.registry import split_method
 from cdfsl.stats import PairedStats, episode_differences, mean_ci95, paired_difference
 
 FORMATS = ("table", "markdown", "csv", "latex", "json")
 JSON_SCHEMA = "cdfsl.report/1"
 _DATASET_ORDER = ("eurosat", "isic2018", "cropdiseases", "chestx")
 _BLANK = "–"
+_RECORDS_TITLE = "Per-episode records (what a method recorded beyond accuracy, over each run's episodes)"
 
 
 @dataclass(frozen=True)
@@ -165,8 +171,8 @@ class Report:
     baseline: str | None = None
     paired: dict[tuple[Row, Column], PairedCell] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-    # VtT runs: per cell, the step at which DGSO switched L_VtT off in each episode (None: never), by episode index.
-    dlc_off_steps: dict[tuple[Row, Column], list[int | None]] = field(default_factory=dict)
+    # Per measured cell whose run recorded anything per episode: a summary per record name (`analysis.records`).
+    records: dict[tuple[Row, Column], list[RecordSummary]] = field(default_factory=dict)
 
     def cell(self, row: Row, column: Column) -> Cell | None:
         return self.cells.get((row, column))
@@ -182,6 +188,15 @@ class Report:
             return frozenset()
         top = max(scored.values())
         return frozenset(row for row, value in scored.items() if value == top)
+
+    def record_lines(self) -> list[str]:
+        """One line per (row, column, record) in table order: `ROW, COLUMN: NAME: in n of N episodes, ...`."""
+        return [
+            f"{row.label}, {column.label}: {summary.text()}"
+            for row in self.rows
+            for column in self.columns
+            for summary in self.records.get((row, column), [])
+        ]
 
     @property
     def paired_columns(self) -> list[Column]:
@@ -220,9 +235,9 @@ class Report:
             "source": "; ".join(sources) if sources else None,
             "cells": cells,
         }
-        steps = {c.key: self.dlc_off_steps[(row, c)] for c in self.columns if (row, c) in self.dlc_off_steps}
-        if steps:
-            entry["dlc_off_steps"] = steps
+        records = {c.key: records_dict(self.records[(row, c)]) for c in self.columns if (row, c) in self.records}
+        if records:
+            entry["records"] = records
         if self.baseline is not None:
             entry["paired"] = {c.key: _paired_dict(pc) for c in self.columns if (pc := self.paired.get((row, c)))}
         return entry
@@ -274,8 +289,9 @@ def build_report(store: ResultStore, paired: str | None = None, with_paper_resul
         rows += _add_quoted(quoted, columns, cells, notes)
     report = Report(str(store.path), rows, columns, cells, paired, notes=notes)
     for key, run in placed.items():
-        if _uses_vtt(run.method):
-            report.dlc_off_steps[key] = list(store.episode_dlc_off_steps(run.run_id).values())
+        summaries = summarise_records(store.episode_records(run.run_id))
+        if summaries:
+            report.records[key] = summaries
     if baseline_run is not None:
         report.paired = _pair_with_run(baseline_run, placed, accuracies, notes)
     elif paired is not None:
@@ -371,14 +387,6 @@ def _frozen(changes: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
 
 def _row_key(run: RunRecord, variants: Mapping[str, str | None]) -> tuple[str, str | None, str, str | None]:
     return (run.method, run.recipe, run.backbone, variants[run.run_id])
-
-
-def _uses_vtt(method: str) -> bool:
-    """Whether a stored run's method has the VtT plug-in (names of other versions count as without)."""
-    try:
-        return "vtt" in split_method(method)[1]
-    except ConfigError:
-        return False
 
 
 def _method_order(method: str) -> tuple[int, str]:
@@ -616,6 +624,8 @@ def render_markdown(report: Report) -> str:
                 for row in report.paired_rows
             ],
         )
+    if report.records:
+        lines += ["", f"**{_RECORDS_TITLE}**", "", *(f"- {_md_escape(line)}" for line in report.record_lines())]
     if report.notes:
         lines += ["", *(f"- {_md_escape(note)}" for note in report.notes)]
     return "\n".join(lines) + "\n"
@@ -672,6 +682,8 @@ def render_latex(report: Report) -> str:
     """
     lines = ["% cdfsl report: mean accuracy (%) +- 95% interval over episodes; needs \\usepackage{booktabs}"]
     lines += [f"% {_comment(note)}" for note in report.notes]
+    if report.records:
+        lines += [f"% {_RECORDS_TITLE}", *(f"%   {_comment(line)}" for line in report.record_lines())]
     header = ["Method", "Backbone", *(column.label for column in report.columns)]
     body: list[list[str]] = []
     separators: set[int] = set()
@@ -739,8 +751,10 @@ def render_csv(report: Report) -> str:
     """One CSV line per row: identity fields, then numbers per column (empty when blank).
 
     Per column `KEY mean`, `KEY ci95`, `KEY episodes`; in paired mode, per compared dataset column, also
-    `KEY diff`, `KEY diff_ci95`, `KEY p_value`, `KEY shared`, `KEY only_method`, `KEY only_baseline`. Column
-    keys are `dataset/N-shot` or `mean/N-shot` (`dataset/PROTOCOL/N-shot` for a protocol other than fixed-way).
+    `KEY diff`, `KEY diff_ci95`, `KEY p_value`, `KEY shared`, `KEY only_method`, `KEY only_baseline`; per dataset
+    column and record name some run there recorded, `KEY NAME present`, `KEY NAME episodes`, `KEY NAME median`,
+    `KEY NAME mean` (the last two empty for records that are not numbers). Column keys are `dataset/N-shot` or
+    `mean/N-shot` (`dataset/PROTOCOL/N-shot` for a protocol other than fixed-way).
     """
     header = ["label", "method", "backbone", "variant", "quoted", "source"]
     for column in report.columns:
@@ -749,6 +763,9 @@ def render_csv(report: Report) -> str:
     paired_fields = ("diff", "diff_ci95", "p_value", "shared", "only_method", "only_baseline")
     for column in paired_columns:
         header += [f"{column.key} {field_name}" for field_name in paired_fields]
+    record_columns = _record_columns(report)
+    for column, name in record_columns:
+        header += [f"{column.key} {name} {field_name}" for field_name in _RECORD_FIELDS]
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(header)
@@ -773,8 +790,28 @@ def render_csv(report: Report) -> str:
                 s = pc.stats
                 line += [_num(s.mean_diff), _num(s.ci95), _num(s.p_value, 6), str(s.shared)]
                 line += [str(s.only_a), str(s.only_b)]
+        for column, name in record_columns:
+            summary = next((r for r in report.records.get((row, column), []) if r.name == name), None)
+            if summary is None:
+                line += [""] * len(_RECORD_FIELDS)
+            else:
+                numbers = (summary.median, summary.mean)
+                line += [str(summary.present), str(summary.episodes)]
+                line += ["" if value is None else _num(value, 6) for value in numbers]
         writer.writerow(line)
     return buffer.getvalue()
+
+
+_RECORD_FIELDS = ("present", "episodes", "median", "mean")
+
+
+def _record_columns(report: Report) -> list[tuple[Column, str]]:
+    """(column, record name) pairs that some row of `report` has, in column order, names in `record_names` order."""
+    pairs = []
+    for column in report.columns:
+        present = [{summary.name: None for summary in report.records.get((row, column), [])} for row in report.rows]
+        pairs += [(column, name) for name in record_names(present)]
+    return pairs
 
 
 def _num(value: float, digits: int = 4) -> str:
@@ -794,7 +831,10 @@ def render_json(report: Report) -> str:
                                       "quoted": bool, "source", "over": [datasets] (mean cells)}},
                "paired": {COLUMN_KEY: {"baseline": LABEL, "baseline_run_id", "run_id", "mean_diff", "ci95",
                                        "p_value", "shared", "only_method", "only_baseline",
-                                       "unequal_episode_sets": bool}}  (paired mode only)}, ...],
+                                       "unequal_episode_sets": bool}}  (paired mode only),
+               "records": {COLUMN_KEY: {NAME: {"episodes", "present", "median", "mean", "min", "max",
+                                              "per_episode": [value | null, ...]}}}  (runs with records only)},
+              ...],
      "notes": [str, ...]}
     ```
     """
@@ -866,7 +906,10 @@ def rich_table(report: Report) -> Table:
     title = "Mean accuracy (%) ± 95% interval"
     if report.baseline is not None:
         title += f"; Δ vs {report.baseline}: points ± 95% t interval, Wilcoxon p, n shared († unequal episode sets)"
-    table = Table(title=title, caption="\n".join(report.notes) or None, caption_justify="left")
+    caption = list(report.notes)
+    if report.records:
+        caption += [f"{_RECORDS_TITLE}:", *(f"  {line}" for line in report.record_lines())]
+    table = Table(title=title, caption="\n".join(caption) or None, caption_justify="left")
     table.add_column("Method")
     table.add_column("Backbone")
     for column in report.columns:

@@ -46,7 +46,7 @@ from cdfsl.data.images import ImageCache, image_rule
 from cdfsl.data.index import ImageIndex
 from cdfsl.data.protocols import FIXED_WAY
 from cdfsl.engine.context import LoadCache, RunContext, build_context, resolve_precision
-from cdfsl.engine.store import EpisodeQueries, EpisodeResult, Holder, ResultStore, new_owner_id
+from cdfsl.engine.store import EpisodeQueries, EpisodeResult, Holder, ResultStore, new_owner_id, record_names
 from cdfsl.errors import StoreError
 from cdfsl.methods import Method, build_method
 from cdfsl.stats import mean_ci95
@@ -124,9 +124,8 @@ def _train_batch(context: RunContext, method: Method, episodes: list[int]) -> li
     for e, (i, record) in enumerate(zip(episodes, records, strict=True)):
         queries = EpisodeQueries(tuple(batch.class_names[e]), tuple(truth[e]), tuple(predicted[e]))
         curves = record.get("curves")
-        results.append(
-            EpisodeResult(i, queries.correct, len(truth[e]), seconds, record.get("dlc_off_step"), queries, curves)
-        )
+        records = {name: value for name, value in record.items() if name != "curves"}
+        results.append(EpisodeResult(i, queries.correct, len(truth[e]), seconds, queries, curves, records))
     return results
 
 
@@ -158,12 +157,17 @@ class RunResult:
     trained_episodes: int
     excluded_classes: tuple[str, ...] = ()
     seconds: float = 0.0
-    dlc_off_steps: dict[int, int | None] = field(default_factory=dict)
+    records: dict[int, dict[str, Any]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        """The `--json` summary: run, episode shape, mean and 95% half-width, per-episode accuracy (and, for VtT,
-        the step at which DGSO switched `L_VtT` off, null if never), and the resolved config."""
+        """The `--json` summary: run, episode shape, mean and 95% half-width, per-episode accuracy and records, and
+        the resolved config.
+
+        `records` (episode index → name → value) is what the method recorded per episode beyond accuracy (VtT's
+        `dlc_off_step`, MaPLe's epoch losses). When any episode of the run has a record, every `per_episode` entry
+        gets `records` with every name the run recorded (null where that episode has none)."""
         cfg = self.config
+        names = record_names(self.records.values())
         return {
             "run_id": self.run_id,
             "dataset": cfg.dataset,
@@ -177,14 +181,15 @@ class RunResult:
             "mean_acc": round(self.mean_acc, 4),
             "ci95": round(self.ci95, 4),
             "recipe": cfg.recipe,
-            "per_episode": [self._episode_json(i, a) for i, a in self.per_episode],
+            "per_episode": [self._episode_json(i, a, names) for i, a in self.per_episode],
             "config": cfg.to_dict(),
         }
 
-    def _episode_json(self, episode: int, accuracy: float) -> dict[str, Any]:
+    def _episode_json(self, episode: int, accuracy: float, names: list[str]) -> dict[str, Any]:
         entry: dict[str, Any] = {"episode": episode, "acc": round(accuracy, 4)}
-        if self.config.uses_vtt:
-            entry["dlc_off_step"] = self.dlc_off_steps.get(episode)
+        if names:
+            records = self.records.get(episode, {})
+            entry["records"] = {name: records.get(name) for name in names}
         return entry
 
 
@@ -319,7 +324,7 @@ class Runner:
                     raise
             store.register_run(run_id, config.to_dict(), identity)  # only updates a given run name by now
             stored = store.episode_accuracies(run_id, below=total)
-            dlc_off_steps = store.episode_dlc_off_steps(run_id, below=total) if config.uses_vtt else {}
+            records = store.episode_records(run_id, below=total)
             if len(stored) < total:
                 raise StoreError(
                     f"result store {store.path} lost episodes of run {run_id} while it ran ({len(stored)} of {total} "
@@ -336,7 +341,7 @@ class Runner:
             trained_episodes=trained,
             excluded_classes=sampler.excluded_classes,
             seconds=time.perf_counter() - started,
-            dlc_off_steps={i: dlc_off_steps.get(i) for i in range(total)} if config.uses_vtt else {},
+            records={i: records.get(i, {}) for i in range(total)},
         )
 
     def _share(

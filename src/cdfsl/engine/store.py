@@ -6,10 +6,14 @@ Schema (bound parameters only; names and config values are data, never SQL):
   identity_json, created_at, recipe)`; `config_json` is the resolved config (every recipe value filled in). A run
   gets its row in the same transaction as its first stored episodes, so a run that failed before finishing an
   episode leaves no row.
-- `episodes(run_id, episode, correct, total, accuracy, seconds, finished_at, dlc_off_step, trained_by,
-  PK(run_id, episode))`, accuracy in [0, 1]; `dlc_off_step` is the training step at which VtT's DGSO switched
-  `L_VtT` off (NULL: never, or not VtT); `trained_by` is the owner id of the process that trained the episode (NULL
-  in rows written before it existed, or through `add_episodes` without an owner).
+- `episodes(run_id, episode, correct, total, accuracy, seconds, finished_at, trained_by, queries_json, curves_json,
+  records_json, PK(run_id, episode))`, accuracy in [0, 1]; `trained_by` is the owner id of the process that trained
+  the episode (NULL in rows written before it existed, or through `add_episodes` without an owner); `queries_json`
+  its per-query labels, `curves_json` its training curves; `records_json` what the method recorded for the episode
+  beyond accuracy, as one JSON object of named values (VtT's `dlc_off_step`, MaPLe's epoch losses; NULL: nothing
+  recorded). Stores written before `records_json` existed may hold a `dlc_off_step` column (VtT's switch-off step,
+  the only record then); a row with a value there and no records reads as `{"dlc_off_step": value}`. New rows
+  leave that column empty and new stores do not have it.
 - `claims(run_id, episode, owner, expires_at, PK(run_id, episode))`: episodes a process is training now.
   `expires_at` is a Unix time in seconds; a claim whose time has passed is a lease nobody holds any more. `owner`
   is `host:pid:token` (`new_owner_id`); a live owner renews its leases (`keep_claims_alive`).
@@ -46,9 +50,9 @@ import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -80,10 +84,10 @@ _TABLES = {
     accuracy REAL NOT NULL,
     seconds REAL NOT NULL,
     finished_at TEXT NOT NULL,
-    dlc_off_step INTEGER,
     trained_by TEXT,
     queries_json TEXT,
     curves_json TEXT,
+    records_json TEXT,
     PRIMARY KEY (run_id, episode)
 )""",
     "claims": """CREATE TABLE IF NOT EXISTS claims (
@@ -107,12 +111,16 @@ _REQUIRED_COLUMNS = {
 _ADDED_COLUMNS = {
     "runs": (("recipe", "TEXT"),),
     "episodes": (
-        ("dlc_off_step", "INTEGER"),
         ("trained_by", "TEXT"),
         ("queries_json", "TEXT"),
         ("curves_json", "TEXT"),
+        ("records_json", "TEXT"),
     ),
 }
+# The one per-episode record that had a column of its own before `records_json` (VtT's switch-off step); read from
+# stores that have it, never written.
+_LEGACY_RECORD_COLUMN = "dlc_off_step"
+
 _BUSY_TIMEOUT_S = 60.0
 # The largest range of episode indices `claim_episodes` reads at once while it skips stored or claimed episodes.
 _MAX_WINDOW = 1 << 16
@@ -159,22 +167,59 @@ class EpisodeQueries:
 
 @dataclass(frozen=True)
 class EpisodeResult:
-    """One finished episode: `correct` of `total` queries right, `seconds` of wall time attributed to it, the
-    step at which VtT's DGSO switched `L_VtT` off (None: never, or not VtT), its per-query labels, and its training
-    curves (`{"step": [...], name: [...]}`, see `cdfsl.methods.training.Curves`; None for a method that trains
-    nothing)."""
+    """One finished episode: `correct` of `total` queries right, `seconds` of wall time attributed to it, its
+    per-query labels, its training curves (`{"step": [...], name: [...]}`, see `cdfsl.methods.training.Curves`;
+    None for a method that trains nothing) and its records: what the method recorded beyond accuracy, by name
+    (`Method.episode_records` less `curves`; JSON values, e.g. VtT's `dlc_off_step`)."""
 
     episode: int
     correct: int
     total: int
     seconds: float
-    dlc_off_step: int | None = None
     queries: EpisodeQueries | None = None
     curves: dict[str, list[Any]] | None = None
+    records: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def accuracy(self) -> float:
         return self.correct / self.total
+
+
+def records_json(records: Mapping[str, Any], where: str = "") -> str | None:
+    """An episode's records as the text of its `records_json` cell (None when there are none).
+
+    Raises `StoreError` for a record that JSON cannot hold as it is: a name that is not a string, a value that is not
+    a JSON value (a tensor, a NumPy number, an object), or a number that is not finite (stored, it would read back
+    as something else or not at all). `where` (`run R episode E`) starts the message."""
+    prefix = f"{where}: " if where else ""
+    if not records:
+        return None
+    names = [name for name in records if not isinstance(name, str)]
+    if names:
+        raise StoreError(
+            f"{prefix}record names must be strings, not {names[0]!r}; name each per-episode record by a string"
+        )
+    try:
+        return json.dumps(dict(records), separators=(",", ":"), sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as error:
+        raise StoreError(
+            f"{prefix}per-episode records {_shown(records)} cannot be stored ({error}): a method's `episode_records` "
+            "must give finite JSON values (numbers, strings, booleans, null, lists and objects of them; convert "
+            "tensors with `.item()` or `.tolist()`)"
+        ) from None
+
+
+def record_names(per_episode: Iterable[Mapping[str, Any]]) -> list[str]:
+    """Every record name in `per_episode` (each episode's records), in the order outputs show them.
+
+    The one place that orders record names: alphabetical today; a per-part declaration of records (name, type,
+    order) plugs in here."""
+    return sorted({name for records in per_episode for name in records})
+
+
+def _shown(records: Mapping[str, Any], limit: int = 200) -> str:
+    text = repr(dict(records))
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 @dataclass(frozen=True)
@@ -532,28 +577,29 @@ class ResultStore:
         """
         finished = _now()
         results = list(results)
+        rows = [
+            (
+                run_id,
+                r.episode,
+                r.correct,
+                r.total,
+                r.accuracy,
+                r.seconds,
+                finished,
+                owner,
+                r.queries.to_json() if r.queries is not None else None,
+                json.dumps(r.curves, separators=(",", ":")) if r.curves else None,
+                records_json(r.records, f"run {run_id} episode {r.episode}"),
+            )
+            for r in results
+        ]  # encoded before the transaction: a record that cannot be stored stores nothing of the batch
         with self._guard(), self._write() as db:
             if config is not None and identity is not None:
                 self._register(db, run_id, config, identity)
             added = db.executemany(
                 "INSERT OR IGNORE INTO episodes (run_id, episode, correct, total, accuracy, seconds, finished_at,"
-                " dlc_off_step, trained_by, queries_json, curves_json) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [
-                    (
-                        run_id,
-                        r.episode,
-                        r.correct,
-                        r.total,
-                        r.accuracy,
-                        r.seconds,
-                        finished,
-                        r.dlc_off_step,
-                        owner,
-                        r.queries.to_json() if r.queries is not None else None,
-                        json.dumps(r.curves, separators=(",", ":")) if r.curves else None,
-                    )
-                    for r in results
-                ],
+                " trained_by, queries_json, curves_json, records_json) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
             )
             if owner is not None:
                 db.executemany(
@@ -731,9 +777,30 @@ class ResultStore:
         """Episode index → accuracy in [0, 1], for every stored episode of the run (only those `< below`)."""
         return self._per_episode("accuracy", run_id, below)
 
-    def episode_dlc_off_steps(self, run_id: str, below: int | None = None) -> dict[int, int | None]:
-        """Episode index → the step at which DGSO switched `L_VtT` off (None: never, not VtT, or not recorded)."""
-        return self._per_episode("dlc_off_step", run_id, below)
+    def episode_records(self, run_id: str, below: int | None = None) -> dict[int, dict[str, Any]]:
+        """Episode index → what the method recorded for it beyond accuracy, by name (empty: nothing recorded, or
+        stored before cdfsl kept records), for every stored episode of the run (only those `< below`).
+
+        A row of an older store with a value in its legacy `dlc_off_step` column and no records reads as
+        `{"dlc_off_step": value}`. Raises `StoreError` naming the run and episode for a cell that is not a JSON
+        object."""
+        stored = self._per_episode("records_json", run_id, below)
+        legacy = self._per_episode(_LEGACY_RECORD_COLUMN, run_id, below)
+        found: dict[int, dict[str, Any]] = {}
+        for episode, text in stored.items():
+            try:
+                records = json.loads(text) if text is not None else {}
+                if not isinstance(records, dict):
+                    raise ValueError(f"a JSON object of named records was expected, not {type(records).__name__}")
+            except ValueError as error:
+                raise StoreError(
+                    f"{self.path}: run {run_id} episode {episode} has malformed records: {error}; the store was "
+                    "changed outside cdfsl"
+                ) from None
+            if not records and legacy.get(episode) is not None:
+                records = {_LEGACY_RECORD_COLUMN: legacy[episode]}
+            found[episode] = records
+        return found
 
     def episode_queries(self, run_id: str) -> dict[int, EpisodeQueries | None]:
         """Episode index → its per-query labels (None: stored before cdfsl kept them).
