@@ -140,7 +140,7 @@ class LayerFeatureSpy:
 
     role = "extension"
     cost_part = "spy"
-    text_layers: tuple[int, ...] = ()
+    text_layers = (0,)
 
     def __init__(self, wants: bool) -> None:
         self.wants_layer_features = wants
