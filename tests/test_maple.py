@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from cdfsl.backbone.adapter import ClipAdapter, VisionOutput
 from cdfsl.config import MapleConfig, RunConfig
 from cdfsl.errors import ConfigError, TrainingError
-from cdfsl.methods.maple.method import EpisodePrompts, MapleMethod, epoch_learning_rates
+from cdfsl.methods.maple.method import EpisodePrompts, EpochRates, MapleMethod, epoch_learning_rates
 from cdfsl.seeding import torch_stream
 from digits_world import DigitsWorld, tiny_config
 from episode_batching import assert_same_as_alone, logit_scale_of
@@ -120,6 +120,19 @@ def test_schedule_is_dassl_constant_warmup_then_cosine_per_epoch() -> None:
     assert epoch_learning_rates(MapleConfig()) == pytest.approx(expected, rel=1e-5)
     no_warmup = epoch_learning_rates(MapleConfig(warmup_epochs=0, epochs=4, lr=1.0))
     assert no_warmup == pytest.approx([(1 + math.cos(math.pi * e / 4)) / 2 for e in range(4)])
+
+
+def test_epoch_schedule_sets_each_epochs_rate_for_its_steps_as_the_loop_steps_it() -> None:
+    """The shared loop steps MaPLe's schedule once per step: 3 steps per epoch run at exactly their epoch's rate."""
+    rates = epoch_learning_rates(MapleConfig())
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=123.0)
+    schedule = EpochRates(optimizer, rates, steps_per_epoch=3)
+    seen = []
+    for _ in range(3 * len(rates)):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert seen == [rate for rate in rates for _ in range(3)]
 
 
 def test_init_is_per_episode_and_as_the_release(tiny: ClipAdapter) -> None:

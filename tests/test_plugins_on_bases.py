@@ -72,8 +72,8 @@ def test_vtt_on_coop_reaches_the_context_through_the_absorption_only(world: Digi
     config = config_of("coop+vtt")
     method = build_method(config, backbone)
     batch = world.batch(config, [0])
-    method.text_side.start(batch.seed, batch.indices)
-    method._start_extension(batch, None)
+    method.start(batch)
+    method.extension.start(batch, method.trained_tensors(), method.absorber())
     _, _, class_layers = method._texts(batch.class_names)
     class_layers = class_layers.detach().requires_grad_()
     images, labels = batch.support[:, :4], batch.support_labels[:, :4]
@@ -132,3 +132,66 @@ def test_tir_reweights_patches_and_leaves_prompt_tokens(tiny: ClipAdapter) -> No
     torch.testing.assert_close(with_prompts[:, :, : 1 + m], without)
     torch.testing.assert_close(with_prompts[:, :, 1 + m :], x[:, :, 1 + m :])
     assert not torch.equal(without, x[:, :, : 1 + m])  # the rule did reweight some patches
+
+
+class LayerFeatureSpy:
+    """A training extension that trains nothing and records whether each step's vision output had per-layer
+    features (the shared loop asks the base for them only when the extension `wants_layer_features`)."""
+
+    role = "extension"
+    cost_part = "spy"
+    text_layers = (0,)
+
+    def __init__(self, wants: bool) -> None:
+        self.wants_layer_features = wants
+        self.seen: list[bool] = []
+        self.episodes = 0
+
+    def start(self, batch, tensors, absorb):  # type: ignore[no-untyped-def]
+        self.episodes = len(batch)
+        return [{"params": []}]
+
+    def backward(self, loss_ce, output, labels, class_layers):  # type: ignore[no-untyped-def]
+        self.seen.append(output.layer_features is not None)
+        loss_ce.sum().backward()
+        return loss_ce
+
+    def finish(self):  # type: ignore[no-untyped-def]
+        return [{"spy_steps": len(self.seen)} for _ in range(self.episodes)]
+
+    def step_values(self):  # type: ignore[no-untyped-def]
+        return {}
+
+    def trained_modules(self):  # type: ignore[no-untyped-def]
+        return []
+
+
+@pytest.mark.parametrize("base", ["lora", "maple"])
+@pytest.mark.parametrize("wants", [False, True])
+def test_every_base_honours_wants_layer_features(world: DigitsWorld, base: str, wants: bool) -> None:
+    """One loop for every base: per-layer features are computed exactly when the extension wants them (MaPLe's own
+    loop computed them for any extension), and the extension's records join the base's."""
+    config = config_of(base, maple__epochs=1, train__iterations=2)
+    spy = LayerFeatureSpy(wants)
+    cls = MapleMethod if base == "maple" else type(build_method(config, world.backbone))
+    method = cls(world.backbone, config, extension=spy)
+    method.fit(world.batch(config, [0]))
+    assert spy.seen and set(spy.seen) == {wants}
+    assert method.episode_records()[0]["spy_steps"] == len(spy.seen)
+
+
+@pytest.mark.parametrize("method", ["lora+tir+vtt", "maple+tir", "coop+vtt"])
+def test_plug_ins_are_attached_at_construction(world: DigitsWorld, method: str) -> None:
+    built = build_method(config_of(method), world.backbone)
+    spec = config_of(method).spec
+    assert isinstance(built.recalibration, TokenRecalibration) == spec.uses("tir")
+    assert isinstance(built.extension, VttExtension) == spec.uses("vtt")
+
+
+def test_export_refusals_come_from_the_base_and_its_plug_ins(world: DigitsWorld) -> None:
+    backbone = world.backbone
+    assert build_method(config_of("lora"), backbone).export_refusal() is None
+    assert build_method(config_of("lora+tir", tir__at_prediction=False), backbone).export_refusal() is None
+    assert "tir.at_prediction=false" in (build_method(config_of("lora+tir"), backbone).export_refusal() or "")
+    assert "MaPLe's prompts" in (build_method(config_of("maple"), backbone).export_refusal() or "")
+    assert "TIR reweights" in (build_method(config_of("maple+tir"), backbone).export_refusal() or "")

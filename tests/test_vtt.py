@@ -194,7 +194,8 @@ def test_fusion_width_defaults_to_the_joint_embedding_width(world, hidden: int |
     config.vtt.hidden, config.vtt.fusion = hidden, "ssm"
     batch = batch_of(world, config, [0])
     method = build_method(config, backbone)
-    method._start_extension(batch, method._new_vision_lora(batch))
+    method.start(batch)
+    method.extension.start(batch, method.trained_tensors(), method.absorber())
     width = hidden or backbone.embed_dim  # 64 on the tiny model
     assert method.extension.fusion.position.shape == (1, 2 * backbone.num_vision_blocks, width)
 
@@ -205,9 +206,10 @@ def test_vtt_gradient_reaches_lora_and_fusion(world, fusion: str) -> None:
     config.vtt.fusion = fusion
     batch = batch_of(world, config, [0])
     method = build_method(config, world.backbone)
-    lora = method._new_vision_lora(batch)
     extension = method.extension
-    method._start_extension(batch, lora)
+    method.start(batch)
+    method.extension.start(batch, method.trained_tensors(), method.absorber())
+    lora = method._training_lora
     images = batch.support[:, :5]
     output = world.backbone.encode_images(images, lora, layer_features=True)
     class_layers = method._texts(batch.class_names)[2]

@@ -60,7 +60,8 @@ def test_release_grid_refuses_a_depth_that_is_not_square() -> None:
 def test_default_fusion_is_the_release_one(world) -> None:
     method = build_method(vtt_config(), world.backbone)
     batch = batch_of(world, vtt_config(), [0])
-    method._start_extension(batch, method._new_vision_lora(batch))
+    method.start(batch)
+    method.extension.start(batch, method.trained_tensors(), method.absorber())
     fusion = method.extension.fusion
     assert isinstance(fusion, ReleaseFusion) and fusion.grid == 5
     assert fusion.head is not None  # tiny: text width 96 ≠ joint width 64
@@ -75,8 +76,9 @@ def one_step(world, config: RunConfig):
     backbone = world.backbone
     batch = batch_of(world, config, [0])
     method = build_method(config, backbone)
-    lora = method._new_vision_lora(batch)
-    method._start_extension(batch, lora)
+    method.start(batch)
+    method.extension.start(batch, method.trained_tensors(), method.absorber())
+    lora = method._training_lora
     images, labels = batch.support[:, :10], batch.support_labels[:, :10]
     output = backbone.encode_images(images, lora, layer_features=True)
     text = method.class_features(batch.class_names)

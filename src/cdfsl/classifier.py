@@ -288,15 +288,9 @@ class FewShotClassifier:
 
         context, method = self._require_fitted()
         config = context.config
-        if config.uses_tir and config.tir.at_prediction:
-            raise ConfigError(
-                "TIR reweights tokens at prediction, which a plain open_clip model cannot do; fit with "
-                "--set tir.at_prediction=false to export, or predict with cdfsl"
-            )
-        if config.spec.base.name == "maple":
-            raise ConfigError(
-                "MaPLe's prompts enter every forward pass: a maple classifier cannot become plain weights"
-            )
+        refusal = method.export_refusal()
+        if refusal is not None:
+            raise ConfigError(refusal)
         target = Path(path)
         sidecar = target.with_suffix(".classes.json")
         if target.is_dir():
@@ -311,17 +305,8 @@ class FewShotClassifier:
         model = backbone.model
         names = {id(p): n for n, p in model.named_parameters()}
         state = {n: t.detach().cpu().clone().contiguous() for n, t in model.state_dict().items()}
-        text_side = getattr(method, "text_side", None)
-        towers = [
-            (getattr(method, "lora", None), backbone.vision_qkv_weights()),
-            (getattr(text_side, "lora", None), backbone.text_qkv_weights()),
-        ]
-        for lora, weights in towers:
-            if lora is None:
-                continue
-            with torch.no_grad():
-                for weight, merged in zip(weights, lora.merged_weights(weights), strict=True):
-                    state[names[id(weight)]] = merged[0].to(weight.dtype).cpu().contiguous()
+        for weight, merged in method.weight_updates():
+            state[names[id(weight)]] = merged.to(weight.dtype).cpu().contiguous()
         with torch.no_grad():
             text = method.class_features([self.class_names_])[0].float().cpu()  # [K, C]
         scale = float(config.train.logit_scale)

@@ -34,17 +34,17 @@ from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-from cdfsl.backbone.adapter import ClipAdapter, VisionOutput
-from cdfsl.config import ALL_SUPPORT, RunConfig
+from cdfsl.backbone.adapter import ClipAdapter
+from cdfsl.config import RunConfig
 from cdfsl.data.episodes import EpisodeBatch
 from cdfsl.data.index import Episode
 from cdfsl.engine.context import build_context
 from cdfsl.engine.runner import Runner
 from cdfsl.errors import ConfigError
 from cdfsl.methods import Method, build_method
-from cdfsl.methods.lora.method import LoraMethod
-from cdfsl.methods.maple.method import MapleMethod
-from cdfsl.methods.vtt.extension import VttExtension, state_sizes
+from cdfsl.methods.build import base_class
+from cdfsl.methods.training import TrainedBase, frozen_class_texts
+from cdfsl.methods.vtt.extension import state_sizes
 from cdfsl.methods.vtt.fusion import parameter_count
 
 # Quoted: the VtT paper's cost table (its counting convention for FLOPs is not stated).
@@ -172,20 +172,19 @@ def count_step(
     computes them once per class name; a learned text side recomputes them inside the step, and they count there.
     """
     method = build_method(config, backbone, autocast_dtype)
-    if not isinstance(method, LoraMethod | MapleMethod):
+    if not isinstance(method, TrainedBase):
         raise ConfigError(f"{config.method} does not train: it has no training step to count")
-    if isinstance(method, LoraMethod) and not method.text_side.trainable:
-        method._texts(batch.class_names)  # the frozen texts every step reads, computed once per name
+    frozen_class_texts(method, batch.class_names)  # the frozen texts every step reads, computed once per name
     extension = method.extension
     held: dict[int, Tensor] = {}
-    fusions: list[nn.Module] = []
+    modules: list[nn.Module] = []
 
     def record(optimizer: torch.optim.Optimizer, *_: Any) -> None:
         for group in optimizer.param_groups:
             held.update((id(p), p) for p in group["params"])
-        fusion = extension.fusion if isinstance(extension, VttExtension) else None  # `finish` drops it: seen here
-        if fusion is not None and not any(f is fusion for f in fusions):
-            fusions.append(fusion)
+        for module in extension.trained_modules() if extension is not None else []:  # `finish` drops them
+            if not any(module is seen for seen in modules):
+                modules.append(module)
 
     handle = register_optimizer_step_pre_hook(record)
     try:
@@ -194,35 +193,13 @@ def count_step(
     finally:
         handle.remove()
 
-    parts = _base_parts(method)
-    if config.uses_vtt:
-        parts["vtt_fusion"] = sum(parameter_count(f) for f in fusions)
+    parts = method.cost_parts()
+    if extension is not None:
+        parts[extension.cost_part] = sum(parameter_count(m) for m in modules)
     total = per_episode_count(held.values())
     if total != sum(parts.values()):
         parts["other"] = total - sum(parts.values())
     return StepCount(int(counter.get_total_flops()), method, parts, total)
-
-
-# The part each trained tensor of `Method.trained_state()` belongs to, by the name's first one or two components.
-_STATE_PARTS = {
-    "vision_lora": "vision_lora",
-    "text_lora": "text_lora",
-    "context": "prompt_context",
-    "prompts.context": "maple_context",
-    "prompts.compound": "maple_compound",
-    "prompts.weight": "maple_coupling",
-    "prompts.bias": "maple_coupling",
-}
-
-
-def _base_parts(method: LoraMethod | MapleMethod) -> dict[str, int]:
-    """Per-episode parameter counts of what the fitted base learned (its `trained_state`), by part."""
-    parts: dict[str, int] = {}
-    for name, tensor in method.trained_state().items():
-        head = name.split(".")
-        part = _STATE_PARTS.get(".".join(head[:2])) or _STATE_PARTS[head[0]]
-        parts[part] = parts.get(part, 0) + per_episode_count([tensor])
-    return parts
 
 
 def vtt_piece_flops(step: StepCount, batch: EpisodeBatch, batch_size: int) -> dict[str, int]:
@@ -238,44 +215,9 @@ def vtt_piece_flops(step: StepCount, batch: EpisodeBatch, batch_size: int) -> di
     Uses the extension of `step.method` (after its counted step) with fresh per-episode state, dropped afterwards.
     """
     method = step.method
-    extension = getattr(method, "extension", None)
-    if not isinstance(extension, VttExtension):
+    if not isinstance(method, TrainedBase) or method.extension is None:
         raise ValueError("vtt_piece_flops needs the counted step of a method with the VtT plug-in")
-    backbone = method.backbone
-    device = backbone.device
-    if isinstance(method, MapleMethod):
-        assert method.prompts is not None
-        absorb = method._absorber(method.prompts)
-    else:
-        assert isinstance(method, LoraMethod)
-        absorb = method.text_side.absorber(method.config.vtt.placeholder)
-    extension.start(batch, [], absorb)
-    try:
-        generator = torch.Generator().manual_seed(batch.seed)
-        width = backbone.embed_dim
-        labels = batch.support_labels[:, :batch_size]  # [1, b]
-        features = torch.randn(1, batch_size, width, generator=generator).to(device).requires_grad_()
-        layers = torch.randn(backbone.num_vision_blocks, 1, batch_size, width, generator=generator)
-        output = VisionOutput(features=features, layer_features=layers.to(device).requires_grad_())
-        classes = len(batch.class_names[0])
-        class_layers = torch.randn(1, classes, len(extension.text_layers), width, generator=generator).to(device)
-        with flop_counter() as fusion_counter:
-            with extension.autocast():
-                token = extension.absorption_token(output, labels, class_layers)
-            if token.requires_grad:
-                token.float().sum().backward()
-        pieces = {"vtt_fusion": int(fusion_counter.get_total_flops())}
-        if extension.vtt.tia:
-            replacement = torch.randn(1, batch_size, backbone.text_width, generator=generator).to(device)
-            replacement.requires_grad_()
-            with flop_counter() as text_counter:
-                with extension.autocast():
-                    absorbed = absorb(replacement)
-                absorbed.float().sum().backward()
-            pieces["vtt_absorption"] = int(text_counter.get_total_flops())
-    finally:
-        extension.finish()
-    return pieces
+    return method.extension.piece_flops(batch, batch_size, method.absorber(), flop_counter)
 
 
 def release_comparable(config: RunConfig, backbone: ClipAdapter) -> bool:
@@ -323,15 +265,9 @@ def training_cost(config: RunConfig, runner: Runner | None = None) -> dict[str, 
     precision, autocast_dtype = context.precision, context.autocast_dtype
     batch = synthetic_batch(config, backbone)
     support_views = batch.support.shape[1]
-    assert config.train.batch_size is not None
-    batch_size = support_views if config.train.batch_size == ALL_SUPPORT else int(config.train.batch_size)
-    batch_size = min(batch_size, support_views)
-    if config.spec.base.name == "maple":  # one step = one epoch of one batch, at the full rate
-        batch_size = min(config.maple.batch_size, support_views)
-        config.maple.epochs, config.maple.warmup_epochs = 1, 0
-        batch = dataclasses.replace(
-            batch, support=batch.support[:, :batch_size], support_labels=batch.support_labels[:, :batch_size]
-        )
+    base = base_class(config)
+    assert issubclass(base, TrainedBase)
+    batch, batch_size = base.one_step(config, batch)  # MaPLe: one epoch of one batch, at the full rate
 
     step = count_step(config, backbone, batch, autocast_dtype)
     parameters = {**step.parameters, "total": step.total}
@@ -363,10 +299,10 @@ def training_cost(config: RunConfig, runner: Runner | None = None) -> dict[str, 
     }
     if config.uses_vtt:
         base_config = dataclasses.replace(config, method=without_vtt(config))  # same recipe, resolved
-        base = count_step(base_config, backbone, batch, autocast_dtype)
+        base_count = count_step(base_config, backbone, batch, autocast_dtype)
         pieces = vtt_piece_flops(step, batch, batch_size)
-        flops["base_step"] = base.flops
-        flops["vtt_added"] = step.flops - base.flops
+        flops["base_step"] = base_count.flops
+        flops["vtt_added"] = step.flops - base_count.flops
         flops.update(pieces)
         flops["vtt_rest"] = flops["vtt_added"] - sum(pieces.values())
         result["reference"] = {

@@ -1,15 +1,18 @@
 """The `Method` interface: a support step (`fit`) and a query step (`predict`) over E episodes at once.
 
 A fitted method also says how it encodes (`encode`, `class_features`), so probes see exactly what prediction sees
-without reaching into its attributes.
+without reaching into its attributes, and answers what cost accounting and export ask (`cost_parts`,
+`export_refusal`, `weight_updates`), so nothing outside `cdfsl.methods` branches on its class. A base that trains
+runs the shared loop (`cdfsl.methods.training.TrainedBase`).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
-from typing import Any
+from contextlib import AbstractContextManager
+from math import prod
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +23,7 @@ from cdfsl.backbone.towers import BlockInputHook
 from cdfsl.config import RunConfig
 from cdfsl.data.episodes import EpisodeBatch
 from cdfsl.errors import TrainingError
-from cdfsl.methods.training import Recalibration, TrainingExtension
+from cdfsl.methods.plugins import Recalibration, TrainingExtension, autocast_context
 
 Observer = Callable[[int, Tensor], None]
 """Called with (layer, tokens `[E, B, T, D]` entering that vision block, before any recalibration)."""
@@ -35,10 +38,13 @@ class Method(ABC):
         backbone: the frozen adapter.
         config: the run config, resolved (`RunConfig.resolved()`): every recipe value filled in.
         autocast_dtype: bf16 on GPU, None for fp32.
-        recalibration, extension: the plug-ins on a trained base (TIR, VtT; `cdfsl.methods.training`), or None.
+        recalibration, extension: the plug-ins on a trained base (TIR, VtT; `cdfsl.methods.plugins`), or None.
     """
 
     name: str = "method"
+    state_parts: ClassVar[dict[str, str]] = {}
+    """The parameter-table part (`cdfsl cost`) of each tensor of `trained_state()`, by the name's first one or two
+    dotted components (two are tried first)."""
 
     def __init__(
         self,
@@ -76,9 +82,7 @@ class Method(ABC):
 
     def autocast(self) -> AbstractContextManager[object]:
         """bf16 autocast on GPU when configured; a no-op in fp32."""
-        if self.autocast_dtype is None:
-            return nullcontext()
-        return torch.autocast(self.backbone.device.type, dtype=self.autocast_dtype)
+        return autocast_context(self.backbone.device, self.autocast_dtype)
 
     def logits(self, image_features: Tensor, text: Tensor) -> Tensor:
         """`logit_scale · cos`: image features `[E, N, C]`, normalized text `[E, K, C]` → `[E, N, K]` (fp32)."""
@@ -163,6 +167,26 @@ class Method(ABC):
 
     def episode_records(self) -> list[dict[str, Any]]:
         """Per fitted episode, what training recorded beyond accuracy (e.g. VtT's `dlc_off_step`); stored as is."""
+        return []
+
+    def cost_parts(self) -> dict[str, int]:
+        """Per-episode parameter counts of what the fitted method learned (`trained_state`), by part (`state_parts`):
+        each tensor `[E, ...]` counts `prod(shape[1:])`."""
+        parts: dict[str, int] = {}
+        for name, tensor in self.trained_state().items():
+            head = name.split(".")
+            part = self.state_parts.get(".".join(head[:2])) or self.state_parts[head[0]]
+            parts[part] = parts.get(part, 0) + prod(tensor.shape[1:])
+        return parts
+
+    def export_refusal(self) -> str | None:
+        """Why the fitted method cannot become plain open_clip weights (a sentence saying what to do instead), or
+        None when `weight_updates` and `class_features` describe it whole."""
+        return self.recalibration.export_refusal() if self.recalibration is not None else None
+
+    def weight_updates(self) -> list[tuple[Tensor, Tensor]]:
+        """For an export: each frozen backbone weight the fitted method changes, with its merged replacement for the
+        first episode (same shape); empty when it changes none."""
         return []
 
     def trained_state(self) -> dict[str, Tensor]:

@@ -1,36 +1,49 @@
-"""`build_method`: the method of a config by name, a base (`cdfsl.registry.BASES`) with its plug-ins. TIR is a token
-recalibration and VtT a training extension on the base's loop, not methods of their own;
-`tir+vtt` is both on one loop."""
+"""`build_method`: the method of a config by name, a base (`cdfsl.registry.BASES`) with its plug-ins attached at
+construction. Each part is built from its registry entry's `builder` (`module:Class`): a base as
+`Class(backbone, config, autocast_dtype, **plug_ins)`, a plug-in as `Class.build(config, backbone, autocast_dtype)`,
+passed to the base under its class's `role` (`recalibration`: TIR; `extension`: VtT). `tir+vtt` is both on one loop.
+"""
 
 from __future__ import annotations
 
 import importlib
+from typing import Any
 
 import torch
 
 from cdfsl.backbone.adapter import ClipAdapter
 from cdfsl.config import RunConfig
 from cdfsl.methods.base import Method
-from cdfsl.methods.tir.recalibration import TokenRecalibration
+
+PLUGIN_BUILDERS = {
+    "tir": "cdfsl.methods.tir.recalibration:TokenRecalibration",
+    "vtt": "cdfsl.methods.vtt.extension:VttExtension",
+}
+"""Where each plug-in's class lives, until its registry entry names it (`PlugIn.builder`)."""
+
+
+def load_builder(builder: str) -> Any:
+    """The attribute named by `module:attribute`."""
+    module, _, attribute = builder.partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+def base_class(config: RunConfig) -> type[Method]:
+    """The `Method` class of `config`'s base."""
+    cls: type[Method] = load_builder(config.spec.base.builder)
+    return cls
 
 
 def build_method(config: RunConfig, backbone: ClipAdapter, autocast_dtype: torch.dtype | None = None) -> Method:
     """The method `config.method` on `backbone`, trained by the config's recipe (the config is resolved here)."""
     config = config.resolved()
-    spec = config.spec
-    module, _, attribute = spec.base.builder.partition(":")
-    base_class = getattr(importlib.import_module(module), attribute)
-    if not spec.plugins:
-        method: Method = base_class(backbone, config, autocast_dtype)
-    else:
-        recalibration = TokenRecalibration(config.tir, backbone) if spec.uses("tir") else None
-        method = base_class(backbone, config, autocast_dtype, recalibration)
-        if spec.uses("vtt"):
-            from cdfsl.methods.vtt.extension import VttExtension
-
-            method.extension = VttExtension(config, backbone, method.autocast)  # type: ignore[attr-defined]
+    attached: dict[str, Any] = {}
+    for plugin in config.spec.plugins:
+        cls = load_builder(getattr(plugin, "builder", None) or PLUGIN_BUILDERS[plugin.name])
+        attached[cls.role] = cls.build(config, backbone, autocast_dtype)
+    method = base_class(config)(backbone, config, autocast_dtype, **attached)
     method.name = config.method
     return method
 
 
-__all__ = ["Method", "build_method"]
+__all__ = ["Method", "base_class", "build_method", "load_builder"]

@@ -1,24 +1,19 @@
-"""The trained methods: a LoRA base (vision tower, text tower or both; optionally a CoOp context) and its loop, into
-which TIR and VtT plug (docs/methods.md, docs/recipes.md).
+"""The LoRA bases (`lora`, `coop`, `coop+lora`): per-episode LoRA on the vision tower, the text tower or both,
+optionally a CoOp context, trained by the shared loop (`cdfsl.methods.training`; docs/methods.md, docs/recipes.md).
 
-One step: a batch of support views per episode (or all of them), class text features (computed once when the text
-side is frozen, recomputed with gradients when it learns), the vision pass with per-episode LoRA (and TIR's hook),
-cross-entropy on `logit_scale · cos`, backward, AdamW on the LoRA factors (and VtT's modules), SGD on the context, and
-the learning-rate schedule stepped once. E episodes train at once: the loss is the sum of per-episode mean losses, so
-each episode's parameters get their own gradient and no other's, and AdamW and SGD act elementwise, so each episode's
-trajectory is the one it would have alone, to float tolerance (docs/methods.md: batched kernels may round otherwise).
-
-Plug-ins (`cdfsl.methods.training`):
-- a `Recalibration` (TIR) rewrites the tokens entering chosen vision blocks, in training and optionally at prediction;
-- a `TrainingExtension` (VtT) adds per-episode modules and optimizer groups and owns the backward pass; it absorbs
-  through the text side's own prompt (`TextSide.absorber`) and corrects the LoRA factors of both towers and the
-  context.
+What this base supplies to the loop (`TrainedBase`): fresh vision LoRA (each episode's `lora_init` and `dropout`
+streams) and a fresh text side (`TextSide`: text LoRA, context) per fit; its class texts, fixed once when the text
+side is frozen and recomputed with gradients when it learns; the vision pass with its LoRA; its trained tensors (the
+LoRA factors of both towers, then the context) and its absorption through the text side's own prompt
+(`TextSide.absorber`) for VtT; AdamW over the LoRA factors (with VtT's groups) and SGD over the context; the recipe's
+cosine schedule (`learning_rate_schedules`) stepped once per iteration; `train.iterations` steps of
+`train.batch_size` views.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -29,18 +24,17 @@ from cdfsl.backbone.lora import EpisodeLoRA
 from cdfsl.backbone.towers import BlockInputHook, QkvProjection, plain_qkv
 from cdfsl.config import ALL_SUPPORT, RunConfig
 from cdfsl.data.episodes import EpisodeBatch
-from cdfsl.methods.base import Method, Observer, check_state_fits, observed
-from cdfsl.methods.text_side import TextSide
-from cdfsl.methods.training import (
-    Curves,
+from cdfsl.methods.base import Observer, check_state_fits, observed
+from cdfsl.methods.plugins import (
+    Absorb,
     Recalibration,
     TrainedTensor,
     TrainingExtension,
-    ViewOrder,
-    merge_records,
     plugin_text_layers,
     split_plugin_texts,
 )
+from cdfsl.methods.text_side import TextSide
+from cdfsl.methods.training import StepPlan, TrainedBase
 from cdfsl.seeding import torch_stream
 
 
@@ -58,10 +52,15 @@ def learning_rate_schedules(
     return [torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=horizon, eta_min=train.min_lr) for o in optimizers]
 
 
-class LoraMethod(Method):
+class LoraMethod(TrainedBase):
     """A LoRA base with optional CoOp context, token recalibration and training extension."""
 
     name = "lora"
+    state_parts: ClassVar[dict[str, str]] = {
+        "vision_lora": "vision_lora",
+        "text_lora": "text_lora",
+        "context": "prompt_context",
+    }
 
     def __init__(
         self,
@@ -74,11 +73,16 @@ class LoraMethod(Method):
         super().__init__(backbone, config, autocast_dtype, recalibration, extension)
         self.text_side = TextSide(backbone, config)
         self.lora: EpisodeLoRA | None = None
-        self._records: list[dict[str, Any]] = []
+        self._training_lora: EpisodeLoRA | None = None  # the vision LoRA of the fit under way
+        self._text_params: tuple[list[Tensor], list[Tensor]] = ([], [])  # its text LoRA and context tensors
 
     @property
     def trains_vision(self) -> bool:
         return self.config.lora.towers in ("vision", "both")
+
+    @property
+    def learns_text(self) -> bool:
+        return self.text_side.trainable
 
     def _new_vision_lora(self, batch: EpisodeBatch) -> EpisodeLoRA:
         device = self.backbone.device
@@ -102,26 +106,30 @@ class LoraMethod(Method):
         final, at_layers = self.text_side.features(class_names, layers)
         return final, *split_plugin_texts(at_layers, self.recalibration, self.extension)
 
-    def trained_tensors(self, lora: EpisodeLoRA | None) -> list[TrainedTensor]:
+    # ------------------------------------------------------------------ the pieces of the shared loop
+    def start(self, batch: EpisodeBatch) -> None:
+        lora = self._new_vision_lora(batch) if self.trains_vision else None
+        if lora is not None:
+            lora.train()
+        self._training_lora = lora
+        self._text_params = self.text_side.start(batch.seed, batch.indices)
+
+    def trained_tensors(self) -> list[TrainedTensor]:
         """Every tensor this base trains (vision LoRA, then the text side's), for DGSO."""
+        lora = self._training_lora
         vision = [(t, t.shape[1]) for t in lora.tensors()] if lora is not None else []
         return vision + self.text_side.trained_tensors()
 
-    def _start_extension(self, batch: EpisodeBatch, lora: EpisodeLoRA | None) -> list[dict[str, Any]]:
-        """Start the extension on `batch` with this base's trained tensors and absorption; its optimizer groups."""
-        assert self.extension is not None
-        absorb = self.text_side.absorber(self.config.vtt.placeholder)
-        return self.extension.start(batch, self.trained_tensors(lora), absorb)
+    def absorber(self) -> Absorb:
+        return self.text_side.absorber(self.config.vtt.placeholder)
 
-    def _start_training(self, batch: EpisodeBatch, lora: EpisodeLoRA | None) -> list[torch.optim.Optimizer]:
-        """Fresh per-episode state of the text side and the extension, and the optimizers: AdamW over the LoRA factors
-        of both towers (and the extension's groups), SGD over a prompt context."""
+    def optimizers(self, plugin_groups: list[dict[str, Any]]) -> list[torch.optim.Optimizer]:
+        """AdamW over the LoRA factors of both towers (and the extension's groups), SGD over a prompt context."""
         train, prompt = self.config.train, self.config.prompt
-        text_lora, context = self.text_side.start(batch.seed, batch.indices)
+        text_lora, context = self._text_params
+        lora = self._training_lora
         lora_params = [*(lora.parameters() if lora is not None else ()), *text_lora]
-        groups: list[dict[str, Any]] = [{"params": lora_params, "lr": train.lr}]
-        if self.extension is not None:
-            groups += [g for g in self._start_extension(batch, lora) if g["params"]]
+        groups: list[dict[str, Any]] = [{"params": lora_params, "lr": train.lr}, *plugin_groups]
         optimizers: list[torch.optim.Optimizer] = [
             torch.optim.AdamW(groups, lr=train.lr, betas=(train.beta1, train.beta2), weight_decay=train.weight_decay)
         ]
@@ -131,73 +139,38 @@ class LoraMethod(Method):
             )
         return optimizers
 
-    def fit(self, batch: EpisodeBatch) -> None:
-        """Train the episodes of `batch` (see the module docstring).
+    def schedules(
+        self, optimizers: Sequence[torch.optim.Optimizer], plan: StepPlan
+    ) -> list[torch.optim.lr_scheduler.LRScheduler]:
+        return learning_rate_schedules(optimizers, self.config)
 
-        Raises `TrainingError` naming the episodes whose loss (L_ce, or with an extension the loss it backpropagated)
-        became nan or inf at any step. The check costs no host synchronisation per step: a per-episode flag on the
-        device accumulates `isfinite` and is read once after the loop. After such a failure `predict` and `encode`
-        refuse until the next successful `fit`.
-        """
+    def plan(self, views: int) -> StepPlan:
         train = self.config.train
-        self._failure = None
         assert train.iterations is not None and train.batch_size is not None
-        lora = self._new_vision_lora(batch) if self.trains_vision else None
-        if lora is not None:
-            lora.train()
-        optimizers = self._start_training(batch, lora)
-        schedules = learning_rate_schedules(optimizers, self.config)
-        views = batch.support.shape[1]
         batch_size = views if train.batch_size == ALL_SUPPORT else min(int(train.batch_size), views)
-        orders = [ViewOrder(views, batch_size, torch_stream(batch.seed, i, "batch_order")) for i in batch.indices]
-        learns_text = self.text_side.trainable
-        fixed = None if learns_text else self._texts(batch.class_names)
-        fixed_hook = self._hook(fixed[1]) if fixed is not None else None
-        rows = torch.arange(len(batch), device=batch.support.device)[:, None]
+        return StepPlan(train.iterations, batch_size)
+
+    @classmethod
+    def one_step(cls, config: RunConfig, batch: EpisodeBatch) -> tuple[EpisodeBatch, int]:
+        views = batch.support.shape[1]
+        assert config.train.batch_size is not None
+        size = views if config.train.batch_size == ALL_SUPPORT else int(config.train.batch_size)
+        return batch, min(size, views)
+
+    def step_texts(self, class_names: Sequence[Sequence[str]], layers: Sequence[int]) -> tuple[Tensor, list[Tensor]]:
+        return self.text_side.features(class_names, layers)
+
+    def step_encode(self, images: Tensor, hook: BlockInputHook | None, layer_features: bool) -> VisionOutput:
+        lora = self._training_lora
         projection: QkvProjection = lora if lora is not None else plain_qkv
-        finite = torch.ones(len(batch), dtype=torch.bool, device=batch.support.device)  # [E], read after the loop
-        curves = Curves(len(batch), train.iterations)
-        for step in range(1, train.iterations + 1):
-            curves.before_step(step, self.recalibration)
-            positions = torch.stack([order.next() for order in orders]).to(batch.support.device)  # [E, b]
-            images, labels = batch.support[rows, positions], batch.support_labels[rows, positions]
-            with self.autocast():
-                text, tir_text, class_layers = fixed if fixed is not None else self._texts(batch.class_names)
-                hook = fixed_hook if fixed is not None else self._hook(tir_text)
-                output = self.backbone.encode_images(
-                    images,
-                    projection,
-                    hook,
-                    layer_features=self.extension is not None and self.extension.wants_layer_features,
-                )
-            logits = self.logits(output.features, text)  # [E, b, K]
-            loss_ce = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none").mean(dim=1)  # [E]
-            if self.extension is not None:
-                assert class_layers is not None
-                loss = self.extension.backward(loss_ce, output, labels, class_layers)
-            else:
-                loss = loss_ce
-                loss_ce.sum().backward()
-            finite &= torch.isfinite(loss_ce.detach()) & torch.isfinite(loss.detach())
-            curves.after_step(step, loss_ce, self.recalibration, self.extension)
-            for optimizer in optimizers:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            for schedule in schedules:
-                schedule.step()
-            if self.on_step is not None:
-                self.on_step(step, train.iterations)
-        plugin_records = self.extension.finish() if self.extension is not None else []
-        self._records = merge_records(curves.records(), plugin_records)
+        return self.backbone.encode_images(images, projection, hook, layer_features=layer_features)
+
+    def end(self) -> list[dict[str, Any]]:
         self.text_side.train(False)
-        self.lora = lora
-        self._end_fit(finite, batch)
+        self.lora = self._training_lora
+        return []
 
-    def _hook(self, tir_text: Tensor | None) -> BlockInputHook | None:
-        if self.recalibration is None or tir_text is None:
-            return None
-        return self.recalibration.hook(tir_text)
-
+    # ------------------------------------------------------------------ prediction
     @torch.no_grad()
     def class_features(self, class_names: Sequence[Sequence[str]], layer: int | None = None) -> Tensor:
         with self.autocast():
@@ -244,8 +217,20 @@ class LoraMethod(Method):
             if merged and lora is not None:
                 lora.unmerge()
 
-    def episode_records(self) -> list[dict[str, Any]]:
-        return self._records
+    def weight_updates(self) -> list[tuple[Tensor, Tensor]]:
+        """The q, k, v weights of each tower with LoRA, merged with the first episode's factors."""
+        towers = [
+            (self.lora, self.backbone.vision_qkv_weights()),
+            (self.text_side.lora, self.backbone.text_qkv_weights()),
+        ]
+        updates: list[tuple[Tensor, Tensor]] = []
+        for lora, weights in towers:
+            if lora is None:
+                continue
+            with torch.no_grad():
+                for weight, merged in zip(weights, lora.merged_weights(weights), strict=True):
+                    updates.append((weight, merged[0]))
+        return updates
 
     def trained_state(self) -> dict[str, Tensor]:
         parts = {"vision_lora": self.lora, "text_lora": self.text_side.lora}

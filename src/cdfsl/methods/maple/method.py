@@ -27,7 +27,7 @@ Dassl's own classes under our torch; `epoch_learning_rates` computes it.
 
 Epochs on a few-shot support set: the support batch holds S images × V augmented views per episode (`EpisodeBatch`);
 one epoch is one pass over those S·V views in batches of `maple.batch_size`, in a fresh order per pass from the
-episode's own `batch_order` stream (`ViewOrder`, as the LoRA loop), the last batch of a pass smaller when S·V is not a
+episode's own `batch_order` stream (`ViewOrder`, the shared loop's), the last batch of a pass smaller when S·V is not a
 multiple. So a fit is `epochs · ceil(S·V / batch_size)` steps. E episodes of a batch have the same S·V, so they step and
 change rate together.
 
@@ -63,31 +63,24 @@ Deviations from the release, all deliberate:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cdfsl.backbone.adapter import ClipAdapter, VisionOutput
+from cdfsl.backbone.towers import BlockInputHook
 from cdfsl.config import MapleConfig, RunConfig
 from cdfsl.data.episodes import EpisodeBatch
 from cdfsl.errors import ConfigError
-from cdfsl.methods.base import Method, Observer, check_state_fits, observed
+from cdfsl.methods.base import Observer, check_state_fits, observed
+from cdfsl.methods.plugins import Absorb, Recalibration, TrainedTensor, TrainingExtension
 from cdfsl.methods.text_side import PromptTokens, placeholder_embeddings, text_block_index
-from cdfsl.methods.training import (
-    Absorb,
-    Curves,
-    Recalibration,
-    TrainedTensor,
-    TrainingExtension,
-    ViewOrder,
-    merge_records,
-    plugin_text_layers,
-    split_plugin_texts,
-)
+from cdfsl.methods.training import StepPlan, TrainedBase
 from cdfsl.seeding import torch_stream
 
 COMPOUND_STD = 0.02  # the release's nn.init.normal_(std=0.02) of the compound text prompts
@@ -102,6 +95,19 @@ def epoch_learning_rates(config: MapleConfig) -> list[float]:
         else:
             rates.append(config.lr * (1 + math.cos(math.pi * (epoch - config.warmup_epochs) / config.epochs)) / 2)
     return rates
+
+
+class EpochRates(torch.optim.lr_scheduler.LRScheduler):
+    """MaPLe's schedule as the shared loop steps it (once per step): every group runs at `rates[e]` during the
+    `steps_per_epoch` steps of epoch e (`epoch_learning_rates`), the rate set exactly, not multiplied."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, rates: Sequence[float], steps_per_epoch: int) -> None:
+        self.rates, self.steps_per_epoch = list(rates), steps_per_epoch
+        super().__init__(optimizer)
+
+    def get_lr(self) -> list[float]:  # type: ignore[override]
+        epoch = min(self.last_epoch // self.steps_per_epoch, len(self.rates) - 1)
+        return [self.rates[epoch] for _ in self.optimizer.param_groups]
 
 
 class EpisodePrompts(nn.Module):
@@ -168,10 +174,16 @@ class EpisodePrompts(nn.Module):
         return list(mapped.unbind(1))
 
 
-class MapleMethod(Method):
+class MapleMethod(TrainedBase):
     """MaPLe over E episodes (module docstring)."""
 
     name = "maple"
+    state_parts: ClassVar[dict[str, str]] = {
+        "prompts.context": "maple_context",
+        "prompts.compound": "maple_compound",
+        "prompts.weight": "maple_coupling",
+        "prompts.bias": "maple_coupling",
+    }
 
     def __init__(
         self,
@@ -191,7 +203,10 @@ class MapleMethod(Method):
         self._tokens = PromptTokens(
             backbone, lambda name: f"{cfg.context} {name}.", ("maple.context", cfg.context, cfg.tokens)
         )
-        self._records: list[dict[str, Any]] = []
+        self._training: EpisodePrompts | None = None  # the prompts of the fit under way
+        self._epoch_loss = torch.zeros(0)
+        self._steps_per_epoch = 1
+        self._views = 1
 
     # ------------------------------------------------------------------ text
     def _context_embeddings(self, words: str, n: int) -> Tensor:
@@ -239,90 +254,87 @@ class MapleMethod(Method):
 
         return absorb
 
-    # ------------------------------------------------------------------ training
-    def fit(self, batch: EpisodeBatch) -> None:
-        """Train fresh prompts for the episodes of `batch` (module docstring: epochs, schedule, batching).
-
-        Raises `TrainingError` naming the episodes whose training loss became nan or inf at any step; the check is
-        one per-episode flag on the device, read once after the loop. After such a failure `predict` and `encode`
-        refuse until the next successful `fit`.
-        """
-        cfg = self.config.maple
-        self._failure = None
-        device = batch.support.device
-        prompts = EpisodePrompts(
+    # ------------------------------------------------------------------ the pieces of the shared loop
+    def start(self, batch: EpisodeBatch) -> None:
+        """Fresh prompts from each episode's `maple_init` stream, and a zeroed epoch-loss table."""
+        self._training = EpisodePrompts(
             self.context_init,
-            cfg.depth,
+            self.config.maple.depth,
             self.backbone.vision_width,
             [torch_stream(batch.seed, i, "maple_init") for i in batch.indices],
-        ).to(device)
-        optimizer = torch.optim.SGD(
-            prompts.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-        )
-        optimizers: list[torch.optim.Optimizer] = [optimizer]
-        if self.extension is not None:
-            groups = self.extension.start(batch, prompts.trained_tensors(), self._absorber(prompts))
-            if any(g["params"] for g in groups):
-                train = self.config.train
-                optimizers.append(
-                    torch.optim.AdamW(
-                        [g for g in groups if g["params"]],
-                        betas=(train.beta1, train.beta2),
-                        weight_decay=train.weight_decay,
-                    )
-                )
-        layers = plugin_text_layers(self.recalibration, self.extension)
-        views = batch.support.shape[1]
-        batch_size = min(cfg.batch_size, views)
-        steps = math.ceil(views / batch_size)
-        orders = [ViewOrder(views, batch_size, torch_stream(batch.seed, i, "batch_order")) for i in batch.indices]
-        rows = torch.arange(len(batch), device=device)[:, None]
-        finite = torch.ones(len(batch), dtype=torch.bool, device=device)  # [E], read after the loop
-        epoch_loss = torch.zeros((cfg.epochs, len(batch)), device=device)  # view-weighted mean CE per epoch
-        curves = Curves(len(batch), cfg.epochs * steps)
-        step = 0
-        for epoch, rate in enumerate(epoch_learning_rates(cfg)):
-            for group in optimizer.param_groups:
-                group["lr"] = rate
-            for _ in range(steps):
-                step += 1
-                curves.before_step(step, self.recalibration)
-                positions = torch.stack([order.next() for order in orders]).to(device)  # [E, b]
-                images, labels = batch.support[rows, positions], batch.support_labels[rows, positions]
-                with self.autocast():
-                    text, at_layers = self._texts(prompts, batch.class_names, layers)
-                    tir_text, class_layers = split_plugin_texts(at_layers, self.recalibration, self.extension)
-                    output = self.backbone.encode_images(
-                        images,
-                        block_input_hook=self.recalibration.hook(tir_text) if tir_text is not None else None,
-                        layer_features=self.extension is not None,
-                        prompts=prompts.vision_prompts(),
-                    )
-                logits = self.logits(output.features, text)  # [E, b, K]
-                loss_ce = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none").mean(dim=1)  # [E]
-                if self.extension is not None:
-                    assert class_layers is not None
-                    loss = self.extension.backward(loss_ce, output, labels, class_layers)
-                else:
-                    loss = loss_ce
-                    loss.sum().backward()
-                for each in optimizers:
-                    each.step()
-                    each.zero_grad(set_to_none=True)
-                finite &= torch.isfinite(loss_ce.detach()) & torch.isfinite(loss.detach())
-                curves.after_step(step, loss_ce, self.recalibration, self.extension)
-                epoch_loss[epoch] += loss_ce.detach() * positions.shape[1] / views
-                if self.on_step is not None:
-                    self.on_step(step, cfg.epochs * steps)
-        self.prompts = prompts.requires_grad_(False)
-        losses = epoch_loss.cpu()
-        plugin_records = self.extension.finish() if self.extension is not None else []
-        epoch_records = [
-            {"maple_first_epoch_loss": float(losses[0, e]), "maple_last_epoch_loss": float(losses[-1, e])}
-            for e in range(len(batch))
+        ).to(batch.support.device)
+        # view-weighted mean CE per epoch and episode
+        self._epoch_loss = torch.zeros((self.config.maple.epochs, len(batch)), device=batch.support.device)
+
+    def _fit_prompts(self) -> EpisodePrompts:
+        assert self._training is not None, "start a fit first"
+        return self._training
+
+    def trained_tensors(self) -> list[TrainedTensor]:
+        return self._fit_prompts().trained_tensors()
+
+    def absorber(self) -> Absorb:
+        return self._absorber(self._fit_prompts())
+
+    def optimizers(self, plugin_groups: list[dict[str, Any]]) -> list[torch.optim.Optimizer]:
+        """SGD over the prompts (its rate set by the schedule); AdamW over the extension's groups."""
+        cfg, train = self.config.maple, self.config.train
+        optimizers: list[torch.optim.Optimizer] = [
+            torch.optim.SGD(
+                self._fit_prompts().parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+            )
         ]
-        self._records = merge_records(epoch_records, curves.records(), plugin_records)
-        self._end_fit(finite, batch)
+        if plugin_groups:
+            optimizers.append(
+                torch.optim.AdamW(plugin_groups, betas=(train.beta1, train.beta2), weight_decay=train.weight_decay)
+            )
+        return optimizers
+
+    def schedules(
+        self, optimizers: Sequence[torch.optim.Optimizer], plan: StepPlan
+    ) -> list[torch.optim.lr_scheduler.LRScheduler]:
+        """The epoch rates on the prompts' SGD (`EpochRates`); the extension's AdamW keeps its rate."""
+        return [EpochRates(optimizers[0], epoch_learning_rates(self.config.maple), self._steps_per_epoch)]
+
+    def plan(self, views: int) -> StepPlan:
+        """`epochs · ceil(views / batch_size)` steps: one pass over the support views per epoch."""
+        cfg = self.config.maple
+        batch_size = min(cfg.batch_size, views)
+        self._steps_per_epoch, self._views = math.ceil(views / batch_size), views
+        return StepPlan(cfg.epochs * self._steps_per_epoch, batch_size)
+
+    @classmethod
+    def one_step(cls, config: RunConfig, batch: EpisodeBatch) -> tuple[EpisodeBatch, int]:
+        """One epoch of one batch at the full rate: `maple.epochs` 1 without warm-up, the support cut to one batch."""
+        batch_size = min(config.maple.batch_size, batch.support.shape[1])
+        config.maple.epochs, config.maple.warmup_epochs = 1, 0
+        cut = dataclasses.replace(
+            batch, support=batch.support[:, :batch_size], support_labels=batch.support_labels[:, :batch_size]
+        )
+        return cut, batch_size
+
+    def step_texts(self, class_names: Sequence[Sequence[str]], layers: Sequence[int]) -> tuple[Tensor, list[Tensor]]:
+        return self._texts(self._fit_prompts(), class_names, layers)
+
+    def step_encode(self, images: Tensor, hook: BlockInputHook | None, layer_features: bool) -> VisionOutput:
+        return self.backbone.encode_images(
+            images,
+            block_input_hook=hook,
+            layer_features=layer_features,
+            prompts=self._fit_prompts().vision_prompts(),
+        )
+
+    def observe_step(self, step: int, loss_ce: Tensor, views: int) -> None:
+        self._epoch_loss[(step - 1) // self._steps_per_epoch] += loss_ce * views / self._views
+
+    def end(self) -> list[dict[str, Any]]:
+        """The prompts, frozen; per episode the mean training loss of the first and of the last epoch."""
+        self.prompts = self._fit_prompts().requires_grad_(False)
+        losses = self._epoch_loss.cpu()
+        return [
+            {"maple_first_epoch_loss": float(losses[0, e]), "maple_last_epoch_loss": float(losses[-1, e])}
+            for e in range(losses.shape[1])
+        ]
 
     def logits(self, image_features: Tensor, text: Tensor) -> Tensor:
         """`exp(logit_scale) · cos` with the backbone's own learned scale, as the release (not `train.logit_scale`):
@@ -393,9 +405,10 @@ class MapleMethod(Method):
         output.cls_attention = [attention[..., :image_tokens] for attention in output.cls_attention]
         return output
 
-    def episode_records(self) -> list[dict[str, Any]]:
-        """Per fitted episode, the mean training loss of the first and of the last epoch."""
-        return self._records
+    def export_refusal(self) -> str | None:
+        return super().export_refusal() or (
+            "MaPLe's prompts enter every forward pass: a maple classifier cannot become plain weights"
+        )
 
     def trained_state(self) -> dict[str, Tensor]:
         if self.prompts is None:

@@ -11,6 +11,7 @@ never touched, nor are prompt tokens after the patches (MaPLe's): TIR's weights 
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +19,7 @@ from torch import Tensor
 
 from cdfsl.backbone.adapter import ClipAdapter
 from cdfsl.backbone.towers import BlockInputHook
-from cdfsl.config import TIR_VARIANTS, TirConfig
+from cdfsl.config import TIR_VARIANTS, RunConfig, TirConfig
 from cdfsl.errors import ConfigError
 from cdfsl.methods.text_side import text_block_index
 
@@ -107,6 +108,8 @@ class TokenRecalibration:
         backbone: the adapter (its final norm and projection project the tokens).
     """
 
+    role: ClassVar[str] = "recalibration"
+
     def __init__(self, config: TirConfig, backbone: ClipAdapter) -> None:
         self.config = config
         self.backbone = backbone
@@ -115,6 +118,21 @@ class TokenRecalibration:
         self.at_prediction = config.at_prediction
         self.measure_sinks = False
         self._sink_shares: list[Tensor] = []
+
+    @classmethod
+    def build(
+        cls, config: RunConfig, backbone: ClipAdapter, autocast_dtype: torch.dtype | None = None
+    ) -> TokenRecalibration:
+        """The plug-in of a run (`build_method`): TIR with the run's `tir` section."""
+        return cls(config.tir, backbone)
+
+    def export_refusal(self) -> str | None:
+        if not self.at_prediction:
+            return None
+        return (
+            "TIR reweights tokens at prediction, which a plain open_clip model cannot do; fit with "
+            "--set tir.at_prediction=false to export, or predict with cdfsl"
+        )
 
     def take_sink_share(self) -> Tensor | None:
         """The mean share `[E]` of patch tokens claimed by every class (`Sum = K`), over the images and blocks

@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +43,7 @@ from cdfsl.backbone.adapter import ClipAdapter, VisionOutput
 from cdfsl.config import RunConfig
 from cdfsl.data.episodes import EpisodeBatch
 from cdfsl.errors import ConfigError
-from cdfsl.methods.training import Absorb, TrainedTensor
+from cdfsl.methods.plugins import Absorb, FlopCounter, TrainedTensor, autocast_context
 from cdfsl.methods.vtt.fusion import EpisodeLinear, ReleaseFusion, ScanningFusion
 from cdfsl.seeding import torch_stream
 
@@ -166,6 +166,8 @@ class VttExtension:
             vision tower does.
     """
 
+    role: ClassVar[str] = "extension"
+    cost_part: ClassVar[str] = "vtt_fusion"
     wants_layer_features = True
 
     def __init__(
@@ -187,6 +189,56 @@ class VttExtension:
         self.tensors: list[TrainedTensor] = []
         self.absorb: Absorb | None = None
         self._step_values: dict[str, Tensor] = {}
+
+    @classmethod
+    def build(cls, config: RunConfig, backbone: ClipAdapter, autocast_dtype: torch.dtype | None = None) -> VttExtension:
+        """The plug-in of a run (`build_method`): its fusion and absorption under the run's autocast."""
+        return cls(config, backbone, lambda: autocast_context(backbone.device, autocast_dtype))
+
+    def trained_modules(self) -> list[nn.Module]:
+        """The fusion of the fit under way (none between fits, or with `vtt.fusion=none` and `vtt.tia` off)."""
+        return [self.fusion] if self.fusion is not None else []
+
+    def piece_flops(self, batch: EpisodeBatch, batch_size: int, absorb: Absorb, counter: FlopCounter) -> dict[str, int]:
+        """FLOPs of VtT's pieces alone, each forward + backward, on inputs of one step's shapes (E = 1, b views),
+        with fresh per-episode state, dropped afterwards.
+
+        - `vtt_fusion`: the absorption token from per-layer CLS features `[L, 1, b, C]`, the final feature `[1, b, C]`
+          (both requiring gradients, as the trained vision features do) and per-layer class texts `[1, K, L, C]`;
+          backward to the fusion's parameters and its inputs.
+        - `vtt_absorption` (when `vtt.tia`): the base's text tower over its class prompt with the class name's
+          embedding replaced by tokens `[1, b, W]` (`absorb`: "a photo of a X." through the frozen tower for the
+          lora base), backward to those tokens.
+        """
+        backbone = self.backbone
+        device = backbone.device
+        self.start(batch, [], absorb)
+        try:
+            generator = torch.Generator().manual_seed(batch.seed)
+            width = backbone.embed_dim
+            labels = batch.support_labels[:, :batch_size]  # [1, b]
+            features = torch.randn(1, batch_size, width, generator=generator).to(device).requires_grad_()
+            layers = torch.randn(backbone.num_vision_blocks, 1, batch_size, width, generator=generator)
+            output = VisionOutput(features=features, layer_features=layers.to(device).requires_grad_())
+            classes = len(batch.class_names[0])
+            class_layers = torch.randn(1, classes, len(self.text_layers), width, generator=generator).to(device)
+            with counter() as fusion_counter:
+                with self.autocast():
+                    token = self.absorption_token(output, labels, class_layers)
+                if token.requires_grad:
+                    token.float().sum().backward()
+            pieces = {"vtt_fusion": int(fusion_counter.get_total_flops())}
+            if self.vtt.tia:
+                replacement = torch.randn(1, batch_size, backbone.text_width, generator=generator).to(device)
+                replacement.requires_grad_()
+                with counter() as text_counter:
+                    with self.autocast():
+                        absorbed = absorb(replacement)
+                    absorbed.float().sum().backward()
+                pieces["vtt_absorption"] = int(text_counter.get_total_flops())
+        finally:
+            self.finish()
+        return pieces
 
     def _build_fusion(self, generators: list[torch.Generator]) -> nn.Module | None:
         """The episode batch's fusion; outputs a token of the text width W (or of C when it is compared with f)."""
