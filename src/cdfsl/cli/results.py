@@ -140,7 +140,7 @@ def compare_command(
     """Two stored runs on their shared episodes: mean difference, 95% Student's t interval, Wilcoxon p, n."""
     import math
 
-    from cdfsl.analysis.compare import compare_runs
+    from cdfsl.analysis.compare import compare_runs, record_lines
     from cdfsl.engine.store import ResultStore
     from cdfsl.labels import settings_text
 
@@ -170,5 +170,7 @@ def compare_command(
     if result["only_a"] or result["only_b"]:
         line += f"; left out: {result['only_a']} episodes only in A, {result['only_b']} only in B"
     out.print(line, highlight=False)
+    for record in record_lines(result):
+        out.print(record, highlight=False, markup=False)
     if json_path is not None:
         json_path.write_text(json.dumps(result, indent=2))

@@ -79,6 +79,16 @@ def adopt_legacy_run(store: ResultStore, context: RunContext, run_id: str, ident
     return 0 if old_id == run_id else store.adopt_run(old_id, run_id, identity)
 
 
+def stored_run_id(store: ResultStore, context: RunContext, run_id: str, device: str | None = None) -> str:
+    """The id under which `store` holds the run: `run_id`, or its legacy id when only that one has stored episodes
+    (a store written before identities held only the fields a method reads, not yet adopted by a run: a read-only
+    look such as `sweep plan` must still count its episodes)."""
+    if context.protocol != FIXED_WAY or store.run_identity(run_id):
+        return run_id
+    old_id = legacy_run_id(context, device)
+    return old_id if store.run_identity(old_id) else run_id
+
+
 def _identity_arguments(context: RunContext, device: str | None) -> tuple[Any, ...]:
     """The values besides the config that both identities hash: precision, index fingerprint, activation, device
     type, image rule, weights and tokenizer digests."""

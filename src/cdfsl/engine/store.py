@@ -58,6 +58,7 @@ from pathlib import Path
 from typing import Any
 
 from cdfsl.errors import StoreError
+from cdfsl.registry import BASES, PLUGINS
 
 _TABLES = {
     "runs": """CREATE TABLE IF NOT EXISTS runs (
@@ -212,9 +213,13 @@ def records_json(records: Mapping[str, Any], where: str = "") -> str | None:
 def record_names(per_episode: Iterable[Mapping[str, Any]]) -> list[str]:
     """Every record name in `per_episode` (each episode's records), in the order outputs show them.
 
-    The one place that orders record names: alphabetical today; a per-part declaration of records (name, type,
-    order) plugs in here."""
-    return sorted({name for records in per_episode for name in records})
+    The one place that orders record names: first those the registered bases and plug-ins declare (`Record`), in
+    the order of their declarations, then any other name alphabetically (a part registered in another process, a
+    record no longer declared)."""
+    present = {name for records in per_episode for name in records}
+    parts = (*BASES.values(), *PLUGINS.values())
+    declared = [name for name in dict.fromkeys(r.name for part in parts for r in part.records) if name in present]
+    return declared + sorted(present - set(declared))
 
 
 def _shown(records: Mapping[str, Any], limit: int = 200) -> str:

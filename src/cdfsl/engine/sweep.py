@@ -218,7 +218,7 @@ def plan_sweep(
     `distinct_runs`). `on_planned(done, total)` is told after each run.
     """
     from cdfsl.engine.context import LoadCache, build_context
-    from cdfsl.engine.runner import run_identity
+    from cdfsl.engine.runner import run_identity, stored_run_id
     from cdfsl.engine.store import ResultStore
     from cdfsl.errors import DatasetError
     from cdfsl.stats import mean_ci95
@@ -240,8 +240,9 @@ def plan_sweep(
             else:
                 run_id, identity = run_identity(context, device)
                 config = _on_device(context.config, device)
-                accuracies = store.episode_accuracies(run_id, below=total) if store else {}
-                timings = list(store.episode_seconds(run_id, below=total).values()) if store else []
+                stored_as = stored_run_id(store, context, run_id, device) if store else run_id
+                accuracies = store.episode_accuracies(stored_as, below=total) if store else {}
+                timings = list(store.episode_seconds(stored_as, below=total).values()) if store else []
                 per_episode = statistics.median(timings) if timings else None
                 if per_episode is not None:
                     seconds.setdefault(_kind(run), []).append(per_episode)

@@ -15,12 +15,6 @@ from cdfsl.backbone.adapter import ClipAdapter
 from cdfsl.config import RunConfig
 from cdfsl.methods.base import Method
 
-PLUGIN_BUILDERS = {
-    "tir": "cdfsl.methods.tir.recalibration:TokenRecalibration",
-    "vtt": "cdfsl.methods.vtt.extension:VttExtension",
-}
-"""Where each plug-in's class lives, until its registry entry names it (`PlugIn.builder`)."""
-
 
 def load_builder(builder: str) -> Any:
     """The attribute named by `module:attribute`."""
@@ -39,7 +33,7 @@ def build_method(config: RunConfig, backbone: ClipAdapter, autocast_dtype: torch
     config = config.resolved()
     attached: dict[str, Any] = {}
     for plugin in config.spec.plugins:
-        cls = load_builder(getattr(plugin, "builder", None) or PLUGIN_BUILDERS[plugin.name])
+        cls = load_builder(plugin.builder)
         attached[cls.role] = cls.build(config, backbone, autocast_dtype)
     method = base_class(config)(backbone, config, autocast_dtype, **attached)
     method.name = config.method
