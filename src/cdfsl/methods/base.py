@@ -23,7 +23,7 @@ from cdfsl.backbone.towers import BlockInputHook
 from cdfsl.config import RunConfig
 from cdfsl.data.episodes import EpisodeBatch
 from cdfsl.errors import TrainingError
-from cdfsl.methods.plugins import Recalibration, TrainingExtension, autocast_context
+from cdfsl.methods.plugins import Recalibration, Remedies, TrainingExtension, autocast_context
 
 Observer = Callable[[int, Tensor], None]
 """Called with (layer, tokens `[E, B, T, D]` entering that vision block, before any recalibration)."""
@@ -143,21 +143,32 @@ class Method(ABC):
         raise_unless_finite(torch.isfinite(logits).flatten(1).all(dim=1), batch, "the query logits", self.remedies())
         return logits
 
+    def learning_rates(self) -> list[str]:
+        """The learning rates of this base's fit as `key=value` (the remedies name them); the shared loop's
+        `train.lr` unless the base says otherwise."""
+        return [f"train.lr={self.config.train.lr:g}"]
+
+    def plugin_remedies(self) -> Remedies:
+        """The attached plug-ins' advice (`Recalibration.remedies`, `TrainingExtension.remedies`): their learning
+        rates, then what else to try (the extension's first)."""
+        rates: list[str] = []
+        tries: list[str] = []
+        for plugin in (self.extension, self.recalibration):
+            if plugin is not None:
+                more_rates, more_tries = plugin.remedies()
+                rates += more_rates
+                tries += more_tries
+        return rates, tries
+
     def remedies(self) -> str:
-        """What to try when an episode's numbers are not finite, with the values this run used."""
+        """What to try when an episode's numbers are not finite, with the values this run used: for a base that
+        trains, its learning rates and the plug-ins' (`learning_rates`, `plugin_remedies`)."""
         config = self.config
         tries = []
         if config.trains:
-            rates = [f"train.lr={config.train.lr:g}"]
-            if config.uses_vtt:
-                rates.append(f"vtt.lr={config.vtt.lr:g}")
-            if config.prompt.context:
-                rates.append(f"prompt.lr={config.prompt.lr:g}")
-            tries.append(f"a lower learning rate (now {', '.join(rates)})")
-            if config.uses_vtt:
-                tries.append(f"a smaller vtt.beta (now {config.vtt.beta:g})")
-            if config.uses_tir and (config.tir.alpha is not None or config.tir.beta is not None):
-                tries.append("tir.alpha=auto tir.beta=auto")
+            plugin_rates, plugin_tries = self.plugin_remedies()
+            tries.append(f"a lower learning rate (now {', '.join([*self.learning_rates(), *plugin_rates])})")
+            tries += plugin_tries
         else:
             tries.append(f"another checkpoint (--pretrained {config.pretrained})")
         tries.append(f"a smaller train.logit_scale (now {config.train.logit_scale:g})")

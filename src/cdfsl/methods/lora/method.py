@@ -76,6 +76,11 @@ class LoraMethod(TrainedBase):
         self._training_lora: EpisodeLoRA | None = None  # the vision LoRA of the fit under way
         self._text_params: tuple[list[Tensor], list[Tensor]] = ([], [])  # its text LoRA and context tensors
 
+    def learning_rates(self) -> list[str]:
+        """AdamW's `train.lr`, and the SGD rate of a learned prompt context."""
+        prompt = self.config.prompt
+        return [f"train.lr={self.config.train.lr:g}", *([f"prompt.lr={prompt.lr:g}"] if prompt.context else [])]
+
     @property
     def trains_vision(self) -> bool:
         return self.config.lora.towers in ("vision", "both")

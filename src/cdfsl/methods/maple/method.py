@@ -344,8 +344,7 @@ class MapleMethod(TrainedBase):
 
     def remedies(self) -> str:
         tries = [f"a lower maple.lr (now {self.config.maple.lr:g})", "a smaller maple.depth"]
-        if self.extension is not None:
-            tries.append(f"a smaller vtt.beta (now {self.config.vtt.beta:g})")
+        tries += self.plugin_remedies()[1]
         if self.autocast_dtype is not None:
             tries.append("--set train.precision=fp32")
         return ", ".join(tries[:-1]) + " or " + tries[-1]
