@@ -27,6 +27,7 @@ from cdfsl.analysis.report import build_report
 from cdfsl.backbone.adapter import ClipAdapter, VisionOutput
 from cdfsl.backbone.towers import BlockInputHook
 from cdfsl.classifier import FewShotClassifier
+from cdfsl.cli import app
 from cdfsl.config import RunConfig
 from cdfsl.data.episodes import EpisodeBatch
 from cdfsl.engine.store import ResultStore
@@ -57,6 +58,7 @@ class ToyBase(TrainedBase):
 
     name = "toybase"
     state_parts: ClassVar[dict[str, str]] = {"toy_offset": "toy_offset"}
+    part_labels: ClassVar[dict[str, str]] = {"toy_offset": "toy class-text offsets"}
 
     def __init__(self, backbone: ClipAdapter, config: RunConfig, autocast_dtype: Any = None, **plug_ins: Any) -> None:
         super().__init__(backbone, config, autocast_dtype, **plug_ins)
@@ -172,6 +174,7 @@ class ToyPenalty:
 
     role: ClassVar[str] = "extension"
     cost_part: ClassVar[str] = "toy_penalty"
+    cost_label: ClassVar[str] = "toy penalty (no modules)"
     wants_layer_features = False
     text_layers: Sequence[int] = ()
 
@@ -330,8 +333,6 @@ def test_a_toy_run_is_stored_with_its_records_resumed_and_reported(toys: None, t
     lora_row = next(row for row in report["rows"] if row["method"] == "lora+toyplug")
     assert set(lora_row["records"]["digits/1-shot"]) == {"toyplug_penalty"}
 
-    from cdfsl.cli import app
-
     shown = CliRunner().invoke(app, ["report", "--db", str(db), "--format", "json"])
     assert shown.exit_code == 0, shown.output
     assert "toybase+toyplug" in shown.output and "toy_offset_norm" in shown.output
@@ -347,7 +348,13 @@ def test_the_cost_of_a_toy_step_counts_its_trained_offsets(toys: None) -> None:
     embed_dim = cost["dims"]["embed_dim"]
     assert cost["parameters"]["toy_offset"] == config.ways * embed_dim
     assert cost["parameters"]["total"] == config.ways * embed_dim
+    assert cost["parameters"]["toy_penalty"] == 0  # the plug-in trains no module of its own
     assert cost["flops"]["step"] > 0 and "base_step" not in cost["flops"]
+    assert cost["part_labels"] == {"toy_offset": "toy class-text offsets", "toy_penalty": "toy penalty (no modules)"}
+    tiny = ["--backbone", "tiny", "--pretrained", "none", "--device", "cpu", "--shots", "1"]
+    shown = CliRunner().invoke(app, ["cost", "--method", "toybase+toyplug", *tiny])
+    assert shown.exit_code == 0, shown.output
+    assert "toy class-text offsets" in shown.output and f"{config.ways * embed_dim:,}" in shown.output
 
 
 # ------------------------------------------------------------------------------------ classifier, save, export

@@ -45,6 +45,8 @@ class Method(ABC):
     state_parts: ClassVar[dict[str, str]] = {}
     """The parameter-table part (`cdfsl cost`) of each tensor of `trained_state()`, by the name's first one or two
     dotted components (two are tried first)."""
+    part_labels: ClassVar[dict[str, str]] = {}
+    """The words `cdfsl cost` shows for each part of `state_parts` (a part without them is shown by its key)."""
 
     def __init__(
         self,

@@ -84,6 +84,8 @@ class TrainingExtension(Protocol):
     role: ClassVar[str]
     cost_part: ClassVar[str]
     """The parameter-table part its modules count under (`cdfsl cost`)."""
+    cost_label: ClassVar[str]
+    """The words `cdfsl cost` shows for that part."""
     wants_layer_features: bool
     text_layers: Sequence[int]
     """Text blocks whose raw class features `backward` needs, in order (non-negative)."""

@@ -61,6 +61,11 @@ class LoraMethod(TrainedBase):
         "text_lora": "text_lora",
         "context": "prompt_context",
     }
+    part_labels: ClassVar[dict[str, str]] = {
+        "vision_lora": "vision-tower LoRA",
+        "text_lora": "text-tower LoRA",
+        "prompt_context": "prompt context",
+    }
 
     def __init__(
         self,

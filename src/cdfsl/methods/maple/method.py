@@ -184,6 +184,11 @@ class MapleMethod(TrainedBase):
         "prompts.weight": "maple_coupling",
         "prompts.bias": "maple_coupling",
     }
+    part_labels: ClassVar[dict[str, str]] = {
+        "maple_context": "MaPLe text context",
+        "maple_compound": "MaPLe compound text prompts",
+        "maple_coupling": "MaPLe text-to-vision maps",
+    }
 
     def __init__(
         self,

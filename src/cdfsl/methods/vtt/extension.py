@@ -168,6 +168,7 @@ class VttExtension:
 
     role: ClassVar[str] = "extension"
     cost_part: ClassVar[str] = "vtt_fusion"
+    cost_label: ClassVar[str] = "VtT modules (fusion)"
     wants_layer_features = True
 
     def __init__(
