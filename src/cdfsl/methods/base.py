@@ -72,7 +72,7 @@ class Method(ABC):
         and remember it, so that predicting from the diverged fit is refused (`_refuse_after_failure`); `fit` clears
         it when it starts."""
         try:
-            raise_unless_finite(finite, batch, "the training loss", self.remedies())
+            raise_unless_finite(finite, batch, "the training loss", self.remedies)
         except TrainingError as error:
             self._failure = error
             raise
@@ -142,7 +142,7 @@ class Method(ABC):
         """
         features = self.encode(batch.query, batch.class_names).features
         logits = self.logits(features, self.class_features(batch.class_names))
-        raise_unless_finite(torch.isfinite(logits).flatten(1).all(dim=1), batch, "the query logits", self.remedies())
+        raise_unless_finite(torch.isfinite(logits).flatten(1).all(dim=1), batch, "the query logits", self.remedies)
         return logits
 
     def learning_rates(self) -> list[str]:
@@ -156,8 +156,9 @@ class Method(ABC):
         rates: list[str] = []
         tries: list[str] = []
         for plugin in (self.extension, self.recalibration):
-            if plugin is not None:
-                more_rates, more_tries = plugin.remedies()
+            advice = getattr(plugin, "remedies", None)  # optional: a plug-in without it adds nothing
+            if advice is not None:
+                more_rates, more_tries = advice()
                 rates += more_rates
                 tries += more_tries
         return rates, tries
@@ -231,11 +232,11 @@ def check_state_fits(state: dict[str, Tensor], expected: dict[str, Tensor], meth
         raise ValueError(f"the saved state does not fit {method}: {differ}")
 
 
-def raise_unless_finite(finite: Tensor, batch: EpisodeBatch, what: str, remedies: str) -> None:
+def raise_unless_finite(finite: Tensor, batch: EpisodeBatch, what: str, remedies: str | Callable[[], str]) -> None:
     """Raise `TrainingError` naming the episodes of `batch` whose entry of `finite` (`[E]` bool) is false.
 
     One host synchronisation: call it once per batch, not per step. `what` names the numbers (`"the query logits"`),
-    `remedies` what to try.
+    `remedies` what to try (or a callable giving it, asked only when an episode failed).
     """
     bad = [i for i, ok in zip(batch.indices, finite.tolist(), strict=True) if not ok]
     if bad:
@@ -243,7 +244,7 @@ def raise_unless_finite(finite: Tensor, batch: EpisodeBatch, what: str, remedies
         raise TrainingError(
             f"episode{'s' if several else ''} {', '.join(map(str, bad))}: {what} became nan or inf, which would "
             f"count as a chance-level accuracy; no result is stored for this batch (episodes "
-            f"{', '.join(map(str, batch.indices))}). Try {remedies}"
+            f"{', '.join(map(str, batch.indices))}). Try {remedies if isinstance(remedies, str) else remedies()}"
         )
 
 

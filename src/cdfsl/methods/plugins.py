@@ -74,7 +74,8 @@ class Recalibration(Protocol):
         ...
 
     def remedies(self) -> Remedies:
-        """What to try, with the run's values, when a fit's numbers are not finite (`Method.remedies`)."""
+        """What to try, with the run's values, when a fit's numbers are not finite (`Method.remedies`; optional: a
+        plug-in without it adds nothing)."""
         ...
 
 
@@ -118,7 +119,8 @@ class TrainingExtension(Protocol):
         ...
 
     def remedies(self) -> Remedies:
-        """What to try, with the run's values, when a fit's numbers are not finite (`Method.remedies`)."""
+        """What to try, with the run's values, when a fit's numbers are not finite (`Method.remedies`; optional: a
+        plug-in without it adds nothing)."""
         ...
 
 
