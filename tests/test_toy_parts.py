@@ -282,6 +282,8 @@ def test_the_remedies_name_the_toy_parts_knobs(toys: None, world: DigitsWorld) -
     )
     lora = build_method(config_of("lora+toyplug"), world.backbone)
     assert lora.remedies().startswith("a lower learning rate (now train.lr=0.0002), a smaller toyplug.weight")
+    maple = build_method(config_of("maple+toyplug"), world.backbone)  # a base with remedies of its own
+    assert maple.remedies().endswith("a smaller maple.depth or a smaller toyplug.weight (now 0.5)")
 
 
 def test_the_toy_penalty_shrinks_what_the_base_learns(toys: None, world: DigitsWorld) -> None:

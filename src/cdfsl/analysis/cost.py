@@ -45,7 +45,6 @@ from cdfsl.methods import Method, build_method
 from cdfsl.methods.build import base_class
 from cdfsl.methods.training import TrainedBase, frozen_class_texts
 from cdfsl.methods.vtt.extension import state_sizes
-from cdfsl.methods.vtt.fusion import parameter_count
 
 # Quoted: the VtT paper's cost table (its counting convention for FLOPs is not stated).
 PAPER_VTT_PARAMETERS = 3_900_000  # "3.9 M" trainable parameters
@@ -198,7 +197,7 @@ def count_step(
     parts = method.cost_parts()
     labels = dict(method.part_labels)
     if extension is not None:
-        parts[extension.cost_part] = sum(parameter_count(m) for m in modules)
+        parts[extension.cost_part] = per_episode_count(p for m in modules for p in m.parameters())
         labels[extension.cost_part] = extension.cost_label
     total = per_episode_count(held.values())
     if total != sum(parts.values()):
