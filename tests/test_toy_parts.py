@@ -392,3 +392,22 @@ def test_a_toy_classifier_fits_saves_loads_and_exports(toys: None, world: Digits
     with pytest.raises(ConfigError, match="toyopaque keeps its offsets apart"):
         opaque.export_merged(tmp_path / "opaque.safetensors")
     assert not (tmp_path / "opaque.safetensors").exists()
+
+
+# ------------------------------------------------------------------------------------- a base that trains nothing
+FROZEN_BASE = Base(
+    "toyfrozen", "the template's class texts, nothing learned", "nothing", "this test",
+    builder="cdfsl.methods.zeroshot.method:ZeroShot", learns=False, reads=lambda config, spec: ("train.template",),
+)  # fmt: skip
+
+
+def test_a_base_that_declares_it_learns_nothing_is_treated_as_zeroshot(toys: None, world: DigitsWorld) -> None:
+    """Whether a base trains is what it declares (`Base.learns`), not whether its name is `zeroshot`."""
+    with registered(FROZEN_BASE):
+        config = RunConfig(dataset="digits", method="toyfrozen", backbone="tiny", pretrained="none", device="cpu")
+        assert not config.trains
+        assert build_method(config, world.backbone).remedies().startswith("another checkpoint (--pretrained none)")
+        with pytest.raises(ConfigError, match="toyfrozen does not train: it has no training step to count"):
+            training_cost(config)
+        with pytest.raises(ConfigError, match="toyfrozen trains nothing for a penalty; use lora\\+toyplug"):
+            RunConfig(method="toyfrozen+toyplug").validate()
