@@ -92,6 +92,8 @@ class Base:
         defaults: dotted config keys and the values this base starts from (over the recipe; `--set` wins).
         builder: `module:attribute` of the `Method` class built for it.
         learns_text: whether the text side (class texts) changes while it trains.
+        learns: whether it trains anything at all (False: `zeroshot`; it has no training step, and plug-ins that act
+            on training refuse it).
         reads: the dotted keys it reads under a resolved config; only these (and the plug-ins') enter the identity.
         records: what it stores per episode beyond accuracy and curves.
         validate: its checks of a resolved config that uses it.
@@ -106,13 +108,14 @@ class Base:
     defaults: dict[str, Any] = field(default_factory=dict)
     builder: str = "cdfsl.methods.lora.method:LoraMethod"
     learns_text: bool = False
+    learns: bool = True
     reads: Reads = _reads_nothing
     records: tuple[Record, ...] = ()
     validate: Check = _accepts
 
     @property
     def trains_anything(self) -> bool:
-        return self.name != "zeroshot"
+        return self.learns
 
 
 @dataclass(frozen=True)

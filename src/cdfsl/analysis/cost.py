@@ -45,7 +45,6 @@ from cdfsl.methods import Method, build_method
 from cdfsl.methods.build import base_class
 from cdfsl.methods.training import TrainedBase, frozen_class_texts
 from cdfsl.methods.vtt.extension import state_sizes
-from cdfsl.methods.vtt.fusion import parameter_count
 
 # Quoted: the VtT paper's cost table (its counting convention for FLOPs is not stated).
 PAPER_VTT_PARAMETERS = 3_900_000  # "3.9 M" trainable parameters
@@ -153,13 +152,15 @@ class StepCount:
     """One counted training step: its FLOPs, the method that ran it, and the trainable parts it built.
 
     `parameters` maps a part (`vision_lora`, `text_lora`, `prompt_context`, `vtt_fusion`, `other`) to its
-    per-episode count; `total` is the per-episode count of everything the step's optimizers held.
+    per-episode count; `total` is the per-episode count of everything the step's optimizers held; `labels` gives the
+    words each part declared for itself (`Method.part_labels`, `TrainingExtension.cost_label`).
     """
 
     flops: int
     method: Method
     parameters: dict[str, int] = field(default_factory=dict)
     total: int = 0
+    labels: dict[str, str] = field(default_factory=dict)
 
 
 def count_step(
@@ -194,12 +195,15 @@ def count_step(
         handle.remove()
 
     parts = method.cost_parts()
+    labels = dict(method.part_labels)
     if extension is not None:
-        parts[extension.cost_part] = sum(parameter_count(m) for m in modules)
+        parts[extension.cost_part] = per_episode_count(p for m in modules for p in m.parameters())
+        labels[extension.cost_part] = extension.cost_label
     total = per_episode_count(held.values())
     if total != sum(parts.values()):
         parts["other"] = total - sum(parts.values())
-    return StepCount(int(counter.get_total_flops()), method, parts, total)
+        labels["other"] = OTHER_LABEL
+    return StepCount(int(counter.get_total_flops()), method, parts, total, labels)
 
 
 def vtt_piece_flops(step: StepCount, batch: EpisodeBatch, batch_size: int) -> dict[str, int]:
@@ -248,8 +252,9 @@ def training_cost(config: RunConfig, runner: Runner | None = None) -> dict[str, 
         Plain numbers: `method`, `base_method` (None without VtT), `recipe`, `backbone`, `pretrained`, `device`,
         `precision`, `episodes` (1), `ways`, `shots`, `views` (per support image), `support_views`, `batch_size`
         (views per step), `dims` (tower depths and widths, joint width C), `parameters` (per-episode counts by part,
-        with `total`; `vtt_fusion` only with VtT), `flops` (`step`; with VtT also `base_step`, `vtt_added` = step −
-        base_step, `vtt_fusion`, `vtt_absorption` and `vtt_rest` = vtt_added minus the two pieces),
+        with `total`; `vtt_fusion` only with VtT), `part_labels` (the words each part declared for itself), `flops`
+        (`step`; with VtT also `base_step`, `vtt_added` = step − base_step, `vtt_fusion`, `vtt_absorption` and
+        `vtt_rest` = vtt_added minus the two pieces),
         `flop_convention`, and with VtT `reference`: the paper's and the release's quoted figures and whether the
         release's counts describe this run (`release_comparable`).
 
@@ -294,6 +299,7 @@ def training_cost(config: RunConfig, runner: Runner | None = None) -> dict[str, 
             "embed_dim": backbone.embed_dim,
         },
         "parameters": parameters,
+        "part_labels": {part: step.labels.get(part, part) for part in step.parameters},
         "flops": flops,
         "flop_convention": FLOP_CONVENTION,
     }
@@ -320,16 +326,7 @@ def training_cost(config: RunConfig, runner: Runner | None = None) -> dict[str, 
 
 
 # ---------------------------------------------------------------------------------------------------------- tables
-_PART_LABELS = {
-    "vision_lora": "vision-tower LoRA",
-    "text_lora": "text-tower LoRA",
-    "prompt_context": "prompt context",
-    "vtt_fusion": "VtT modules (fusion)",
-    "maple_context": "MaPLe text context",
-    "maple_compound": "MaPLe compound text prompts",
-    "maple_coupling": "MaPLe text-to-vision maps",
-    "other": "other (held by the optimizers)",
-}
+OTHER_LABEL = "other (held by the optimizers)"
 
 
 def _gflops(flops: int | float) -> str:
@@ -349,6 +346,7 @@ def cost_header(result: dict[str, Any]) -> str:
 def parameter_table(result: dict[str, Any]) -> Table:
     """Trainable parameters per episode by part; with VtT, the release's counts (quoted) beside ours."""
     parameters: dict[str, int] = result["parameters"]
+    labels: dict[str, str] = result.get("part_labels", {})  # as each part declared them
     reference: dict[str, Any] | None = result.get("reference")
     table = Table(title="Trainable parameters per episode", title_justify="left")
     table.add_column("part")
@@ -366,7 +364,7 @@ def parameter_table(result: dict[str, Any]) -> Table:
     for part, count in parameters.items():
         if part == "total":
             continue
-        row = [_PART_LABELS.get(part, part), f"{count:,}"]
+        row = [labels.get(part, part), f"{count:,}"]
         if reference is not None:
             row += _release_cells(release.get(part), count, comparable)
         table.add_row(*row)

@@ -23,7 +23,7 @@ from cdfsl.backbone.towers import BlockInputHook
 from cdfsl.config import RunConfig
 from cdfsl.data.episodes import EpisodeBatch
 from cdfsl.errors import TrainingError
-from cdfsl.methods.plugins import Recalibration, TrainingExtension, autocast_context
+from cdfsl.methods.plugins import Recalibration, Remedies, TrainingExtension, autocast_context
 
 Observer = Callable[[int, Tensor], None]
 """Called with (layer, tokens `[E, B, T, D]` entering that vision block, before any recalibration)."""
@@ -45,6 +45,8 @@ class Method(ABC):
     state_parts: ClassVar[dict[str, str]] = {}
     """The parameter-table part (`cdfsl cost`) of each tensor of `trained_state()`, by the name's first one or two
     dotted components (two are tried first)."""
+    part_labels: ClassVar[dict[str, str]] = {}
+    """The words `cdfsl cost` shows for each part of `state_parts` (a part without them is shown by its key)."""
 
     def __init__(
         self,
@@ -70,7 +72,7 @@ class Method(ABC):
         and remember it, so that predicting from the diverged fit is refused (`_refuse_after_failure`); `fit` clears
         it when it starts."""
         try:
-            raise_unless_finite(finite, batch, "the training loss", self.remedies())
+            raise_unless_finite(finite, batch, "the training loss", self.remedies)
         except TrainingError as error:
             self._failure = error
             raise
@@ -140,24 +142,36 @@ class Method(ABC):
         """
         features = self.encode(batch.query, batch.class_names).features
         logits = self.logits(features, self.class_features(batch.class_names))
-        raise_unless_finite(torch.isfinite(logits).flatten(1).all(dim=1), batch, "the query logits", self.remedies())
+        raise_unless_finite(torch.isfinite(logits).flatten(1).all(dim=1), batch, "the query logits", self.remedies)
         return logits
 
+    def learning_rates(self) -> list[str]:
+        """The learning rates of this base's fit as `key=value` (the remedies name them); the shared loop's
+        `train.lr` unless the base says otherwise."""
+        return [f"train.lr={self.config.train.lr:g}"]
+
+    def plugin_remedies(self) -> Remedies:
+        """The attached plug-ins' advice (`Recalibration.remedies`, `TrainingExtension.remedies`): their learning
+        rates, then what else to try (the extension's first)."""
+        rates: list[str] = []
+        tries: list[str] = []
+        for plugin in (self.extension, self.recalibration):
+            advice = getattr(plugin, "remedies", None)  # optional: a plug-in without it adds nothing
+            if advice is not None:
+                more_rates, more_tries = advice()
+                rates += more_rates
+                tries += more_tries
+        return rates, tries
+
     def remedies(self) -> str:
-        """What to try when an episode's numbers are not finite, with the values this run used."""
+        """What to try when an episode's numbers are not finite, with the values this run used: for a base that
+        trains, its learning rates and the plug-ins' (`learning_rates`, `plugin_remedies`)."""
         config = self.config
         tries = []
         if config.trains:
-            rates = [f"train.lr={config.train.lr:g}"]
-            if config.uses_vtt:
-                rates.append(f"vtt.lr={config.vtt.lr:g}")
-            if config.prompt.context:
-                rates.append(f"prompt.lr={config.prompt.lr:g}")
-            tries.append(f"a lower learning rate (now {', '.join(rates)})")
-            if config.uses_vtt:
-                tries.append(f"a smaller vtt.beta (now {config.vtt.beta:g})")
-            if config.uses_tir and (config.tir.alpha is not None or config.tir.beta is not None):
-                tries.append("tir.alpha=auto tir.beta=auto")
+            plugin_rates, plugin_tries = self.plugin_remedies()
+            tries.append(f"a lower learning rate (now {', '.join([*self.learning_rates(), *plugin_rates])})")
+            tries += plugin_tries
         else:
             tries.append(f"another checkpoint (--pretrained {config.pretrained})")
         tries.append(f"a smaller train.logit_scale (now {config.train.logit_scale:g})")
@@ -218,11 +232,11 @@ def check_state_fits(state: dict[str, Tensor], expected: dict[str, Tensor], meth
         raise ValueError(f"the saved state does not fit {method}: {differ}")
 
 
-def raise_unless_finite(finite: Tensor, batch: EpisodeBatch, what: str, remedies: str) -> None:
+def raise_unless_finite(finite: Tensor, batch: EpisodeBatch, what: str, remedies: str | Callable[[], str]) -> None:
     """Raise `TrainingError` naming the episodes of `batch` whose entry of `finite` (`[E]` bool) is false.
 
     One host synchronisation: call it once per batch, not per step. `what` names the numbers (`"the query logits"`),
-    `remedies` what to try.
+    `remedies` what to try (or a callable giving it, asked only when an episode failed).
     """
     bad = [i for i, ok in zip(batch.indices, finite.tolist(), strict=True) if not ok]
     if bad:
@@ -230,7 +244,7 @@ def raise_unless_finite(finite: Tensor, batch: EpisodeBatch, what: str, remedies
         raise TrainingError(
             f"episode{'s' if several else ''} {', '.join(map(str, bad))}: {what} became nan or inf, which would "
             f"count as a chance-level accuracy; no result is stored for this batch (episodes "
-            f"{', '.join(map(str, batch.indices))}). Try {remedies}"
+            f"{', '.join(map(str, batch.indices))}). Try {remedies if isinstance(remedies, str) else remedies()}"
         )
 
 

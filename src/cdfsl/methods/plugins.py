@@ -38,6 +38,10 @@ tensor after the episode axis is one parameter). DGSO measures one cosine per (e
 FlopCounter = Callable[[], AbstractContextManager[Any]]
 """A fresh FLOP-counting context (torch's `FlopCounterMode`, as `cdfsl.analysis.cost` configures it)."""
 
+Remedies = tuple[list[str], list[str]]
+"""A part's advice when a fit's numbers are not finite: (its learning rates as `key=value`, e.g. `vtt.lr=0.001`;
+other things to try, each a phrase with the value the run used, e.g. `a smaller vtt.beta (now 0.5)`)."""
+
 
 def autocast_context(device: torch.device, dtype: torch.dtype | None) -> AbstractContextManager[object]:
     """bf16 (or `dtype`) autocast on `device`; a no-op for fp32 (`dtype` None)."""
@@ -69,6 +73,11 @@ class Recalibration(Protocol):
         do), or None when it can."""
         ...
 
+    def remedies(self) -> Remedies:
+        """What to try, with the run's values, when a fit's numbers are not finite (`Method.remedies`; optional: a
+        plug-in without it adds nothing)."""
+        ...
+
 
 class TrainingExtension(Protocol):
     """An objective extension (VtT): its own per-episode modules, optimizer groups and backward pass."""
@@ -76,6 +85,8 @@ class TrainingExtension(Protocol):
     role: ClassVar[str]
     cost_part: ClassVar[str]
     """The parameter-table part its modules count under (`cdfsl cost`)."""
+    cost_label: ClassVar[str]
+    """The words `cdfsl cost` shows for that part."""
     wants_layer_features: bool
     text_layers: Sequence[int]
     """Text blocks whose raw class features `backward` needs, in order (non-negative)."""
@@ -85,10 +96,10 @@ class TrainingExtension(Protocol):
         Returns AdamW parameter groups of its own modules."""
         ...
 
-    def backward(self, loss_ce: Tensor, output: VisionOutput, labels: Tensor, class_layers: Tensor) -> Tensor:
+    def backward(self, loss_ce: Tensor, output: VisionOutput, labels: Tensor, class_layers: Tensor | None) -> Tensor:
         """Fill `.grad` of every trained tensor from the per-episode CE losses `[E]`, the vision output, the labels
-        `[E, B]` and the raw per-layer class texts `[E, K, L, C]` (at `text_layers`); return the per-episode loss
-        `[E]` whose gradients it filled (the loop checks that it stays finite)."""
+        `[E, B]` and the raw per-layer class texts `[E, K, L, C]` (at `text_layers`; None when `text_layers` is
+        empty); return the per-episode loss `[E]` whose gradients it filled (the loop checks that it stays finite)."""
         ...
 
     def finish(self) -> list[dict[str, Any]]:
@@ -107,6 +118,11 @@ class TrainingExtension(Protocol):
         """FLOPs of its own pieces alone (forward + backward) on inputs of one step's shapes, by name."""
         ...
 
+    def remedies(self) -> Remedies:
+        """What to try, with the run's values, when a fit's numbers are not finite (`Method.remedies`; optional: a
+        plug-in without it adds nothing)."""
+        ...
+
 
 def plugin_text_layers(recalibration: Recalibration | None, extension: TrainingExtension | None) -> list[int]:
     """The text blocks whose class features a step computes for the plug-ins: the recalibration's, then the
@@ -119,16 +135,18 @@ def split_plugin_texts(
     at_layers: Sequence[Tensor], recalibration: Recalibration | None, extension: TrainingExtension | None
 ) -> tuple[Tensor | None, Tensor | None]:
     """Raw class features `[E, K, C]`, one per block of `plugin_text_layers` → (the recalibration's texts, normalized
-    `[E, K, C]`, or None; the extension's per-layer texts `[E, K, L, C]`, raw, or None)."""
+    `[E, K, C]`, or None; the extension's per-layer texts `[E, K, L, C]`, raw, or None without an extension or for
+    one that reads no text block)."""
     rest = list(at_layers)
     tir = F.normalize(rest.pop(0), dim=-1) if recalibration is not None else None
-    return tir, torch.stack(rest, dim=2) if extension is not None else None
+    return tir, torch.stack(rest, dim=2) if extension is not None and rest else None
 
 
 __all__ = [
     "Absorb",
     "FlopCounter",
     "Recalibration",
+    "Remedies",
     "TrainedTensor",
     "TrainingExtension",
     "autocast_context",

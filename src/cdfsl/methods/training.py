@@ -280,7 +280,6 @@ def fit_episodes(base: TrainedBase, batch: EpisodeBatch) -> None:
         logits = base.logits(output.features, text)  # [E, b, K]
         loss_ce = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none").mean(dim=1)  # [E]
         if extension is not None:
-            assert class_layers is not None
             loss = extension.backward(loss_ce, output, labels, class_layers)
         else:
             loss = loss_ce

@@ -61,6 +61,11 @@ class LoraMethod(TrainedBase):
         "text_lora": "text_lora",
         "context": "prompt_context",
     }
+    part_labels: ClassVar[dict[str, str]] = {
+        "vision_lora": "vision-tower LoRA",
+        "text_lora": "text-tower LoRA",
+        "prompt_context": "prompt context",
+    }
 
     def __init__(
         self,
@@ -75,6 +80,11 @@ class LoraMethod(TrainedBase):
         self.lora: EpisodeLoRA | None = None
         self._training_lora: EpisodeLoRA | None = None  # the vision LoRA of the fit under way
         self._text_params: tuple[list[Tensor], list[Tensor]] = ([], [])  # its text LoRA and context tensors
+
+    def learning_rates(self) -> list[str]:
+        """AdamW's `train.lr`, and the SGD rate of a learned prompt context."""
+        prompt = self.config.prompt
+        return [f"train.lr={self.config.train.lr:g}", *([f"prompt.lr={prompt.lr:g}"] if prompt.context else [])]
 
     @property
     def trains_vision(self) -> bool:

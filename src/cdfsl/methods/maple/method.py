@@ -184,6 +184,11 @@ class MapleMethod(TrainedBase):
         "prompts.weight": "maple_coupling",
         "prompts.bias": "maple_coupling",
     }
+    part_labels: ClassVar[dict[str, str]] = {
+        "maple_context": "MaPLe text context",
+        "maple_compound": "MaPLe compound text prompts",
+        "maple_coupling": "MaPLe text-to-vision maps",
+    }
 
     def __init__(
         self,
@@ -344,8 +349,7 @@ class MapleMethod(TrainedBase):
 
     def remedies(self) -> str:
         tries = [f"a lower maple.lr (now {self.config.maple.lr:g})", "a smaller maple.depth"]
-        if self.extension is not None:
-            tries.append(f"a smaller vtt.beta (now {self.config.vtt.beta:g})")
+        tries += self.plugin_remedies()[1]
         if self.autocast_dtype is not None:
             tries.append("--set train.precision=fp32")
         return ", ".join(tries[:-1]) + " or " + tries[-1]

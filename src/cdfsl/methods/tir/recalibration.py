@@ -21,6 +21,7 @@ from cdfsl.backbone.adapter import ClipAdapter
 from cdfsl.backbone.towers import BlockInputHook
 from cdfsl.config import TIR_VARIANTS, RunConfig, TirConfig
 from cdfsl.errors import ConfigError
+from cdfsl.methods.plugins import Remedies
 from cdfsl.methods.text_side import text_block_index
 
 
@@ -133,6 +134,11 @@ class TokenRecalibration:
             "TIR reweights tokens at prediction, which a plain open_clip model cannot do; fit with "
             "--set tir.at_prediction=false to export, or predict with cdfsl"
         )
+
+    def remedies(self) -> Remedies:
+        """Automatic strengths when the run fixed them."""
+        fixed = self.config.alpha is not None or self.config.beta is not None
+        return [], ["tir.alpha=auto tir.beta=auto"] if fixed else []
 
     def take_sink_share(self) -> Tensor | None:
         """The mean share `[E]` of patch tokens claimed by every class (`Sum = K`), over the images and blocks

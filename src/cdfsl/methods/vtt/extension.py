@@ -43,7 +43,7 @@ from cdfsl.backbone.adapter import ClipAdapter, VisionOutput
 from cdfsl.config import RunConfig
 from cdfsl.data.episodes import EpisodeBatch
 from cdfsl.errors import ConfigError
-from cdfsl.methods.plugins import Absorb, FlopCounter, TrainedTensor, autocast_context
+from cdfsl.methods.plugins import Absorb, FlopCounter, Remedies, TrainedTensor, autocast_context
 from cdfsl.methods.vtt.fusion import EpisodeLinear, ReleaseFusion, ScanningFusion
 from cdfsl.seeding import torch_stream
 
@@ -168,6 +168,7 @@ class VttExtension:
 
     role: ClassVar[str] = "extension"
     cost_part: ClassVar[str] = "vtt_fusion"
+    cost_label: ClassVar[str] = "VtT modules (fusion)"
     wants_layer_features = True
 
     def __init__(
@@ -194,6 +195,10 @@ class VttExtension:
     def build(cls, config: RunConfig, backbone: ClipAdapter, autocast_dtype: torch.dtype | None = None) -> VttExtension:
         """The plug-in of a run (`build_method`): its fusion and absorption under the run's autocast."""
         return cls(config, backbone, lambda: autocast_context(backbone.device, autocast_dtype))
+
+    def remedies(self) -> Remedies:
+        """Its own AdamW rate, and a smaller weight of L_VtT."""
+        return [f"vtt.lr={self.vtt.lr:g}"], [f"a smaller vtt.beta (now {self.vtt.beta:g})"]
 
     def trained_modules(self) -> list[nn.Module]:
         """The fusion of the fit under way (none between fits, or with `vtt.fusion=none` and `vtt.tia` off)."""

@@ -25,6 +25,7 @@ register_base(
         "nothing",
         "Radford et al., ICML 2021",
         builder="cdfsl.methods.zeroshot.method:ZeroShot",
+        learns=False,
         reads=zeroshot_reads,
     )
 )
