@@ -69,7 +69,7 @@ def test_a_spec_is_run_as_it_is_and_finds_the_configs_run(tmp_path: Path) -> Non
     first = runner.run(config)
     spec = config.resolve()
     with mock.patch.object(RunConfig, "validated", side_effect=AssertionError("validated again")):
-        again = runner.run(spec)
+        again = cdfsl.run(spec, progress=False)  # as docs/methods.md shows
     assert again.run_id == first.run_id and again.trained_episodes == 0
     assert again.per_episode == first.per_episode and again.config == spec.config
 

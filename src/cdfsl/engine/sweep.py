@@ -488,7 +488,7 @@ def _train_task(config_fields: dict[str, Any], episodes: list[int]) -> list[Any]
     key = json.dumps(config_fields, sort_keys=True, default=str)
     if _WORKER.get("key") != key:
         context = build_context(RunConfig.from_dict(config_fields, source="a sweep task"), loads)
-        method = build_method(context.config, context.backbone, context.autocast_dtype)
+        method = build_method(context.spec, context.backbone, context.autocast_dtype)
         context.load()
         _WORKER.update(key=key, context=context, method=method)
     return train_episodes(_WORKER["context"], _WORKER["method"], episodes)
