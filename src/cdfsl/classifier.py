@@ -144,7 +144,7 @@ class FewShotClassifier:
         from cdfsl.methods import build_method
 
         context = build_context(config, load_data=False)
-        return context, build_method(context.config, context.backbone, context.autocast_dtype)
+        return context, build_method(context.spec, context.backbone, context.autocast_dtype)
 
     # ---------------------------------------------------------------------------------------------- prediction
     @staticmethod

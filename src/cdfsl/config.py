@@ -200,6 +200,12 @@ class RunConfig:
 
         Numeric fields follow `NUMERIC_RULES`; fields left to the recipe are checked once the recipe has filled them.
         """
+        self.validated()
+        return self
+
+    def validated(self) -> RunConfig:
+        """Validate as `validate` does and return the resolved copy it checked (what `RunSpec.of` keeps): every
+        validation passes here, with the one resolution it needs."""
         _check_choice("dataset", self.dataset, tuple(DATASET_SPECS))  # live: a benchmark registered later counts
         _check_choice("recipe", self.recipe_name, tuple(RECIPES))
         parse_method(self.method, self.recipe_name)  # refuses an unknown method or an impossible combination
@@ -219,7 +225,7 @@ class RunConfig:
             if section.check is not None:
                 section.check(getattr(resolved, name), resolved)
         resolved.spec.validate(resolved)
-        return self
+        return resolved
 
     @property
     def uses_tir(self) -> bool:
@@ -273,7 +279,22 @@ class RunConfig:
         batch, where results go). Runs stored under the identity of earlier versions are found by
         `legacy_identity`.
         """
-        config = self.resolved()
+        return self.resolved().resolved_identity(
+            precision, index_fingerprint, activation, device, images, weights, tokenizer
+        )
+
+    def resolved_identity(
+        self,
+        precision: str,
+        index_fingerprint: str,
+        activation: str,
+        device: str = "cpu",
+        images: str = "",
+        weights: str | None = None,
+        tokenizer: str | None = None,
+    ) -> dict[str, Any]:
+        """`identity` of a config resolved already (a `RunSpec`'s), without resolving it again."""
+        config = self
         ident = config._frame(precision, index_fingerprint, activation, device, images, weights, tokenizer)
         for key in sorted(config.spec.reads(config)):
             section, _, name = key.partition(".")
@@ -294,7 +315,22 @@ class RunConfig:
         """The identity runs were stored under before it held only the fields a method reads: the whole `train`
         section (template and logit scale alone for `zeroshot`) and every section of `MethodSpec.sections`. The
         runner adopts a run stored under it (`ResultStore.adopt_run`) when the run's own id has no rows."""
-        config = self.resolved()
+        return self.resolved().resolved_legacy_identity(
+            precision, index_fingerprint, activation, device, images, weights, tokenizer
+        )
+
+    def resolved_legacy_identity(
+        self,
+        precision: str,
+        index_fingerprint: str,
+        activation: str,
+        device: str = "cpu",
+        images: str = "",
+        weights: str | None = None,
+        tokenizer: str | None = None,
+    ) -> dict[str, Any]:
+        """`legacy_identity` of a config resolved already (a `RunSpec`'s), without resolving it again."""
+        config = self
         ident = config._frame(precision, index_fingerprint, activation, device, images, weights, tokenizer)
         ident["train"] = {**dataclasses.asdict(config.train), "precision": precision}
         if not config.trains:

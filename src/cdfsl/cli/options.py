@@ -11,6 +11,7 @@ import typer
 
 from cdfsl.config import DATASETS, RunConfig, apply_override, read_data_file
 from cdfsl.errors import ConfigError
+from cdfsl.spec import RunSpec
 
 # Options several commands share: one definition, one default.
 DatasetOption = Annotated[str | None, typer.Option(help=f"One of: {', '.join(DATASETS)}.")]
@@ -64,7 +65,7 @@ def config_from_options(
     refuse_zero_iterations: bool = False,
 ) -> RunConfig:
     """The `RunConfig` a command's options describe, validated once: every command that builds a config builds it
-    here.
+    here (`spec_from_options` for the command that hands it on as a `RunSpec`, so it is not validated again).
 
     `options` maps parameter names to values; those named in `CONFIG_OPTIONS` set their field (others are ignored).
     The config starts from `base` (a `--config` file) or the defaults; with a `base`, only the options in `typed`
@@ -73,6 +74,42 @@ def config_from_options(
     after validation, by trial fits of this config); giving it with `--set episode_batch` is refused.
     With `refuse_zero_iterations` (a run that is stored), a trained method with zero iterations is refused.
     """
+    config = _options_config(options, overrides, base, typed, episode_batch, required)
+    resolved = config.validated()
+    _refuse_zero_iterations(resolved, refuse_zero_iterations)
+    if episode_batch == "auto":  # trial fits of the validated config; the batch found is valid by construction
+        config.episode_batch = parse_episode_batch(episode_batch, config)
+    return config
+
+
+def spec_from_options(
+    options: Mapping[str, Any],
+    overrides: Sequence[str] = (),
+    *,
+    base: RunConfig | None = None,
+    typed: Collection[str] = (),
+    episode_batch: str | None = None,
+    required: Collection[str] = (),
+    refuse_zero_iterations: bool = False,
+) -> RunSpec:
+    """The run spec of `config_from_options`'s config (same arguments): validated and resolved once, its method
+    parsed once, for a command that runs it (`Runner.run` takes the spec as it is)."""
+    spec = RunSpec.of(_options_config(options, overrides, base, typed, episode_batch, required))
+    _refuse_zero_iterations(spec.config, refuse_zero_iterations)
+    if episode_batch == "auto":  # trial fits of the validated config; the batch found is valid by construction
+        spec = spec.replaced(episode_batch=parse_episode_batch(episode_batch, spec.config))
+    return spec
+
+
+def _options_config(
+    options: Mapping[str, Any],
+    overrides: Sequence[str],
+    base: RunConfig | None,
+    typed: Collection[str],
+    episode_batch: str | None,
+    required: Collection[str],
+) -> RunConfig:
+    """The config the options describe, not validated yet."""
     config = copy.deepcopy(base) if base is not None else RunConfig()
     for name, value in options.items():
         if name not in CONFIG_OPTIONS or (base is not None and name not in typed):
@@ -94,16 +131,16 @@ def config_from_options(
         )
     if episode_batch is not None and episode_batch != "auto":
         config.episode_batch = parse_episode_batch(episode_batch, config)
-    config.validate()
+    return config
+
+
+def _refuse_zero_iterations(resolved: RunConfig, refuse: bool) -> None:
     # a recipe never trains for zero iterations: only a value the user set can be 0, so the field is read as given
-    if refuse_zero_iterations and config.train.iterations == 0 and config.trains:
+    if refuse and resolved.train.iterations == 0 and resolved.trains:
         raise ConfigError(
-            f"train.iterations=0 (--iterations 0) trains nothing: method {config.method} would be stored with "
+            f"train.iterations=0 (--iterations 0) trains nothing: method {resolved.method} would be stored with "
             "zero-shot's accuracy as if trained; give 1 or more iterations, or run --method zeroshot"
         )
-    if episode_batch == "auto":  # trial fits of the validated config; the batch found is valid by construction
-        config.episode_batch = parse_episode_batch(episode_batch, config)
-    return config
 
 
 def typed_options(ctx: typer.Context) -> set[str]:

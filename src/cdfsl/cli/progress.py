@@ -17,6 +17,7 @@ from rich.progress import (
 
 from cdfsl.cli.output import console, shown
 from cdfsl.config import RunConfig
+from cdfsl.spec import RunSpec
 
 
 class QuietProgress(Progress):
@@ -47,11 +48,12 @@ def progress_bar() -> Progress:
     )
 
 
-def run_with_progress(config: RunConfig, runner: Any = None, on_stored: Any = None) -> Any:
-    """Run `config` with a live bar: episodes done, running mean ± 95% interval, elapsed and ETA; `on_stored` as
-    `Runner`'s."""
+def run_with_progress(run: RunConfig | RunSpec, runner: Any = None, on_stored: Any = None) -> Any:
+    """Run `run` (a config, or a spec run as it is) with a live bar: episodes done, running mean ± 95% interval,
+    elapsed and ETA; `on_stored` as `Runner`'s."""
     from cdfsl.engine.runner import Runner
 
+    config = run.config if isinstance(run, RunSpec) else run
     interrupted: KeyboardInterrupt | None = None
     with progress_bar() as bar:
         task = bar.add_task(f"{config.method} · {config.dataset}", total=config.resolved_episodes(), accuracy="")
@@ -67,7 +69,7 @@ def run_with_progress(config: RunConfig, runner: Any = None, on_stored: Any = No
         runner.on_stored = on_stored
         runner.on_wait = waiting
         try:
-            result = runner.run(config)
+            result = runner.run(run)
         except KeyboardInterrupt as error:
             bar.live.transient = True
             interrupted = error

@@ -22,8 +22,8 @@ from cdfsl.cli.options import (
     SetOption,
     ShotsOption,
     TokenizerOption,
-    config_from_options,
     load_config_file,
+    spec_from_options,
     typed_options,
 )
 from cdfsl.cli.output import check_output_file, check_output_folder, console, out
@@ -101,14 +101,15 @@ def run_command(
 
         check_output_folder(tensorboard, "--tensorboard")
         sink = TensorBoardSink(tensorboard)
-    config = config_from_options(
+    spec = spec_from_options(
         ctx.params, set_ or [], base=base, typed=given, episode_batch=episode_batch, required=("dataset", "method"),
         refuse_zero_iterations=True,
     )  # fmt: skip
-    result = run_with_progress(config, on_stored=sink)
+    config = spec.config
+    result = run_with_progress(spec, on_stored=sink)
     trained = result.trained_episodes
     resumed = len(result.per_episode) - trained
-    done = "trained" if result.config.trains else "evaluated"  # zero-shot trains nothing
+    done = "trained" if spec.trains else "evaluated"  # zero-shot trains nothing
     out.print(
         f"{config.method} ({result.config.recipe}) on {config.dataset} ({config.ways}-way {config.shots}-shot, "
         f"{len(result.per_episode)} "
@@ -158,8 +159,7 @@ def demo_command(
             "dataset": "digits", "method": method, "backbone": "tiny", "pretrained": pretrained, "shots": shots,
             "episodes": episodes, "db": str(db), "iterations": max(1, round(recipe_iterations * share)), "lr": lr,
         }  # fmt: skip
-        config = config_from_options(options, episode_batch=str(episode_batch))
-        result = run_with_progress(config, runner)
+        result = run_with_progress(spec_from_options(options, episode_batch=str(episode_batch)), runner)
         seconds = result.seconds / max(result.trained_episodes, 1)
         resolved = result.config
         trained = resolved.trains

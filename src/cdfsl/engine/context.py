@@ -1,11 +1,12 @@
 """The run context: what a `RunConfig` builds before anything trains, built in one place (`build_context`).
 
-From a config it builds, in this order: the config validated (a bad one is a `ConfigError` before anything is loaded)
-and resolved (every recipe value filled in); the compute device; the precision label and the methods' autocast dtype;
-the dataset's image index and episode sampler (warning about classes too small for an episode); and, on first use, the
-frozen backbone and the image cache. Backbones and image caches are kept across contexts in a `LoadCache`. The sampler
-comes from the dataset's episode protocol (`cdfsl.data.protocols`); `batches` splits each chunk of episodes by shape, so
-a protocol whose episodes differ in ways, shots or queries gives every method uniform batches.
+From a config (or a `RunSpec`) it builds, in this order: the run spec (the config validated, a bad one being a
+`ConfigError` before anything is loaded, and resolved, every recipe value filled in: once, `cdfsl.spec.RunSpec.of`);
+the compute device; the precision label and the methods' autocast dtype; the dataset's image index and episode sampler
+(warning about classes too small for an episode); and, on first use, the frozen backbone and the image cache.
+Backbones and image caches are kept across contexts in a `LoadCache`. The sampler comes from the dataset's episode
+protocol (`cdfsl.data.protocols`); `batches` splits each chunk of episodes by shape, so a protocol whose episodes differ
+in ways, shots or queries gives every method uniform batches.
 
 Who builds one: the episode runner (`engine.runner.Runner.run`, whose `Runner` keeps one `LoadCache` for all its runs),
 the diagnostic probes (`analysis.probe_setup.prepare`), the training-cost count (`analysis.cost.training_cost`) and
@@ -32,6 +33,7 @@ from cdfsl.data.index import Episode, ImageIndex
 from cdfsl.data.protocols import FIXED_WAY, EpisodeSettings, Sampler, build_sampler, protocol_of
 from cdfsl.data.readers import load_index
 from cdfsl.errors import ConfigError, DatasetWarning
+from cdfsl.spec import RunSpec
 
 
 def resolve_device(name: str) -> torch.device:
@@ -100,7 +102,8 @@ class RunContext:
     """What a run of `config` builds before it trains (see the module docstring); made by `build_context`.
 
     Attributes:
-        config: the run config, validated and resolved (every recipe value filled in).
+        spec: the run's frozen spec (`cdfsl.spec.RunSpec`): its config validated and resolved once, its method
+            parsed once; `config` is `spec.config` (every recipe value filled in), what methods are given.
         device: the compute device; `precision` its label (`fp32` or `bf16`), `autocast_dtype` the methods' autocast
             dtype (None in fp32).
         index, sampler: the dataset's image index and its episode sampler (built by the dataset's protocol); None in
@@ -112,7 +115,7 @@ class RunContext:
     first use, so a run whose episodes are all stored already never loads its backbone.
     """
 
-    config: RunConfig
+    spec: RunSpec
     device: torch.device
     precision: str
     autocast_dtype: torch.dtype | None
@@ -120,6 +123,11 @@ class RunContext:
     sampler: Sampler | None
     loads: LoadCache = field(repr=False)
     protocol: str = FIXED_WAY
+
+    @property
+    def config(self) -> RunConfig:
+        """The run config, validated and resolved (`spec.config`); not to be changed."""
+        return self.spec.config
 
     @cached_property
     def backbone(self) -> ClipAdapter:
@@ -181,17 +189,21 @@ class RunContext:
             yield from self.shaped_batches(chunk, with_views)
 
 
-def build_context(config: RunConfig, loads: LoadCache | None = None, *, load_data: bool = True) -> RunContext:
-    """Validate and resolve `config` and build its run context; the backbone and image cache come from `loads`.
+def build_context(config: RunConfig | RunSpec, loads: LoadCache | None = None, *, load_data: bool = True) -> RunContext:
+    """Build the run context of `config`; the backbone and image cache come from `loads`.
 
-    A bad config is a `ConfigError` before anything is loaded. With `load_data`, the dataset's index and episode
+    A config is validated and resolved here, once (`RunSpec.of`; a bad one is a `ConfigError` before anything is
+    loaded); a `RunSpec` was already, and is used as it is. With `load_data`, the dataset's index and episode
     sampler (its protocol's, `data.protocols.protocol_of`) are loaded, and classes with fewer than shots + queries
     images are named in a `DatasetWarning`; without it, the context has no dataset (for fits on synthetic images).
     `loads=None` keeps what is loaded in this context only.
     """
-    config = config.validate().resolved()
+    spec = RunSpec.of(config)
     # One name for one set of weights, so the run identity, stored rows and model.json agree (tiny: `shipped`).
-    config.pretrained = resolve_pretrained(config.backbone, config.pretrained)
+    pretrained = resolve_pretrained(spec.config.backbone, spec.config.pretrained)
+    if pretrained != spec.config.pretrained:
+        spec = spec.replaced(pretrained=pretrained)
+    config = spec.config
     device = resolve_device(config.device)
     precision, autocast_dtype = resolve_precision(config.train.precision, device)
     index, sampler = None, None
@@ -202,7 +214,7 @@ def build_context(config: RunConfig, loads: LoadCache | None = None, *, load_dat
         sampler = build_sampler(protocol, index, settings, config.seed)
         _warn_excluded(config, sampler)
     return RunContext(
-        config, device, precision, autocast_dtype, index, sampler, LoadCache() if loads is None else loads, protocol
+        spec, device, precision, autocast_dtype, index, sampler, LoadCache() if loads is None else loads, protocol
     )
 
 

@@ -49,6 +49,7 @@ from cdfsl.engine.context import LoadCache, RunContext, build_context, resolve_p
 from cdfsl.engine.store import EpisodeQueries, EpisodeResult, Holder, ResultStore, new_owner_id, record_names
 from cdfsl.errors import StoreError
 from cdfsl.methods import Method, build_method
+from cdfsl.spec import RunSpec
 from cdfsl.stats import mean_ci95
 
 
@@ -58,7 +59,7 @@ def run_identity(context: RunContext, device: str | None = None) -> tuple[str, d
     `device` (`cpu`, `cuda`, …): the identity of the run on that device instead of the context's, which need not
     exist here (a sweep planned, or driven, from a machine without the workers' GPUs). A run under an episode protocol
     other than `fixed-way` has the protocol's name in its identity; fixed-way runs keep the identity they had."""
-    identity = context.config.identity(*_identity_arguments(context, device))
+    identity = context.spec.identity(*_identity_arguments(context, device))
     if context.protocol != FIXED_WAY:
         identity["protocol"] = context.protocol
     return run_id_of(identity), identity
@@ -66,7 +67,7 @@ def run_identity(context: RunContext, device: str | None = None) -> tuple[str, d
 
 def legacy_run_id(context: RunContext, device: str | None = None) -> str:
     """The id the run had under the identity of earlier versions (`RunConfig.legacy_identity`)."""
-    return run_id_of(context.config.legacy_identity(*_identity_arguments(context, device)))
+    return run_id_of(context.spec.legacy_identity(*_identity_arguments(context, device)))
 
 
 def adopt_legacy_run(store: ResultStore, context: RunContext, run_id: str, identity: dict[str, Any]) -> int:
@@ -122,9 +123,8 @@ def train_episodes(context: RunContext, method: Method, episodes: list[int]) -> 
 
 def _train_batch(context: RunContext, method: Method, episodes: list[int]) -> list[EpisodeResult]:
     """Fit and predict episodes of one shape as one batch."""
-    config = context.config
     batch_start = time.perf_counter()
-    batch = context.batch(episodes, with_views=config.trains)
+    batch = context.batch(episodes, with_views=context.spec.trains)
     method.fit(batch)
     predicted = method.predict(batch).argmax(dim=-1).tolist()  # [E][Q]
     truth = batch.query_labels.tolist()
@@ -289,10 +289,11 @@ class Runner:
         """The images of `index` at `size`² pixels, loaded once per (index, size, cache folder, pre-resize)."""
         return self.loads.image_cache(index, size, cache_dir, pre_resize)
 
-    def run(self, config: RunConfig) -> RunResult:
+    def run(self, config: RunConfig | RunSpec) -> RunResult:
         """Run (or resume) `config`; return its results over episodes `0 … episodes−1`.
 
-        The config is resolved first (its recipe fills every unset field); the result carries the resolved config.
+        The config is validated and resolved first, once (its recipe fills every unset field; a `RunSpec` is taken
+        as it is); the result carries the resolved config.
         Other processes may work on the same run in the same store at the same time: episodes are shared through
         claims (see the module docstring), and this call returns once every episode is stored, whoever trained it.
         """
@@ -318,7 +319,7 @@ class Runner:
                         self.progress(Progress(tally.count, total, resumed, mean, ci, time.perf_counter() - started))
 
                 try:
-                    method = build_method(config, context.backbone, context.autocast_dtype)
+                    method = build_method(context.spec, context.backbone, context.autocast_dtype)
                     context.load()  # the image cache, before the first claim
                     with store.keep_claims_alive(self.owner, self.lease_seconds):
                         trained = self._share(store, run_id, total, config, identity, tally, train, report)
@@ -419,8 +420,9 @@ class StderrProgress:
         self.stream.flush()
 
 
-def run(config: RunConfig, progress: Callable[[Progress], None] | bool | None = None) -> RunResult:
-    """Run one config (the Python API: `cdfsl.run(cdfsl.RunConfig(...))`); results go to the store `config.db`.
+def run(config: RunConfig | RunSpec, progress: Callable[[Progress], None] | bool | None = None) -> RunResult:
+    """Run one config (the Python API: `cdfsl.run(cdfsl.RunConfig(...))`, or its spec: `cdfsl.run(config.resolve())`,
+    validated already); results go to the store `config.db`.
 
     `progress`: a callable given a `Progress` after every batch of episodes; `True`: a one-line display on standard
     error (`StderrProgress`); `False`: nothing; `None` (default): the display when standard error is a terminal,

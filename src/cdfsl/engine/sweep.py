@@ -58,6 +58,7 @@ from typing import Any
 from cdfsl.config import RunConfig, check_field, read_data_file, update_from_dict
 from cdfsl.errors import CdfslError, ConfigError
 from cdfsl.labels import changed_settings, run_label, variant_text
+from cdfsl.spec import RunSpec
 
 RUN_KEYS = ("method", "dataset", "shots", "backbone", "pretrained", "seed", "recipe", "ways", "queries")
 SWEEP_KEYS = ("db", "episodes", "episode_batch", "device", "cache_dir")
@@ -68,11 +69,13 @@ FAIL_ONCE_ENV = "CDFSL_TEST_FAIL_ONCE"  # tests only: a marker path; the first t
 
 @dataclass(frozen=True)
 class SweepRun:
-    """One run of a sweep: its position in the file's order, a readable label and its config."""
+    """One run of a sweep: its position in the file's order, a readable label, its config as the file gives it and
+    its run spec (the config validated and resolved once, as the sweep was loaded: what planning and running use)."""
 
     position: int
     label: str
     config: RunConfig
+    spec: RunSpec
 
 
 @dataclass(frozen=True)
@@ -187,10 +190,10 @@ def _run(
     update_from_dict(config, common, f"{where}, [set]")
     update_from_dict(config, own, f"{where}, [run.set]")
     try:
-        config.validate()
+        spec = RunSpec.of(config)
     except CdfslError as error:
         raise ConfigError(f"{where}: {error}") from None
-    return SweepRun(position, _label(config), config)
+    return SweepRun(position, _label(config), config, spec)
 
 
 def _label(config: RunConfig) -> str:
@@ -233,13 +236,13 @@ def plan_sweep(
             total = run.config.resolved_episodes()
             try:
                 # The identity for `device` is computed without that device: the context itself is built on the CPU.
-                context = build_context(_on_device(run.config, "cpu" if device else None), loads)
+                context = build_context(_on_device(run.spec, "cpu" if device else None), loads)
             except DatasetError as error:
-                config = _on_device(run.config.resolved(), device)
+                config = _on_device(run.spec, device).config
                 plans.append(RunPlan(run, config, None, {}, total, None, None, None, data_missing=str(error)))
             else:
                 run_id, identity = run_identity(context, device)
-                config = _on_device(context.config, device)
+                config = _on_device(context.spec, device).config
                 stored_as = stored_run_id(store, context, run_id, device) if store else run_id
                 accuracies = store.episode_accuracies(stored_as, below=total) if store else {}
                 timings = list(store.episode_seconds(stored_as, below=total).values()) if store else []
@@ -292,24 +295,20 @@ def _kind(run: SweepRun) -> str:
     return f"{run.config.method}|{run.config.backbone}"
 
 
-def _on_device(config: RunConfig, device: str | None) -> RunConfig:
-    if device is None:
-        return config
-    import copy
-
-    moved = copy.deepcopy(config)
-    moved.device = device
-    return moved
+def _on_device(spec: RunSpec, device: str | None) -> RunSpec:
+    """`spec` on `device` (a device name `check_device` accepts; None: as it is), not validated again."""
+    return spec if device is None else spec.replaced(device=device)
 
 
 # ----------------------------------------------------------------------------------------------------- running
 def run_local(
     sweep: Sweep,
-    run: Callable[[RunConfig], Any] | None = None,
+    run: Callable[[RunSpec], Any] | None = None,
     on_run: Callable[[SweepRun], None] | None = None,
 ) -> list[Any]:
-    """Run every run of `sweep` in this process, one after another, with `run` (default `Runner().run`: stored
-    episodes are skipped); `on_run` is told each run before it starts. Returns the runs' results."""
+    """Run every run of `sweep` in this process, one after another, with `run` given each run's spec (default
+    `Runner().run`: stored episodes are skipped); `on_run` is told each run before it starts. Returns the runs'
+    results."""
     if run is None:
         from cdfsl.engine.runner import Runner
 
@@ -318,7 +317,7 @@ def run_local(
     for each in sweep.runs:
         if on_run is not None:
             on_run(each)
-        results.append(run(each.config))
+        results.append(run(each.spec))
     return results
 
 
@@ -489,7 +488,7 @@ def _train_task(config_fields: dict[str, Any], episodes: list[int]) -> list[Any]
     key = json.dumps(config_fields, sort_keys=True, default=str)
     if _WORKER.get("key") != key:
         context = build_context(RunConfig.from_dict(config_fields, source="a sweep task"), loads)
-        method = build_method(context.config, context.backbone, context.autocast_dtype)
+        method = build_method(context.spec, context.backbone, context.autocast_dtype)
         context.load()
         _WORKER.update(key=key, context=context, method=method)
     return train_episodes(_WORKER["context"], _WORKER["method"], episodes)

@@ -14,6 +14,7 @@ import torch
 from cdfsl.backbone.adapter import ClipAdapter
 from cdfsl.config import RunConfig
 from cdfsl.methods.base import Method
+from cdfsl.spec import RunSpec
 
 
 def load_builder(builder: str) -> Any:
@@ -28,9 +29,12 @@ def base_class(config: RunConfig) -> type[Method]:
     return cls
 
 
-def build_method(config: RunConfig, backbone: ClipAdapter, autocast_dtype: torch.dtype | None = None) -> Method:
-    """The method `config.method` on `backbone`, trained by the config's recipe (the config is resolved here)."""
-    config = config.resolved()
+def build_method(
+    config: RunConfig | RunSpec, backbone: ClipAdapter, autocast_dtype: torch.dtype | None = None
+) -> Method:
+    """The method `config.method` on `backbone`, trained by the config's recipe (a config is resolved here; a
+    `RunSpec`'s config is resolved already)."""
+    config = config.config if isinstance(config, RunSpec) else config.resolved()
     attached: dict[str, Any] = {}
     for plugin in config.spec.plugins:
         cls = load_builder(plugin.builder)
