@@ -22,6 +22,7 @@ never derived from our modules.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from collections.abc import Iterable
@@ -45,6 +46,7 @@ from cdfsl.methods import Method, build_method
 from cdfsl.methods.build import base_class
 from cdfsl.methods.training import TrainedBase, frozen_class_texts
 from cdfsl.methods.vtt.extension import state_sizes
+from cdfsl.spec import RunSpec
 
 # Quoted: the VtT paper's cost table (its counting convention for FLOPs is not stated).
 PAPER_VTT_PARAMETERS = 3_900_000  # "3.9 M" trainable parameters
@@ -261,11 +263,11 @@ def training_cost(config: RunConfig, runner: Runner | None = None) -> dict[str, 
     Raises:
         ConfigError: a bad config, or a method that does not train (zeroshot).
     """
-    config = config.validate().resolved()
-    if not config.trains:
+    spec = RunSpec.of(config)  # validated and resolved once
+    if not spec.trains:
         raise ConfigError(f"{config.method} does not train: it has no training step to count; use lora, tir or vtt")
-    context = build_context(config, runner.loads if runner is not None else None, load_data=False)
-    config, device, backbone = context.config, context.device, context.backbone
+    context = build_context(spec, runner.loads if runner is not None else None, load_data=False)
+    config, device, backbone = copy.deepcopy(context.config), context.device, context.backbone
     config.train.iterations = 1
     precision, autocast_dtype = context.precision, context.autocast_dtype
     batch = synthetic_batch(config, backbone)
