@@ -90,8 +90,9 @@ def test_the_batching_tests_carry_the_marker(test: object) -> None:
 
 
 def test_make_test_keeps_the_bounded_learning_checks_only() -> None:
-    """`make test` (-m "not slow") runs zero-shot and `tir` learning (under the module's 60 s budget); the lora run
-    (144 s under load) and the pinned accuracies that need it are in `make test-slow`."""
+    """`make test` (-m "not slow") runs zero-shot and a smaller `tir` check (3 episodes x 12 steps, under the module's
+    budget); the full-size lora and tir runs (tir: 291 s under load) and the pinned accuracies that need them are in
+    `make test-slow`."""
     collected = subprocess.run(
         [
             sys.executable,
@@ -112,7 +113,7 @@ def test_make_test_keeps_the_bounded_learning_checks_only() -> None:
     ).stdout.split()
     kept = sorted(line.partition("::")[2] for line in collected if line.startswith("tests/test_learning.py::"))
     assert kept == [
-        "test_fine_tuning_beats_zero_shot[tir]",
         "test_shipped_checkpoint_is_present",
+        "test_tir_beats_zero_shot_at_a_smaller_size",
         "test_zero_shot_is_above_chance",
     ]
