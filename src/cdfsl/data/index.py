@@ -19,6 +19,7 @@ They are computed once per index object, when first needed (`fingerprint`, `item
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 from collections.abc import Callable
@@ -46,6 +47,10 @@ class ImageIndex:
             file's bytes, `loader(key, data)`, and decodes those instead of reading the file (see `open`).
         root: data root, or None for embedded data.
         skipped: keys left out while indexing (unreadable files, paths escaping the root), for reporting.
+        splits: the split of each item (`train`, `val`, `test`), same length as `items`, for a source that
+            publishes splits (the CLIP few-shot suite's split files); empty for one that has none. `split(name)`
+            gives the index of one split; the split names enter the fingerprint only when present, so an index
+            without splits keeps the fingerprint it always had.
     """
 
     name: str
@@ -56,11 +61,14 @@ class ImageIndex:
     loader: Callable[..., Image.Image] = field(compare=False, repr=False)
     root: Path | None = None
     skipped: tuple[str, ...] = ()
+    splits: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         """Raises `DatasetError` when two classes share a prompt name (`check_distinct_prompts`)."""
         if len(self.items) != len(self.labels):
             raise ValueError("items and labels differ in length")
+        if self.splits and len(self.splits) != len(self.items):
+            raise ValueError("splits and items differ in length")
         if len(self.class_keys) != len(self.class_names):
             raise ValueError("class_keys and class_names differ in length")
         check_distinct_prompts(self.name, self.class_keys, self.class_names)
@@ -78,6 +86,29 @@ class ImageIndex:
 
     def counts(self) -> list[int]:
         return [len(g) for g in self.items_by_class()]
+
+    @property
+    def split_names(self) -> tuple[str, ...]:
+        """The splits present, in order of first appearance (empty for an index without splits)."""
+        return tuple(dict.fromkeys(self.splits))
+
+    def split(self, name: str) -> ImageIndex:
+        """The index of split `name` alone: same name and classes, only that split's items (in index order), its
+        own fingerprint (its items' contents only).
+
+        Raises:
+            DatasetError: the index has no split `name`.
+        """
+        if name not in self.splits:
+            present = ", ".join(self.split_names) or "none (the source publishes no splits)"
+            raise DatasetError(f"{self.name}: no {name!r} split; splits present: {present}")
+        keep = [i for i, split in enumerate(self.splits) if split == name]
+        return dataclasses.replace(
+            self,
+            items=tuple(self.items[i] for i in keep),
+            labels=tuple(self.labels[i] for i in keep),
+            splits=(name,) * len(keep),
+        )
 
     def open(self, position: int) -> Image.Image:
         """Item `position` decoded as RGB, from content whose digest is `item_digest(position)`.
@@ -130,6 +161,8 @@ class ImageIndex:
             digest.update(f"\0class\0{key}\0{name}".encode())
         for item, label, content in zip(self.items, self.labels, self._contents, strict=True):
             digest.update(f"\0item\0{item}\0{label}\0{content.size}\0{content.digest}".encode())
+        for split in self.splits:  # absent (and so the fingerprint unchanged) for an index without splits
+            digest.update(f"\0split\0{split}".encode())
         return digest.hexdigest()[:16]
 
     @functools.cached_property
