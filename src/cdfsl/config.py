@@ -66,6 +66,8 @@ DATASETS = tuple(DATASET_SPECS)
 METHODS = method_names()  # every name `cdfsl methods` lists; others of the grammar are accepted too
 DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")  # cuda:N: the GPU of index N
 ACTIVATIONS = ("auto", "gelu", "quickgelu")
+PROTOCOLS = ("episodic", "all-way")
+"""`protocol`: episodes (the dataset's episode sampler) or one all-way K-shot fit (the CLIP few-shot suite's)."""
 MAX_EPISODES = 10_000_000  # the to-do list and the store grow with it; the paper protocol is 400 or 800
 MAX_SEED = 2**63 - 1  # the result store keeps the seed in an SQLite INTEGER, which is signed 64-bit
 MAX_PRE_RESIZE = 8192  # pixels; the VtT release pre-resizes ChestX to 256, and ChestX's own images are 1024
@@ -86,6 +88,7 @@ class RunConfig:
     pre_resize: int | None = None  # square side images are first resized to when opened, 0: none; None: the recipe's
     method: str = "lora"
     recipe: str | None = None
+    protocol: str = "episodic"  # episodic: the dataset's episodes; all-way: one fit on K shots of every class
     ways: int = 5
     shots: int = 1
     queries: int = 15
@@ -211,6 +214,7 @@ class RunConfig:
         parse_method(self.method, self.recipe_name)  # refuses an unknown method or an impossible combination
         check_device(self.device)
         _check_choice("activation", self.activation, ACTIVATIONS)
+        _check_choice("protocol", self.protocol, PROTOCOLS)
         if self.tokenizer is not None and (not isinstance(self.tokenizer, str) or not self.tokenizer.strip()):
             raise ConfigError(
                 f"tokenizer must be a folder path (or unset for the backbone's own); got {self.tokenizer!r}"

@@ -36,6 +36,7 @@ CONFIG_OPTIONS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "data_root": ("data_root", lambda v: str(v) if v else None),
     "method": ("method", str),
     "recipe": ("recipe", lambda v: v),
+    "protocol": ("protocol", str),
     "ways": ("ways", int),
     "shots": ("shots", int),
     "queries": ("queries", int),
