@@ -36,6 +36,7 @@ class Benchmark:
         episodes: episodes per run by default, unless `episodes_by_shots` names the shots (`episodes_for`).
         episodes_by_shots: (shots, episodes) pairs where the default episode count depends on the shots.
         template: the prompt template, one `{}` for the class name.
+        suite: the benchmark suite it belongs to (`meta-dataset`, ...), "" for none.
     """
 
     name: str
@@ -48,6 +49,7 @@ class Benchmark:
     episodes: int = 400
     episodes_by_shots: tuple[tuple[int, int], ...] = ((1, 800),)
     template: str = PHOTO_TEMPLATE
+    suite: str = ""
 
     @property
     def needs_root(self) -> bool:
@@ -118,3 +120,5 @@ for _benchmark in (
     Benchmark("digits", reader="digits", class_names="the digit as a word (DIGIT_NAMES)"),
 ):
     register_benchmark(_benchmark)
+
+from cdfsl.data import meta_dataset  # noqa: E402, F401 - registers the md-* benchmarks

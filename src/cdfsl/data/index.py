@@ -124,6 +124,9 @@ class ImageIndex:
         key = self.items[position]
         if self.root is None:
             return self.loader(key)
+        open_part = getattr(self.loader, "open_part", None)  # items that are parts of files (readers/meta_dataset)
+        if open_part is not None:
+            return open_part(key, self._contents[position])
         expected = self._contents[position]
         path = self.root / key
         try:
@@ -169,7 +172,10 @@ class ImageIndex:
     def _contents(self) -> tuple[Content, ...]:
         """(size, sha256) of every item's content, in index order."""
         if self.root is not None:
+            part_contents = getattr(self.loader, "part_contents", None)  # crops, array rows: file + part
             try:
+                if part_contents is not None:
+                    return tuple(part_contents(self.items))
                 return tuple(file_contents([self.root / key for key in self.items]))
             except OSError as error:
                 raise DatasetError(
