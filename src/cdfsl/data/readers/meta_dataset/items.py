@@ -169,7 +169,7 @@ class NpyRowLoader(PartLoader):
 
 def bitmap_image(row: np.ndarray) -> Image.Image:
     """A flat square bitmap (side·side values) as an RGB image of side×side pixels."""
-    side = int(round(len(row) ** 0.5))
+    side = round(len(row) ** 0.5)
     if side * side != len(row):
         raise DatasetError(f"a bitmap row of {len(row)} values is not a square image")
     pixels = row.astype(np.uint8) * 255 if row.dtype == bool else row.astype(np.uint8)

@@ -71,4 +71,4 @@ def scaled_box(bbox: Sequence[float], scale: float = BOX_SCALE) -> Box:
     y -= 0.5 * h * (scale - 1.0)
     w *= scale
     h *= scale
-    return (int(round(x - 0.5)), int(round(y - 0.5)), int(round(x + w - 0.5)) + 1, int(round(y + h - 0.5)) + 1)
+    return (round(x - 0.5), round(y - 0.5), round(x + w - 0.5) + 1, round(y + h - 0.5) + 1)

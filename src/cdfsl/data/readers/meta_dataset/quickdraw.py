@@ -41,7 +41,7 @@ def bitmap_rows(path: Path) -> int:
     except (OSError, ValueError) as error:
         raise DatasetError(f"{NAME}: cannot read {path} as a .npy array: {error}") from None
     width = array.shape[1] if array.ndim == 2 else 0
-    if array.dtype not in (np.uint8, np.bool_) or int(round(width**0.5)) ** 2 != width or width == 0:
+    if array.dtype not in (np.uint8, np.bool_) or round(width**0.5) ** 2 != width or width == 0:
         raise DatasetError(
             f"{NAME}: {path} holds a {array.dtype} array of shape {array.shape}; expected N×784 uint8 bitmaps"
         )

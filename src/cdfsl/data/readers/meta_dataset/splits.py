@@ -6,8 +6,9 @@ Their source (google-research/meta-dataset, `meta_dataset/dataset_conversion/`; 
 - `aircraft`, `cu_birds`, `dtd`, `fungi`, `mscoco`, `quickdraw`, `traffic_sign`, `vgg_flower`: the published split
   lists `splits/<source>_splits.json`, as published (the two sources without train classes, MSCOCO and Traffic
   Signs, have empty lists there).
-- `ilsvrc_2012`: the leaves of each split's WordNet subgraph in the published `dataset_specs/ilsvrc_2012_dataset_spec.json`
-  (712 train, 158 valid under 'carnivore' n02075296, 130 test under 'device' n03183080), sorted by wnid.
+- `ilsvrc_2012`: the leaves of each split's WordNet subgraph in the published
+  `dataset_specs/ilsvrc_2012_dataset_spec.json` (712 train, 158 valid under 'carnivore' n02075296, 130 test
+  under 'device' n03183080), sorted by wnid.
 - `omniglot`: Lake's background alphabets for train and valid (the 5 with the fewest characters held out for valid),
   the evaluation alphabets for test, per `dataset_specs/omniglot_dataset_spec.json`; class key `alphabet/character`.
 """
