@@ -56,11 +56,11 @@ def build(
     Raises:
         DatasetError: a class has no item.
     """
+    warn_names(list(skipped), f"{dataset}: skipped {{n}} item(s)")
     ordered = sorted(pairs)
     empty = sorted(set(range(len(class_keys))) - {label for label, _ in ordered})
     if empty:
         raise DatasetError(f"{dataset}: no image found for class(es) {describe([class_keys[c] for c in empty])}")
-    warn_names(list(skipped), f"{dataset}: skipped {{n}} item(s)")
     return ImageIndex(
         name=dataset,
         class_keys=tuple(class_keys),
