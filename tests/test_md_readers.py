@@ -5,16 +5,22 @@ what is missing."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import pickle
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
+from cdfsl.cli import app
 from cdfsl.data.benchmarks import DATASETS, load_index
 from cdfsl.data.md_hierarchy import Alphabets, ClassHierarchy, md_structure
-from cdfsl.data.meta_dataset import MD_BENCHMARKS, MD_CLASS_SPLITS, MD_SOURCES, read_md_split
+from cdfsl.data.meta_dataset import MD_CLASS_SPLITS, MD_SOURCES, META_DATASET, md_benchmarks, read_md_split
+from cdfsl.data.protocols import PROTOCOLS, register_protocol
 from cdfsl.data.readers import READERS
 from cdfsl.data.readers.meta_dataset import READ_CLASSES
 from cdfsl.data.readers.meta_dataset.items import clip_box
@@ -65,7 +71,7 @@ def test_each_source_reads_its_published_test_classes(source: str, tmp_path: Pat
     assert index.splits == () and index.skipped == ()
     assert index.open(len(index.items) - 1).mode == "RGB"
     benchmark = DATASETS[f"md-{source}"]
-    assert MD_BENCHMARKS[f"md-{source}"] is benchmark
+    assert md_benchmarks()[f"md-{source}"] is benchmark
     assert (benchmark.protocol, benchmark.suite, benchmark.episodes_for(1), benchmark.episodes_for(5)) == (
         "meta-dataset",
         "meta-dataset",
@@ -254,3 +260,33 @@ def test_a_coco_tree_without_room_for_a_box_skips_that_annotation(tmp_path: Path
     (root / "annotations/instances_train2017.json").write_text(document.replace("[2, 1, 4, 3]", "[40, 1, 4, 3]"))
     with pytest.warns(UserWarning, match="skipped 1 item"), pytest.raises(DatasetError, match="no image found for"):
         READ_CLASSES["mscoco"](root, keys)
+
+
+@pytest.fixture
+def placeholder_protocol() -> Iterator[None]:
+    """`meta-dataset` as the fixed-way sampler, for this test only (the real sampler registers that name)."""
+    saved = dict(PROTOCOLS)
+    if META_DATASET not in PROTOCOLS:
+        register_protocol(dataclasses.replace(PROTOCOLS["fixed-way"], name=META_DATASET))
+    yield
+    PROTOCOLS.clear()
+    PROTOCOLS.update(saved)
+
+
+@pytest.mark.slow  # a CLI run on the tiny model: seconds alone, far more on a shared machine
+def test_a_run_on_cropped_items_trains_stores_and_resumes(tmp_path: Path, placeholder_protocol: None) -> None:
+    root = make_md_tree("aircraft", tmp_path / "aircraft", per_class=3)
+    out, db = tmp_path / "out.json", tmp_path / "runs.sqlite"
+    args = [
+        "run", "--dataset", "md-aircraft", "--data-root", str(root), "--method", "lora", "--backbone", "tiny",
+        "--pretrained", "none", "--device", "cpu", "--episodes", "2", "--iterations", "2", "--ways", "5",
+        "--shots", "1", "--queries", "2", "--json", str(out), "--db", str(db),
+    ]  # fmt: skip
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0, first.output
+    summary = json.loads(out.read_text())
+    assert (summary["dataset"], summary["episodes"]) == ("md-aircraft", 2)
+    assert "2 trained, 0 from" in first.stdout
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0, again.output
+    assert "0 trained, 2 from" in again.stdout

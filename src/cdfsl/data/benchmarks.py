@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cdfsl.data.index import ImageIndex
+from cdfsl.data.meta_dataset import MD_BENCHMARK_FIELDS
 from cdfsl.data.readers.registry import READERS, create_reader
 from cdfsl.errors import DatasetError
 
@@ -120,5 +121,5 @@ for _benchmark in (
     Benchmark("digits", reader="digits", class_names="the digit as a word (DIGIT_NAMES)"),
 ):
     register_benchmark(_benchmark)
-
-from cdfsl.data import meta_dataset  # noqa: E402, F401 - registers the md-* benchmarks
+for _fields in MD_BENCHMARK_FIELDS:  # Meta-Dataset's ten sources
+    register_benchmark(Benchmark(**_fields))

@@ -10,6 +10,8 @@ dataset, and the same bytes at another data root are the same one. Content diges
 
 - for a file-backed index (`root` set): sha256 of each file's bytes (`cdfsl.data.fingerprint.file_contents`,
   cached across runs by path and file metadata; only the bytes count, not the times);
+- for items that are parts of files (crops, array rows: `cdfsl.data.readers.meta_dataset.items`), the loader's
+  `part_contents(keys)` combines each file's digest with the part's description (its box, its row);
 - for embedded data, a loader with an `item_contents(keys)` method supplies them (the `digits` loader hashes each
   item's pixel bytes);
 - for any other in-memory loader, sha256 of each decoded image's mode, size and pixel bytes.

@@ -3,22 +3,27 @@
 
 Each reads its source's own download layout (`cdfsl.data.readers.meta_dataset`, `docs/benchmarks.md`) and evaluates
 on the source's official test classes (`MD_CLASS_SPLITS`); episodes are drawn by the `meta-dataset` protocol, 600 per
-run by default. Imported by `cdfsl.data.benchmarks`, which registers these entries with the others.
+run by default. `cdfsl.data.benchmarks` registers these entries (`MD_BENCHMARK_FIELDS`) with the others.
 """
 
 from __future__ import annotations
 
-from cdfsl.data.benchmarks import Benchmark, register_benchmark
+from typing import TYPE_CHECKING, Any
+
 from cdfsl.data.md_hierarchy import Alphabets, ClassHierarchy, md_structure
 from cdfsl.data.readers.meta_dataset import MD_CLASS_SPLITS, MD_SOURCES, read_md_split
 
+if TYPE_CHECKING:
+    from cdfsl.data.benchmarks import Benchmark
+
 __all__ = [
-    "MD_BENCHMARKS",
+    "MD_BENCHMARK_FIELDS",
     "MD_CLASS_SPLITS",
     "MD_SOURCES",
     "META_DATASET",
     "Alphabets",
     "ClassHierarchy",
+    "md_benchmarks",
     "md_structure",
     "read_md_split",
 ]
@@ -46,19 +51,25 @@ _TEMPLATES = {  # CoOp's templates for the sources the CLIP few-shot suite share
     "vgg_flower": "a photo of a {}, a type of flower.",
 }
 
-MD_BENCHMARKS: dict[str, Benchmark] = {
-    f"md-{source}": register_benchmark(
-        Benchmark(
-            f"md-{source}",
-            reader=f"md-{source}",
-            class_names=_CLASS_NAMES[source],
-            protocol=META_DATASET,
-            episodes=MD_EPISODES,
-            episodes_by_shots=(),
-            template=_TEMPLATES.get(source, "a photo of a {}."),
-            suite=META_DATASET,
-        )
-    )
+MD_BENCHMARK_FIELDS: tuple[dict[str, Any], ...] = tuple(
+    {
+        "name": f"md-{source}",
+        "reader": f"md-{source}",
+        "class_names": _CLASS_NAMES[source],
+        "protocol": META_DATASET,
+        "episodes": MD_EPISODES,
+        "episodes_by_shots": (),
+        "template": _TEMPLATES.get(source, "a photo of a {}."),
+        "suite": META_DATASET,
+    }
     for source in MD_SOURCES
-}
-"""The ten benchmarks, by name (also in `cdfsl.data.benchmarks.DATASETS`)."""
+)
+"""The ten benchmarks' fields; `cdfsl.data.benchmarks` registers `Benchmark(**fields)` for each (kept as data so
+that this module need not import that one, which imports this one)."""
+
+
+def md_benchmarks() -> dict[str, Benchmark]:
+    """The ten registered benchmarks, by name (as in `cdfsl.data.benchmarks.DATASETS`)."""
+    from cdfsl.data.benchmarks import DATASETS
+
+    return {fields["name"]: DATASETS[fields["name"]] for fields in MD_BENCHMARK_FIELDS}
