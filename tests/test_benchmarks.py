@@ -18,6 +18,7 @@ from cdfsl.config import RunConfig
 from cdfsl.data.benchmarks import DATASETS, FIXED_WAY, Benchmark, load_index, register_benchmark
 from cdfsl.data.decode import open_rgb
 from cdfsl.data.index import ImageIndex
+from cdfsl.data.meta_dataset import MD_SOURCES
 from cdfsl.data.readers import READERS, Reader, create_reader, register_reader
 from cdfsl.data.readers.builder import IndexBuilder
 from cdfsl.errors import DatasetError
@@ -38,7 +39,8 @@ def registries() -> Iterator[None]:
 
 
 def test_every_dataset_has_a_registered_reader_and_its_root_rule() -> None:
-    assert list(DATASETS) == ["eurosat", "isic2018", "cropdiseases", "chestx", "imagefolder", "digits"]
+    builtin = ["eurosat", "isic2018", "cropdiseases", "chestx", "imagefolder", "digits"]
+    assert list(DATASETS) == [*builtin, *(f"md-{source}" for source in MD_SOURCES)]
     for name, benchmark in DATASETS.items():
         assert benchmark.name == name
         assert READERS[benchmark.reader].needs_root == benchmark.needs_root
