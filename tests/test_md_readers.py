@@ -60,6 +60,22 @@ def test_the_published_splits_have_their_sizes_and_do_not_overlap() -> None:
     assert "n02084071" not in MD_CLASS_SPLITS["ilsvrc_2012"]["valid"]  # 'dog' is an inner node, not a class
 
 
+FINGERPRINTS = {  # recorded on the trees of `make_md_tree(source, root, per_class=2)` (Omniglot: 1 per class)
+    "ilsvrc_2012": "275b2789e0197766",
+    "omniglot": "2f1d9abfe3357e44",
+    "aircraft": "bd9e674fe9f47dd5",
+    "cu_birds": "86055e125e8abb70",
+    "dtd": "ddb094d17c831434",
+    "quickdraw": "c328a0b51cc8692f",
+    "fungi": "e5fb516da0a5d393",
+    "vgg_flower": "30e61844d5312b5c",
+    "traffic_sign": "f74733bb80076e96",
+    "mscoco": "e369ed944c6e0cfd",
+}
+PUBLISHED_TEST_GRAPH = Path(__file__).parent / "fixtures" / "md_ilsvrc_test_graph.json"
+"""The is-a edges of the TEST subgraph of Meta-Dataset's `ilsvrc_2012_dataset_spec.json` (180 nodes, 130 leaves)."""
+
+
 @pytest.mark.parametrize("source", MD_SOURCES)
 def test_each_source_reads_its_published_test_classes(source: str, tmp_path: Path) -> None:
     root = make_md_tree(source, tmp_path / source, per_class=1 if source == "omniglot" else 2)
@@ -70,6 +86,7 @@ def test_each_source_reads_its_published_test_classes(source: str, tmp_path: Pat
     assert index.counts() == [1 if source == "omniglot" else 2] * len(test)
     assert index.splits == () and index.skipped == ()
     assert index.open(len(index.items) - 1).mode == "RGB"
+    assert index.fingerprint() == FINGERPRINTS[source]  # it enters every run id: it must never move silently
     benchmark = DATASETS[f"md-{source}"]
     assert md_benchmarks()[f"md-{source}"] is benchmark
     assert (benchmark.protocol, benchmark.suite, benchmark.episodes_for(1), benchmark.episodes_for(5)) == (
@@ -215,6 +232,25 @@ def test_ilsvrc_test_classes_hang_from_the_device_root_and_skip_duplicates(tmp_p
     shutil.copy(split_root / "train/n01443537/n01443537_0.JPEG", split_root / "train/n01443537/n01443537_1194.JPEG")
     both = READ_CLASSES["ilsvrc_2012"](split_root, wnids)
     assert both.items == ("train/n01440764/n01440764_0.JPEG", "train/n01443537/n01443537_0.JPEG")
+
+
+def test_ilsvrc_test_hierarchy_is_the_published_test_subgraph(tmp_path: Path) -> None:
+    published = json.loads(PUBLISHED_TEST_GRAPH.read_text())
+    edges = [tuple(edge) for edge in published["is_a"]]
+    # WordNet above 'device', and a second parent of crane (n03126707) outside it: both are left out
+    above = [("n00001740", "n00021939"), ("n00021939", "n03183080"), ("n00001740", "n09999999")]
+    root = tmp_path / "ilsvrc"
+    make_ilsvrc(root, MD_CLASS_SPLITS["ilsvrc_2012"]["test"], 1, is_a=[*above, ("n09999999", "n03126707"), *edges])
+    index = load_index("md-ilsvrc_2012", root)
+    hierarchy = md_structure("md-ilsvrc_2012", index, root)
+    assert isinstance(hierarchy, ClassHierarchy) and hierarchy.root == "n03183080"
+    children: dict[str, set[str]] = {}
+    for parent, child in edges:
+        children.setdefault(parent, set()).add(child)
+        children.setdefault(child, set())
+    assert {node: set(kids) for node, kids in hierarchy.children.items()} == children
+    assert len(hierarchy.span_nodes()) == 15  # the published graph's nodes spanning 5..392 leaves
+    assert {index.class_keys[label] for label in hierarchy.leaves_under("n03183080")} == set(index.class_keys)
 
 
 MISSING = {  # source -> (path removed from a two-class tree, what the message names)

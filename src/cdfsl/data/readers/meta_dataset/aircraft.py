@@ -45,12 +45,17 @@ def read_aircraft(root: Path, classes: Sequence[str]) -> ImageIndex:
     no_box = [image for _, image in wanted if image not in boxes]
     if no_box:
         raise DatasetError(f"{NAME}: {len(no_box)} image(s) have no box in {FILES[1]}, e.g. {no_box[0]}")
-    pairs = [(label, f"data/images/{image}.jpg") for label, image in wanted]
+    empty = [f"data/images/{image}.jpg" for _, image in wanted if not _has_area(boxes[image])]
+    pairs = [(label, f"data/images/{image}.jpg") for label, image in wanted if _has_area(boxes[image])]
     readable = check_files(root, [key for _, key in pairs])
-    skipped = [key for (_, key), ok in zip(pairs, readable, strict=True) if not ok]
+    skipped = empty + [key for (_, key), ok in zip(pairs, readable, strict=True) if not ok]
     kept = [pair for pair, ok in zip(pairs, readable, strict=True) if ok]
     loader = CropLoader(root, {f"data/images/{image}.jpg": boxes[image] for _, image in wanted}, BANNER_ROWS)
     return build(NAME, root, keys, list(keys), kept, loader, skipped)
+
+
+def _has_area(box: Box) -> bool:
+    return box[2] > box[0] and box[3] > box[1]
 
 
 def _lines(path: Path) -> list[str]:

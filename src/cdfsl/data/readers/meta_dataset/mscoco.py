@@ -32,7 +32,12 @@ def read_mscoco(root: Path, classes: Sequence[str]) -> ImageIndex:
     try:
         categories = {int(c["id"]): str(c["name"]) for c in data["categories"]}
         images = {int(i["id"]): (str(i["file_name"]), int(i["width"]), int(i["height"])) for i in data["images"]}
-        entries = [(int(a["id"]), int(a["image_id"]), int(a["category_id"]), a["bbox"]) for a in data["annotations"]]
+        entries = [
+            (int(a["id"]), int(a["image_id"]), int(a["category_id"]), [float(v) for v in a["bbox"]])
+            for a in data["annotations"]
+        ]
+        if any(len(bbox) != 4 for *_, bbox in entries):
+            raise ValueError("a bbox is not [x, y, width, height]")
     except (KeyError, TypeError, ValueError) as error:
         raise DatasetError(f"{NAME}: {annotations.name} is not COCO instances JSON ({error!r})") from None
     keys = sorted(classes)
