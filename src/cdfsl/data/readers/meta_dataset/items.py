@@ -173,4 +173,4 @@ def bitmap_image(row: np.ndarray) -> Image.Image:
     if side * side != len(row):
         raise DatasetError(f"a bitmap row of {len(row)} values is not a square image")
     pixels = row.astype(np.uint8) * 255 if row.dtype == bool else row.astype(np.uint8)
-    return Image.fromarray(pixels.reshape(side, side), mode="L").convert("RGB")
+    return Image.fromarray(pixels.reshape(side, side)).convert("RGB")
