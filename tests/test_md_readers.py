@@ -14,9 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
-from cdfsl.cli import app
 from cdfsl.data.benchmarks import DATASETS, load_index
 from cdfsl.data.md_hierarchy import Alphabets, ClassHierarchy, md_structure
 from cdfsl.data.meta_dataset import MD_CLASS_SPLITS, MD_SOURCES, META_DATASET, md_benchmarks, read_md_split
@@ -311,6 +309,10 @@ def placeholder_protocol() -> Iterator[None]:
 
 @pytest.mark.slow  # a CLI run on the tiny model: seconds alone, far more on a shared machine
 def test_a_run_on_cropped_items_trains_stores_and_resumes(tmp_path: Path, placeholder_protocol: None) -> None:
+    from typer.testing import CliRunner
+
+    from cdfsl.cli import app  # torch: only this test needs it
+
     root = make_md_tree("aircraft", tmp_path / "aircraft", per_class=3)
     out, db = tmp_path / "out.json", tmp_path / "runs.sqlite"
     args = [
