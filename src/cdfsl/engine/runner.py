@@ -22,6 +22,7 @@ the same (episodes are deterministic by index and the method starts afresh per b
 kept, so only the work is doubled. An interrupted or failed runner hands back its claims (`try/finally`) and stores
 nothing of the batch in flight; an interrupt reaches the caller as `RunInterrupted`, with what is stored.
 `trained_episodes` counts the episodes this process trained; progress counts every stored episode, whoever trained it.
+A batch that runs out of device memory is split in halves and retried, down to one episode (`OutOfMemoryWarning`).
 """
 
 from __future__ import annotations

@@ -33,13 +33,18 @@ Every run is checked when the file is read (a bad one is named with its position
 only. Executors:
 
 - `local`: the runs one after another in this process (`Runner.run`: claims, resume, several processes may share).
-- `ray`: every missing chunk of `episode_batch` episodes of every run is a Ray task (one GPU each with
-  `gpus_per_task=1`, else CPUs), all in one queue. A worker process keeps the backbones it loaded (and the built
-  method of the run it last trained) between tasks. Results come back to the driver, which alone writes the store, as
-  they arrive. A task whose worker died is retried by Ray (up to `TASK_RETRIES` times); an episode already stored is
-  never stored twice (the store keeps a run's first row of an episode); a driver killed and started again trains only
-  the episodes still missing. Episodes are deterministic by index and a fit starts afresh per chunk, so the results
-  equal the local executor's episode by episode.
+- `ray`: every missing chunk of `episode_batch` episodes of every run goes, all runs in one queue, to long-lived
+  workers: Ray actors of `gpus_per_task` GPUs (one per GPU with 1) or, with 0, of `cpus_per_task` CPUs, as many as
+  the cluster holds (`worker_slots`). A worker keeps its `LoadCache` (backbones, image caches) and the built method
+  of the run it last trained for its whole life, on CPU and GPU alike, and the driver sends a run's next chunk to the
+  worker that trained its previous one (`_WorkerPool`), so a run's chunks land in one process. Results come back to
+  the driver, which alone writes the store, as they arrive. A worker that dies is restarted and its chunk retried by
+  Ray (up to `TASK_RETRIES` times); a chunk that fails otherwise (out of memory after the worker's own split, any
+  error) is retried by the driver as two halves, down to one episode; an episode that fails alone is its run's
+  failure: the run's other episodes and every other run go on, and `SweepRunsFailed` names the failed runs at the
+  end. An episode already stored is never stored twice (the store keeps a run's first row of an episode); a driver
+  killed and started again trains only the episodes still missing. Episodes are deterministic by index and a fit
+  starts afresh per chunk, so the results equal the local executor's episode by episode.
 """
 
 from __future__ import annotations
