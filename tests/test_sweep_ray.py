@@ -176,6 +176,12 @@ def test_a_worker_keeps_its_run_and_takes_over_only_a_long_queue() -> None:
     pool.idle += [0]
     assert take() == (0, "a") and take() is None
 
+    FakeActor.started = 0
+    pool = _WorkerPool(FakeActor, slots=3)
+    a, b = state("a", 2), state("b", 0)
+    assert take() == (0, "a") and take() is None
+    assert FakeActor.started == 1  # no worker is started that would have nothing to take
+
 
 def test_the_summary_names_the_failed_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import cdfsl.engine.sweep as sweep_module

@@ -498,22 +498,27 @@ class _WorkerPool:
         waiting = [state for state in states if state.queue]
         if not waiting:
             return None
-        if not self.idle and len(self.handles) < self.slots:
-            self.handles.append(self._worker.remote())
-            self.idle.append(len(self.handles) - 1)
         for index in self.idle:
-            own = next((s for s in waiting if s.run_id == self.last_run.get(index)), None)
+            own = next((state for state in waiting if state.run_id == self.last_run.get(index)), None)
             if own is not None:
                 return self._use(index, own)
-        started = set(self.last_run.values())
-        for index in self.idle:
-            fresh = next((s for s in waiting if s.run_id not in started), None)
-            if fresh is not None:
-                return self._use(index, fresh)
-            busiest = max(waiting, key=lambda s: len(s.queue))
-            if len(busiest.queue) >= TAKE_OVER_CHUNKS:
-                return self._use(index, busiest)
+        other = self._other_run(waiting)
+        if other is not None and self.idle:
+            return self._use(self.idle[0], other)
+        if other is not None and len(self.handles) < self.slots:
+            self.handles.append(self._worker.remote())  # started only when it has a run to take
+            self.idle.append(len(self.handles) - 1)
+            return self.take(states)
         return None
+
+    def _other_run(self, waiting: list[_RunState]) -> _RunState | None:
+        """For a worker without queued chunks of its own: a run no worker has started, else a long queue."""
+        started = set(self.last_run.values())
+        fresh = next((state for state in waiting if state.run_id not in started), None)
+        if fresh is not None:
+            return fresh
+        busiest = max(waiting, key=lambda state: len(state.queue))
+        return busiest if len(busiest.queue) >= TAKE_OVER_CHUNKS else None
 
     def _use(self, index: int, state: _RunState) -> tuple[int, _RunState]:
         self.idle.remove(index)
