@@ -92,6 +92,7 @@ def test_worker_slots() -> None:
     assert worker_slots({"CPU": 1.0}, 0, 2) == 1
 
 
+@pytest.mark.slow  # two Ray workers importing torch: ~18 CPU-seconds (make test-slow)
 def test_workers_stay_retry_smaller_and_report_what_always_fails(tmp_path: Path, faults: Path) -> None:
     """One sweep, two logical GPUs: lora's chunks run out of memory above one episode (retried in halves: a split
     batch's results equal the whole batch's, `test_oom_retry`); zeroshot's episode 3 always fails (reported, after its
@@ -181,6 +182,20 @@ def test_a_worker_keeps_its_run_and_takes_over_only_a_long_queue() -> None:
     a, b = state("a", 2), state("b", 0)
     assert take() == (0, "a") and take() is None
     assert FakeActor.started == 1  # no worker is started that would have nothing to take
+
+
+def test_a_failed_chunk_is_retried_in_halves_and_a_failed_episode_is_the_runs_failure() -> None:
+    from cdfsl.engine.sweep import _Callbacks, _failed
+
+    retried: list[tuple[str, list[int], str]] = []
+    callbacks = _Callbacks(None, None, lambda plan, episodes, error: retried.append((plan.run_id, episodes, error)))
+    run = state("a", 0)
+    run.queue = [[8, 9]]
+    _failed(run, [4, 5, 6], "OutOfMemoryError: CUDA out of memory", callbacks)
+    assert run.queue == [[4], [5, 6], [8, 9]] and run.failed == []  # the halves first
+    assert retried == [("a", [4, 5, 6], "OutOfMemoryError: CUDA out of memory")]
+    _failed(run, [4], "RuntimeError: boom", callbacks)
+    assert run.failed == [4] and run.error == "RuntimeError: boom" and len(retried) == 1
 
 
 def test_the_summary_names_the_failed_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
