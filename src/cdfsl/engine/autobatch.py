@@ -126,7 +126,7 @@ def auto_episode_batch(config: RunConfig, loads: LoadCache | None = None, memory
     one = _extra_bytes(context, 1, memory)
     two = _extra_bytes(context, 2, memory) if one is not None else None
     if one is None or two is None:
-        return 1  # not even two episodes fit: one at a time (the run splits nothing further)
+        return 1  # two episodes (or even one) ran out of memory: one at a time
     per_episode = max(two - one, 1)
     base = max(one - per_episode, 0)
     memory.clear()
