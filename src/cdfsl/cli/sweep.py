@@ -134,7 +134,9 @@ def sweep_run(
     ] = 1.0,
     cpus_per_task: Annotated[float, typer.Option(help="With ray: CPUs per worker.")] = 1.0,
 ) -> None:
-    """Train every missing episode of the sweep's runs; finished episodes are stored and skipped on re-runs."""
+    """Train every missing episode of the sweep's runs; finished episodes are stored and skipped on re-runs. With ray,
+    a failed chunk is retried in halves, and runs with episodes that fail even alone are named at the end (exit
+    status 1) while the other runs finish."""
     from cdfsl.engine.sweep import SweepRunsFailed, load_sweep, run_local, run_ray
 
     if executor not in ("local", "ray"):
