@@ -28,3 +28,7 @@ class TrainingError(CdfslError):
 
 class DatasetWarning(UserWarning):
     """A dataset entry was skipped (unreadable image, unsafe or missing file, malformed CSV row)."""
+
+
+class OutOfMemoryWarning(UserWarning):
+    """A batch of episodes ran out of device memory and was split and retried in smaller batches (same results)."""

@@ -129,11 +129,15 @@ def sweep_run(
     file: SweepFile,
     executor: Annotated[str, typer.Option(help="local (this process) or ray.")] = "local",
     address: Annotated[str | None, typer.Option(help="With ray: an existing cluster's address.")] = None,
-    gpus_per_task: Annotated[float, typer.Option(help="With ray: GPUs per task (0: CPU tasks).")] = 1.0,
-    cpus_per_task: Annotated[float, typer.Option(help="With ray: CPUs per task.")] = 1.0,
+    gpus_per_task: Annotated[
+        float, typer.Option(help="With ray: GPUs per worker (1: one worker per GPU; 0: CPU workers).")
+    ] = 1.0,
+    cpus_per_task: Annotated[float, typer.Option(help="With ray: CPUs per worker.")] = 1.0,
 ) -> None:
-    """Train every missing episode of the sweep's runs; finished episodes are stored and skipped on re-runs."""
-    from cdfsl.engine.sweep import load_sweep, run_local, run_ray
+    """Train every missing episode of the sweep's runs; finished episodes are stored and skipped on re-runs. With ray,
+    a failed chunk is retried in halves, and runs with episodes that fail even alone are named at the end (exit
+    status 1) while the other runs finish."""
+    from cdfsl.engine.sweep import SweepRunsFailed, load_sweep, run_local, run_ray
 
     if executor not in ("local", "ray"):
         raise ConfigError(f"--executor must be local or ray, not {executor!r}")
@@ -160,9 +164,25 @@ def sweep_run(
         line = f"{shown(plan.run.label)}: {waiting_line(holders)}"
         console.print(line, markup=False, highlight=False, soft_wrap=True)
 
+    def retrying(plan: Any, episodes: list[int], error: str) -> None:
+        half = len(episodes) // 2
+        line = (
+            f"{shown(plan.run.label)}: episodes {episodes[0]}–{episodes[-1]} failed ({shown(error)}); retrying them as "
+            f"{half} + {len(episodes) - half}"
+        )
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+
     try:
-        count = run_ray(sweep, address, gpus_per_task, cpus_per_task, on_stored=stored, on_wait=waiting)
+        count = run_ray(
+            sweep, address, gpus_per_task, cpus_per_task, on_stored=stored, on_wait=waiting, on_retry=retrying
+        )
     except KeyboardInterrupt as error:
         console.print(interrupted_line(error), markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(130) from None
+    except SweepRunsFailed as error:
+        out.print(f"stored {error.stored} episodes; {len(error.failures)} run(s) failed:", highlight=False)
+        for failure in error.failures:
+            out.print(f"  {shown(failure.line())}", markup=False, highlight=False, soft_wrap=True)
+        out.print(f"the other runs finished; `cdfsl sweep run {file}` retries the missing episodes", highlight=False)
+        raise typer.Exit(1) from None
     out.print(f"stored {count} episodes; `cdfsl sweep status {file}` shows the results", highlight=False)

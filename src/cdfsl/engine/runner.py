@@ -22,13 +22,16 @@ the same (episodes are deterministic by index and the method starts afresh per b
 kept, so only the work is doubled. An interrupted or failed runner hands back its claims (`try/finally`) and stores
 nothing of the batch in flight; an interrupt reaches the caller as `RunInterrupted`, with what is stored.
 `trained_episodes` counts the episodes this process trained; progress counts every stored episode, whoever trained it.
+A batch that runs out of device memory is split in halves and retried, down to one episode (`OutOfMemoryWarning`).
 """
 
 from __future__ import annotations
 
+import gc
 import math
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass, field
@@ -47,7 +50,7 @@ from cdfsl.data.index import ImageIndex
 from cdfsl.data.protocols import FIXED_WAY
 from cdfsl.engine.context import LoadCache, RunContext, build_context, resolve_precision
 from cdfsl.engine.store import EpisodeQueries, EpisodeResult, Holder, ResultStore, new_owner_id, record_names
-from cdfsl.errors import StoreError
+from cdfsl.errors import OutOfMemoryWarning, StoreError
 from cdfsl.methods import Method, build_method
 from cdfsl.spec import RunSpec
 from cdfsl.stats import mean_ci95
@@ -116,9 +119,39 @@ def train_episodes(context: RunContext, method: Method, episodes: list[int]) -> 
     `fixed-way`); their results (not stored), in the order of `episodes`."""
     by_episode: dict[int, EpisodeResult] = {}
     for chunk in group_by_shape(context.data()[1].episodes(episodes)):
-        for result in _train_batch(context, method, [episode.index for episode in chunk]):
+        for result in _train_splitting(context, method, [episode.index for episode in chunk]):
             by_episode[result.episode] = result
     return [by_episode[i] for i in episodes]
+
+
+def _train_splitting(context: RunContext, method: Method, episodes: list[int]) -> list[EpisodeResult]:
+    """`_train_batch`, with a batch that runs out of device memory split in two halves, each trained the same way
+    (down to one episode, whose out-of-memory error is raised). Episodes are independent and a fit starts afresh per
+    batch, so the results are those of the whole batch; an `OutOfMemoryWarning` says what was split."""
+    try:
+        return _train_batch(context, method, episodes)
+    except torch.OutOfMemoryError as error:
+        if len(episodes) == 1:
+            raise
+        reason = str(error).split("\n", 1)[0] or "out of memory"
+    # Retried outside the handler: the error's traceback, and the activations its frames hold, are gone by now.
+    free_device_memory(context.device)
+    half = len(episodes) // 2
+    warnings.warn(
+        f"a batch of {len(episodes)} episodes (from episode {episodes[0]}) ran out of memory on {context.device} "
+        f"({reason}); retrying it as {half} + {len(episodes) - half} episodes (a smaller --episode-batch avoids this)",
+        OutOfMemoryWarning,
+        stacklevel=2,
+    )
+    return _train_splitting(context, method, episodes[:half]) + _train_splitting(context, method, episodes[half:])
+
+
+def free_device_memory(device: torch.device) -> None:
+    """Return the memory of dead tensors to the device: collect reference cycles, then (CUDA) empty the allocator's
+    cache, so a retry or a measurement starts from what live tensors hold."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _train_batch(context: RunContext, method: Method, episodes: list[int]) -> list[EpisodeResult]:

@@ -33,13 +33,18 @@ Every run is checked when the file is read (a bad one is named with its position
 only. Executors:
 
 - `local`: the runs one after another in this process (`Runner.run`: claims, resume, several processes may share).
-- `ray`: every missing chunk of `episode_batch` episodes of every run is a Ray task (one GPU each with
-  `gpus_per_task=1`, else CPUs), all in one queue. A worker process keeps the backbones it loaded (and the built
-  method of the run it last trained) between tasks. Results come back to the driver, which alone writes the store, as
-  they arrive. A task whose worker died is retried by Ray (up to `TASK_RETRIES` times); an episode already stored is
-  never stored twice (the store keeps a run's first row of an episode); a driver killed and started again trains only
-  the episodes still missing. Episodes are deterministic by index and a fit starts afresh per chunk, so the results
-  equal the local executor's episode by episode.
+- `ray`: every missing chunk of `episode_batch` episodes of every run goes, all runs in one queue, to long-lived
+  workers: Ray actors of `gpus_per_task` GPUs (one per GPU with 1) or, with 0, of `cpus_per_task` CPUs, as many as
+  the cluster holds (`worker_slots`). A worker keeps its `LoadCache` (backbones, image caches) and the built method
+  of the run it last trained for its whole life, on CPU and GPU alike, and the driver sends a run's next chunk to the
+  worker that trained its previous one (`_WorkerPool`), so a run's chunks land in one process. Results come back to
+  the driver, which alone writes the store, as they arrive. A worker that dies is restarted and its chunk retried by
+  Ray (up to `TASK_RETRIES` times); a chunk that fails otherwise (out of memory after the worker's own split, any
+  error) is retried by the driver as two halves, down to one episode; an episode that fails alone is its run's
+  failure: the run's other episodes and every other run go on, and `SweepRunsFailed` names the failed runs at the
+  end. An episode already stored is never stored twice (the store keeps a run's first row of an episode); a driver
+  killed and started again trains only the episodes still missing. Episodes are deterministic by index and a fit
+  starts afresh per chunk, so the results equal the local executor's episode by episode.
 """
 
 from __future__ import annotations
@@ -62,7 +67,8 @@ from cdfsl.spec import RunSpec
 
 RUN_KEYS = ("method", "dataset", "shots", "backbone", "pretrained", "seed", "recipe", "ways", "queries")
 SWEEP_KEYS = ("db", "episodes", "episode_batch", "device", "cache_dir")
-TASK_RETRIES = 3
+TASK_RETRIES = 3  # Ray's retries of a chunk whose worker died (the worker is restarted)
+TAKE_OVER_CHUNKS = 4  # queued chunks of a run another worker started, from which an idle worker takes over
 MAX_RUNS = 10_000  # runs per sweep file: each is identified (dataset index, config) when planned
 FAIL_ONCE_ENV = "CDFSL_TEST_FAIL_ONCE"  # tests only: a marker path; the first task to see it missing kills its worker
 
@@ -321,6 +327,35 @@ def run_local(
     return results
 
 
+@dataclass(frozen=True)
+class RunFailure:
+    """A run of a Ray sweep that could not be finished: the episodes that failed even alone, and the last error
+    (`Type: first line of its message`). Its other episodes are stored."""
+
+    plan: RunPlan
+    episodes: tuple[int, ...]
+    error: str
+
+    def line(self) -> str:
+        """`run N (label): episodes …: error`, one line of the sweep's summary."""
+        episodes = ", ".join(map(str, self.episodes[:8])) + (" …" if len(self.episodes) > 8 else "")
+        word = "episode" if len(self.episodes) == 1 else "episodes"
+        return f"run {self.plan.run.position + 1} ({self.plan.run.label}): {word} {episodes} failed: {self.error}"
+
+
+class SweepRunsFailed(CdfslError):
+    """Runs of a Ray sweep failed (`failures`) while the others finished; `stored` episodes were stored by this
+    driver. Raised after every other run is done."""
+
+    def __init__(self, stored: int, failures: list[RunFailure]) -> None:
+        lines = "\n".join(f"  {failure.line()}" for failure in failures)
+        super().__init__(
+            f"{len(failures)} run(s) of the sweep failed ({stored} episodes stored; the other runs finished):\n{lines}"
+            "\nthe same command retries their missing episodes"
+        )
+        self.stored, self.failures = stored, failures
+
+
 def run_ray(
     sweep: Sweep,
     address: str | None = None,
@@ -331,16 +366,19 @@ def run_ray(
     on_wait: Callable[[RunPlan, tuple[Any, ...]], None] | None = None,
     lease_seconds: float = 60.0,
     poll_seconds: float = 5.0,
+    on_retry: Callable[[RunPlan, list[int], str], None] | None = None,
 ) -> int:
-    """Run the missing episodes of every run of `sweep` as Ray tasks (module docstring); returns how many episodes
-    this driver stored (an episode another process stored first is not counted). `address`: an existing cluster
-    (None: a local Ray on this machine's devices). `on_stored(plan, episodes)` is called after each stored chunk;
-    `on_wait(plan, holders)` when the driver starts waiting on episodes other processes hold (`store.Holder`).
+    """Run the missing episodes of every run of `sweep` on Ray workers that stay (module docstring); returns how many
+    episodes this driver stored (an episode another process stored first is not counted). `address`: an existing
+    cluster (None: a local Ray on this machine's devices). `on_stored(plan, episodes)` is called after each stored
+    chunk; `on_wait(plan, holders)` when the driver starts waiting on episodes other processes hold (`store.Holder`);
+    `on_retry(plan, episodes, error)` when a chunk failed and is retried in halves.
 
     The driver claims episodes as `Runner` does (so a `cdfsl run` or another driver on the same runs shares them),
     keeps its claims alive with a heartbeat while it lives, and hands them back when interrupted or failed; an
     interrupt reaches the caller as `runner.RunInterrupted` with the sweep's stored and total episodes. A cluster
-    without the GPUs or CPUs one task asks for is refused before anything is submitted.
+    without the GPUs or CPUs one worker asks for is refused before anything is submitted. Runs whose episodes failed
+    even one at a time are raised together as `SweepRunsFailed` once every other run is done.
     """
     try:
         import ray
@@ -351,7 +389,8 @@ def run_ray(
     started_here = not ray.is_initialized()
     ray.init(address=address, ignore_reinit_error=True, include_dashboard=False, **(init_options or {}))
     try:
-        _check_resources(ray.cluster_resources(), gpus_per_task, cpus_per_task, address)
+        resources = ray.cluster_resources()
+        _check_resources(resources, gpus_per_task, cpus_per_task, address)
         plans = distinct_runs(plan_sweep(sweep, device="cuda" if gpus_per_task > 0 else "cpu"))
         lacking = [plan for plan in plans if plan.data_missing is not None]
         if lacking:
@@ -360,12 +399,16 @@ def run_ray(
                 f"sweep file {sweep.path}, run {plan.run.position + 1} ({plan.run.label}): {plan.data_missing}; the "
                 "Ray driver reads every dataset to identify its runs (`cdfsl sweep plan` lists the runs without data)"
             )
-        task = ray.remote(num_gpus=gpus_per_task, num_cpus=cpus_per_task, max_retries=TASK_RETRIES)(_train_task)
+        worker = ray.remote(
+            num_gpus=gpus_per_task, num_cpus=cpus_per_task, max_restarts=-1, max_task_retries=TASK_RETRIES
+        )(SweepWorker)
+        pool = _WorkerPool(worker, worker_slots(resources, gpus_per_task, cpus_per_task))
         owner = new_owner_id()
+        callbacks = _Callbacks(on_stored, on_wait, on_retry)
         with ResultStore(sweep.db) as store:
             try:
                 with store.keep_claims_alive(owner, lease_seconds):
-                    return _drive(ray, task, store, plans, owner, lease_seconds, poll_seconds, on_stored, on_wait)
+                    stored, failures = _drive(ray, pool, store, plans, owner, lease_seconds, poll_seconds, callbacks)
             except BaseException as error:
                 from contextlib import suppress
 
@@ -379,13 +422,16 @@ def run_ray(
                     done = sum(store.pending(str(plan.run_id), plan.total).stored for plan in plans)
                     raise RunInterrupted(done, sum(plan.total for plan in plans), store.path) from None
                 raise
+        if failures:
+            raise SweepRunsFailed(stored, failures)
+        return stored
     finally:
         if started_here:
             ray.shutdown()
 
 
 def _check_resources(resources: dict[str, float], gpus: float, cpus: float, address: str | None) -> None:
-    """Refuse a task shape the cluster can never place (Ray would queue it forever)."""
+    """Refuse a worker shape the cluster can never place (Ray would queue it forever)."""
     where = "this machine's Ray" if address is None else f"the Ray cluster at {address}"
     for option, asked, name in (("--gpus-per-task", gpus, "GPU"), ("--cpus-per-task", cpus, "CPU")):
         have = float(resources.get(name, 0.0))
@@ -397,98 +443,234 @@ def _check_resources(resources: dict[str, float], gpus: float, cpus: float, addr
             )
 
 
+def worker_slots(resources: dict[str, float], gpus: float, cpus: float) -> int:
+    """How many workers of `gpus` GPUs and `cpus` CPUs each the cluster holds at once (at least 1): one per GPU with
+    `gpus=1`, two per GPU with 0.5; CPU workers when `gpus` is 0."""
+    counts = [
+        math.floor(float(resources.get(name, 0.0)) / asked + 1e-9)
+        for name, asked in (("GPU", gpus), ("CPU", cpus))
+        if asked > 0
+    ]
+    return max(1, min(counts)) if counts else 1
+
+
+@dataclass(frozen=True)
+class _Callbacks:
+    stored: Callable[[RunPlan, int], None] | None
+    wait: Callable[[RunPlan, tuple[Any, ...]], None] | None
+    retry: Callable[[RunPlan, list[int], str], None] | None
+
+
+@dataclass
+class _RunState:
+    """The driver's view of one run: chunks waiting for a worker, chunks in flight, failed episodes and the last
+    error, and the position of its claims scan."""
+
+    plan: RunPlan
+    fields: dict[str, Any]
+    queue: list[list[int]] = dataclasses.field(default_factory=list)
+    in_flight: int = 0
+    position: int = 0
+    failed: list[int] = dataclasses.field(default_factory=list)
+    error: str = ""
+    waited_on: tuple[tuple[str, int, int, int], ...] = ()
+
+    @property
+    def run_id(self) -> str:
+        return str(self.plan.run_id)
+
+
+class _WorkerPool:
+    """Up to `slots` long-lived workers (Ray actors), started as chunks need them; each remembers the run it last
+    trained, so the next chunk of that run goes to the process that holds its context."""
+
+    def __init__(self, worker: Any, slots: int) -> None:
+        self._worker, self.slots = worker, slots
+        self.idle: list[int] = []
+        self.handles: list[Any] = []
+        self.last_run: dict[int, str] = {}
+
+    def take(self, states: list[_RunState]) -> tuple[int, _RunState] | None:
+        """An idle (or new) worker and the run it should train next, or None: its own last run while that has queued
+        chunks; else a run no worker has started; else the run with the most queued chunks, when at least
+        `TAKE_OVER_CHUNKS` wait (taking over a run costs loading its backbone and images in a second process: worth it
+        only for a long queue, such as one large run on many GPUs)."""
+        waiting = [state for state in states if state.queue]
+        if not waiting:
+            return None
+        for index in self.idle:
+            own = next((state for state in waiting if state.run_id == self.last_run.get(index)), None)
+            if own is not None:
+                return self._use(index, own)
+        other = self._other_run(waiting)
+        if other is not None and self.idle:
+            return self._use(self.idle[0], other)
+        if other is not None and len(self.handles) < self.slots:
+            self.handles.append(self._worker.remote())  # started only when it has a run to take
+            self.idle.append(len(self.handles) - 1)
+            return self.take(states)
+        return None
+
+    def _other_run(self, waiting: list[_RunState]) -> _RunState | None:
+        """For a worker without queued chunks of its own: a run no worker has started, else a long queue."""
+        started = set(self.last_run.values())
+        fresh = next((state for state in waiting if state.run_id not in started), None)
+        if fresh is not None:
+            return fresh
+        busiest = max(waiting, key=lambda state: len(state.queue))
+        return busiest if len(busiest.queue) >= TAKE_OVER_CHUNKS else None
+
+    def _use(self, index: int, state: _RunState) -> tuple[int, _RunState]:
+        self.idle.remove(index)
+        self.last_run[index] = state.run_id
+        return index, state
+
+
 def _drive(
     ray: Any,
-    task: Any,
+    pool: _WorkerPool,
     store: Any,
     plans: list[RunPlan],
     owner: str,
     lease_seconds: float,
     poll_seconds: float,
-    on_stored: Callable[[RunPlan, int], None] | None,
-    on_wait: Callable[[RunPlan, tuple[Any, ...]], None] | None,
-) -> int:
-    """Claim every free episode of every run, submit them in chunks, store results as they arrive, and wait on
-    episodes other processes hold, until every run is stored; returns the episodes this driver stored."""
+    callbacks: _Callbacks,
+) -> tuple[int, list[RunFailure]]:
+    """Claim every free episode of every run, hand chunks to the workers, store results as they arrive, retry a
+    failed chunk in halves (a failed single episode is the run's failure), and wait on episodes other processes hold,
+    until every run is stored or failed; returns the episodes this driver stored and the failed runs."""
     import time
 
     from cdfsl.engine.context import chunks
 
-    fields = {str(plan.run_id): plan.config.to_dict() for plan in plans}
-    position = {str(plan.run_id): 0 for plan in plans}
-    in_flight = {str(plan.run_id): 0 for plan in plans}
-    waited_on: dict[str, tuple[tuple[str, int, int, int], ...]] = {}
-    submitted: dict[Any, RunPlan] = {}
-    open_runs = list(plans)
+    states = [_RunState(plan, plan.config.to_dict()) for plan in plans]
+    submitted: dict[Any, tuple[int, _RunState, list[int]]] = {}
+    open_runs = list(states)
+    finished_failed: list[RunFailure] = []
     stored = 0
     while open_runs or submitted:
-        for plan in open_runs:
-            run_id = str(plan.run_id)
-            if position[run_id] < plan.total:
-                claimed, position[run_id] = store.claim_episodes(
-                    run_id, plan.total, plan.total, owner, lease_seconds, position[run_id]
+        for state in open_runs:
+            if state.position < state.plan.total and not state.failed:
+                claimed, state.position = store.claim_episodes(
+                    state.run_id, state.plan.total, state.plan.total, owner, lease_seconds, state.position
                 )
-                for chunk in chunks(claimed, plan.config.episode_batch):
-                    submitted[task.remote(fields[run_id], chunk)] = plan
-                    in_flight[run_id] += 1
+                state.queue.extend(chunks(claimed, state.plan.config.episode_batch))
+        while (taken := pool.take(open_runs)) is not None:
+            index, state = taken
+            chunk = state.queue.pop(0)
+            submitted[pool.handles[index].train.remote(state.fields, chunk)] = (index, state, chunk)
+            state.in_flight += 1
         if submitted:
             done, _ = ray.wait(list(submitted), num_returns=1, timeout=poll_seconds)
             for ref in done:
-                plan = submitted.pop(ref)
-                run_id = str(plan.run_id)
-                in_flight[run_id] -= 1
+                index, state, chunk = submitted.pop(ref)
+                pool.idle.append(index)
+                state.in_flight -= 1
+                try:
+                    results = ray.get(ref)
+                except Exception as error:  # the worker's error, or its death after Ray's own retries
+                    _failed(state, chunk, _error_text(error), callbacks)
+                    continue
                 added = store.add_episodes(
-                    run_id, ray.get(ref), owner=owner, config=fields[run_id], identity=plan.identity
+                    state.run_id, results, owner=owner, config=state.fields, identity=state.plan.identity
                 )
                 stored += added
-                if on_stored is not None:
-                    on_stored(plan, added)
+                if callbacks.stored is not None:
+                    callbacks.stored(state.plan, added)
         still_open, next_expiry = [], float("inf")
-        for plan in open_runs:
-            run_id = str(plan.run_id)
-            if in_flight[run_id]:
-                still_open.append(plan)
+        for state in open_runs:
+            if state.in_flight or state.queue:
+                still_open.append(state)
                 continue
-            pending = store.pending(run_id, plan.total)
-            if pending.stored >= plan.total:
+            if state.failed:
+                store.release_claims(state.run_id, owner)  # only the failed episodes' claims are left
+                finished_failed.append(RunFailure(state.plan, tuple(sorted(state.failed)), state.error))
                 continue
-            still_open.append(plan)
-            if pending.stored + pending.claimed < plan.total:
-                position[run_id] = 0  # an episode came free behind the sweep: claim it next round
+            pending = store.pending(state.run_id, state.plan.total)
+            if pending.stored >= state.plan.total:
+                continue
+            still_open.append(state)
+            if pending.stored + pending.claimed < state.plan.total:
+                state.position = 0  # an episode came free behind the sweep: claim it next round
                 continue
             holding = tuple((h.owner, h.count, h.first, h.last) for h in pending.holders)
-            if holding != waited_on.get(run_id) and on_wait is not None:
-                on_wait(plan, pending.holders)
-            waited_on[run_id] = holding
+            if holding != state.waited_on and callbacks.wait is not None:
+                callbacks.wait(state.plan, pending.holders)
+            state.waited_on = holding
             next_expiry = min(next_expiry, pending.next_expiry or next_expiry)
         open_runs = still_open
-        if open_runs and not submitted and all(position[str(p.run_id)] >= p.total for p in open_runs):
+        if open_runs and not submitted and all(s.position >= s.plan.total and not s.queue for s in open_runs):
             time.sleep(min(poll_seconds, max(next_expiry - time.time(), 0.0) + 0.01))
-    return stored
+    order = {plan.run_id: i for i, plan in enumerate(plans)}
+    return stored, sorted(finished_failed, key=lambda failure: order[failure.plan.run_id])
 
 
-# In a Ray worker process: its LoadCache and the last run's (key, context, method). The one process-global cache in
-# cdfsl, on purpose: a Ray task is a function, and this is what lets a worker keep its loaded backbone between tasks.
-_WORKER: dict[str, Any] = {}
+def _failed(state: _RunState, chunk: list[int], error: str, callbacks: _Callbacks) -> None:
+    """A chunk failed: retry it as two halves, first in the run's queue; a single episode is the run's failure."""
+    state.error = error
+    if len(chunk) == 1:
+        state.failed.append(chunk[0])
+        return
+    half = len(chunk) // 2
+    state.queue[:0] = [chunk[:half], chunk[half:]]
+    if callbacks.retry is not None:
+        callbacks.retry(state.plan, chunk, error)
 
 
-def _train_task(config_fields: dict[str, Any], episodes: list[int]) -> list[Any]:
-    """A Ray task: fit and predict `episodes` of the run `config_fields` describes; their results (not stored)."""
-    import json
+def _error_text(error: BaseException) -> str:
+    """`Type: first line of the message` of a worker's error (a Ray task error's cause when it has one)."""
+    cause = getattr(error, "cause", None)
+    error = cause if isinstance(cause, BaseException) else error
+    message = str(error).strip().split("\n", 1)[0]
+    return f"{type(error).__name__}: {message}" if message else type(error).__name__
 
-    from cdfsl.engine.context import LoadCache, build_context
-    from cdfsl.engine.runner import train_episodes
-    from cdfsl.methods import build_method
 
-    marker = os.environ.get(FAIL_ONCE_ENV)
-    if marker and not os.path.exists(marker):
-        Path(marker).write_text("killed once\n")
-        os._exit(17)  # the worker dies in the middle of its task: Ray must retry it elsewhere
-    loads = _WORKER.setdefault("loads", LoadCache())
-    key = json.dumps(config_fields, sort_keys=True, default=str)
-    if _WORKER.get("key") != key:
-        context = build_context(RunConfig.from_dict(config_fields, source="a sweep task"), loads)
-        method = build_method(context.spec, context.backbone, context.autocast_dtype)
-        context.load()
-        _WORKER.update(key=key, context=context, method=method)
-    return train_episodes(_WORKER["context"], _WORKER["method"], episodes)
+class SweepWorker:
+    """A Ray sweep's long-lived worker (a Ray actor, one per GPU with `--gpus-per-task 1`): it keeps its `LoadCache`
+    (backbones, image caches) for its whole life, and the context and built method of the run it last trained, so
+    every chunk after a run's first one only trains."""
+
+    def __init__(self) -> None:
+        from cdfsl.engine.context import LoadCache
+
+        self.loads = LoadCache()
+        self.key: str | None = None
+        self.run: tuple[Any, Any] | None = None
+
+    def train(self, config_fields: dict[str, Any], episodes: list[int]) -> list[Any]:
+        """Fit and predict `episodes` of the run `config_fields` describes; their results (not stored). A batch
+        out of device memory is split here first (`runner.train_episodes`); any error frees the device's memory
+        and reaches the driver, which retries the chunk in halves."""
+        import json
+
+        from cdfsl.engine import runner
+        from cdfsl.engine.context import build_context
+        from cdfsl.methods import build_method
+
+        marker = os.environ.get(FAIL_ONCE_ENV)
+        if marker and not os.path.exists(marker):
+            Path(marker).write_text("killed once\n")
+            os._exit(17)  # the worker dies in the middle of its task: Ray restarts it and retries the task
+        key = json.dumps(config_fields, sort_keys=True, default=str)
+        try:
+            if self.key != key or self.run is None:
+                self.key, self.run = None, None
+                context = build_context(RunConfig.from_dict(config_fields, source="a sweep task"), self.loads)
+                method = build_method(context.spec, context.backbone, context.autocast_dtype)
+                context.load()
+                self.key, self.run = key, (context, method)
+            context, method = self.run
+            return runner.train_episodes(context, method, episodes)
+        except Exception:
+            runner.free_device_memory(self.run[0].device if self.run is not None else _default_device())
+            raise
+
+    def pid(self) -> int:
+        """This worker's process id."""
+        return os.getpid()
+
+
+def _default_device() -> Any:
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
