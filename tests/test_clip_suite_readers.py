@@ -276,9 +276,11 @@ def test_datasets_lists_every_benchmark(args: list[str]) -> None:
     assert "split_zhou_DescribableTextures.json" in result.stdout and "{} texture." in result.stdout
 
 
-@pytest.mark.parametrize("flag", [["--json"], ["--format", "json"]])
-def test_datasets_list_as_json(flag: list[str]) -> None:
-    result = CliRunner().invoke(app, ["datasets", "list", *flag])
+@pytest.mark.parametrize(
+    "args", [["datasets", "list", "--json"], ["datasets", "list", "--format", "json"], ["datasets", "--json"]]
+)
+def test_datasets_list_as_json(args: list[str]) -> None:
+    result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     listed = {entry["name"]: entry for entry in json.loads(result.stdout)}
     assert list(listed) == list(DATASETS)

@@ -13,6 +13,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+from cdfsl.data.clip_suite import CLIP_FEWSHOT
 from cdfsl.data.index import ImageIndex
 from cdfsl.data.readers.registry import READERS, create_reader
 from cdfsl.errors import ConfigError, DatasetError
@@ -42,7 +43,7 @@ class Benchmark:
         episodes: episodes per run by default, unless `episodes_by_shots` names the shots (`episodes_for`).
         episodes_by_shots: (shots, episodes) pairs where the default episode count depends on the shots.
         template: the prompt template, one `{}` for the class name.
-        suite: the group it belongs to (`cdfsl`: the four CDFSL benchmarks; `clip-fewshot`: CoOp's eleven), or "".
+        suite: the benchmark suite it belongs to (`meta-dataset`, ...), "" for none.
         episodic_split: the split episodes are drawn from (`test` for the CLIP few-shot suite), or None for a source
             without splits (every item).
         coop_template: its template in CoOp's zero-shot trainer (`CUSTOM_TEMPLATES`), what `train.template=coop`
@@ -169,8 +170,5 @@ for _benchmark in (
     Benchmark("digits", reader="digits", class_names="the digit as a word (DIGIT_NAMES)"),
 ):
     register_benchmark(_benchmark)
-
-from cdfsl.data.clip_suite import CLIP_FEWSHOT  # noqa: E402 - the CLIP few-shot suite's eleven, as plain values
-
-for _fields in CLIP_FEWSHOT:
+for _fields in CLIP_FEWSHOT:  # the CLIP few-shot suite's eleven
     register_benchmark(Benchmark(**_fields))

@@ -24,7 +24,7 @@ class Reader:
         read: indexes the layout; called with the data root (an existing folder, resolved) when `needs_root`,
             with no argument otherwise (embedded data such as `digits`).
         needs_root: whether the layout is read from a data root.
-        layout: what it needs on disk, in one line (`cdfsl datasets list` prints it).
+        layout: the layout on disk, in one line (for listings; "" when not given).
     """
 
     name: str
