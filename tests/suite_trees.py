@@ -142,10 +142,16 @@ def _digit_image(digit: int, split_position: int, number: int) -> np.ndarray:
     return np.repeat(pictures[position][:, :, None], 3, axis=2)
 
 
-@functools.cache
 def _digit_pictures(digit: int) -> np.ndarray:
+    pixels, targets = _digits()
+    return pixels[targets == digit]
+
+
+@functools.cache
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits as uint8 pictures (as the `digits` reader scales them) and their digits, loaded once."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     pixels = np.rint(np.asarray(digits.images, dtype=np.float64) * 255.0 / 16.0).clip(0, 255).astype(np.uint8)
-    return pixels[digits.target == digit]
+    return pixels, np.asarray(digits.target)
