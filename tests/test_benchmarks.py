@@ -16,6 +16,7 @@ from PIL import Image
 import cdfsl.data.readers as readers_package
 from cdfsl.config import RunConfig
 from cdfsl.data.benchmarks import DATASETS, FIXED_WAY, Benchmark, load_index, register_benchmark
+from cdfsl.data.clip_suite import SUITE_ORDER
 from cdfsl.data.decode import open_rgb
 from cdfsl.data.index import ImageIndex
 from cdfsl.data.meta_dataset import MD_SOURCES
@@ -40,7 +41,8 @@ def registries() -> Iterator[None]:
 
 def test_every_dataset_has_a_registered_reader_and_its_root_rule() -> None:
     builtin = ["eurosat", "isic2018", "cropdiseases", "chestx", "imagefolder", "digits"]
-    assert list(DATASETS) == [*builtin, *(f"md-{source}" for source in MD_SOURCES)]
+    assert list(DATASETS) == [*builtin, *SUITE_ORDER, *(f"md-{source}" for source in MD_SOURCES)]
+    assert [name for name, benchmark in DATASETS.items() if benchmark.suite == "clip-fewshot"] == list(SUITE_ORDER)
     for name, benchmark in DATASETS.items():
         assert benchmark.name == name
         assert READERS[benchmark.reader].needs_root == benchmark.needs_root

@@ -28,7 +28,9 @@ from layouts import (
     make_imagefolder,
     make_isic2018,
 )
+from suite_trees import make_split_tree
 
+SUITE_CLASSES = ("banded", "braided", "bubbly", "bumpy", "chequered")  # a dtd tree stands for the suite's readers
 TINY = ["--backbone", "tiny", "--pretrained", "none", "--device", "cpu"]
 WIDE = {"COLUMNS": "200"}  # rich wraps at the console width; keep tables on one line per row
 
@@ -43,6 +45,7 @@ def roots(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "chestx": make_chestx(base / "chestx", spread=True),
         "imagefolder": make_imagefolder(base / "imagefolder"),
         "small_eurosat": make_eurosat(base / "small_eurosat", per_class=8),
+        "dtd": make_split_tree(base / "dtd", SUITE_CLASSES, {"train": 2, "val": 1, "test": 16}),
     }
 
 
@@ -67,7 +70,10 @@ def record_batches(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     return seen
 
 
-@pytest.mark.parametrize("dataset", [name for name in DATASETS if not name.startswith("md-")])  # md-*: test_md_readers
+@pytest.mark.parametrize(
+    "dataset",  # the suite: dtd stands for it; md-*: test_md_readers
+    [n for n in DATASETS if not n.startswith("md-") and DATASETS[n].suite != "clip-fewshot"] + ["dtd"],
+)
 def test_run_on_every_dataset(
     dataset: str, roots: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -134,6 +140,7 @@ def test_auto_episode_batch_sees_set_overrides(tmp_path: Path) -> None:
         ("cropdiseases", PLANTVILLAGE_FOLDERS, 20),
         ("imagefolder", ("bird", "cat", "dog", "fish", "frog"), 20),
         ("digits", tuple(str(d) for d in range(10)), None),
+        ("dtd", SUITE_CLASSES, 19),
     ],
 )
 def test_datasets_check(dataset: str, keys: tuple[str, ...], count: int | None, roots: dict[str, Path]) -> None:
@@ -155,6 +162,11 @@ def test_datasets_check(dataset: str, keys: tuple[str, ...], count: int | None, 
         assert "herbaceous vegetation land" in result.stdout and "sea or lake" in result.stdout
     if dataset == "cropdiseases":
         assert "Corn (maize) Cercospora leaf spot Gray leaf spot" in result.stdout
+    if dataset == "dtd":  # images per split (train, val, test), and the fingerprint of the split episodes use
+        for key in keys:
+            row = next(line for line in lines if f" {key} " in line)
+            assert row.replace("│", " ").split()[-4:] == ["2", "1", "16", "19"], row
+        assert "(the test split, which episodes use)" in result.stdout
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,9 @@ import pytest
 
 from cdfsl.data.readers import load_index
 from layouts import make_chestx, make_cropdiseases, make_eurosat, make_imagefolder, make_isic2018
+from suite_trees import make_fgvc_tree, make_imagenet_tree, make_split_tree
+
+SUITE_COUNTS = {"train": [3, 1], "val": 1, "test": 4}  # the CLIP few-shot suite's trees; episodes read the test split
 
 CASES: dict[str, tuple[str, Callable[[Path], Path], str]] = {
     "eurosat": ("eurosat", make_eurosat, "fdbe64c13c5086a8"),
@@ -25,6 +28,17 @@ CASES: dict[str, tuple[str, Callable[[Path], Path], str]] = {
         "imagefolder",
         lambda root: make_imagefolder(root, classnames={"cat": "tabby cat"}),
         "494f4565ed44cecc",
+    ),
+    "dtd": ("dtd", lambda root: make_split_tree(root, ["banded", "honey_combed"], SUITE_COUNTS), "c8b1e59ea03a57ab"),
+    "fgvc_aircraft": (
+        "fgvc_aircraft",
+        lambda root: make_fgvc_tree(root, ["707-320", "A300B4"], SUITE_COUNTS),
+        "a3fe42375f52f77d",
+    ),
+    "imagenet": (
+        "imagenet",
+        lambda root: make_imagenet_tree(root, {"n01": "tench", "n02": "goldfish"}, SUITE_COUNTS),
+        "f61312eafd8f063b",
     ),
 }
 

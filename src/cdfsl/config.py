@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cdfsl.data.benchmarks import DATASETS as DATASET_SPECS
+from cdfsl.data.benchmarks import resolve_template
 from cdfsl.errors import ConfigError
 from cdfsl.methods.lora.settings import LORA_TOWERS, LoraConfig, PromptConfig
 from cdfsl.methods.maple.settings import MapleConfig
@@ -186,6 +187,7 @@ class RunConfig:
             owner, name = _owner(config, value.key)
             if getattr(owner, name) is None:
                 setattr(owner, name, value.resolve(config))
+        config.train.template = resolve_template(config.train.template, config.dataset)  # `coop`: the dataset's
         return config
 
     def resolve(self) -> RunSpec:
@@ -220,7 +222,7 @@ class RunConfig:
                 f"tokenizer must be a folder path (or unset for the backbone's own); got {self.tokenizer!r}"
             )
         check_numbers(self, unset_ok=True)  # recipe values are computed from shots and dataset
-        check_template(self.train.template)
+        check_template(resolve_template(self.train.template, self.dataset))
         if DATASET_SPECS[self.dataset].needs_root and not self.data_root:
             raise ConfigError(f"--data-root is required for dataset {self.dataset!r}")
         resolved = self.resolved()

@@ -1,4 +1,5 @@
-"""Listings and checks that train nothing: `cdfsl methods`, `recipes`, `backbones` and `datasets check`."""
+"""Listings and checks that train nothing: `cdfsl methods`, `recipes`, `backbones`, `datasets list` and
+`datasets check`."""
 
 from __future__ import annotations
 
@@ -152,7 +153,62 @@ def backbones_command(
         out.print(f"{len(others)} more (ResNets, ConvNeXt and EVA trunks, Hugging Face text towers): --all")
 
 
-datasets_app = typer.Typer(help="Inspect dataset layouts.", no_args_is_help=True)
+datasets_app = typer.Typer(help="List the benchmarks and inspect dataset layouts.")
+
+
+@datasets_app.callback(invoke_without_command=True)
+def datasets_main(
+    context: typer.Context,
+    json_: Annotated[bool, typer.Option("--json", help="Print the listing as JSON (as --format json).")] = False,
+    format_: ListingFormat = "table",
+) -> None:
+    """`cdfsl datasets` alone lists every benchmark (as `cdfsl datasets list`)."""
+    if context.invoked_subcommand is None:
+        datasets_list(json_=json_, format_=format_)
+
+
+@datasets_app.command("list")
+@user_errors
+def datasets_list(
+    json_: Annotated[bool, typer.Option("--json", help="Print the listing as JSON (as --format json).")] = False,
+    format_: ListingFormat = "table",
+) -> None:
+    """Every benchmark `--dataset` takes: its suite, reader, what it needs on disk, default protocol and templates
+    (docs/benchmarks.md)."""
+    from cdfsl.data.benchmarks import COOP_TEMPLATE
+    from cdfsl.data.benchmarks import DATASETS as BENCHMARKS
+    from cdfsl.data.readers import READERS
+
+    check_listing_format(format_)
+    listed = []
+    for benchmark in BENCHMARKS.values():
+        shots = benchmark.shots
+        listed.append({
+            "name": benchmark.name, "suite": benchmark.suite, "reader": benchmark.reader,
+            "needs_root": benchmark.needs_root, "layout": READERS[benchmark.reader].layout,
+            "class_names": benchmark.class_names, "protocol": benchmark.protocol,
+            "episodic_split": benchmark.episodic_split, "ways": benchmark.ways, "shots": shots,
+            "queries": benchmark.queries, "episodes": benchmark.episodes_for(shots), "template": benchmark.template,
+            "coop_template": benchmark.coop_template,
+        })  # fmt: skip
+    if json_ or format_ == "json":
+        print_json(listed)
+        return
+    table = Table(
+        title=f"{len(listed)} benchmarks (--dataset); --set train.template={COOP_TEMPLATE} takes the CoOp template",
+        title_justify="left",
+    )
+    for column in ("name", "suite", "reader", "needs on disk (--data-root)", "protocol", "template", "CoOp template"):
+        table.add_column(column, no_wrap=column in ("name", "suite", "reader"))
+    for entry in listed:
+        split = f", {entry['episodic_split']} split" if entry["episodic_split"] else ""
+        protocol = f"{entry['protocol']}: {entry['ways']}-way {entry['shots']}-shot {entry['queries']}q{split}"
+        table.add_row(
+            entry["name"], entry["suite"] or "–", entry["reader"],
+            plain(entry["layout"] if entry["needs_root"] else "nothing: " + entry["layout"]),
+            protocol, plain(entry["template"]), plain(entry["coop_template"] or "–"),
+        )  # fmt: skip
+    print_listing(table)
 
 
 @datasets_app.command("check")
@@ -169,23 +225,33 @@ def datasets_check(
         ),
     ] = False,
 ) -> None:
-    """Validate a dataset layout and print its classes, prompt names and image counts."""
-    from cdfsl.data.readers import load_index
+    """Validate a dataset layout and print its classes, prompt names and image counts (per split where the source
+    publishes splits)."""
+    from cdfsl.data.benchmarks import DATASETS as BENCHMARKS
 
     if dataset not in DATASETS:
         raise ConfigError(f"--dataset must be one of {', '.join(DATASETS)}; got {dataset!r}")
-    index = load_index(dataset, data_root)
+    benchmark = BENCHMARKS[dataset]
+    index = benchmark.read_splits(data_root)
+    splits = [name for name in ("train", "val", "test") if name in index.split_names]
     table = Table(title=f"{dataset}: {len(index.items)} images, {index.num_classes} classes")
     table.add_column("label", justify="right")
     table.add_column("class")
     table.add_column("prompt name")
+    for split in splits:
+        table.add_column(split, justify="right")
     table.add_column("images", justify="right")
+    per_split = [index.split(split).counts() for split in splits]
     for label, (key, name, count) in enumerate(zip(index.class_keys, index.class_names, index.counts(), strict=True)):
-        table.add_row(str(label), plain(key), plain(name), str(count))
+        table.add_row(str(label), plain(key), plain(name), *(str(counts[label]) for counts in per_split), str(count))
     out.print(table)
     if index.skipped:
         out.print(f"{len(index.skipped)} files skipped (unreadable or outside the data root)")
-    out.print(f"fingerprint {index.fingerprint()}")
+    if benchmark.episodic_split is None:
+        out.print(f"fingerprint {index.fingerprint()}")
+    else:  # what a run's identity holds: the split its episodes are drawn from
+        episodic = index.split(benchmark.episodic_split)
+        out.print(f"fingerprint {episodic.fingerprint()} (the {benchmark.episodic_split} split, which episodes use)")
     if deep and deep_check_report(index):
         raise typer.Exit(1)
 

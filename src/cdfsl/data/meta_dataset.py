@@ -59,7 +59,7 @@ MD_BENCHMARK_FIELDS: tuple[dict[str, Any], ...] = tuple(
         "protocol": META_DATASET,
         "episodes": MD_EPISODES,
         "episodes_by_shots": (),
-        "template": _TEMPLATES.get(source, "a photo of a {}."),
+        "coop_template": _TEMPLATES.get(source),
         "suite": META_DATASET,
     }
     for source in MD_SOURCES

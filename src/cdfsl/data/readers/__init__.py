@@ -2,7 +2,8 @@
 `data/readers/`); `create_reader(name, root)` turns a downloaded layout (or embedded data) into an `ImageIndex`.
 
 Layouts accepted under the data root (`docs/protocol.md`, "Datasets and their on-disk layouts"), each described in its
-module: `eurosat`, `cropdiseases`, `isic2018`, `chestx`, `imagefolder`, and `digits` (embedded; no root). What they
+module: `eurosat`, `cropdiseases`, `isic2018`, `chestx`, `imagefolder`, `digits` (embedded; no root), and the CLIP
+few-shot suite's `split_zhou_<dataset>` (the split files), `fgvc_aircraft` and `imagenet`. What they
 share (collecting items, leaving out and reporting what the file checks refuse) is `builder.IndexBuilder`; which files
 are safe and readable is `cdfsl.data.file_checks`; opening an item is `cdfsl.data.decode`.
 
@@ -20,9 +21,12 @@ from cdfsl.data.readers.chestx import CHESTX_CLASSES, read_chestx
 from cdfsl.data.readers.cropdiseases import read_cropdiseases
 from cdfsl.data.readers.digits import DIGIT_NAMES, read_digits
 from cdfsl.data.readers.eurosat import EUROSAT_CLASSES, read_eurosat
+from cdfsl.data.readers.fgvc_aircraft import read_fgvc_aircraft
 from cdfsl.data.readers.imagefolder import CLASSNAMES_FILE, read_imagefolder
+from cdfsl.data.readers.imagenet import read_imagenet
 from cdfsl.data.readers.isic2018 import ISIC_CLASSES, read_isic2018
 from cdfsl.data.readers.registry import READERS, Reader, create_reader, register_reader
+from cdfsl.data.readers.split_zhou import SPLIT_LAYOUTS, read_split_zhou
 
 __all__ = [
     "CHESTX_CLASSES",
@@ -35,6 +39,7 @@ __all__ = [
     "IMAGE_FORMATS",
     "ISIC_CLASSES",
     "READERS",
+    "SPLIT_LAYOUTS",
     "DigitsLoader",
     "Reader",
     "create_reader",
@@ -46,8 +51,11 @@ __all__ = [
     "read_cropdiseases",
     "read_digits",
     "read_eurosat",
+    "read_fgvc_aircraft",
     "read_imagefolder",
+    "read_imagenet",
     "read_isic2018",
+    "read_split_zhou",
     "readable_images",
     "register_reader",
     "to_8bit",

@@ -46,15 +46,17 @@ class IndexBuilder:
     escaping: list[str] = field(default_factory=list)  # symlinks resolving outside the data root
     unlistable: list[str] = field(default_factory=list)  # folders that could not be listed
     undecodable: list[str] = field(default_factory=list)  # names that are not UTF-8 (surrogate escapes)
+    splits: dict[str, str] = field(default_factory=dict)  # key -> its split, for a source that publishes splits
     _seen: set[str] = field(default_factory=set)
     _resolved: dict[Path, Path] = field(default_factory=dict)
 
-    def add_files(self, label: int, keys: Iterable[str]) -> None:
+    def add_files(self, label: int, keys: Iterable[str], split: str | None = None) -> None:
         for key in keys:
-            self._add(label, key)
+            self._add(label, key, split)
 
-    def add_folder(self, label: int, folder: Path) -> None:
-        """Add the image files directly in `folder` (a class folder under the root) and in every folder below it.
+    def add_folder(self, label: int, folder: Path, split: str | None = None) -> None:
+        """Add the image files directly in `folder` (a class folder under the root) and in every folder below it;
+        `split`: the split they belong to (`train`, `val`, `test`), for a source that publishes splits.
 
         Hidden entries are ignored; subfolder symlinks are not followed. An entry named like an image is left out
         (and reported) when it is not a regular file, when it is a symlink resolving outside both the data root and
@@ -88,7 +90,7 @@ class IndexBuilder:
                     self.escaping.append(prefix + name)
                 elif kind == "special" and file_checks.is_image_name(name):
                     self.special.append(prefix + name)
-        self.add_files(label, sorted(keys))
+        self.add_files(label, sorted(keys), split)
 
     def file_names(self, folder: Path) -> frozenset[str]:
         """Names of the regular files (symlinks followed) in `folder`; names that are not UTF-8 are left out and
@@ -113,8 +115,11 @@ class IndexBuilder:
             ) from None
         return frozenset(names)
 
-    def add_csv_entry(self, label: int, folder: Path, name: str, present: Container[str]) -> None:
-        """Add `folder/name` named by a CSV row unless unsafe or missing (`present`: names in `folder`)."""
+    def add_csv_entry(
+        self, label: int, folder: Path, name: str, present: Container[str], split: str | None = None
+    ) -> None:
+        """Add `folder/name` named by a CSV row (or a split file's entry, of `split`) unless unsafe or missing
+        (`present`: names in `folder`)."""
         if folder not in self._resolved:
             self._resolved[folder] = folder.resolve()
         if file_checks.unsafe_name(name) or not file_checks.resolves_inside(self._resolved[folder], folder, name):
@@ -122,14 +127,16 @@ class IndexBuilder:
         elif name not in present:
             self.missing.append((folder / name).relative_to(self.root).as_posix())
         else:
-            self._add(label, (folder / name).relative_to(self.root).as_posix())
+            self._add(label, (folder / name).relative_to(self.root).as_posix(), split)
 
-    def _add(self, label: int, key: str) -> None:
+    def _add(self, label: int, key: str, split: str | None = None) -> None:
         if key in self._seen:
             self.duplicate.append(key)
             return
         self._seen.add(key)
         self.pairs.append((label, key))
+        if split is not None:
+            self.splits[key] = split
 
     def build(self, min_classes: int = 2) -> ImageIndex:
         """The index of the readable files added, sorted by (label, key).
@@ -163,6 +170,7 @@ class IndexBuilder:
             labels=tuple(label for label, _ in pairs),
             loader=functools.partial(self.opener, self.root),
             root=self.root,
+            splits=tuple(self.splits[key] for _, key in pairs) if self.splits else (),
             skipped=(
                 tuple(sorted(self.unsafe))
                 + tuple(sorted(self.missing))

@@ -65,4 +65,6 @@ def _locations(builder: IndexBuilder, folders: Sequence[Path]) -> dict[str, Path
     return locations
 
 
-register_reader(Reader("chestx", read_chestx))
+register_reader(
+    Reader("chestx", read_chestx, layout="Data_Entry_2017.csv and the PNGs in images/ and/or images_0NN/images/")
+)

@@ -29,4 +29,6 @@ def read_cropdiseases(root: Path) -> ImageIndex:
     return builder.build()
 
 
-register_reader(Reader("cropdiseases", read_cropdiseases))
+register_reader(
+    Reader("cropdiseases", read_cropdiseases, layout="PlantVillage class folders, under the root or dataset/train/")
+)

@@ -30,4 +30,4 @@ def read_digits() -> ImageIndex:
     )
 
 
-register_reader(Reader("digits", read_digits, needs_root=False))
+register_reader(Reader("digits", read_digits, needs_root=False, layout="scikit-learn's digits, embedded"))

@@ -47,4 +47,6 @@ def read_eurosat(root: Path) -> ImageIndex:
     return builder.build()
 
 
-register_reader(Reader("eurosat", read_eurosat))
+register_reader(
+    Reader("eurosat", read_eurosat, layout="EuroSAT RGB class folders (AnnualCrop/, ...), under the root or 2750/")
+)

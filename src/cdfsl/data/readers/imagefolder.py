@@ -64,4 +64,4 @@ def prompt_names(root: Path, folders: Sequence[str]) -> list[str]:
     return [mapping[folder].strip() if folder in mapping else folder_prompt(folder) for folder in folders]
 
 
-register_reader(Reader("imagefolder", read_imagefolder))
+register_reader(Reader("imagefolder", read_imagefolder, layout="one folder per class; optional classnames.json"))

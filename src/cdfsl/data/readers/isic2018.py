@@ -72,4 +72,4 @@ def one_hot_label(values: Sequence[str]) -> int | None:
     return ones[0]
 
 
-register_reader(Reader("isic2018", read_isic2018))
+register_reader(Reader("isic2018", read_isic2018, layout=f"{ISIC_INPUT_DIR}/<image>.jpg and {ISIC_CSV}"))
