@@ -483,6 +483,14 @@ class Runner:
             time.sleep(min(self.poll_seconds, max(until_expiry, 0.0) + 0.01))
 
 
+def episode_total(config: RunConfig) -> int:
+    """The number of episodes of `config`'s run: its protocol's fixed count (all-way: 1), else the config's."""
+    from cdfsl.data.protocols import run_protocol
+
+    fixed = get_protocol(run_protocol(config.protocol, config.dataset)).episodes
+    return fixed if fixed is not None else config.resolved_episodes()
+
+
 def _episode_sizes(context: RunContext) -> dict[str, int]:
     """An all-way run's number of classes and of test images (its one episode's ways and queries); nothing for
     an episodic run."""
