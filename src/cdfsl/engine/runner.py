@@ -254,7 +254,8 @@ class RunResult:
             "per_episode": [self._episode_json(i, a, names) for i, a in self.per_episode],
             "config": cfg.to_dict(),
         }
-        return {"protocol": cfg.protocol, **summary, **self._all_way_json(summary)}
+        all_way = self._all_way_json(summary)
+        return {"protocol": cfg.protocol, **summary, **all_way}
 
     def _all_way_json(self, summary: dict[str, Any]) -> dict[str, Any]:
         """The all-way keys (and the episodic keys an all-way run drops from `summary`)."""
