@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 from PIL import Image, ImageOps
 
@@ -10,10 +11,15 @@ from cdfsl.data.index import ImageIndex
 from cdfsl.data.readers import load_index
 
 
+@functools.cache
+def _digits() -> ImageIndex:
+    return load_index("digits", None)
+
+
 def split_digits(train: int = 8, val: int = 2, test: int = 10, short: dict[int, int] | None = None) -> ImageIndex:
     """`digits` cut into splits: per class its first `train` items (`short[c]` for class c when given) are `train`,
     the next `val` are `val` and the next `test` are `test`; the rest are left out."""
-    digits = load_index("digits", None)
+    digits = _digits()
     keep: list[int] = []
     splits: list[str] = []
     for label, group in enumerate(digits.items_by_class()):
@@ -42,9 +48,11 @@ class _Mirrored:
         return ImageOps.mirror(image) if mirrored else image
 
 
+@functools.cache
 def twelve_classes(train: int = 2, test: int = 2) -> ImageIndex:
-    """A 12-class split index: the ten digits and mirrored twos and threes, `train` + `test` items per class."""
-    digits = load_index("digits", None)
+    """A 12-class split index: the ten digits and mirrored twos and threes, `train` + `test` items per class (one
+    object per size, so its fingerprint is computed once)."""
+    digits = _digits()
     groups = digits.items_by_class()
     names = (*digits.class_names, "mirrored two", "mirrored three")
     items: list[str] = []

@@ -27,6 +27,7 @@ from cdfsl.engine.runner import RunInterrupted, Runner, run_identity
 from cdfsl.engine.store import ResultStore
 from cdfsl.errors import DatasetError
 from cdfsl.methods import build_method
+from cdfsl.registry import split_method
 from digits_world import configured
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -133,7 +134,7 @@ def test_identity_reads_the_listing_and_only_the_drawn_and_test_contents(served:
 
 
 # -------------------------------------------------------------------------------------------- streamed evaluation
-@pytest.mark.parametrize("method", ["lora", "tir"])
+@pytest.mark.parametrize("method", ["lora+tir"])  # the final class features and TIR's hook at prediction
 def test_streamed_evaluation_equals_predict(method: str, served: Callable[[ImageIndex], None], tiny: Any) -> None:
     served(split_digits(train=2, test=3))
     context = build_context(all_way(method, shots=1), eval_batch=7)
@@ -152,7 +153,7 @@ def test_streamed_evaluation_equals_predict(method: str, served: Callable[[Image
     streamed = torch.cat([model.predict(part) for part in parts], dim=1)
     torch.testing.assert_close(streamed, expected)
     assert torch.equal(torch.cat([part.query_labels for part in parts], dim=1), whole.query_labels)
-    once = 2 if method == "tir" else 1  # the final features (and TIR's at its text layer), once per fit
+    once = 2  # the final features and TIR's at its text layer, once per fit
     assert len(calls) == once
     model.fit(whole)  # a new fit forgets them
     model.predict(parts[0])
@@ -192,7 +193,21 @@ def _interrupt(done: int, total: int) -> None:
     raise KeyboardInterrupt
 
 
-@pytest.mark.parametrize("method", METHODS)
+def _every_method() -> list[Any]:
+    """Every registered method; those that add no part of their own to the fast suite's run (a second plug-in, a
+    plug-in on another base) are `slow`: each base alone and each plug-in once run in `make test`."""
+    seen: set[str] = set()
+    params = []
+    for method in METHODS:
+        base, plugins = split_method(method)
+        parts = {base} if not plugins else set(plugins)
+        new = len(parts) == 1 and not parts <= seen and (not plugins or base is None)
+        seen |= parts if new else set()
+        params.append(pytest.param(method, marks=() if new else pytest.mark.slow))
+    return params
+
+
+@pytest.mark.parametrize("method", _every_method())
 def test_every_method_runs_one_all_way_fit_on_twelve_classes(
     method: str, served: Callable[[ImageIndex], None], tmp_path: Path, shared_runner: Runner
 ) -> None:
