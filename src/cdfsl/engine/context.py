@@ -153,10 +153,15 @@ class RunContext:
 
     @cached_property
     def cache(self) -> ImageCache:
-        """The dataset's image cache at the backbone's input size (loads the backbone first)."""
+        """The dataset's image cache at the backbone's input size (loads the backbone first). Under a streamed
+        protocol it is the run's own: its index is narrowed to one draw (all-way), which no later run shares, so
+        keeping it in `loads` would only hold its images for the rest of the process."""
         index, _ = self.data()
         config = self.config
-        return self.loads.image_cache(index, self.backbone.image_size, config.cache_dir, config.pre_resize or 0)
+        size, pre_resize = self.backbone.image_size, config.pre_resize or 0
+        if self.streamed:
+            return ImageCache(index, size, config.cache_dir, pre_resize=pre_resize)
+        return self.loads.image_cache(index, size, config.cache_dir, pre_resize)
 
     def data(self) -> tuple[ImageIndex, Sampler]:
         """(index, sampler); a `RuntimeError` in a context built without its dataset."""
