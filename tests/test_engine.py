@@ -280,9 +280,10 @@ def test_failure_during_a_batch_stores_only_finished_batches(
 def test_to_json_has_the_cli_summary(base: Base) -> None:
     summary = base.result.to_json()
     assert set(summary) == {
-        "run_id", "dataset", "method", "recipe", "backbone", "ways", "shots", "queries", "episodes", "seed",
-        "mean_acc", "ci95", "per_episode", "config",
+        "protocol", "run_id", "dataset", "method", "recipe", "backbone", "ways", "shots", "queries", "episodes",
+        "seed", "mean_acc", "ci95", "per_episode", "config",
     }  # fmt: skip
+    assert summary["protocol"] == "episodic"
     assert summary["recipe"] == "vtt-release"
     assert summary["run_id"] == base.result.run_id
     assert (summary["dataset"], summary["method"], summary["backbone"]) == ("digits", "lora", "tiny")

@@ -23,6 +23,8 @@ PURPOSES = {
     "text_dropout": 8,
     "maple_init": 9,
     "fit_shots": 10,  # the classifier's draw of K images per class (stream index = the class's label)
+    "allway_train": 11,  # the all-way draw of K train images per class (stream index = the class's label)
+    "allway_val": 12,  # the all-way draw of min(K, 4) val images per class (stream index = the class's label)
 }
 
 

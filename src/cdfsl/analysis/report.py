@@ -267,6 +267,7 @@ def build_report(store: ResultStore, paired: str | None = None, with_paper_resul
             ) from None
     notes: list[str] = []
     protocols = {run.run_id: store.run_identity(run.run_id).get("protocol") for run in runs}
+    runs = [run for run in runs if protocols[run.run_id] != "all-way"]  # their own table: analysis.suite_table
     runs = _keep_protocol_ways(runs, notes, protocols)
     changes = {run.run_id: changed_settings(run.config) for run in runs}
     variants = _variants(runs, changes)

@@ -51,12 +51,18 @@ def progress_bar() -> Progress:
 def run_with_progress(run: RunConfig | RunSpec, runner: Any = None, on_stored: Any = None) -> Any:
     """Run `run` (a config, or a spec run as it is) with a live bar: episodes done, running mean ± 95% interval,
     elapsed and ETA; `on_stored` as `Runner`'s."""
-    from cdfsl.engine.runner import Runner
+    from cdfsl.engine.runner import Runner, episode_total
 
     config = run.config if isinstance(run, RunSpec) else run
     interrupted: KeyboardInterrupt | None = None
     with progress_bar() as bar:
-        task = bar.add_task(f"{config.method} · {config.dataset}", total=config.resolved_episodes(), accuracy="")
+        task = bar.add_task(f"{config.method} · {config.dataset}", total=episode_total(config), accuracy="")
+        tested: list[Any] = []  # the streamed queries' bar (all-way: the test split), added on the first batch
+
+        def queried(done: int, total: int) -> None:
+            if not tested:
+                tested.append(bar.add_task("test images", total=total, accuracy=""))
+            bar.update(tested[0], completed=done)
 
         def update(p: Any) -> None:
             bar.update(task, completed=p.done, accuracy=f"{p.mean:.2f} ± {p.ci95:.2f}%")
@@ -68,6 +74,7 @@ def run_with_progress(run: RunConfig | RunSpec, runner: Any = None, on_stored: A
         runner.progress = update
         runner.on_stored = on_stored
         runner.on_wait = waiting
+        runner.on_queries = queried
         try:
             result = runner.run(run)
         except KeyboardInterrupt as error:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -56,12 +56,14 @@ def report_command(
         ),
     ] = None,
 ) -> None:
-    """One row per (method, backbone), one column per (dataset, shots): mean ± 95% interval; paired tests. With
+    """One row per (method, backbone), one column per (dataset, shots): mean ± 95% interval; paired tests. All-way
+    runs (--protocol all-way) get CLIP-LoRA's table per method: datasets × shots, mean ± std over seeds. With
     --per-class or --curves: per-class accuracy and confusion matrices, or training curves, per run.
 
     Reads the store only: it is opened read-only and never changed.
     """
-    from cdfsl.analysis.report import FORMATS, build_report, render, rich_table
+    from cdfsl.analysis.report import FORMATS, build_report, rich_table
+    from cdfsl.analysis.suite_table import all_way_runs, build_suite_tables, rich_suite
     from cdfsl.engine.store import ResultStore
 
     if format_ not in FORMATS:
@@ -80,20 +82,45 @@ def report_command(
         _run_detail_report("per-class" if per_class else "curves", db, format_, run, output, plot)
         return
     with ResultStore(db, read_only=True) as store:
-        report = build_report(store, paired=paired, with_paper_results=with_paper_results)
+        suite = build_suite_tables(store)
+        episodic = not suite or len(all_way_runs(store)) < len(store.runs())  # all-way runs: their own tables
+        report = build_report(store, paired=paired, with_paper_results=with_paper_results) if episodic else None
+    if report is None and (paired is not None or plot is not None):
+        raise ConfigError(f"--paired and --plot compare episodic runs; {db} holds all-way runs only")
     if format_ == "table" and output is None:
-        out.print(rich_table(report))
+        if report is not None:
+            out.print(rich_table(report))
+        if suite:
+            out.print(rich_suite(suite))
     else:
-        text = render(report, format_)
+        text = _report_text(report, suite, format_)
         if output is not None:
             output.write_text(text + "\n")
         else:
             out.print(text, markup=False, highlight=False, soft_wrap=True)
-    if plot is not None:
+    if plot is not None and report is not None:
         from cdfsl.analysis.plots import plot_report
 
         written = plot_report(report, plot)
         console.print(f"wrote {counted(len(written), 'figure')} to {plot}")
+
+
+def _report_text(report: Any, suite: list[Any], format_: str) -> str:
+    """The episodic report (`report`, or None when the store has only all-way runs) and the all-way tables
+    (`suite`, `analysis.suite_table`) in `format_`: one JSON object (the all-way tables under `all_way`), else the
+    two texts one after the other, separated by a blank line."""
+    from cdfsl.analysis.report import render
+    from cdfsl.analysis.suite_table import render_suite
+
+    if format_ == "json":
+        data = json.loads(render(report, "json")) if report is not None else {}
+        if suite:
+            data.update(json.loads(render_suite(suite, "json")))
+        return json.dumps(data, indent=2)
+    parts = [render(report, format_).rstrip("\n")] if report is not None else []
+    if suite:
+        parts.append(render_suite(suite, format_).rstrip("\n"))
+    return "\n\n".join(parts)
 
 
 def _run_detail_report(

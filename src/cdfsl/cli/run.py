@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -57,6 +57,13 @@ def run_command(
         str | None,
         typer.Option(help=f"Training recipe: {', '.join(RECIPES)} (default: the method's; see `cdfsl recipes`)."),
     ] = None,
+    protocol: Annotated[
+        str,
+        typer.Option(
+            help="episodic (the dataset's episodes) or all-way (one fit on --shots train images of every class, "
+            "tested on the whole test split; needs a dataset with train and test splits)."
+        ),
+    ] = "episodic",
     ways: Annotated[int, typer.Option(help="Classes per episode.")] = 5,
     shots: ShotsOption = DEFAULT_SHOTS,
     queries: Annotated[int, typer.Option(help="Query images per class.")] = 15,
@@ -73,6 +80,13 @@ def run_command(
             "option is not given; giving both is an error."
         ),
     ] = None,
+    eval_batch: Annotated[
+        int,
+        typer.Option(
+            help="Query images predicted at once under --protocol all-way (memory is bounded by it, whatever the "
+            "test split's size); not part of the run's identity."
+        ),
+    ] = 256,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     db: Annotated[Path, typer.Option(help="SQLite result store.")] = Path("results.sqlite"),
     run_name: Annotated[str | None, typer.Option(help="A label for reports.")] = None,
@@ -89,7 +103,12 @@ def run_command(
         Path | None, typer.Option("--json", help="Write a JSON summary here (its folder must exist).")
     ] = None,
 ) -> None:
-    """Run a method on a dataset's episodes; finished episodes are stored and skipped on re-runs."""
+    """Run a method on a dataset's episodes, or one all-way fit (--protocol all-way); finished episodes are stored and
+    skipped on re-runs."""
+    from cdfsl.engine.runner import Runner
+
+    if eval_batch < 1:
+        raise ConfigError(f"--eval-batch must be at least 1 image, got {eval_batch}")
     base = load_config_file(config_file) if config_file is not None else None
     given = typed_options(ctx)
     if json_path is not None:
@@ -106,19 +125,33 @@ def run_command(
         refuse_zero_iterations=True,
     )  # fmt: skip
     config = spec.config
-    result = run_with_progress(spec, on_stored=sink)
+    result = run_with_progress(spec, Runner(eval_batch=eval_batch), on_stored=sink)
     trained = result.trained_episodes
     resumed = len(result.per_episode) - trained
     done = "trained" if spec.trains else "evaluated"  # zero-shot trains nothing
-    out.print(
-        f"{config.method} ({result.config.recipe}) on {config.dataset} ({config.ways}-way {config.shots}-shot, "
-        f"{len(result.per_episode)} "
-        f"episodes): [bold]{result.mean_acc:.2f} ± {result.ci95:.2f}%[/bold]  "
-        f"(run {result.run_id}; {trained} {done}, {resumed} from {config.db})",
-        highlight=False,
-    )
+    if config.protocol == "all-way":
+        out.print(_all_way_line(result, done), highlight=False)
+    else:
+        out.print(
+            f"{config.method} ({result.config.recipe}) on {config.dataset} ({config.ways}-way {config.shots}-shot, "
+            f"{len(result.per_episode)} "
+            f"episodes): [bold]{result.mean_acc:.2f} ± {result.ci95:.2f}%[/bold]  "
+            f"(run {result.run_id}; {trained} {done}, {resumed} from {config.db})",
+            highlight=False,
+        )
     if json_path is not None:
         json_path.write_text(json.dumps(result.to_json(), indent=2))
+
+
+def _all_way_line(result: Any, done: str) -> str:
+    """The summary line of an all-way run (`result`: a `RunResult`): its one fit's accuracy on the test split."""
+    config = result.config
+    where = f"{done} now" if result.trained_episodes else f"from {config.db}"
+    return (
+        f"{config.method} ({config.recipe}) on {config.dataset} (all-way {config.shots}-shot, seed {config.seed}, "
+        f"{result.classes} classes, {result.test_images} test images): [bold]{result.mean_acc:.2f}%[/bold]  "
+        f"(run {result.run_id}; {where})"
+    )
 
 
 @user_errors

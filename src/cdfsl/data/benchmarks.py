@@ -138,8 +138,10 @@ def resolve_template(template: str, dataset: str) -> str:
     return benchmark.coop_template
 
 
-def load_index(dataset: str, data_root: str | Path | None) -> ImageIndex:
-    """Index `dataset` found under `data_root` (ignored for datasets that need no root, such as `digits`).
+def load_index(dataset: str, data_root: str | Path | None, *, all_splits: bool = False) -> ImageIndex:
+    """Index `dataset` found under `data_root` (ignored for datasets that need no root, such as `digits`): the items
+    episodes are drawn from (`Benchmark.read`), or with `all_splits` every split (`read_splits`: the all-way protocol
+    draws from `train` and tests on `test`).
 
     Raises:
         DatasetError: unknown dataset name, or a missing/malformed dataset; the message says what was expected
@@ -148,7 +150,7 @@ def load_index(dataset: str, data_root: str | Path | None) -> ImageIndex:
     benchmark = DATASETS.get(dataset)
     if benchmark is None:
         raise DatasetError(f"unknown dataset {dataset!r}; known datasets: {', '.join(DATASETS)}")
-    return benchmark.read(data_root)
+    return benchmark.read_splits(data_root) if all_splits else benchmark.read(data_root)
 
 
 for _benchmark in (

@@ -14,6 +14,13 @@ counts) in one run; the engine groups a batch of them by `EpisodeShape` so every
 `fixed-way` (today's N-way K-shot Q-query sampler, `cdfsl.data.sampler.EpisodeSampler`) is the protocol of every
 built-in dataset. Its runs keep the identity they always had; a run under any other protocol adds the protocol's
 name to its identity (`engine.runner.run_identity`).
+
+`all-way` (`cdfsl.data.allway`, the CLIP few-shot suite's protocol 2) is chosen by the run (`--protocol all-way`,
+`run_protocol`), not by the benchmark: one episode of every class, K train images each as support and the whole
+test split as queries. Its entry says so through the optional fields a protocol may set: a fixed episode count
+(`episodes`), the run settings it does not read (`unread`, left out of the identity) and queries predicted in
+streamed batches (`streamed`). Its sampler narrows the index to the items the run reads (`run_index`) and gives the
+identity its own fingerprint of the dataset (`index_fingerprint`): both are optional sampler attributes.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from cdfsl.data.index import Episode, ImageIndex
 from cdfsl.errors import ConfigError
 
 FIXED_WAY = "fixed-way"
+ALL_WAY = "all-way"
 
 
 @dataclass(frozen=True)
@@ -87,6 +95,9 @@ class EpisodeProtocol:
         largest: (settings) → the largest shape (per field) an episode can have: what `--episode-batch auto` sizes
             memory for.
         description: one line for listings and docs.
+        episodes: the number of episodes of every run under it (all-way: 1), or None for the config's `episodes`.
+        unread: run settings (`ways`, `queries`) its sampler does not read: left out of the run identity.
+        streamed: its queries are predicted in batches of the run's evaluation batch, never all held at once.
     """
 
     name: str
@@ -94,6 +105,9 @@ class EpisodeProtocol:
     column: Callable[[EpisodeSettings], str]
     largest: Callable[[EpisodeSettings], EpisodeShape]
     description: str = ""
+    episodes: int | None = None
+    unread: tuple[str, ...] = ()
+    streamed: bool = False
 
 
 PROTOCOLS: dict[str, EpisodeProtocol] = {}
@@ -123,9 +137,28 @@ def protocol_of(dataset: str) -> str:
     return str(getattr(spec, "protocol", FIXED_WAY)) if spec is not None else FIXED_WAY
 
 
+def run_protocol(run: str, dataset: str) -> str:
+    """The protocol name of a run: `all-way` for a config's `protocol = "all-way"`, else the dataset's own
+    (`protocol_of`, `fixed-way` for every built-in dataset)."""
+    return ALL_WAY if run == ALL_WAY else protocol_of(dataset)
+
+
 def build_sampler(protocol: str, index: ImageIndex, settings: EpisodeSettings, seed: int) -> Sampler:
     """The sampler of a run under `protocol` (a registered name)."""
     return get_protocol(protocol).build(index, settings, seed)
+
+
+def run_index(sampler: Sampler, index: ImageIndex) -> ImageIndex:
+    """The index a run reads: the sampler's narrowed one (`sampler.run_index`, all-way), else `index`."""
+    narrowed = getattr(sampler, "run_index", None)
+    return narrowed if isinstance(narrowed, ImageIndex) else index
+
+
+def index_fingerprint(sampler: Sampler, index: ImageIndex) -> str:
+    """The dataset's fingerprint in a run identity: the sampler's own (`sampler.index_fingerprint()`, all-way),
+    else `index.fingerprint()`."""
+    own = getattr(sampler, "index_fingerprint", None)
+    return str(own()) if callable(own) else index.fingerprint()
 
 
 def _fixed_way(index: ImageIndex, settings: EpisodeSettings, seed: int) -> Sampler:
@@ -141,5 +174,25 @@ register_protocol(
         column=lambda settings: f"{settings.shots}-shot",
         largest=lambda s: EpisodeShape(s.ways, s.ways * s.shots, s.ways * s.queries),
         description="N-way K-shot Q-query episodes, classes and images drawn uniformly (the CD-FSL benchmark's)",
+    )
+)
+
+
+def _all_way(index: ImageIndex, settings: EpisodeSettings, seed: int) -> Sampler:
+    from cdfsl.data.allway import AllWaySampler
+
+    return AllWaySampler(index, settings.shots, seed)
+
+
+register_protocol(
+    EpisodeProtocol(
+        ALL_WAY,
+        _all_way,
+        column=lambda settings: f"{settings.shots}-shot all-way",
+        largest=lambda s: EpisodeShape(s.ways, s.ways * s.shots, s.ways * s.queries),  # moot: a run has one episode
+        description="K train images of every class, one fit, tested on the whole test split (CoOp's, CLIP-LoRA's)",
+        episodes=1,
+        unread=("ways", "queries"),
+        streamed=True,
     )
 )

@@ -6,7 +6,9 @@ the compute device; the precision label and the methods' autocast dtype; the dat
 (warning about classes too small for an episode); and, on first use, the frozen backbone and the image cache.
 Backbones and image caches are kept across contexts in a `LoadCache`. The sampler comes from the dataset's episode
 protocol (`cdfsl.data.protocols`); `batches` splits each chunk of episodes by shape, so a protocol whose episodes differ
-in ways, shots or queries gives every method uniform batches.
+in ways, shots or queries gives every method uniform batches. Under a protocol whose queries are streamed (`all-way`:
+the whole test split), `support_batch` holds the support views alone and `query_batches` decodes the queries
+`eval_batch` images at a time, so memory is bounded whatever the test split's size.
 
 Who builds one: the episode runner (`engine.runner.Runner.run`, whose `Runner` keeps one `LoadCache` for all its runs),
 the diagnostic probes (`analysis.probe_setup.prepare`), the training-cost count (`analysis.cost.training_cost`) and
@@ -16,8 +18,9 @@ or a trial sees the same device, precision, episodes and images as `cdfsl run` d
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -27,11 +30,21 @@ from cdfsl.backbone.adapter import ClipAdapter
 from cdfsl.backbone.factory import load_backbone, resolve_pretrained, weights_identity
 from cdfsl.backbone.tokenizers import tokenizer_identity
 from cdfsl.config import RunConfig
+from cdfsl.data.benchmarks import load_index
 from cdfsl.data.episodes import EpisodeBatch, build_batch, group_by_shape
 from cdfsl.data.images import ImageCache
 from cdfsl.data.index import Episode, ImageIndex
-from cdfsl.data.protocols import FIXED_WAY, EpisodeSettings, Sampler, build_sampler, protocol_of
-from cdfsl.data.readers import load_index
+from cdfsl.data.protocols import (
+    ALL_WAY,
+    FIXED_WAY,
+    EpisodeSettings,
+    Sampler,
+    build_sampler,
+    get_protocol,
+    index_fingerprint,
+    run_index,
+    run_protocol,
+)
 from cdfsl.errors import ConfigError, DatasetWarning
 from cdfsl.spec import RunSpec
 
@@ -108,8 +121,11 @@ class RunContext:
             dtype (None in fp32).
         index, sampler: the dataset's image index and its episode sampler (built by the dataset's protocol); None in
             a context built without its dataset (`load_data=False`).
-        protocol: the name of the dataset's episode protocol (`fixed-way` for every built-in dataset).
+        protocol: the name of the run's episode protocol (`fixed-way` for every built-in dataset; `all-way` when the
+            config asks for it).
         loads: where `backbone` and `cache` are loaded from and kept.
+        eval_batch: query images decoded and predicted at once under a streamed protocol (`query_batches`).
+        on_queries: called with (query images predicted, in all) after each streamed batch (a progress bar).
 
     `backbone` (the frozen adapter) and `cache` (the dataset's images at the backbone's input size) are loaded on
     first use, so a run whose episodes are all stored already never loads its backbone.
@@ -123,6 +139,8 @@ class RunContext:
     sampler: Sampler | None
     loads: LoadCache = field(repr=False)
     protocol: str = FIXED_WAY
+    eval_batch: int = 256
+    on_queries: Callable[[int, int], None] | None = field(default=None, repr=False)
 
     @property
     def config(self) -> RunConfig:
@@ -136,10 +154,15 @@ class RunContext:
 
     @cached_property
     def cache(self) -> ImageCache:
-        """The dataset's image cache at the backbone's input size (loads the backbone first)."""
+        """The dataset's image cache at the backbone's input size (loads the backbone first). Under a streamed
+        protocol it is the run's own: its index is narrowed to one draw (all-way), which no later run shares, so
+        keeping it in `loads` would only hold its images for the rest of the process."""
         index, _ = self.data()
         config = self.config
-        return self.loads.image_cache(index, self.backbone.image_size, config.cache_dir, config.pre_resize or 0)
+        size, pre_resize = self.backbone.image_size, config.pre_resize or 0
+        if self.streamed:
+            return ImageCache(index, size, config.cache_dir, pre_resize=pre_resize)
+        return self.loads.image_cache(index, size, config.cache_dir, pre_resize)
 
     def data(self) -> tuple[ImageIndex, Sampler]:
         """(index, sampler); a `RuntimeError` in a context built without its dataset."""
@@ -183,20 +206,70 @@ class RunContext:
             with_views=with_views,
         )
 
+    @property
+    def episode_count(self) -> int:
+        """The episodes of the run: the protocol's fixed count (all-way: 1), else the config's."""
+        fixed = get_protocol(self.protocol).episodes
+        return fixed if fixed is not None else self.config.resolved_episodes()
+
+    @property
+    def streamed(self) -> bool:
+        """Whether the run's queries are predicted in batches of `eval_batch` (`query_batches`)."""
+        return get_protocol(self.protocol).streamed
+
+    def fingerprint(self) -> str:
+        """The dataset's fingerprint in the run identity (`data.protocols.index_fingerprint`)."""
+        index, sampler = self.data()
+        return index_fingerprint(sampler, index)
+
+    def support_batch(self, episodes: Sequence[int], with_views: bool = True) -> EpisodeBatch:
+        """As `batch`, with the support views only: the query tensors are empty (`[E, 0, 3, H, W]`, `[E, 0]`);
+        `query_batches` gives the queries. The episodes must share one shape."""
+        _, sampler = self.data()
+        chosen = sampler.episodes(episodes)
+        bare = [dataclasses.replace(e, query=tuple(() for _ in e.classes)) for e in chosen]
+        batch = self._build(bare, with_views)
+        batch.episodes = chosen
+        return batch
+
+    def query_batches(self, batch: EpisodeBatch) -> Iterator[EpisodeBatch]:
+        """`batch` with its episodes' queries `eval_batch` at a time (query positions `[start, start + b)` of each
+        episode, in `Episode.query_items` order): each a copy of `batch` whose `query` is `[E, b, 3, H, W]` and
+        `query_labels` `[E, b]`. The images are decoded through a cache of their own, dropped after each batch (and
+        read from the disk cache when the run has one), so memory holds one batch of queries."""
+        index, _ = self.data()
+        config = self.config
+        items = [episode.query_items() for episode in batch.episodes]
+        total = len(items[0]) if items else 0
+        for start in range(0, total, self.eval_batch):
+            cache = ImageCache(index, self.backbone.image_size, config.cache_dir, pre_resize=config.pre_resize or 0)
+            images, labels = [], []
+            for episode_items in items:
+                chunk = episode_items[start : start + self.eval_batch]
+                decoded = cache.get([item for item, _ in chunk]).to(self.device).float() / 255.0
+                images.append(self.backbone.normalize(decoded))
+                labels.append(torch.tensor([label for _, label in chunk], device=self.device))
+            yield dataclasses.replace(batch, query=torch.stack(images), query_labels=torch.stack(labels))
+
     def batches(self, episodes: Sequence[int], with_views: bool = True) -> Iterator[EpisodeBatch]:
         """`shaped_batches` over `episodes` in consecutive chunks of `config.episode_batch` episodes."""
         for chunk in chunks(episodes, self.config.episode_batch):
             yield from self.shaped_batches(chunk, with_views)
 
 
-def build_context(config: RunConfig | RunSpec, loads: LoadCache | None = None, *, load_data: bool = True) -> RunContext:
+def build_context(
+    config: RunConfig | RunSpec, loads: LoadCache | None = None, *, load_data: bool = True, eval_batch: int = 256
+) -> RunContext:
     """Build the run context of `config`; the backbone and image cache come from `loads`.
 
     A config is validated and resolved here, once (`RunSpec.of`; a bad one is a `ConfigError` before anything is
     loaded); a `RunSpec` was already, and is used as it is. With `load_data`, the dataset's index and episode
     sampler (its protocol's, `data.protocols.protocol_of`) are loaded, and classes with fewer than shots + queries
     images are named in a `DatasetWarning`; without it, the context has no dataset (for fits on synthetic images).
-    `loads=None` keeps what is loaded in this context only.
+    `loads=None` keeps what is loaded in this context only. The protocol is the config's when it asks for `all-way`
+    (`data.protocols.run_protocol`), whose sampler narrows the index to the items the run reads (`run_index`); a
+    dataset without train and test splits is then a `DatasetError` here, before anything is stored. `eval_batch`:
+    query images per streamed batch (`query_batches`).
     """
     spec = RunSpec.of(config)
     # One name for one set of weights, so the run identity, stored rows and model.json agree (tiny: `shipped`).
@@ -207,15 +280,17 @@ def build_context(config: RunConfig | RunSpec, loads: LoadCache | None = None, *
     device = resolve_device(config.device)
     precision, autocast_dtype = resolve_precision(config.train.precision, device)
     index, sampler = None, None
-    protocol = protocol_of(config.dataset)
+    protocol = run_protocol(config.protocol, config.dataset)
+    if eval_batch < 1:
+        raise ConfigError(f"the evaluation batch must be at least 1 image, got {eval_batch}")
     if load_data:
-        index = load_index(config.dataset, config.data_root)
+        index = load_index(config.dataset, config.data_root, all_splits=protocol == ALL_WAY)
         settings = EpisodeSettings(config.ways, config.shots, config.queries)
         sampler = build_sampler(protocol, index, settings, config.seed)
+        index = run_index(sampler, index)
         _warn_excluded(config, sampler)
-    return RunContext(
-        spec, device, precision, autocast_dtype, index, sampler, LoadCache() if loads is None else loads, protocol
-    )
+    loads = LoadCache() if loads is None else loads
+    return RunContext(spec, device, precision, autocast_dtype, index, sampler, loads, protocol, eval_batch)
 
 
 def _warn_excluded(config: RunConfig, sampler: Sampler) -> None:

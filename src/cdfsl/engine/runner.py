@@ -23,6 +23,12 @@ kept, so only the work is doubled. An interrupted or failed runner hands back it
 nothing of the batch in flight; an interrupt reaches the caller as `RunInterrupted`, with what is stored.
 `trained_episodes` counts the episodes this process trained; progress counts every stored episode, whoever trained it.
 A batch that runs out of device memory is split in halves and retried, down to one episode (`OutOfMemoryWarning`).
+
+An all-way run (`--protocol all-way`, `cdfsl.data.allway`) is a run of one big episode: every class, K supports each,
+the whole test split as queries. It goes through the same claims and store; only its queries are predicted in
+streamed batches (`train_streamed`, `RunContext.query_batches`), and its one stored row carries the per-class accuracy
+as the record `class_accuracy`. A seed is one run, so a finished seed is never retrained and a killed one stores
+nothing.
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ from cdfsl.config import RunConfig, run_id_of
 from cdfsl.data.episodes import group_by_shape
 from cdfsl.data.images import ImageCache, image_rule
 from cdfsl.data.index import ImageIndex
-from cdfsl.data.protocols import FIXED_WAY
+from cdfsl.data.protocols import ALL_WAY, FIXED_WAY, get_protocol
 from cdfsl.engine.context import LoadCache, RunContext, build_context, resolve_precision
 from cdfsl.engine.store import EpisodeQueries, EpisodeResult, Holder, ResultStore, new_owner_id, record_names
 from cdfsl.errors import OutOfMemoryWarning, StoreError
@@ -65,6 +71,8 @@ def run_identity(context: RunContext, device: str | None = None) -> tuple[str, d
     identity = context.spec.identity(*_identity_arguments(context, device))
     if context.protocol != FIXED_WAY:
         identity["protocol"] = context.protocol
+        for unread in get_protocol(context.protocol).unread:  # all-way: ways and queries
+            identity.pop(unread, None)
     return run_id_of(identity), identity
 
 
@@ -97,7 +105,6 @@ def _identity_arguments(context: RunContext, device: str | None) -> tuple[Any, .
     """The values besides the config that both identities hash: precision, index fingerprint, activation, device
     type, image rule, weights and tokenizer digests."""
     config = context.config
-    index, _ = context.data()
     precision, target = context.precision, context.device
     if device is not None:
         target = torch.device(device)
@@ -105,7 +112,7 @@ def _identity_arguments(context: RunContext, device: str | None) -> tuple[Any, .
     activation = resolve_activation(config.backbone, config.pretrained, config.activation)
     return (
         precision,
-        index.fingerprint(),
+        context.fingerprint(),
         activation,
         target.type,
         image_rule(config.dataset, config.pre_resize or 0),
@@ -118,8 +125,9 @@ def train_episodes(context: RunContext, method: Method, episodes: list[int]) -> 
     """Fit and predict episodes `episodes` of the context's run, one batch per episode shape (a single batch under
     `fixed-way`); their results (not stored), in the order of `episodes`."""
     by_episode: dict[int, EpisodeResult] = {}
+    train = train_streamed if context.streamed else _train_splitting
     for chunk in group_by_shape(context.data()[1].episodes(episodes)):
-        for result in _train_splitting(context, method, [episode.index for episode in chunk]):
+        for result in train(context, method, [episode.index for episode in chunk]):
             by_episode[result.episode] = result
     return [by_episode[i] for i in episodes]
 
@@ -152,6 +160,52 @@ def free_device_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def train_streamed(context: RunContext, method: Method, episodes: list[int]) -> list[EpisodeResult]:
+    """Fit episodes of one shape as one batch, then predict their queries `context.eval_batch` at a time (the
+    protocol's `streamed`: all-way's whole test split), never holding more than one batch of query images;
+    `context.on_queries` hears of each batch.
+
+    The class features are computed once per fit (`Method.fitted_class_features`), so each batch costs its vision pass
+    only. The predictions are those of `Method.predict` on all the queries at once. Each episode's records gain
+    `class_accuracy`: per class name, the share of its queries predicted right (classes without a query left out)."""
+    batch_start = time.perf_counter()
+    support = context.support_batch(episodes, with_views=context.spec.trains)
+    method.fit(support)
+    total = sum(len(items) for items in support.episodes[0].query)
+    predicted: list[list[int]] = [[] for _ in episodes]
+    truth: list[list[int]] = [[] for _ in episodes]
+    done = 0
+    for part in context.query_batches(support):
+        guesses = method.predict(part).argmax(dim=-1).tolist()  # [E][b]
+        for e, (guess, label) in enumerate(zip(guesses, part.query_labels.tolist(), strict=True)):
+            predicted[e] += guess
+            truth[e] += label
+        done += part.query_labels.shape[1]
+        if context.on_queries is not None:
+            context.on_queries(done, total)
+    seconds = (time.perf_counter() - batch_start) / len(episodes)
+    records = method.episode_records() or [{} for _ in episodes]
+    results = []
+    for e, (i, record) in enumerate(zip(episodes, records, strict=True)):
+        names = tuple(support.class_names[e])
+        queries = EpisodeQueries(names, tuple(truth[e]), tuple(predicted[e]))
+        kept = {name: value for name, value in record.items() if name != "curves"}
+        kept["class_accuracy"] = class_accuracy(names, truth[e], predicted[e])
+        results.append(EpisodeResult(i, queries.correct, len(truth[e]), seconds, queries, record.get("curves"), kept))
+    return results
+
+
+def class_accuracy(class_names: tuple[str, ...], truth: list[int], predicted: list[int]) -> dict[str, float]:
+    """Per class name (episode label order), the share of its queries predicted right; classes without a query are
+    left out."""
+    right = [0] * len(class_names)
+    seen = [0] * len(class_names)
+    for label, guess in zip(truth, predicted, strict=True):
+        seen[label] += 1
+        right[label] += int(label == guess)
+    return {name: right[c] / seen[c] for c, name in enumerate(class_names) if seen[c]}
 
 
 def _train_batch(context: RunContext, method: Method, episodes: list[int]) -> list[EpisodeResult]:
@@ -201,6 +255,8 @@ class RunResult:
     excluded_classes: tuple[str, ...] = ()
     seconds: float = 0.0
     records: dict[int, dict[str, Any]] = field(default_factory=dict)
+    classes: int | None = None
+    test_images: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The `--json` summary: run, episode shape, mean and 95% half-width, per-episode accuracy and records, and
@@ -208,10 +264,14 @@ class RunResult:
 
         `records` (episode index → name → value) is what the method recorded per episode beyond accuracy (VtT's
         `dlc_off_step`, MaPLe's epoch losses). When any episode of the run has a record, every `per_episode` entry
-        gets `records` with every name the run recorded (null where that episode has none)."""
+        gets `records` with every name the run recorded (null where that episode has none).
+
+        `protocol` is the config's (`episodic` or `all-way`); an all-way run also gives `classes`, `test_images` (the
+        test split's size, all evaluated) and `accuracy` (its one episode's, in percent), and no `ways` or
+        `queries` (it reads neither)."""
         cfg = self.config
         names = record_names(self.records.values())
-        return {
+        summary = {
             "run_id": self.run_id,
             "dataset": cfg.dataset,
             "method": cfg.method,
@@ -227,6 +287,16 @@ class RunResult:
             "per_episode": [self._episode_json(i, a, names) for i, a in self.per_episode],
             "config": cfg.to_dict(),
         }
+        all_way = self._all_way_json(summary)
+        return {"protocol": cfg.protocol, **summary, **all_way}
+
+    def _all_way_json(self, summary: dict[str, Any]) -> dict[str, Any]:
+        """The all-way keys (and the episodic keys an all-way run drops from `summary`)."""
+        if self.config.protocol != ALL_WAY:
+            return {}
+        for unread in ("ways", "queries"):
+            summary.pop(unread)
+        return {"classes": self.classes, "test_images": self.test_images, "accuracy": round(self.mean_acc, 4)}
 
     def _episode_json(self, episode: int, accuracy: float, names: list[str]) -> dict[str, Any]:
         entry: dict[str, Any] = {"episode": episode, "acc": round(accuracy, 4)}
@@ -291,6 +361,8 @@ class Runner:
         poll_seconds: how often to look at the store while other processes finish the last episodes.
         on_wait: called with the other owners' live claims (`store.Holder`: episodes, owner, lease end) each time
             the runner starts waiting on a different set of them.
+        eval_batch: query images predicted at once in a streamed run (all-way: the test split, `train_streamed`).
+        on_queries: called with (query images predicted, in all) after each streamed batch of queries.
 
     `owner` is this runner's unique id in the store's claims and in `episodes.trained_by`; `loads` keeps the loaded
     backbones and image caches (`engine.context.LoadCache`), which each run's context (`build_context`) draws on.
@@ -303,6 +375,8 @@ class Runner:
         poll_seconds: float = 5.0,
         on_stored: Callable[[str, list[EpisodeResult]], None] | None = None,
         on_wait: Callable[[tuple[Holder, ...]], None] | None = None,
+        eval_batch: int = 256,
+        on_queries: Callable[[int, int], None] | None = None,
     ) -> None:
         if lease_seconds <= 0 or poll_seconds <= 0:
             raise ValueError(f"lease_seconds and poll_seconds must be positive, not {lease_seconds}, {poll_seconds}")
@@ -313,6 +387,8 @@ class Runner:
         self.poll_seconds = poll_seconds
         self.owner = new_owner_id()
         self.loads = LoadCache()
+        self.eval_batch = eval_batch
+        self.on_queries = on_queries
 
     def backbone(self, config: RunConfig, device: torch.device) -> ClipAdapter:
         """`config`'s frozen backbone on `device`, loaded once per weights (see `LoadCache`)."""
@@ -330,10 +406,11 @@ class Runner:
         Other processes may work on the same run in the same store at the same time: episodes are shared through
         claims (see the module docstring), and this call returns once every episode is stored, whoever trained it.
         """
-        context = build_context(config, self.loads)
+        context = build_context(config, self.loads, eval_batch=self.eval_batch)
+        context.on_queries = self.on_queries
         config = context.config
         _, sampler = context.data()
-        total = config.resolved_episodes()
+        total = context.episode_count
         run_id, identity = run_identity(context)
         with ResultStore(Path(config.db)) as store:
             adopt_legacy_run(store, context, run_id, identity)
@@ -386,6 +463,7 @@ class Runner:
             excluded_classes=sampler.excluded_classes,
             seconds=time.perf_counter() - started,
             records={i: records.get(i, {}) for i in range(total)},
+            **_episode_sizes(context),
         )
 
     def _share(
@@ -437,6 +515,23 @@ class Runner:
             waited_on = holding
             until_expiry = (pending.next_expiry or 0.0) - time.time()
             time.sleep(min(self.poll_seconds, max(until_expiry, 0.0) + 0.01))
+
+
+def episode_total(config: RunConfig) -> int:
+    """The number of episodes of `config`'s run: its protocol's fixed count (all-way: 1), else the config's."""
+    from cdfsl.data.protocols import run_protocol
+
+    fixed = get_protocol(run_protocol(config.protocol, config.dataset)).episodes
+    return fixed if fixed is not None else config.resolved_episodes()
+
+
+def _episode_sizes(context: RunContext) -> dict[str, int]:
+    """An all-way run's number of classes and of test images (its one episode's ways and queries); nothing for
+    an episodic run."""
+    if context.config.protocol != ALL_WAY:
+        return {}
+    episode = context.data()[1].episode(0)
+    return {"classes": episode.ways, "test_images": sum(len(items) for items in episode.query)}
 
 
 class StderrProgress:

@@ -227,7 +227,7 @@ def plan_sweep(
     `distinct_runs`). `on_planned(done, total)` is told after each run.
     """
     from cdfsl.engine.context import LoadCache, build_context
-    from cdfsl.engine.runner import run_identity, stored_run_id
+    from cdfsl.engine.runner import episode_total, run_identity, stored_run_id
     from cdfsl.engine.store import ResultStore
     from cdfsl.errors import DatasetError
     from cdfsl.stats import mean_ci95
@@ -239,7 +239,7 @@ def plan_sweep(
     store = ResultStore(sweep.db, read_only=True) if sweep.db.is_file() else None
     try:
         for run in sweep.runs:
-            total = run.config.resolved_episodes()
+            total = episode_total(run.config)
             try:
                 # The identity for `device` is computed without that device: the context itself is built on the CPU.
                 context = build_context(_on_device(run.spec, "cpu" if device else None), loads)

@@ -4,10 +4,16 @@ A fitted method also says how it encodes (`encode`, `class_features`), so probes
 without reaching into its attributes, and answers what cost accounting and export ask (`cost_parts`,
 `export_refusal`, `weight_updates`), so nothing outside `cdfsl.methods` branches on its class. A base that trains
 runs the shared loop (`cdfsl.methods.training.TrainedBase`).
+
+Prediction computes the class text features once per fit (`fitted_class_features`, kept per class-name set and
+text layer): an all-way run predicts its test split in many batches over up to 1,000 classes, and TIR's prediction
+hook needs its text-layer features for every batch. The cache is cleared whenever the fitted state changes: around
+every subclass's `fit` and `load_trained_state` (wrapped once, in `__init_subclass__`).
 """
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
@@ -67,6 +73,28 @@ class Method(ABC):
         """Called with (step, steps) after each training step of `fit` (a progress bar); None: nothing."""
         self._failure: TrainingError | None = None  # the last fit diverged: predicting from it is refused
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Wrap a subclass's own `fit` and `load_trained_state` so that they clear the class-feature cache."""
+        super().__init_subclass__(**kwargs)
+        for name in ("fit", "load_trained_state"):
+            own = cls.__dict__.get(name)
+            if own is not None and not getattr(own, "_clears_class_features", False):
+                setattr(cls, name, _clearing_class_features(own))
+
+    def fitted_class_features(self, class_names: Sequence[Sequence[str]], layer: int | None = None) -> Tensor:
+        """`class_features(class_names, layer)` `[E, K, C]` of the current fit, computed once per fit (without
+        autograd history) and kept until the next `fit` or `load_trained_state`."""
+        key = (tuple(tuple(names) for names in class_names), layer)
+        cache: dict[Any, Tensor] = self.__dict__.setdefault("_class_feature_cache", {})
+        if key not in cache:
+            with torch.no_grad():
+                cache[key] = self.class_features(class_names, layer).detach()
+        return cache[key]
+
+    def clear_class_features(self) -> None:
+        """Forget the class features of `fitted_class_features` (the fitted state changed)."""
+        self.__dict__.pop("_class_feature_cache", None)
+
     def _end_fit(self, finite: Tensor, batch: EpisodeBatch) -> None:
         """Close a fit: raise `TrainingError` naming the episodes whose training loss was not finite (`finite` `[E]`)
         and remember it, so that predicting from the diverged fit is refused (`_refuse_after_failure`); `fit` clears
@@ -108,7 +136,7 @@ class Method(ABC):
         tir = self.recalibration
         if tir is None or not tir.at_prediction:
             return None
-        return tir.hook(self.class_features(class_names, tir.text_layer))
+        return tir.hook(self.fitted_class_features(class_names, tir.text_layer))
 
     def varied_class_features(
         self,
@@ -141,7 +169,7 @@ class Method(ABC):
         looks like a result.
         """
         features = self.encode(batch.query, batch.class_names).features
-        logits = self.logits(features, self.class_features(batch.class_names))
+        logits = self.logits(features, self.fitted_class_features(batch.class_names))
         raise_unless_finite(torch.isfinite(logits).flatten(1).all(dim=1), batch, "the query logits", self.remedies)
         return logits
 
@@ -214,6 +242,21 @@ class Method(ABC):
 
         Raises `ValueError` when `state` is not what this method trains."""
         check_state_fits(state, {}, self.config.method)
+
+
+def _clearing_class_features(change: Callable[..., Any]) -> Callable[..., Any]:
+    """`change` (a method that changes the fitted state), clearing the class-feature cache before and after it."""
+
+    @functools.wraps(change)
+    def changed(self: Method, *args: Any, **kwargs: Any) -> Any:
+        self.clear_class_features()
+        try:
+            return change(self, *args, **kwargs)
+        finally:
+            self.clear_class_features()
+
+    changed._clears_class_features = True  # type: ignore[attr-defined]
+    return changed
 
 
 def check_state_fits(state: dict[str, Tensor], expected: dict[str, Tensor], method: str) -> None:
