@@ -44,7 +44,7 @@ def served(monkeypatch: pytest.MonkeyPatch) -> Callable[[ImageIndex], None]:
     """Serve an index as the `digits` dataset of every run context made in the test."""
 
     def serve(index: ImageIndex) -> None:
-        monkeypatch.setattr(context_module, "load_index", lambda dataset, root: index)
+        monkeypatch.setattr(context_module, "load_index", lambda dataset, root, all_splits=False: index)
 
     return serve
 
@@ -280,3 +280,23 @@ def test_cli_refuses_all_way_on_a_dataset_without_splits(tmp_path: Path, monkeyp
     assert not db.exists()
     bad = _cli(["run", "--dataset", "digits", "--method", "zeroshot", "--protocol", "all-way", "--eval-batch", "0"])
     assert bad.exit_code == 2 and "--eval-batch" in bad.output
+
+
+def test_all_way_on_a_suite_tree_reads_every_split_and_episodes_only_the_test_split(tmp_path: Path) -> None:
+    """On a CLIP few-shot suite dataset as downloaded (`dtd`), an all-way run draws from `train` and tests on the whole
+    `test` split, while an episodic run sees the test split alone."""
+    from cdfsl.data.benchmarks import DATASETS
+    from suite_trees import make_split_tree
+
+    root = make_split_tree(tmp_path / "dtd", ["banded", "dotted", "striped"], {"train": 3, "val": 1, "test": 2})
+    db = tmp_path / "results.sqlite"
+    common = ["run", "--dataset", "dtd", "--data-root", str(root), "--method", "zeroshot", "--backbone", "tiny",
+              "--pretrained", "none", "--device", "cpu", "--db", str(db)]  # fmt: skip
+    out = tmp_path / "all.json"
+    result = _cli([*common, "--protocol", "all-way", "--shots", "2", "--seed", "1", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(out.read_text())
+    assert (summary["protocol"], summary["classes"], summary["test_images"]) == ("all-way", 3, 6)
+    assert DATASETS["dtd"].read(root).split_names == ("test",)
+    episodic = _cli([*common, "--ways", "3", "--shots", "1", "--queries", "1", "--episodes", "2"])
+    assert episodic.exit_code == 0, episodic.output
