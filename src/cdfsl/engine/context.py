@@ -32,6 +32,7 @@ from cdfsl.data.images import ImageCache
 from cdfsl.data.index import Episode, ImageIndex
 from cdfsl.data.protocols import FIXED_WAY, EpisodeSettings, Sampler, build_sampler, protocol_of
 from cdfsl.data.readers import load_index
+from cdfsl.engine.prefetch import BatchFeed, fed
 from cdfsl.errors import ConfigError, DatasetWarning
 from cdfsl.spec import RunSpec
 
@@ -184,9 +185,16 @@ class RunContext:
         )
 
     def batches(self, episodes: Sequence[int], with_views: bool = True) -> Iterator[EpisodeBatch]:
-        """`shaped_batches` over `episodes` in consecutive chunks of `config.episode_batch` episodes."""
-        for chunk in chunks(episodes, self.config.episode_batch):
-            yield from self.shaped_batches(chunk, with_views)
+        """`shaped_batches` over `episodes` in consecutive chunks of `config.episode_batch` episodes, each batch
+        built in a background thread while the caller works on the one before (`engine.prefetch`)."""
+        _, sampler = self.data()
+        groups = [
+            [episode.index for episode in group]
+            for chunk in chunks(episodes, self.config.episode_batch)
+            for group in group_by_shape(sampler.episodes(chunk))
+        ]
+        with BatchFeed(self.batch) as feed:
+            yield from fed(feed, groups, with_views)
 
 
 def build_context(config: RunConfig | RunSpec, loads: LoadCache | None = None, *, load_data: bool = True) -> RunContext:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,11 +41,12 @@ from cdfsl.backbone.adapter import ClipAdapter
 from cdfsl.backbone.factory import resolve_activation, weights_identity
 from cdfsl.backbone.tokenizers import tokenizer_identity
 from cdfsl.config import RunConfig, run_id_of
-from cdfsl.data.episodes import group_by_shape
+from cdfsl.data.episodes import EpisodeBatch, group_by_shape
 from cdfsl.data.images import ImageCache, image_rule
 from cdfsl.data.index import ImageIndex
 from cdfsl.data.protocols import FIXED_WAY
 from cdfsl.engine.context import LoadCache, RunContext, build_context, resolve_precision
+from cdfsl.engine.prefetch import BatchFeed
 from cdfsl.engine.store import EpisodeQueries, EpisodeResult, Holder, ResultStore, new_owner_id, record_names
 from cdfsl.errors import StoreError
 from cdfsl.methods import Method, build_method
@@ -111,20 +112,47 @@ def _identity_arguments(context: RunContext, device: str | None) -> tuple[Any, .
     )
 
 
-def train_episodes(context: RunContext, method: Method, episodes: list[int]) -> list[EpisodeResult]:
+def train_episodes(
+    context: RunContext,
+    method: Method,
+    episodes: list[int],
+    feed: BatchFeed[EpisodeBatch] | None = None,
+    upcoming: Sequence[int] = (),
+) -> list[EpisodeResult]:
     """Fit and predict episodes `episodes` of the context's run, one batch per episode shape (a single batch under
-    `fixed-way`); their results (not stored), in the order of `episodes`."""
+    `fixed-way`); their results (not stored), in the order of `episodes`.
+
+    With a `feed` (`engine.prefetch.BatchFeed` over `context.batch`), each batch is taken from it and the next one
+    (the next shape's, after the last one the first shape's of `upcoming`: the episodes the caller expects to train
+    next) is built in the background while this one trains; the results are the same."""
+    sampler = context.data()[1]
+    groups = [[episode.index for episode in chunk] for chunk in group_by_shape(sampler.episodes(episodes))]
+    if upcoming:
+        groups.append([episode.index for episode in group_by_shape(sampler.episodes(upcoming))[0]])
     by_episode: dict[int, EpisodeResult] = {}
-    for chunk in group_by_shape(context.data()[1].episodes(episodes)):
-        for result in _train_batch(context, method, [episode.index for episode in chunk]):
+    for position, group in enumerate(groups[: len(groups) - bool(upcoming)]):
+        following = groups[position + 1] if position + 1 < len(groups) else None
+        for result in _train_batch(context, method, group, feed, following):
             by_episode[result.episode] = result
     return [by_episode[i] for i in episodes]
 
 
-def _train_batch(context: RunContext, method: Method, episodes: list[int]) -> list[EpisodeResult]:
-    """Fit and predict episodes of one shape as one batch."""
+def _train_batch(
+    context: RunContext,
+    method: Method,
+    episodes: list[int],
+    feed: BatchFeed[EpisodeBatch] | None = None,
+    following: list[int] | None = None,
+) -> list[EpisodeResult]:
+    """Fit and predict episodes of one shape as one batch (taken from `feed`, which then starts on `following`)."""
     batch_start = time.perf_counter()
-    batch = context.batch(episodes, with_views=context.spec.trains)
+    trains = context.spec.trains
+    if feed is None:
+        batch = context.batch(episodes, with_views=trains)
+    else:
+        batch = feed.take(episodes, trains)
+        if following is not None:
+            feed.prepare(following, trains)
     method.fit(batch)
     predicted = method.predict(batch).argmax(dim=-1).tolist()  # [E][Q]
     truth = batch.query_labels.tolist()
@@ -310,8 +338,13 @@ class Runner:
             trained = 0
             if resumed < total:
 
+                feed = BatchFeed(context.batch)
+
                 def train(chunk: list[int]) -> list[EpisodeResult]:
-                    return train_episodes(context, method, chunk)
+                    # Guess the next claim (the episodes after this chunk; right unless others hold or stored some)
+                    # so its images are prepared while this chunk trains; a wrong guess only costs that work.
+                    upcoming = range(chunk[-1] + 1, min(chunk[-1] + 1 + config.episode_batch, total))
+                    return train_episodes(context, method, chunk, feed, upcoming)
 
                 def report() -> None:
                     if self.progress is not None:
@@ -323,7 +356,9 @@ class Runner:
                     context.load()  # the image cache, before the first claim
                     with store.keep_claims_alive(self.owner, self.lease_seconds):
                         trained = self._share(store, run_id, total, config, identity, tally, train, report)
+                    feed.close()
                 except BaseException as error:
+                    feed.close()
                     # Interrupted or failed: hand back the claims of the batch in flight (nothing of it is stored).
                     with suppress(StoreError):
                         store.release_claims(run_id, self.owner)
