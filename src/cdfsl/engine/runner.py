@@ -47,6 +47,7 @@ from cdfsl.data.index import ImageIndex
 from cdfsl.data.protocols import FIXED_WAY
 from cdfsl.engine.context import LoadCache, RunContext, build_context, resolve_precision
 from cdfsl.engine.prefetch import BatchFeed
+from cdfsl.engine.reproducibility import deterministic_mode, device_model
 from cdfsl.engine.store import EpisodeQueries, EpisodeResult, Holder, ResultStore, new_owner_id, record_names
 from cdfsl.errors import StoreError
 from cdfsl.methods import Method, build_method
@@ -153,8 +154,9 @@ def _train_batch(
         batch = feed.take(episodes, trains)
         if following is not None:
             feed.prepare(following, trains)
-    method.fit(batch)
-    predicted = method.predict(batch).argmax(dim=-1).tolist()  # [E][Q]
+    with deterministic_mode(context.config.deterministic):
+        method.fit(batch)
+        predicted = method.predict(batch).argmax(dim=-1).tolist()  # [E][Q]
     truth = batch.query_labels.tolist()
     seconds = (time.perf_counter() - batch_start) / len(episodes)
     records = method.episode_records() or [{} for _ in episodes]
@@ -355,7 +357,9 @@ class Runner:
                     method = build_method(context.spec, context.backbone, context.autocast_dtype)
                     context.load()  # the image cache, before the first claim
                     with store.keep_claims_alive(self.owner, self.lease_seconds):
-                        trained = self._share(store, run_id, total, config, identity, tally, train, report)
+                        trained = self._share(
+                            store, run_id, total, config, identity, tally, train, report, device_model(context.device)
+                        )
                     feed.close()
                 except BaseException as error:
                     feed.close()
@@ -400,9 +404,10 @@ class Runner:
         tally: _Tally,
         train: Callable[[list[int]], list[EpisodeResult]],
         report: Callable[[], None],
+        device: str | None = None,
     ) -> int:
         """Claim, train and store batches until every episode below `total` is stored; return how many this
-        process trained.
+        process trained. `device`: the device model stored with each episode (`ResultStore.add_episodes`).
 
         One ascending sweep claims every free episode; then, while other owners hold live claims, poll: when an
         episode is neither stored nor held by a live claim (its owner was killed or interrupted), sweep again.
@@ -416,7 +421,9 @@ class Runner:
             )
             if chunk:
                 results = train(chunk)
-                store.add_episodes(run_id, results, owner=self.owner, config=config.to_dict(), identity=identity)
+                store.add_episodes(
+                    run_id, results, owner=self.owner, config=config.to_dict(), identity=identity, device=device
+                )
                 if self.on_stored is not None:
                     self.on_stored(config.run_name or run_id, results)
                 trained += len(chunk)
