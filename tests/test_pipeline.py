@@ -9,12 +9,12 @@ from typing import Any
 
 import pytest
 import torch
-from tests.digits_world import stored_run_config
 
 import cdfsl.engine.context as context_module
 from cdfsl.data.episodes import to_device
 from cdfsl.engine.prefetch import BatchFeed, fed
 from cdfsl.engine.runner import Runner
+from digits_world import stored_run_config
 
 
 def slow_build(seconds: float, log: list[tuple[list[int], str]]) -> Any:

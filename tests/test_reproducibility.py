@@ -9,13 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.digits_world import stored_run_config
 from typer.testing import CliRunner
 
 from cdfsl.cli import app
 from cdfsl.engine.reproducibility import CUBLAS_WORKSPACE, deterministic_mode, device_model
 from cdfsl.engine.runner import Runner
 from cdfsl.engine.store import ResultStore
+from digits_world import stored_run_config
+from layouts import make_imagefolder
 
 
 def test_deterministic_mode_sets_every_switch_and_restores_them(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -61,3 +62,12 @@ def test_the_device_model_names_the_processor_or_the_gpu() -> None:
     assert device_model(torch.device("meta")) == "meta"
     if torch.cuda.is_available():
         assert device_model(torch.device("cuda")) == torch.cuda.get_device_name(0)
+
+
+def test_fit_takes_the_switch_and_leaves_the_settings_as_they_were(tmp_path: Path) -> None:
+    make_imagefolder(tmp_path / "train", ("cat", "dog"), per_class=2)
+    args = ["fit", "--data", str(tmp_path / "train"), "--out", str(tmp_path / "model"), "--backbone", "tiny",
+            "--pretrained", "none", "--device", "cpu", "--set", "train.iterations=1", "--deterministic"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "model").is_dir() and not torch.are_deterministic_algorithms_enabled()
