@@ -9,11 +9,11 @@ Steps, each recorded in `<out>/out.json` and summed up in `<out>/table.md` (Mark
 2. `end_to_end`: `cdfsl run --method tir+vtt --episode-batch auto` on digits (ViT-B/16 with random weights on CUDA,
    the tiny model on the CPU), in a process of its own: the episode batch `auto` chose, seconds, accuracy.
 3. `benchmark`: per method (`lora`, `tir`, `vtt`, `tir+vtt`), in a process of its own (so one method's memory never
-   counts in another's peak), E = 1/4/16 on CUDA (1/2 on the CPU) of synthetic 5-way 5-shot episodes in the
-   method's default recipe: seconds per iteration, episodes per hour, images per second, peak memory, the
-   utilisation of the counted FLOPs (`analysis.cost.flop_counter` on one step and one prediction, against a large
-   matrix product measured in the same process: the device's practical peak) and host syncs per training step. A case
-   that runs out of memory is recorded as such and the larger E are skipped.
+   counts in another's peak), E = 1/4/16 on CUDA (1/2 on the CPU) of synthetic 5-way 5-shot episodes (CPU: 1-shot,
+   3 queries a class) in the method's default recipe: seconds per iteration, episodes per hour, images per second,
+   peak memory, the utilisation of the counted FLOPs (`analysis.cost.flop_counter` on one step and one prediction,
+   against a large matrix product timed in the same process: the device's practical peak) and host syncs per
+   training step. A case that runs out of memory is recorded as such and the larger E are skipped.
 4. `equality`: E episodes fitted at once against each alone (largest difference of the logits in cosine units), and
    the same fit run twice, without and with `--deterministic` (largest difference, and whether they are equal).
 
@@ -22,8 +22,8 @@ Host syncs are counted while the timed fit runs: on CUDA, the warnings of `torch
 that would (`.item()`, `.tolist()`, `.cpu()`, `float()`/`int()`/`bool()` of a tensor), counted by a
 `TorchFunctionMode`. Both are divided by the training steps.
 
-`--device cpu` runs all of it at tiny sizes (the tiny model, E = 1/2, 2 iterations) in about a minute; on one GPU
-the whole check takes about 5 minutes (docs/gpu.md).
+`--device cpu` runs all of it at tiny sizes (the tiny model, 1-shot, E = 1/2, 2 iterations) in about a minute; on
+one GPU the whole check takes about 5 minutes (docs/gpu.md).
 """
 
 from __future__ import annotations
@@ -54,12 +54,22 @@ def sizes(device: str) -> dict[str, Any]:
     if device == "cuda":
         return {
             "backbone": "ViT-B-16",
+            "shots": 5,
+            "queries": 15,
             "batches": (1, 4, 16),
             "iterations": 30,
             "e2e_episodes": 8,
             "e2e_iterations": 20,
         }
-    return {"backbone": "tiny", "batches": (1, 2), "iterations": 2, "e2e_episodes": 2, "e2e_iterations": 2}
+    return {
+        "backbone": "tiny",
+        "shots": 1,
+        "queries": 3,
+        "batches": (1, 2),
+        "iterations": 2,
+        "e2e_episodes": 2,
+        "e2e_iterations": 2,
+    }
 
 
 # ------------------------------------------------------------------------------------------------ host syncs
@@ -126,7 +136,16 @@ def matmul_peak(device: torch.device) -> float:
 def method_config(method: str, backbone: str, iterations: int, device: str) -> Any:
     from cdfsl.config import RunConfig
 
-    config = RunConfig(dataset="digits", method=method, backbone=backbone, pretrained="none", shots=5, device=device)
+    size = sizes(torch.device(device).type)
+    config = RunConfig(
+        dataset="digits",
+        method=method,
+        backbone=backbone,
+        pretrained="none",
+        shots=size["shots"],
+        queries=size["queries"],
+        device=device,
+    )
     config = config.resolved()
     config.train.iterations = iterations
     return config
@@ -216,7 +235,7 @@ def equality(
     model_backbone = load_backbone(backbone_name, "none", device)
     _, dtype = resolve_precision("auto", device)
     config = method_config(method, backbone_name, iterations, device_name)
-    batch = synthetic_batch(config, 2, backbone.image_size, device)  # episodes 0 and 1, each its own images
+    batch = synthetic_batch(config, 2, model_backbone.image_size, device)  # episodes 0 and 1, each its own images
 
     scales: list[float] = []
 
@@ -302,9 +321,9 @@ def end_to_end(device: str, out: Path) -> dict[str, Any]:
     for stale in (summary, out / "e2e.sqlite"):
         stale.unlink(missing_ok=True)
     args = ["-m", "cdfsl", "run", "--dataset", "digits", "--method", "tir+vtt", "--backbone", size["backbone"],
-            "--pretrained", "none", "--shots", "5", "--episodes", str(size["e2e_episodes"]), "--iterations",
-            str(size["e2e_iters"]), "--episode-batch", "auto", "--device", device, "--db", str(out / "e2e.sqlite"),
-            "--json", str(summary)]  # fmt: skip
+            "--pretrained", "none", "--shots", str(size["shots"]), "--episodes", str(size["e2e_episodes"]),
+            "--iterations", str(size["e2e_iterations"]), "--episode-batch", "auto", "--device", device,
+            "--db", str(out / "e2e.sqlite"), "--json", str(summary)]  # fmt: skip
     code, output, seconds = child(args, timeout=300)
     result: dict[str, Any] = {"exit_code": code, "seconds": round(seconds, 1)}
     if code == 0 and summary.is_file():

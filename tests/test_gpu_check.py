@@ -17,6 +17,8 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 import gpu_check  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def test_host_syncs_are_counted_on_the_cpu() -> None:
     values = torch.arange(4.0)

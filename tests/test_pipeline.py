@@ -16,6 +16,8 @@ from cdfsl.engine.prefetch import BatchFeed, fed
 from cdfsl.engine.runner import Runner
 from digits_world import stored_run_config
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def slow_build(seconds: float, log: list[tuple[list[int], str]]) -> Any:
     def build(episodes: list[int], with_views: bool) -> list[int]:
