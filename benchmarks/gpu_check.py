@@ -17,6 +17,9 @@ Steps, each recorded in `<out>/out.json` and summed up in `<out>/table.md` (Mark
 4. `equality`: E episodes fitted at once against each alone (largest difference of the logits in cosine units), and
    the same fit run twice, without and with `--deterministic` (largest difference, and whether they are equal).
 
+On the CPU every step runs on one thread (`OMP_NUM_THREADS=1` in its processes): the tiny model's ops are too small
+to gain from threads, which on a busy machine slow them many times over.
+
 Host syncs are counted while the timed fit runs: on CUDA, the warnings of `torch.cuda.set_sync_debug_mode("warn")`
 (every copy to the host, `.item()`, a synchronizing `nonzero`, …); on the CPU, where nothing synchronizes, the calls
 that would (`.item()`, `.tolist()`, `.cpu()`, `float()`/`int()`/`bool()` of a tensor), counted by a
@@ -283,8 +286,10 @@ def _slice(batch: Any, e: int) -> Any:
 
 # ------------------------------------------------------------------------------------------------ steps
 def child(args: list[str], timeout: float) -> tuple[int, str, float]:
-    """Run `python args` from the repository root with this process's environment; (exit code, output, seconds)."""
+    """Run `python args` from the repository root with this process's environment (and its thread count);
+    (exit code, output, seconds)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
+    env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
     start = time.perf_counter()
     try:
         done = subprocess.run(
@@ -311,7 +316,9 @@ def run_tests(device: str) -> dict[str, Any]:
         ],
         timeout=240,
     )
-    summary = output.strip().splitlines()[-1] if output.strip() else ""
+    words = ("passed", "skipped", "failed", "error", "deselected", "no tests")
+    summaries = [line.strip("= ") for line in output.splitlines() if any(word in line for word in words)]
+    summary = summaries[-1] if summaries else output.strip()[-200:]
     return {"exit_code": code, "passed": code in (0, 5), "summary": summary, "seconds": round(seconds, 1)}
 
 
@@ -406,6 +413,8 @@ def main() -> None:
     parser.add_argument("--bench", choices=METHODS, help=argparse.SUPPRESS)  # one method's cases, in this process
     parser.add_argument("--skip", default="", help="steps to leave out, comma-separated: tests,e2e,bench,equality")
     args = parser.parse_args()
+    if args.device == "cpu":
+        torch.set_num_threads(1)  # the tiny model's ops gain nothing from threads, which on a busy CPU slow them
     if args.bench:
         size = sizes(args.device)
         bench_method(args.bench, args.device, size["batches"], size["iterations"])
