@@ -8,12 +8,12 @@ Steps, each recorded in `<out>/out.json` and summed up in `<out>/table.md` (Mark
 1. `tests`: the device tests (`pytest -m gpu`: skipped without CUDA) in a process of their own.
 2. `end_to_end`: `cdfsl run --method tir+vtt --episode-batch auto` on digits (ViT-B/16 with random weights on CUDA,
    the tiny model on the CPU), in a process of its own: the episode batch `auto` chose, seconds, accuracy.
-3. `benchmark`: per method (`lora`, `tir`, `vtt`, `tir+vtt`), in a process of its own (so one method's memory never
-   counts in another's peak), E = 1/4/16 on CUDA (1/2 on the CPU) of synthetic 5-way 5-shot episodes (CPU: 1-shot,
-   3 queries a class) in the method's default recipe: seconds per iteration, episodes per hour, images per second,
-   peak memory, the utilisation of the counted FLOPs (`analysis.cost.flop_counter` on one step and one prediction,
-   against a large matrix product timed in the same process: the device's practical peak) and host syncs per
-   training step. A case that runs out of memory is recorded as such and the larger E are skipped.
+3. `benchmark`: per method (`lora`, `tir`, `vtt`, `tir+vtt`), on CUDA in a process of its own (so one method's
+   memory never counts in another's peak), E = 1/4/16 on CUDA (1/2 on the CPU) of synthetic 5-way 5-shot episodes
+   (CPU: 1-shot, 3 queries a class) in the method's default recipe: seconds per iteration, episodes per hour, images
+   per second, peak memory, the utilisation of the counted FLOPs (`analysis.cost.flop_counter` on one step and one
+   prediction, against a large matrix product timed in the same process: the device's practical peak) and host
+   syncs per training step. A case that runs out of memory is recorded as such and the larger E are skipped.
 4. `equality`: E episodes fitted at once against each alone (largest difference of the logits in cosine units), and
    the same fit run twice, without and with `--deterministic` (largest difference, and whether they are equal).
 
@@ -331,9 +331,17 @@ def end_to_end(device: str, out: Path) -> dict[str, Any]:
 
 
 def benchmark(device: str) -> list[dict[str, Any]]:
+    """Every method's cases, each method in a process of its own on CUDA (its own peak memory); on the CPU, where
+    no peak is measured, in this process (no torch import and model load per method)."""
     size = sizes(device)
     records: list[dict[str, Any]] = []
     for method in METHODS:
+        if device == "cpu":
+            start = time.perf_counter()
+            cases = bench_method(method, device, size["batches"], size["iterations"])
+            records.extend(cases)
+            print(f"benchmark {method}: {len(cases)} cases in {time.perf_counter() - start:.0f} s", flush=True)
+            continue
         args = [str(Path(__file__).resolve()), "--device", device, "--bench", method]
         code, output, seconds = child(args, timeout=240)
         lines = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
