@@ -339,7 +339,6 @@ class Runner:
             resumed = tally.count
             trained = 0
             if resumed < total:
-
                 feed = BatchFeed(context.batch)
 
                 def train(chunk: list[int]) -> list[EpisodeResult]:
