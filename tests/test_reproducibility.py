@@ -73,3 +73,15 @@ def test_fit_takes_the_switch_and_leaves_the_settings_as_they_were(tmp_path: Pat
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert (tmp_path / "model").is_dir() and not torch.are_deterministic_algorithms_enabled()
+
+
+def test_a_sweep_file_sets_the_switch_for_its_runs(tmp_path: Path) -> None:
+    from cdfsl.engine.sweep import load_sweep
+
+    path = tmp_path / "sweep.toml"
+    path.write_text(
+        f'[sweep]\ndb = "{tmp_path / "r.sqlite"}"\ndevice = "cpu"\n'
+        '[grid]\nmethod = ["zeroshot", "lora"]\ndataset = "digits"\nbackbone = "tiny"\npretrained = "none"\n'
+        "[set]\ndeterministic = true\n"
+    )
+    assert [run.config.deterministic for run in load_sweep(path).runs] == [True, True]
