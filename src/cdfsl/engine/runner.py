@@ -22,6 +22,10 @@ the same (episodes are deterministic by index and the method starts afresh per b
 kept, so only the work is doubled. An interrupted or failed runner hands back its claims (`try/finally`) and stores
 nothing of the batch in flight; an interrupt reaches the caller as `RunInterrupted`, with what is stored.
 `trained_episodes` counts the episodes this process trained; progress counts every stored episode, whoever trained it.
+
+While a batch trains, the batch of the episodes after it (what the next claim returns unless another process took
+them) is decoded, augmented and copied in a background thread (`engine.prefetch.BatchFeed`); each stored episode
+records the model of the device that trained it (`engine.reproducibility.device_model`).
 """
 
 from __future__ import annotations
