@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test test-slow test-bounds lint format install clean
+.PHONY: demo test test-slow test-bounds gpu-check lint format install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -64,6 +64,22 @@ test-bounds: $(DEV_STAMP)
 		tests/test_methods_registry.py tests/test_images.py tests/test_augment.py tests/test_compare.py \
 		tests/test_engine.py -m "not slow"
 
+# The check for a lent GPU (docs/gpu.md): device tests, an end-to-end run, the benchmark, equalities, host syncs;
+# out.json and table.md under GPU_CHECK_OUT. Where there is no virtual environment (a bare GPU machine with torch),
+# the system python runs it with cdfsl from src/ and the missing packages installed from the wheels in WHEELS
+# (no network needed). DEVICE=cpu runs it all at tiny sizes in about a minute.
+DEVICE ?= cuda
+WHEELS ?= wheels
+GPU_CHECK_OUT ?= gpu-check
+GPU_SITE := .gpu-site
+GPU_PYTHON = $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+gpu-check: $(if $(filter cpu,$(DEVICE)),$(DEV_STAMP))
+	@if [ -d "$(WHEELS)" ] && ls $(WHEELS)/*.whl >/dev/null 2>&1; then \
+		$(GPU_PYTHON) -m pip install --quiet --no-index --no-deps --no-compile --upgrade --target $(GPU_SITE) \
+			$(WHEELS)/*.whl; fi
+	PYTHONPATH=$(CURDIR)/src:$(CURDIR)/$(GPU_SITE)$${PYTHONPATH:+:$$PYTHONPATH} PYTHONUNBUFFERED=1 \
+		$(GPU_PYTHON) benchmarks/gpu_check.py --device $(DEVICE) --out $(GPU_CHECK_OUT)
+
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
@@ -73,4 +89,4 @@ format: $(DEV_STAMP)
 	$(BIN)/ruff check --fix src tests benchmarks
 
 clean:
-	rm -rf $(VENV) .bounds build dist src/*.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) .bounds build dist src/*.egg-info .pytest_cache .ruff_cache $(GPU_SITE) $(GPU_CHECK_OUT)

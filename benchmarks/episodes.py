@@ -2,6 +2,10 @@
 
     python benchmarks/episodes.py [--device cpu|cuda] [--json PATH] [--batches 1,4] [--iterations N]
 
+Each case is printed as it finishes. A case that runs out of device memory is printed as such and left out (the
+other cases go on). Without `--batches`: 1,4 on the CPU; on CUDA the E of 1, 4, 16, 32, 64 whose estimated peak
+(the heaviest method's per-episode memory, measured by a two-iteration fit at E = 1, times E) fits the free memory.
+
 CPU mode: the tiny model (random weights; speed does not depend on their values), 5-way 5-shot, a reduced number of
 iterations so the whole run takes a few minutes. `--backbone NAME` takes any supported model (`cdfsl backbones`), e.g.
 the small member of each family (`small-clip`, `small-pe-core`, `small-siglip2`) or `PE-Core-B-16` on a GPU. GPU
@@ -22,6 +26,7 @@ step and one prediction, and the peak measured by a large matmul on the same dev
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import resource
@@ -47,7 +52,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--batches", help="episode batches E, comma-separated (default: cpu 1,4; cuda 1,4,16,32)")
+    parser.add_argument("--batches", help="episode batches E, comma-separated (default: cpu 1,4; cuda what fits)")
     parser.add_argument("--iterations", type=int, help="training iterations per episode (default: cpu 20, cuda 250)")
     parser.add_argument("--repeats", type=int, default=1, help="timed repetitions per (method, E)")
     parser.add_argument("--backbone", help="default: tiny on cpu, ViT-B-16 on cuda")
@@ -98,9 +103,8 @@ def episode_flops(config: RunConfig, method_name: str, backbone: Any, dtype: tor
 
 def _config(base: RunConfig, method: str, iterations: int | None = None) -> RunConfig:
     """`base` for `method` (resolved under `base.recipe`, or the method's default recipe when it is None)."""
-    config = RunConfig(**{**base.__dict__})
+    config = copy.deepcopy(base)
     config.method = method
-    config.train = type(base.train)(**{**base.train.__dict__})
     if iterations is not None:
         config.train.iterations = iterations
     return config.resolved()
@@ -130,12 +134,47 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB; process-wide peak RSS
 
 
+CUDA_BATCHES = (1, 4, 16, 32, 64)
+
+
+def default_batches(config: RunConfig, methods: list[str], backbone: Any, dtype: Any) -> list[int]:
+    """The E of `CUDA_BATCHES` whose estimated peak fits the device's free memory (1,4 on the CPU): per method, a
+    two-iteration fit at E = 1 gives its memory above the loaded backbone; the largest of these times E, with a
+    fifth more for the allocator's fragmentation, must fit in what is free with the cache emptied."""
+    device = backbone.device
+    if device.type != "cuda":
+        return [1, 4]
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated(device)
+    per_episode = 0
+    for method in methods:
+        torch.cuda.reset_peak_memory_stats(device)
+        try:
+            warm_up(config, method, 1, backbone, dtype)
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            return [1]
+        per_episode = max(per_episode, torch.cuda.max_memory_allocated(device) - base)
+        torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info(device)
+    fitting = [e for e in CUDA_BATCHES if e * per_episode * 1.2 <= free]
+    return fitting or [1]
+
+
+def out_of_memory(case: tuple[str, int], error: BaseException, device: torch.device) -> str:
+    """Report a case that ran out of memory (printed at once) and free what it held."""
+    message = f"{case[0]} E={case[1]}: out of memory ({str(error).splitlines()[0]}); left out"
+    print(message, flush=True)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return message
+
+
 def main() -> None:
     args = parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     backbone_name = args.backbone or ("ViT-B-16" if cuda else "tiny")
-    batches = [int(b) for b in (args.batches or ("1,4,16,32" if cuda else "1,4")).split(",")]
     iterations = args.iterations or (250 if cuda else 20)
     methods = args.methods.split(",")
     recipe = None if args.recipe == "default" else args.recipe
@@ -148,6 +187,10 @@ def main() -> None:
     backbone = load_backbone(backbone_name, "none", device)
     peak = matmul_peak(device, torch.bfloat16 if cuda else torch.float32)
     views = config.ways * config.shots * len(config.augment.views)
+    batches = (
+        [int(b) for b in args.batches.split(",")] if args.batches else default_batches(config, methods, backbone, dtype)
+    )
+    print(f"{backbone_name} on {device}, E = {', '.join(map(str, batches))}", flush=True)
 
     def per_step_images(method: str) -> int:
         batch = _config(config, method).train.batch_size
@@ -159,16 +202,33 @@ def main() -> None:
     flops = {m: episode_flops(config, m, backbone, dtype) for m in methods}
     times: dict[tuple[str, int], list[float]] = {case: [] for case in cases}
     peaks: dict[tuple[str, int], float] = {}
+    failed: dict[tuple[str, int], str] = {}
     for case in cases:
-        warm_up(config, *case, backbone, dtype)
-    for _ in range(args.repeats):
-        for method_name, episodes in cases:
+        try:
+            warm_up(config, *case, backbone, dtype)
+        except torch.OutOfMemoryError as error:
+            failed[case] = out_of_memory(case, error, device)
+    for repeat in range(args.repeats):
+        for case in cases:
+            if case in failed:
+                continue
+            method_name, episodes = case
             if cuda:
                 torch.cuda.reset_peak_memory_stats(device)
-            times[(method_name, episodes)].append(measure_once(config, method_name, episodes, backbone, dtype))
-            peaks[(method_name, episodes)] = max(peaks.get((method_name, episodes), 0.0), peak_memory_mb(device))
+            try:
+                seconds = measure_once(config, method_name, episodes, backbone, dtype)
+            except torch.OutOfMemoryError as error:
+                failed[case] = out_of_memory(case, error, device)
+                continue
+            times[case].append(seconds)
+            peaks[case] = max(peaks.get(case, 0.0), peak_memory_mb(device))
+            print(
+                f"{method_name} E={episodes} repeat {repeat + 1}/{args.repeats}: {seconds / episodes:.2f} s/episode, "
+                f"peak {peaks[case]:.0f} MB",
+                flush=True,
+            )
     records = []
-    for method_name, episodes in cases:
+    for method_name, episodes in (case for case in cases if case not in failed):
         runs = sorted(times[(method_name, episodes)])
         seconds = runs[len(runs) // 2]
         per_episode = seconds / episodes
@@ -189,7 +249,8 @@ def main() -> None:
         match = [r["s_per_episode"] for r in records if r["method"] == method and r["episode_batch"] == episodes]
         return match[0] if match else None
 
-    largest = max(batches)
+    measured = [e for m, e in cases if (m, e) not in failed] or batches
+    largest = max(measured)
     lora = s_per_episode("lora", largest)
     ratios = {
         "tir_over_lora": s_per_episode("tir", largest) / lora if lora and s_per_episode("tir", largest) else None,
@@ -210,6 +271,7 @@ def main() -> None:
         "torch": torch.__version__,
         "records": records,
         "ratios": ratios,
+        "out_of_memory": list(failed.values()),
     }
     print(markdown(result))
     if args.json:

@@ -532,12 +532,12 @@ import cdfsl.engine.runner as runner_module
 from cdfsl.config import RunConfig
 
 db, out, barrier, name = sys.argv[1:5]
-trained = []
+trained, built = [], []
 original = context_module.build_batch
 
 def recording(episodes, *args, **kwargs):
-    trained.extend(episode.index for episode in episodes)
-    if len(trained) == len(episodes):  # first batch: wait until the other process holds a claim too
+    built.extend(episode.index for episode in episodes)  # built, maybe ahead of a claim (the fed pipeline's guess)
+    if len(built) == len(episodes):  # first batch: wait until the other process holds a claim too
         pathlib.Path(barrier, name).touch()
         deadline = time.time() + 120
         while len(list(pathlib.Path(barrier).iterdir())) < 2 and time.time() < deadline:
@@ -550,7 +550,7 @@ config = RunConfig(
     device="cpu", db=db,
 )
 config.train.iterations = 2
-runner = runner_module.Runner(poll_seconds=0.2)
+runner = runner_module.Runner(poll_seconds=0.2, on_stored=lambda _, results: trained.extend(r.episode for r in results))
 result = runner.run(config)
 pathlib.Path(out).write_text(json.dumps({
     "owner": runner.owner, "trained": trained, "trained_episodes": result.trained_episodes,

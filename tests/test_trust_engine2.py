@@ -73,12 +73,11 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> RunResult:
 
 KILLED_WORKER = """
 import pathlib, sys, time
-import cdfsl.engine.context as context_module
-from cdfsl.engine.runner import Runner
+import cdfsl.engine.runner as runner_module
 from digits_world import stored_run_config
 
 db, marker = sys.argv[1:3]
-original = context_module.build_batch
+original = runner_module._train_batch
 calls = 0
 
 def stall_on_second(*args, **kwargs):
@@ -89,8 +88,8 @@ def stall_on_second(*args, **kwargs):
         time.sleep(600)
     return original(*args, **kwargs)
 
-context_module.build_batch = stall_on_second
-Runner().run(stored_run_config(db, 2, episode_batch=1))
+runner_module._train_batch = stall_on_second
+runner_module.Runner().run(stored_run_config(db, 2, episode_batch=1))
 """
 
 RESUME = """

@@ -101,6 +101,7 @@ class RunConfig:
     tokenizer: str | None = None  # a local Hugging Face tokenizer folder; None: the backbone's own (docs/backbones.md)
     device: str = "auto"
     episode_batch: int = 1
+    deterministic: bool = False  # deterministic GPU kernels (engine/reproducibility.py); not in the run identity
     db: str = "results.sqlite"
     run_name: str | None = None
     cache_dir: str | None = None

@@ -41,6 +41,9 @@ def fit_command(
     seed: Annotated[int, typer.Option(help="Seed of the drawn shots, the augmented views and training.")] = 0,
     iterations: IterationsOption = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    deterministic: Annotated[
+        bool, typer.Option(help="Deterministic GPU kernels and the math attention path (docs/protocol.md).")
+    ] = False,
     set_: SetOption = None,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace the classifier already saved in --out (whole, at once).")
@@ -71,8 +74,11 @@ def fit_command(
             task = bar.add_task(f"fit {method}", total=steps, accuracy="")
         bar.update(task, completed=step, total=steps)
 
+    from cdfsl.engine.reproducibility import deterministic_mode
+
     try:
-        classifier.fit(data, shots=shots, on_step=advance)
+        with deterministic_mode(deterministic):
+            classifier.fit(data, shots=shots, on_step=advance)
     finally:
         if task is not None:
             bar.stop()

@@ -46,6 +46,7 @@ CONFIG_OPTIONS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "pretrained": ("pretrained", str),
     "tokenizer": ("tokenizer", lambda v: str(v) if v else None),
     "device": ("device", str),
+    "deterministic": ("deterministic", bool),
     "db": ("db", str),
     "run_name": ("run_name", lambda v: v),
     "cache_dir": ("cache_dir", lambda v: str(v) if v else None),

@@ -29,6 +29,7 @@ from cdfsl.cli.options import (
 from cdfsl.cli.output import check_output_file, check_output_folder, console, out
 from cdfsl.cli.progress import run_with_progress
 from cdfsl.config import RunConfig
+from cdfsl.engine.reproducibility import set_cublas_workspace
 from cdfsl.errors import ConfigError
 from cdfsl.recipes import RECIPES
 
@@ -88,6 +89,13 @@ def run_command(
         ),
     ] = 256,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    deterministic: Annotated[
+        bool,
+        typer.Option(
+            help="Deterministic GPU kernels and the math attention path: repeatable on one GPU model, slower "
+            "(docs/protocol.md, Reproducibility). Not part of the run id."
+        ),
+    ] = False,
     db: Annotated[Path, typer.Option(help="SQLite result store.")] = Path("results.sqlite"),
     run_name: Annotated[str | None, typer.Option(help="A label for reports.")] = None,
     cache_dir: Annotated[Path | None, typer.Option(help="Folder for a disk cache of decoded images.")] = None,
@@ -109,6 +117,8 @@ def run_command(
 
     if eval_batch < 1:
         raise ConfigError(f"--eval-batch must be at least 1 image, got {eval_batch}")
+    if deterministic:  # before anything reaches cuBLAS (the trial fits of --episode-batch auto)
+        set_cublas_workspace()
     base = load_config_file(config_file) if config_file is not None else None
     given = typed_options(ctx)
     if json_path is not None:

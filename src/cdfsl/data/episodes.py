@@ -62,7 +62,9 @@ def build_batch(
     """Decode (through the cache), augment and normalize the images of `episodes`.
 
     `with_views=False` keeps only the plain support image (methods that do not train). The episodes must share one
-    `EpisodeShape` (else a `ValueError`: split them with `group_by_shape` first).
+    `EpisodeShape` (else a `ValueError`: split them with `group_by_shape` first). On CUDA the images and labels are
+    copied from pinned host memory without waiting (`to_device`), so a batch built in a background thread
+    (`engine.prefetch.BatchFeed`) never stalls the training thread on a copy.
     """
     shapes = sorted({EpisodeShape.of(episode) for episode in episodes})
     if len(shapes) > 1:
@@ -72,15 +74,17 @@ def build_batch(
     views = augment.views if with_views else ("plain",)
     for episode in episodes:
         support_items = episode.support_items()
-        images = cache.get([item for item, _ in support_items]).to(device).float() / 255.0
+        images = to_device(cache.get([item for item, _ in support_items], pinned=_pins(device)), device)
+        images = images.float() / 255.0
         generator = torch_stream(seed, episode.index, "views")
         viewed = support_views(images, views, generator, augment.rotation, augment.jitter, augment.flip_p)
         supports.append(normalize(viewed.flatten(0, 1)))
-        labels = torch.tensor([label for _, label in support_items], device=device)
+        labels = to_device(torch.tensor([label for _, label in support_items]), device)
         support_labels.append(labels.repeat_interleave(len(views)))
         query_items = episode.query_items()
-        queries.append(normalize(cache.get([item for item, _ in query_items]).to(device).float() / 255.0))
-        query_labels.append(torch.tensor([label for _, label in query_items], device=device))
+        query_images = to_device(cache.get([item for item, _ in query_items], pinned=_pins(device)), device)
+        queries.append(normalize(query_images.float() / 255.0))
+        query_labels.append(to_device(torch.tensor([label for _, label in query_items]), device))
     return EpisodeBatch(
         episodes=list(episodes),
         class_names=[[index.class_names[c] for c in episode.classes] for episode in episodes],
@@ -90,6 +94,18 @@ def build_batch(
         query_labels=torch.stack(query_labels),
         seed=seed,
     )
+
+
+def to_device(tensor: Tensor, device: torch.device) -> Tensor:
+    """`tensor` (on the CPU) on `device`; to CUDA from page-locked memory without blocking the host: the copy is
+    queued on the current stream, which every later use of the result on that stream follows."""
+    if not _pins(device):
+        return tensor.to(device)
+    return (tensor if tensor.is_pinned() else tensor.pin_memory()).to(device, non_blocking=True)
+
+
+def _pins(device: torch.device) -> bool:
+    return device.type == "cuda"
 
 
 def group_by_shape(episodes: Sequence[Episode]) -> list[list[Episode]]:

@@ -190,8 +190,9 @@ class ImageCache:
                 stacklevel=2,
             )
 
-    def get(self, positions: list[int]) -> Tensor:
-        """Images at item `positions` → uint8 `[N, 3, size, size]`."""
+    def get(self, positions: list[int], pinned: bool = False) -> Tensor:
+        """Images at item `positions` → uint8 `[N, 3, size, size]`; with `pinned`, in page-locked host memory, so a
+        copy to a CUDA device can be asynchronous (`Tensor.to(device, non_blocking=True)`)."""
         missing = sorted({p for p in positions if p not in self._memory})
         if missing:
             if self._disk is not None:
@@ -202,10 +203,12 @@ class ImageCache:
             else:
                 arrays = [self._decode(p) for p in missing]
             self._memory.update(zip(missing, arrays, strict=True))
-        if not positions:
-            return torch.zeros((0, 3, self.size, self.size), dtype=torch.uint8)
-        stacked = np.stack([self._memory[p] for p in positions])
-        return torch.from_numpy(stacked).permute(0, 3, 1, 2).contiguous()
+        shape = (len(positions), 3, self.size, self.size)
+        images = torch.empty(shape, dtype=torch.uint8, pin_memory=pinned)
+        if positions:
+            stacked = np.stack([self._memory[p] for p in positions])
+            images.copy_(torch.from_numpy(stacked).permute(0, 3, 1, 2))
+        return images
 
     def __len__(self) -> int:
         return len(self._memory)

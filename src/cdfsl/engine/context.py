@@ -45,6 +45,7 @@ from cdfsl.data.protocols import (
     run_index,
     run_protocol,
 )
+from cdfsl.engine.prefetch import BatchFeed, fed
 from cdfsl.errors import ConfigError, DatasetWarning
 from cdfsl.spec import RunSpec
 
@@ -252,9 +253,16 @@ class RunContext:
             yield dataclasses.replace(batch, query=torch.stack(images), query_labels=torch.stack(labels))
 
     def batches(self, episodes: Sequence[int], with_views: bool = True) -> Iterator[EpisodeBatch]:
-        """`shaped_batches` over `episodes` in consecutive chunks of `config.episode_batch` episodes."""
-        for chunk in chunks(episodes, self.config.episode_batch):
-            yield from self.shaped_batches(chunk, with_views)
+        """`shaped_batches` over `episodes` in consecutive chunks of `config.episode_batch` episodes, each batch
+        built in a background thread while the caller works on the one before (`engine.prefetch`)."""
+        _, sampler = self.data()
+        groups = [
+            [episode.index for episode in group]
+            for chunk in chunks(episodes, self.config.episode_batch)
+            for group in group_by_shape(sampler.episodes(chunk))
+        ]
+        with BatchFeed(self.batch) as feed:
+            yield from fed(feed, groups, with_views)
 
 
 def build_context(

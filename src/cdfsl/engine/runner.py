@@ -29,6 +29,10 @@ the whole test split as queries. It goes through the same claims and store; only
 streamed batches (`train_streamed`, `RunContext.query_batches`), and its one stored row carries the per-class accuracy
 as the record `class_accuracy`. A seed is one run, so a finished seed is never retrained and a killed one stores
 nothing.
+
+While a batch trains, the batch of the episodes after it (what the next claim returns unless another process took
+them) is decoded, augmented and copied in a background thread (`engine.prefetch.BatchFeed`); each stored episode
+records the model of the device that trained it (`engine.reproducibility.device_model`).
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ import math
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,11 +54,13 @@ from cdfsl.backbone.adapter import ClipAdapter
 from cdfsl.backbone.factory import resolve_activation, weights_identity
 from cdfsl.backbone.tokenizers import tokenizer_identity
 from cdfsl.config import RunConfig, run_id_of
-from cdfsl.data.episodes import group_by_shape
+from cdfsl.data.episodes import EpisodeBatch, group_by_shape
 from cdfsl.data.images import ImageCache, image_rule
 from cdfsl.data.index import ImageIndex
 from cdfsl.data.protocols import ALL_WAY, FIXED_WAY, get_protocol
 from cdfsl.engine.context import LoadCache, RunContext, build_context, resolve_precision
+from cdfsl.engine.prefetch import BatchFeed
+from cdfsl.engine.reproducibility import deterministic_mode, device_model
 from cdfsl.engine.store import EpisodeQueries, EpisodeResult, Holder, ResultStore, new_owner_id, record_names
 from cdfsl.errors import OutOfMemoryWarning, StoreError
 from cdfsl.methods import Method, build_method
@@ -121,23 +127,48 @@ def _identity_arguments(context: RunContext, device: str | None) -> tuple[Any, .
     )
 
 
-def train_episodes(context: RunContext, method: Method, episodes: list[int]) -> list[EpisodeResult]:
+def train_episodes(
+    context: RunContext,
+    method: Method,
+    episodes: list[int],
+    feed: BatchFeed[EpisodeBatch] | None = None,
+    upcoming: Sequence[int] = (),
+) -> list[EpisodeResult]:
     """Fit and predict episodes `episodes` of the context's run, one batch per episode shape (a single batch under
-    `fixed-way`); their results (not stored), in the order of `episodes`."""
+    `fixed-way`); their results (not stored), in the order of `episodes`.
+
+    With a `feed` (`engine.prefetch.BatchFeed` over `context.batch`), each batch is taken from it and the next one
+    (the next shape's, after the last one the first shape's of `upcoming`: the episodes the caller expects to train
+    next) is built in the background while this one trains; the results are the same."""
+    sampler = context.data()[1]
+    groups = [[episode.index for episode in chunk] for chunk in group_by_shape(sampler.episodes(episodes))]
+    if upcoming:
+        groups.append([episode.index for episode in group_by_shape(sampler.episodes(upcoming))[0]])
     by_episode: dict[int, EpisodeResult] = {}
-    train = train_streamed if context.streamed else _train_splitting
-    for chunk in group_by_shape(context.data()[1].episodes(episodes)):
-        for result in train(context, method, [episode.index for episode in chunk]):
+    for position, group in enumerate(groups[: len(groups) - bool(upcoming)]):
+        following = groups[position + 1] if position + 1 < len(groups) else None
+        if context.streamed:
+            results = train_streamed(context, method, group)
+        else:
+            results = _train_splitting(context, method, group, feed, following)
+        for result in results:
             by_episode[result.episode] = result
     return [by_episode[i] for i in episodes]
 
 
-def _train_splitting(context: RunContext, method: Method, episodes: list[int]) -> list[EpisodeResult]:
+def _train_splitting(
+    context: RunContext,
+    method: Method,
+    episodes: list[int],
+    feed: BatchFeed[EpisodeBatch] | None = None,
+    following: list[int] | None = None,
+) -> list[EpisodeResult]:
     """`_train_batch`, with a batch that runs out of device memory split in two halves, each trained the same way
     (down to one episode, whose out-of-memory error is raised). Episodes are independent and a fit starts afresh per
-    batch, so the results are those of the whole batch; an `OutOfMemoryWarning` says what was split."""
+    batch, so the results are those of the whole batch; an `OutOfMemoryWarning` says what was split. The halves are
+    built on the spot (the feed had prepared the whole batch)."""
     try:
-        return _train_batch(context, method, episodes)
+        return _train_batch(context, method, episodes, feed, following)
     except torch.OutOfMemoryError as error:
         if len(episodes) == 1:
             raise
@@ -172,13 +203,15 @@ def train_streamed(context: RunContext, method: Method, episodes: list[int]) -> 
     `class_accuracy`: per class name, the share of its queries predicted right (classes without a query left out)."""
     batch_start = time.perf_counter()
     support = context.support_batch(episodes, with_views=context.spec.trains)
-    method.fit(support)
+    with deterministic_mode(context.config.deterministic):
+        method.fit(support)
     total = sum(len(items) for items in support.episodes[0].query)
     predicted: list[list[int]] = [[] for _ in episodes]
     truth: list[list[int]] = [[] for _ in episodes]
     done = 0
     for part in context.query_batches(support):
-        guesses = method.predict(part).argmax(dim=-1).tolist()  # [E][b]
+        with deterministic_mode(context.config.deterministic):
+            guesses = method.predict(part).argmax(dim=-1).tolist()  # [E][b]
         for e, (guess, label) in enumerate(zip(guesses, part.query_labels.tolist(), strict=True)):
             predicted[e] += guess
             truth[e] += label
@@ -208,12 +241,25 @@ def class_accuracy(class_names: tuple[str, ...], truth: list[int], predicted: li
     return {name: right[c] / seen[c] for c, name in enumerate(class_names) if seen[c]}
 
 
-def _train_batch(context: RunContext, method: Method, episodes: list[int]) -> list[EpisodeResult]:
-    """Fit and predict episodes of one shape as one batch."""
+def _train_batch(
+    context: RunContext,
+    method: Method,
+    episodes: list[int],
+    feed: BatchFeed[EpisodeBatch] | None = None,
+    following: list[int] | None = None,
+) -> list[EpisodeResult]:
+    """Fit and predict episodes of one shape as one batch (taken from `feed`, which then starts on `following`)."""
     batch_start = time.perf_counter()
-    batch = context.batch(episodes, with_views=context.spec.trains)
-    method.fit(batch)
-    predicted = method.predict(batch).argmax(dim=-1).tolist()  # [E][Q]
+    trains = context.spec.trains
+    if feed is None:
+        batch = context.batch(episodes, with_views=trains)
+    else:
+        batch = feed.take(episodes, trains)
+        if following is not None:
+            feed.prepare(following, trains)
+    with deterministic_mode(context.config.deterministic):
+        method.fit(batch)
+        predicted = method.predict(batch).argmax(dim=-1).tolist()  # [E][Q]
     truth = batch.query_labels.tolist()
     seconds = (time.perf_counter() - batch_start) / len(episodes)
     records = method.episode_records() or [{} for _ in episodes]
@@ -419,9 +465,13 @@ class Runner:
             resumed = tally.count
             trained = 0
             if resumed < total:
+                feed = BatchFeed(context.batch)
 
                 def train(chunk: list[int]) -> list[EpisodeResult]:
-                    return train_episodes(context, method, chunk)
+                    # Guess the next claim (the episodes after this chunk; right unless others hold or stored some)
+                    # so its images are prepared while this chunk trains; a wrong guess only costs that work.
+                    upcoming = range(chunk[-1] + 1, min(chunk[-1] + 1 + config.episode_batch, total))
+                    return train_episodes(context, method, chunk, feed, upcoming)
 
                 def report() -> None:
                     if self.progress is not None:
@@ -432,8 +482,12 @@ class Runner:
                     method = build_method(context.spec, context.backbone, context.autocast_dtype)
                     context.load()  # the image cache, before the first claim
                     with store.keep_claims_alive(self.owner, self.lease_seconds):
-                        trained = self._share(store, run_id, total, config, identity, tally, train, report)
+                        trained = self._share(
+                            store, run_id, total, config, identity, tally, train, report, device_model(context.device)
+                        )
+                    feed.close()
                 except BaseException as error:
+                    feed.close()
                     # Interrupted or failed: hand back the claims of the batch in flight (nothing of it is stored).
                     with suppress(StoreError):
                         store.release_claims(run_id, self.owner)
@@ -476,9 +530,10 @@ class Runner:
         tally: _Tally,
         train: Callable[[list[int]], list[EpisodeResult]],
         report: Callable[[], None],
+        device: str | None = None,
     ) -> int:
         """Claim, train and store batches until every episode below `total` is stored; return how many this
-        process trained.
+        process trained. `device`: the device model stored with each episode (`ResultStore.add_episodes`).
 
         One ascending sweep claims every free episode; then, while other owners hold live claims, poll: when an
         episode is neither stored nor held by a live claim (its owner was killed or interrupted), sweep again.
@@ -492,7 +547,9 @@ class Runner:
             )
             if chunk:
                 results = train(chunk)
-                store.add_episodes(run_id, results, owner=self.owner, config=config.to_dict(), identity=identity)
+                store.add_episodes(
+                    run_id, results, owner=self.owner, config=config.to_dict(), identity=identity, device=device
+                )
                 if self.on_stored is not None:
                     self.on_stored(config.run_name or run_id, results)
                 trained += len(chunk)

@@ -7,8 +7,10 @@ Schema (bound parameters only; names and config values are data, never SQL):
   gets its row in the same transaction as its first stored episodes, so a run that failed before finishing an
   episode leaves no row.
 - `episodes(run_id, episode, correct, total, accuracy, seconds, finished_at, trained_by, queries_json, curves_json,
-  records_json, PK(run_id, episode))`, accuracy in [0, 1]; `trained_by` is the owner id of the process that trained
-  the episode (NULL in rows written before it existed, or through `add_episodes` without an owner); `queries_json`
+  records_json, device, PK(run_id, episode))`, accuracy in [0, 1]; `device` the model of the device that trained
+  the episode (`engine.reproducibility.device_model`; NULL in rows written before it existed); `trained_by` is the
+  owner id of the process that trained the episode (NULL in rows written before it existed, or through
+  `add_episodes` without an owner); `queries_json`
   its per-query labels, `curves_json` its training curves; `records_json` what the method recorded for the episode
   beyond accuracy, as one JSON object of named values (VtT's `dlc_off_step`, MaPLe's epoch losses; NULL: nothing
   recorded). Stores written before `records_json` existed may hold a `dlc_off_step` column (VtT's switch-off step,
@@ -89,6 +91,7 @@ _TABLES = {
     queries_json TEXT,
     curves_json TEXT,
     records_json TEXT,
+    device TEXT,
     PRIMARY KEY (run_id, episode)
 )""",
     "claims": """CREATE TABLE IF NOT EXISTS claims (
@@ -116,6 +119,7 @@ _ADDED_COLUMNS = {
         ("queries_json", "TEXT"),
         ("curves_json", "TEXT"),
         ("records_json", "TEXT"),
+        ("device", "TEXT"),
     ),
 }
 # The one per-episode record that had a column of its own before `records_json` (VtT's switch-off step); read from
@@ -573,12 +577,14 @@ class ResultStore:
         owner: str | None = None,
         config: dict[str, Any] | None = None,
         identity: dict[str, Any] | None = None,
+        device: str | None = None,
     ) -> int:
         """Store finished episodes in one transaction; an episode already stored is kept as it was. Returns how
         many rows were added (the episodes not stored before).
 
         With `config` and `identity`, the run is registered (as `register_run`) in the same transaction. With
-        `owner`, the rows record it as `trained_by` and the owner's claims on these episodes are deleted.
+        `owner`, the rows record it as `trained_by` and the owner's claims on these episodes are deleted. `device`:
+        the model of the device that trained them (`engine.reproducibility.device_model`), read by `episode_devices`.
         """
         finished = _now()
         results = list(results)
@@ -595,6 +601,7 @@ class ResultStore:
                 r.queries.to_json() if r.queries is not None else None,
                 json.dumps(r.curves, separators=(",", ":")) if r.curves else None,
                 records_json(r.records, f"run {run_id} episode {r.episode}"),
+                device,
             )
             for r in results
         ]  # encoded before the transaction: a record that cannot be stored stores nothing of the batch
@@ -603,7 +610,8 @@ class ResultStore:
                 self._register(db, run_id, config, identity)
             added = db.executemany(
                 "INSERT OR IGNORE INTO episodes (run_id, episode, correct, total, accuracy, seconds, finished_at,"
-                " trained_by, queries_json, curves_json, records_json) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " trained_by, queries_json, curves_json, records_json, device)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 rows,
             )
             if owner is not None:
@@ -781,6 +789,11 @@ class ResultStore:
     def episode_accuracies(self, run_id: str, below: int | None = None) -> dict[int, float]:
         """Episode index → accuracy in [0, 1], for every stored episode of the run (only those `< below`)."""
         return self._per_episode("accuracy", run_id, below)
+
+    def episode_devices(self, run_id: str, below: int | None = None) -> dict[int, str | None]:
+        """Episode index → the model of the device that trained it (`cpu: <processor>` or the GPU's name; None in
+        rows stored before cdfsl recorded it), for every stored episode of the run (only those `< below`)."""
+        return self._per_episode("device", run_id, below)
 
     def episode_records(self, run_id: str, below: int | None = None) -> dict[int, dict[str, Any]]:
         """Episode index → what the method recorded for it beyond accuracy, by name (empty: nothing recorded, or
