@@ -143,3 +143,5 @@ register_protocol(
         description="N-way K-shot Q-query episodes, classes and images drawn uniformly (the CD-FSL benchmark's)",
     )
 )
+
+import cdfsl.data.md_sampler  # noqa: E402,F401  (registers the `meta-dataset` protocol)
