@@ -268,5 +268,7 @@ register_protocol(
         column=episode_column,
         largest=lambda _: EpisodeLimits().largest,
         description="Meta-Dataset's episodes: 5-50 ways, imbalanced shots, up to 500 supports and 10 queries a class",
+        fewest_ways=lambda _: EpisodeLimits().min_ways,
+        varies_shots=True,
     )
 )

@@ -87,6 +87,8 @@ class EpisodeProtocol:
         largest: (settings) → the largest shape (per field) an episode can have: what `--episode-batch auto` sizes
             memory for.
         description: one line for listings and docs.
+        fewest_ways: (settings) → the fewest classes an episode can have (what TIR's auto beta needs), or None.
+        varies_shots: whether its episodes' shots per class vary (are not the run's `shots`).
     """
 
     name: str
@@ -94,6 +96,8 @@ class EpisodeProtocol:
     column: Callable[[EpisodeSettings], str]
     largest: Callable[[EpisodeSettings], EpisodeShape]
     description: str = ""
+    fewest_ways: Callable[[EpisodeSettings], int] | None = None
+    varies_shots: bool = False
 
 
 PROTOCOLS: dict[str, EpisodeProtocol] = {}
@@ -141,6 +145,7 @@ register_protocol(
         column=lambda settings: f"{settings.shots}-shot",
         largest=lambda s: EpisodeShape(s.ways, s.ways * s.shots, s.ways * s.queries),
         description="N-way K-shot Q-query episodes, classes and images drawn uniformly (the CD-FSL benchmark's)",
+        fewest_ways=lambda s: s.ways,
     )
 )
 

@@ -30,7 +30,7 @@ from cdfsl.config import RunConfig
 from cdfsl.data.episodes import EpisodeBatch, build_batch, group_by_shape
 from cdfsl.data.images import ImageCache
 from cdfsl.data.index import Episode, ImageIndex
-from cdfsl.data.protocols import FIXED_WAY, EpisodeSettings, Sampler, build_sampler, protocol_of
+from cdfsl.data.protocols import FIXED_WAY, EpisodeSettings, Sampler, build_sampler
 from cdfsl.data.readers import load_index
 from cdfsl.errors import ConfigError, DatasetWarning
 from cdfsl.spec import RunSpec
@@ -207,7 +207,7 @@ def build_context(config: RunConfig | RunSpec, loads: LoadCache | None = None, *
     device = resolve_device(config.device)
     precision, autocast_dtype = resolve_precision(config.train.precision, device)
     index, sampler = None, None
-    protocol = protocol_of(config.dataset)
+    protocol = config.episode_protocol
     if load_data:
         index = load_index(config.dataset, config.data_root)
         settings = EpisodeSettings(config.ways, config.shots, config.queries)
