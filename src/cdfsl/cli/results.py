@@ -113,7 +113,7 @@ def _md_table_report(db: Path, format_: str, output: Path | None, other_report: 
     from cdfsl.engine.store import ResultStore
 
     if other_report:
-        raise ConfigError("--meta-dataset is a report of its own: give it without --paired, --per-class, --curves, --plot")
+        raise ConfigError("--meta-dataset is a report of its own: give it without --paired, --per-class or --curves")
     if format_ not in MD_FORMATS:
         raise ConfigError(f"--meta-dataset comes as {', '.join(MD_FORMATS)}, not {format_!r}")
     with ResultStore(db, read_only=True) as store:
