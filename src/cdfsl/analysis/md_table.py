@@ -19,11 +19,13 @@ import csv
 import io
 import json
 import math
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
 from cdfsl.data.md_sampler import META_DATASET
+from cdfsl.data.protocols import PROTOCOLS, EpisodeSettings
 from cdfsl.engine.store import ResultStore, RunRecord
 from cdfsl.labels import changed_settings, episode_ways, run_label, variant_text
 from cdfsl.stats import mean_ci95
@@ -72,13 +74,17 @@ class MdReport:
 
 
 def episode_kind(run: RunRecord, protocol: str | None) -> str | None:
-    """The table a run belongs to (`VARIABLE`, or `N-way K-shot` for a fixed shape on a source), None for a run
-    outside the Meta-Dataset table."""
+    """The table a run belongs to, None for a run outside the Meta-Dataset tables: `VARIABLE` under the
+    `meta-dataset` protocol, `N-way K-shot` for a fixed shape on a source (`protocol` None: fixed-way), and another
+    protocol's own column heading on a source."""
     if protocol == META_DATASET:
         return VARIABLE
-    if protocol is None and run.dataset.startswith(MD_PREFIX):
+    if not run.dataset.startswith(MD_PREFIX):
+        return None
+    if protocol is None:
         return f"{run.ways}-way {run.shots}-shot"
-    return None
+    known = PROTOCOLS.get(protocol)
+    return known.column(EpisodeSettings(run.ways, run.shots, run.queries)) if known is not None else protocol
 
 
 def _source_key(source: str) -> tuple[int, str]:
@@ -86,7 +92,8 @@ def _source_key(source: str) -> tuple[int, str]:
 
 
 def _kind_key(kind: str) -> tuple[int, str]:
-    return (0 if kind == VARIABLE else 1, kind)
+    """Variable episodes first (Meta-Dataset's own), then fixed shapes."""
+    return (1 if re.fullmatch(r"\d+-way \d+-shot", kind) else 0, kind)
 
 
 def build_md_report(store: ResultStore) -> MdReport:

@@ -1,0 +1,136 @@
+"""Every registered method on Meta-Dataset-style variable episodes: a digits-derived source (`md-digits`, its ten
+classes in two alphabets) under Meta-Dataset's sampler with small limits (2-4 ways, 1-3 shots per class, up to 8
+supports, 2 queries per class), through fit, the store, resume, `run --json` and `report --meta-dataset`; and the
+fixed-shape variant selected by typed `--ways/--shots/--queries`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cdfsl.analysis.md_table import build_md_report, render_md_report
+from cdfsl.config import METHODS, RunConfig
+from cdfsl.data import md_sampler
+from cdfsl.data.benchmarks import DATASETS, Benchmark
+from cdfsl.data.md_sampler import ClassGroups, EpisodeLimits, MetaDatasetSampler
+from cdfsl.data.protocols import PROTOCOLS, EpisodeProtocol, EpisodeSettings
+from cdfsl.engine.context import build_context
+from cdfsl.engine.runner import Runner, run_identity
+from cdfsl.engine.store import ResultStore
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SOURCE = "md-digits"
+SMALL = "md-small"
+LIMITS = EpisodeLimits(min_ways=2, max_ways=4, max_queries=2, max_support=8, max_support_per_class=3)
+ALPHABETS = {"low": ("0", "1", "2", "3", "4"), "high": ("5", "6", "7", "8", "9")}
+
+
+def small_sampler(index, settings: EpisodeSettings, seed: int) -> MetaDatasetSampler:  # type: ignore[no-untyped-def]
+    return MetaDatasetSampler(index, seed, md_sampler.class_groups_of(index), LIMITS)
+
+
+@pytest.fixture
+def md_digits(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """`md-digits`: the digits under Meta-Dataset's rules at small limits, its classes in two alphabets."""
+    protocol = EpisodeProtocol(
+        SMALL, small_sampler, column=lambda _: "variable 2-4-way", largest=lambda _: LIMITS.largest, varies_shots=True
+    )
+    monkeypatch.setitem(PROTOCOLS, SMALL, protocol)
+    monkeypatch.setitem(DATASETS, SOURCE, Benchmark(SOURCE, reader="digits", class_names="digits", protocol=SMALL))
+    monkeypatch.setitem(md_sampler.CLASS_GROUPS, SOURCE, lambda index: ClassGroups(alphabets=ALPHABETS))
+    yield
+
+
+def small_config(method: str, db: Path) -> RunConfig:
+    """Two episodes of one shape (3 classes, 5 supports, 6 queries) whose shots per class differ: [2, 2, 1] and
+    [1, 2, 2] at seed 18, trained as one batch."""
+    config = RunConfig(
+        dataset=SOURCE, method=method, backbone="tiny", pretrained="none", episodes=2, episode_batch=2, seed=18,
+        device="cpu", db=str(db),
+    )  # fmt: skip
+    config.train.iterations = 1
+    config.augment.views = ("plain",)
+    config.maple.epochs, config.maple.warmup_epochs, config.maple.batch_size = 1, 0, 4
+    config.vtt.state, config.vtt.window = 4, 1
+    return config
+
+
+def stored_totals(db: Path, run_id: str) -> list[int]:
+    with sqlite3.connect(db) as connection:
+        rows = connection.execute("SELECT total FROM episodes WHERE run_id = ? ORDER BY episode", (run_id,)).fetchall()
+    return [total for (total,) in rows]
+
+
+def test_every_method_fits_stores_resumes_and_reports_variable_episodes(md_digits: None, tmp_path: Path) -> None:
+    db = tmp_path / "md.sqlite"
+    context = build_context(small_config("zeroshot", db))
+    index, sampler = context.data()
+    episodes = sampler.episodes([0, 1])
+    assert [[len(s) for s in e.support] for e in episodes] == [[2, 2, 1], [1, 2, 2]]
+    for episode in episodes:
+        names = {index.class_keys[c] for c in episode.classes}
+        assert any(names <= set(members) for members in ALPHABETS.values())  # one alphabet
+    assert run_identity(context)[1]["protocol"] == SMALL
+    runner = Runner()
+    for method in METHODS:
+        result = runner.run(small_config(method, db))
+        assert result.trained_episodes == 2, method
+        assert stored_totals(db, result.run_id) == [sum(len(q) for q in e.query) for e in episodes], method
+        again = runner.run(small_config(method, db))
+        assert (again.run_id, again.trained_episodes, again.per_episode) == (result.run_id, 0, result.per_episode)
+    with ResultStore(db, read_only=True) as store:
+        report = build_md_report(store)
+    (table,) = report.tables
+    assert (table.kind, table.sources, len(table.methods)) == ("variable 2-4-way", [SOURCE], len(METHODS))
+    assert all(cell.episodes == 2 for cell in table.cells.values())
+    from cdfsl.cli import app
+
+    shown = CliRunner().invoke(app, ["report", "--db", str(db), "--meta-dataset", "--format", "markdown"])
+    assert shown.exit_code == 0, shown.output
+    assert f"| {SOURCE} |" in shown.output and "overall (mean of sources)" in shown.output
+    assert render_md_report(report, "markdown") in shown.output
+
+
+def test_run_json_lists_each_episode_and_typed_shape_selects_fixed_way(md_digits: None, tmp_path: Path) -> None:
+    from cdfsl.cli import app
+
+    db, summary = tmp_path / "cli.sqlite", tmp_path / "run.json"
+    common = ["run", "--dataset", SOURCE, "--method", "zeroshot", "--backbone", "tiny", "--pretrained", "none"]
+    common += ["--episodes", "3", "--seed", "18", "--device", "cpu", "--db", str(db), "--json", str(summary)]
+    done = CliRunner().invoke(app, common)
+    assert done.exit_code == 0, done.output
+    written = json.loads(summary.read_text())
+    index, sampler = build_context(small_config("zeroshot", db)).data()
+    for entry, episode in zip(written["per_episode"], sampler.episodes([0, 1, 2]), strict=True):
+        assert entry["ways"] == episode.ways
+        assert entry["shots"] == [len(s) for s in episode.support]
+        assert entry["queries"] == [len(q) for q in episode.query] == [entry["queries"][0]] * episode.ways
+        assert entry["classes"] == [index.class_names[c] for c in episode.classes]
+
+    done = CliRunner().invoke(app, [*common, "--ways", "3", "--queries", "2"])
+    assert done.exit_code == 0, done.output
+    fixed = json.loads(summary.read_text())
+    assert fixed["config"]["protocol"] == "fixed-way"
+    assert fixed["run_id"] != written["run_id"]
+    assert all((e["ways"], e["shots"], e["queries"]) == (3, [1] * 3, [2] * 3) for e in fixed["per_episode"])
+    with ResultStore(db, read_only=True) as store:
+        kinds = [table.kind for table in build_md_report(store).tables]
+    assert kinds == ["variable 2-4-way", "3-way 1-shot"]
+
+
+def test_protocol_field_selects_and_resolves(md_digits: None) -> None:
+    config = RunConfig(dataset=SOURCE)
+    assert config.episode_protocol == SMALL
+    assert config.select_protocol(["method"]).protocol == "episodic"
+    assert config.select_protocol(["shots"]).protocol == "fixed-way"
+    assert config.episode_protocol == "fixed-way"
+    assert RunConfig(dataset="digits").select_protocol(["ways"]).protocol == "episodic"  # its own is fixed-way
+    assert RunConfig(dataset="digits", protocol="meta-dataset").episode_protocol == "meta-dataset"
+    assert dataclasses.replace(config, protocol="all-way").episode_protocol == SMALL
