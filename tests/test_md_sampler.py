@@ -4,6 +4,7 @@ episodes, determinism, and the distribution of 10,000 episodes' ways and support
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -196,3 +197,25 @@ def test_shots_follow_the_imbalance_weights() -> None:
     u = np.exp(rng.uniform(limits.min_log_weight, limits.max_log_weight, size=(200_000, 2)))
     expected = float(np.mean(400 * u[:, 1] / (100 * u[:, 0] + 400 * u[:, 1])))
     assert abs(float(np.mean(shares)) - expected) < 0.015
+
+
+def test_class_groups_from_a_sources_structure() -> None:
+    """`ClassGroups.of` reads the readers' structures (labels of the index's classes): a hierarchy's nodes above two
+    or more leaves, and alphabets."""
+
+    class Hierarchy:  # the shape of `cdfsl.data.md_hierarchy.ClassHierarchy`
+        spans: ClassVar[dict[str, tuple[int, ...]]] = {"n1": (0, 1, 2, 3, 4, 5), "n2": (2, 3), "leaf": (4,)}
+
+        def span_nodes(self, low: int, high: int) -> tuple[str, ...]:
+            return tuple(sorted(n for n, leaves in self.spans.items() if low <= len(leaves) <= high))
+
+        def leaves_under(self, node: str) -> tuple[int, ...]:
+            return self.spans[node]
+
+    class Alphabets:  # the shape of `cdfsl.data.md_hierarchy.Alphabets`
+        labels_of: ClassVar[dict[str, tuple[int, ...]]] = {"greek": (0, 1), "latin": (2, 3, 4, 5)}
+
+    keys = tuple(f"k{c:03d}" for c in range(6))
+    assert ClassGroups.of(Hierarchy(), keys) == ClassGroups(spans={"n1": keys, "n2": ("k002", "k003")})
+    assert ClassGroups.of(Alphabets(), keys) == ClassGroups(alphabets={"greek": keys[:2], "latin": keys[2:]})
+    assert ClassGroups.of(None, keys) is None

@@ -94,10 +94,26 @@ class ClassGroups:
         if self.spans and self.alphabets:
             raise ValueError("ClassGroups holds a hierarchy or alphabets, not both")
 
+    @classmethod
+    def of(cls, structure: object, class_keys: Sequence[str]) -> ClassGroups | None:
+        """The groups of a Meta-Dataset source's class structure (`cdfsl.data.md_hierarchy`, labels of
+        `class_keys`): a `ClassHierarchy` (`span_nodes`, `leaves_under`) gives every node above two or more leaves,
+        an `Alphabets` (`labels_of`) its alphabets; None gives None."""
+        if structure is None:
+            return None
+        if hasattr(structure, "labels_of"):
+            labels_of: Mapping[str, Sequence[int]] = structure.labels_of  # type: ignore[attr-defined]
+            return cls(alphabets={name: tuple(class_keys[c] for c in labels) for name, labels in labels_of.items()})
+        nodes = structure.span_nodes(2, len(class_keys))  # type: ignore[attr-defined]
+        leaves = structure.leaves_under  # type: ignore[attr-defined]
+        return cls(spans={node: tuple(class_keys[c] for c in leaves(node)) for node in nodes})
+
 
 GroupsReader = Callable[[ImageIndex], "ClassGroups | None"]
 CLASS_GROUPS: dict[str, GroupsReader] = {}
-"""Per dataset name, how to get its `ClassGroups` from its index (`register_class_groups`); absent: plain classes."""
+"""Per dataset name, how to get its `ClassGroups` from its index (`register_class_groups`); a dataset without an entry
+takes its Meta-Dataset structure (`md_structure`: ILSVRC's hierarchy, Omniglot's alphabets), or plain classes."""
+MD_PREFIX = "md-"
 
 
 def register_class_groups(dataset: str, reader: GroupsReader) -> None:
@@ -107,9 +123,18 @@ def register_class_groups(dataset: str, reader: GroupsReader) -> None:
 
 
 def class_groups_of(index: ImageIndex) -> ClassGroups | None:
-    """The class groups registered for the index's dataset (None when there are none)."""
+    """The class groups of the index's dataset: its registered reader's, else for a Meta-Dataset source (`md-*`)
+    those of its structure (`cdfsl.data.md_hierarchy.md_structure`), else None (plain classes)."""
     reader = CLASS_GROUPS.get(index.name)
-    return reader(index) if reader is not None else None
+    if reader is not None:
+        return reader(index)
+    if not index.name.startswith(MD_PREFIX):
+        return None
+    try:
+        from cdfsl.data.md_hierarchy import md_structure  # type: ignore[import-not-found]
+    except ImportError:  # the Meta-Dataset readers are not installed: plain classes
+        return None
+    return ClassGroups.of(md_structure(index.name, index, index.root), index.class_keys)
 
 
 @dataclass(frozen=True)
