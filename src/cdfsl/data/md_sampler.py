@@ -32,7 +32,6 @@ import numpy as np
 from cdfsl.data.index import Episode, ImageIndex
 from cdfsl.data.protocols import EpisodeProtocol, EpisodeSettings, EpisodeShape, register_protocol
 from cdfsl.errors import ConfigError, DatasetError
-from cdfsl.seeding import numpy_stream
 
 META_DATASET = "meta-dataset"
 DEFAULT_EPISODES = 600
@@ -249,11 +248,11 @@ class MetaDatasetSampler:
     def describe(self, i: int) -> EpisodeDescription:
         """The classes, shots and queries of episode `i`, without drawing its images (the same stream as
         `episode(i)`, so they are its classes, shots and queries)."""
-        return self._describe(numpy_stream(self.seed, _episode_number(i), "episode"))
+        return self._describe(_stream(self.seed, i))
 
     def episode(self, i: int) -> Episode:
         """Episode number `i` (a non-negative integer)."""
-        rng = numpy_stream(self.seed, _episode_number(i), "episode")
+        rng = _stream(self.seed, i)
         description = self._describe(rng)
         support: list[tuple[int, ...]] = []
         query: list[tuple[int, ...]] = []
@@ -269,10 +268,14 @@ class MetaDatasetSampler:
         return [self.episode(i) for i in indices]
 
 
-def _episode_number(i: int) -> int:
+def _stream(seed: int, i: int) -> np.random.Generator:
+    """Episode `i`'s own stream, `cdfsl.seeding.numpy_stream(seed, i, "episode")` (imported here: `cdfsl.seeding`
+    loads torch, and the protocol registry is read by commands that must not)."""
     if isinstance(i, bool) or not isinstance(i, int | np.integer) or i < 0:
         raise ValueError(f"episode index must be a non-negative integer, got {i!r}")
-    return int(i)
+    from cdfsl.seeding import numpy_stream
+
+    return numpy_stream(seed, int(i), "episode")
 
 
 def _meta_dataset(index: ImageIndex, settings: EpisodeSettings, seed: int) -> MetaDatasetSampler:
