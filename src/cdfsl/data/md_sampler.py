@@ -26,12 +26,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from cdfsl.data.index import Episode, ImageIndex
-from cdfsl.data.protocols import EpisodeProtocol, EpisodeSettings, EpisodeShape, register_protocol
 from cdfsl.errors import ConfigError, DatasetError
+
+if TYPE_CHECKING:
+    from cdfsl.data.protocols import EpisodeSettings, EpisodeShape
 
 META_DATASET = "meta-dataset"
 DEFAULT_EPISODES = 600
@@ -73,6 +76,8 @@ class EpisodeLimits:
     @property
     def largest(self) -> EpisodeShape:
         """The largest episode, per field: `max_ways` classes, `max_support` supports, `max_queries` queries each."""
+        from cdfsl.data.protocols import EpisodeShape
+
         return EpisodeShape(self.max_ways, self.max_support, self.max_ways * self.max_queries)
 
 
@@ -289,14 +294,22 @@ def episode_column(_: EpisodeSettings) -> str:
     return "variable-way variable-shot"
 
 
-register_protocol(
-    EpisodeProtocol(
-        META_DATASET,
-        _meta_dataset,
-        column=episode_column,
-        largest=lambda _: EpisodeLimits().largest,
-        description="Meta-Dataset's episodes: 5-50 ways, imbalanced shots, up to 500 supports and 10 queries a class",
-        fewest_ways=lambda _: EpisodeLimits().min_ways,
-        varies_shots=True,
+def _register() -> None:
+    """Register the protocol. `cdfsl.data.protocols` imports this module at its end and this module imports it only
+    here, so there is no import cycle and the registry is complete whichever of the two is imported first."""
+    from cdfsl.data.protocols import EpisodeProtocol, register_protocol
+
+    register_protocol(
+        EpisodeProtocol(
+            META_DATASET,
+            _meta_dataset,
+            column=episode_column,
+            largest=lambda _: EpisodeLimits().largest,
+            description="Meta-Dataset's episodes: 5-50 ways, imbalanced shots, up to 500 supports, 10 queries a class",
+            fewest_ways=lambda _: EpisodeLimits().min_ways,
+            varies_shots=True,
+        )
     )
-)
+
+
+_register()

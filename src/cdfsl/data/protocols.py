@@ -148,3 +148,5 @@ register_protocol(
         fewest_ways=lambda s: s.ways,
     )
 )
+
+import cdfsl.data.md_sampler  # noqa: E402,F401  (registers the `meta-dataset` protocol)
