@@ -43,7 +43,8 @@ def md_digits(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         SMALL, small_sampler, column=lambda _: "variable 2-4-way", largest=lambda _: LIMITS.largest, varies_shots=True
     )
     monkeypatch.setitem(PROTOCOLS, SMALL, protocol)
-    monkeypatch.setitem(DATASETS, SOURCE, Benchmark(SOURCE, reader="digits", class_names="digits", protocol=SMALL))
+    source = Benchmark(SOURCE, "digits", "digits", protocol=SMALL, episodes=600, episodes_by_shots=())
+    monkeypatch.setitem(DATASETS, SOURCE, source)
     monkeypatch.setitem(md_sampler.CLASS_GROUPS, SOURCE, lambda index: ClassGroups(alphabets=ALPHABETS))
     yield
 
@@ -134,3 +135,45 @@ def test_protocol_field_selects_and_resolves(md_digits: None) -> None:
     assert RunConfig(dataset="digits").select_protocol(["ways"]).protocol == "episodic"  # its own is fixed-way
     assert RunConfig(dataset="digits", protocol="meta-dataset").episode_protocol == "meta-dataset"
     assert dataclasses.replace(config, protocol="all-way").episode_protocol == SMALL
+
+
+def test_what_reads_the_shape_follows_the_episodes(md_digits: None) -> None:
+    """TIR's alpha check against the fewest ways, the tir-release logit scale, labels, episode counts and the cost
+    step's synthetic episode under a protocol of varying shape."""
+    import torch
+
+    from cdfsl.analysis.cost import synthetic_batch
+    from cdfsl.backbone.factory import load_backbone
+    from cdfsl.errors import ConfigError
+    from cdfsl.labels import episode_ways, variant_text
+
+    varied = RunConfig(dataset="digits", method="lora+tir", protocol="meta-dataset", ways=3)
+    varied.tir.alpha = 4.5
+    assert varied.validated().fewest_ways() == 5  # 4.5 < 5 ways, whatever `ways` says
+    varied.tir.alpha = 5.0
+    with pytest.raises(ConfigError, match="alpha < ways = 5"):
+        varied.validated()
+    fixed = RunConfig(dataset="digits", method="lora+tir", ways=3)
+    fixed.tir.alpha = 3.0
+    with pytest.raises(ConfigError, match="alpha < ways = 3"):
+        fixed.validated()
+
+    def scale(**fields: object) -> float:
+        return RunConfig(method="lora+tir", recipe="tir-release", **fields).validated().train.logit_scale  # type: ignore[arg-type, return-value]
+
+    assert (scale(shots=1), scale(shots=5), scale(shots=1, protocol="meta-dataset")) == (2.0, 4.0, 4.0)
+
+    assert episode_ways({"ways": 7, "dataset": "digits", "protocol": "meta-dataset"}) is None
+    assert episode_ways({"ways": 7, "dataset": SOURCE, "protocol": "episodic"}) is None
+    assert episode_ways({"ways": 7, "dataset": SOURCE, "protocol": "fixed-way"}) == 7
+    assert episode_ways(RunConfig(dataset="digits", ways=3)) == 3
+    assert (variant_text(None, {}), variant_text(3, {})) == (None, "3-way")
+    assert RunConfig(dataset=SOURCE).resolved_episodes() == 600
+    assert RunConfig(dataset="digits").resolved_episodes() == 800
+
+    config = RunConfig(dataset="digits", method="lora", backbone="tiny", pretrained="none", protocol="meta-dataset")
+    config = config.validated()
+    batch = synthetic_batch(config, load_backbone("tiny", "none", torch.device("cpu")))
+    views = len(config.augment.views)
+    assert len(batch.class_names[0]) == 50 and batch.support.shape[1] == 500 * views
+    assert torch.bincount(batch.support_labels[0]).tolist() == [10 * views] * 50
