@@ -80,8 +80,10 @@ def test_every_method_fits_stores_resumes_and_reports_variable_episodes(md_digit
         assert any(names <= set(members) for members in ALPHABETS.values())  # one alphabet
     assert run_identity(context)[1]["protocol"] == SMALL
     runner = Runner()
+    means = []
     for method in METHODS:
         result = runner.run(small_config(method, db))
+        means.append(round(sum(a for _, a in result.per_episode) / 2, 6))
         assert result.trained_episodes == 2, method
         assert stored_totals(db, result.run_id) == [sum(len(q) for q in e.query) for e in episodes], method
         again = runner.run(small_config(method, db))
@@ -91,12 +93,22 @@ def test_every_method_fits_stores_resumes_and_reports_variable_episodes(md_digit
     (table,) = report.tables
     assert (table.kind, table.sources, len(table.methods)) == ("variable 2-4-way", [SOURCE], len(METHODS))
     assert all(cell.episodes == 2 for cell in table.cells.values())
+    assert sorted(round(cell.mean, 6) for cell in table.cells.values()) == sorted(means)
+    assert all(table.overall(method) == (table.cells[(SOURCE, method)].mean, 1) for method in table.methods)
+    as_json = json.loads(render_md_report(report, "json"))
+    assert [len(t["cells"]) for t in as_json["tables"]] == [len(METHODS)]
+    assert len(render_md_report(report, "csv").splitlines()) == 1 + len(METHODS)
     from cdfsl.cli import app
 
     shown = CliRunner().invoke(app, ["report", "--db", str(db), "--meta-dataset", "--format", "markdown"])
     assert shown.exit_code == 0, shown.output
     assert f"| {SOURCE} |" in shown.output and "overall (mean of sources)" in shown.output
     assert render_md_report(report, "markdown") in shown.output
+    for fmt in ("csv", "json"):
+        shown = CliRunner().invoke(app, ["report", "--db", str(db), "--meta-dataset", "--format", fmt])
+        assert shown.exit_code == 0 and render_md_report(report, fmt) in shown.output, shown.output
+    refused = CliRunner().invoke(app, ["report", "--db", str(db), "--meta-dataset", "--format", "latex"])
+    assert refused.exit_code == 2 and "--meta-dataset comes as" in refused.output
 
 
 def test_run_json_lists_each_episode_and_typed_shape_selects_fixed_way(md_digits: None, tmp_path: Path) -> None:
