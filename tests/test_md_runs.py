@@ -148,6 +148,15 @@ def test_protocol_field_selects_and_resolves(md_digits: None) -> None:
     assert RunConfig(dataset="digits", protocol="meta-dataset").episode_protocol == "meta-dataset"
     assert dataclasses.replace(config, protocol="all-way").episode_protocol == SMALL
 
+    from cdfsl.cli.options import config_from_options
+
+    options = {"dataset": SOURCE, "method": "zeroshot"}
+    assert config_from_options(options, ["shots=5"]).protocol == "fixed-way"  # --set counts as given
+    assert config_from_options(options, ["seed=3"]).protocol == "episodic"
+    from_file = RunConfig(dataset=SOURCE, method="zeroshot", ways=3)  # a config file's ways are not typed
+    assert config_from_options({"ways": 5}, [], base=from_file, typed=()).protocol == "episodic"
+    assert config_from_options({"ways": 4}, [], base=from_file, typed=("ways",)).protocol == "fixed-way"
+
 
 def test_what_reads_the_shape_follows_the_episodes(md_digits: None) -> None:
     """TIR's alpha check against the fewest ways, the tir-release logit scale, labels, episode counts and the cost
