@@ -198,3 +198,16 @@ def test_what_reads_the_shape_follows_the_episodes(md_digits: None) -> None:
     views = len(config.augment.views)
     assert len(batch.class_names[0]) == 50 and batch.support.shape[1] == 500 * views
     assert torch.bincount(batch.support_labels[0]).tolist() == [10 * views] * 50
+
+
+def test_the_warning_names_the_samplers_own_minimum() -> None:
+    from cdfsl.data.index import ImageIndex
+    from cdfsl.engine.context import _warn_excluded
+    from cdfsl.errors import DatasetWarning
+
+    sizes = [1, 3, 3, 3, 3, 3]
+    labels = tuple(c for c, n in enumerate(sizes) for _ in range(n))
+    items = tuple(f"{c}/{i}" for c, n in enumerate(sizes) for i in range(n))
+    index = ImageIndex("toy", tuple("abcdef"), tuple("abcdef"), items, labels, str)
+    with pytest.warns(DatasetWarning, match="classes with fewer than 2 images cannot appear in episodes: a$"):
+        _warn_excluded(RunConfig(), MetaDatasetSampler(index, 0))

@@ -158,7 +158,10 @@ class MetaDatasetSampler:
         limits: the bounds (`EpisodeLimits`, Meta-Dataset's by default).
         eligible_classes: labels with at least `MIN_IMAGES` images, ascending.
         excluded_classes: class keys of the others, reported once by the caller.
+        min_images: the images a class needs to appear (`MIN_IMAGES`), named in the caller's report.
     """
+
+    min_images = MIN_IMAGES
 
     def __init__(
         self, index: ImageIndex, seed: int, groups: ClassGroups | None = None, limits: EpisodeLimits | None = None

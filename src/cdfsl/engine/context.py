@@ -220,8 +220,10 @@ def build_context(config: RunConfig | RunSpec, loads: LoadCache | None = None, *
 
 def _warn_excluded(config: RunConfig, sampler: Sampler) -> None:
     if sampler.excluded_classes:
+        needed = getattr(sampler, "min_images", None)  # a sampler's own minimum (Meta-Dataset's: 2)
+        rule = needed if needed is not None else f"shots + queries = {config.shots + config.queries}"
         warnings.warn(
-            f"{config.dataset}: classes with fewer than shots + queries = {config.shots + config.queries} images "
+            f"{config.dataset}: classes with fewer than {rule} images "
             f"cannot appear in episodes: {', '.join(sampler.excluded_classes)}",
             DatasetWarning,
             stacklevel=4,  # the caller of `Runner.run` or of a probe's `prepare`
