@@ -17,7 +17,7 @@ import string
 import tomllib
 import types
 import typing
-from collections.abc import ItemsView, Iterator, Mapping
+from collections.abc import Collection, ItemsView, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -67,8 +67,14 @@ DATASETS = tuple(DATASET_SPECS)
 METHODS = method_names()  # every name `cdfsl methods` lists; others of the grammar are accepted too
 DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")  # cuda:N: the GPU of index N
 ACTIVATIONS = ("auto", "gelu", "quickgelu")
-PROTOCOLS = ("episodic", "all-way")
-"""`protocol`: episodes (the dataset's episode sampler) or one all-way K-shot fit (the CLIP few-shot suite's)."""
+PROTOCOLS = ("episodic", "all-way", "fixed-way", "meta-dataset")
+"""`protocol`: episodes (the dataset's own episode protocol), one all-way K-shot fit (the CLIP few-shot suite's), or
+an episode protocol by name: `fixed-way` (N-way K-shot, the fixed-shape variant on an `md-*` source) or
+`meta-dataset` (`RunConfig.episode_protocol`)."""
+EPISODIC = "episodic"
+SHAPE_FIELDS = ("ways", "shots", "queries")
+"""Given explicitly (typed, or by `--set`) on a dataset whose own protocol is not fixed-way, they select `fixed-way`
+(`RunConfig.select_protocol`)."""
 MAX_EPISODES = 10_000_000  # the to-do list and the store grow with it; the paper protocol is 400 or 800
 MAX_SEED = 2**63 - 1  # the result store keeps the seed in an SQLite INTEGER, which is signed 64-bit
 MAX_PRE_RESIZE = 8192  # pixels; the VtT release pre-resizes ChestX to 256, and ChestX's own images are 1024
@@ -252,9 +258,45 @@ class RunConfig:
         return self.spec.base.learns_text or bool(self.prompt.context) or self.lora.towers in ("text", "both")
 
     def resolved_episodes(self) -> int:
+        """`episodes`, or the dataset's default (`Benchmark.episodes_for`: 800 for 1-shot and 400 otherwise for the
+        built-in datasets, 600 for Meta-Dataset's sources)."""
         if self.episodes is not None:
             return self.episodes
+        benchmark = DATASET_SPECS.get(self.dataset)
+        if benchmark is not None:
+            return benchmark.episodes_for(self.shots)
         return 800 if self.shots == 1 else 400
+
+    @property
+    def episode_protocol(self) -> str:
+        """The registered episode protocol the run's episodes are drawn with: `protocol` when it names one
+        (`fixed-way`, `meta-dataset`, `all-way`), otherwise (`episodic`) the dataset's own
+        (`cdfsl.data.protocols.protocol_of`)."""
+        from cdfsl.data.protocols import PROTOCOLS as EPISODE_PROTOCOLS
+        from cdfsl.data.protocols import protocol_of
+
+        return self.protocol if self.protocol in EPISODE_PROTOCOLS else protocol_of(self.dataset)
+
+    def fewest_ways(self) -> int | None:
+        """The fewest classes an episode of this run can have: `ways` under `fixed-way`, the protocol's own bound
+        otherwise (5 under `meta-dataset`); None when the protocol states none."""
+        from cdfsl.data.protocols import EpisodeSettings, get_protocol
+
+        protocol = get_protocol(self.episode_protocol)
+        if protocol.fewest_ways is None:
+            return None
+        return protocol.fewest_ways(EpisodeSettings(self.ways, self.shots, self.queries))
+
+    def select_protocol(self, given: Collection[str]) -> RunConfig:
+        """Apply the fixed-shape rule and return self: on a dataset whose own protocol is not `fixed-way` (the
+        `md-*` sources draw Meta-Dataset's episodes), a config left at `protocol = "episodic"` whose `ways`, `shots`
+        or `queries` were given explicitly (`given`: the fields typed on the command line or set by `--set`) gets
+        `protocol = "fixed-way"`: those values then shape every episode."""
+        from cdfsl.data.protocols import FIXED_WAY, protocol_of
+
+        if self.protocol == EPISODIC and set(given) & set(SHAPE_FIELDS) and protocol_of(self.dataset) != FIXED_WAY:
+            self.protocol = FIXED_WAY
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         """The config as a nested mapping (as stores and `--json` keep it); registered sections as top-level keys."""

@@ -78,11 +78,23 @@ def run_label(method: str, recipe: str | None, variant: str | None = None) -> st
     return text + (f" [{variant}]" if variant else "")
 
 
-def variant_text(ways: int, changes: Mapping[str, Any]) -> str | None:
+def variant_text(ways: int | None, changes: Mapping[str, Any]) -> str | None:
     """What a label adds to method and recipe: `N-way` off the protocol's ways, then `changes` (a run's
-    `changed_settings`) as `key=value`; None when neither."""
-    parts = ["" if ways == PROTOCOL_WAYS else f"{ways}-way", settings_text(changes)]
+    `changed_settings`) as `key=value`; None when neither. `ways` None: episodes of varying ways (`episode_ways`),
+    which no `N-way` describes."""
+    parts = ["" if ways is None or ways == PROTOCOL_WAYS else f"{ways}-way", settings_text(changes)]
     return ", ".join(part for part in parts if part) or None
+
+
+def episode_ways(config: RunConfig | Mapping[str, Any]) -> int | None:
+    """The ways of every episode of a run (a config, or one as a store keeps it): its `ways` when its episodes are
+    fixed-way, None when its protocol draws each episode's ways (`meta-dataset`)."""
+    from cdfsl.data.protocols import FIXED_WAY, PROTOCOLS, protocol_of
+
+    stored = config.to_dict() if isinstance(config, RunConfig) else config
+    ways, protocol, dataset = stored.get("ways"), stored.get("protocol"), stored.get("dataset")
+    name = protocol if protocol in PROTOCOLS else protocol_of(str(dataset))
+    return int(ways) if name == FIXED_WAY and isinstance(ways, int) else None
 
 
 def settings_text(changes: Mapping[str, Any]) -> str:

@@ -70,7 +70,16 @@ def _vtt_lr(config: RunConfig) -> float:
 
 
 def _tir_logit_scale(config: RunConfig) -> float:
-    return tir_logit_scale(config.shots)
+    """From the run's shots; episodes whose shots vary per class (`meta-dataset`: 1 to 100, most classes well above 5
+    in a typical episode, `docs/protocol.md`) take the many-shot value, as one recipe value serves every episode."""
+    from cdfsl.data.protocols import get_protocol
+
+    varies = get_protocol(config.episode_protocol).varies_shots
+    return tir_logit_scale(VARIABLE_SHOTS if varies else config.shots)
+
+
+VARIABLE_SHOTS = 5
+"""The shots `tir_logit_scale` is read at for episodes of varying shots: the release's many-shot setting."""
 
 
 def _vtt_pre_resize(config: RunConfig) -> int:
@@ -148,7 +157,7 @@ RECIPES: dict[str, Recipe] = {
                 "train.logit_scale",
                 _tir_logit_scale,
                 f"{_TIR} coop_lora_trainer.py (`logit_scale = 4 if n_shot == 5 else 2`); cdfsl for other shots",
-                rule="4 from 5 shots, 2 below",
+                rule="4 from 5 shots, 2 below; 4 for episodes of varying shots",
             ),
             RecipeValue(
                 "tir.blocks",

@@ -19,7 +19,7 @@ from typing import Any
 from cdfsl.analysis.records import RecordSummary, records_dict, summarise_records
 from cdfsl.engine.store import ResultStore, RunRecord
 from cdfsl.errors import ConfigError, StoreError
-from cdfsl.labels import changed_settings, run_label, variant_text, visible
+from cdfsl.labels import changed_settings, episode_ways, run_label, variant_text, visible
 from cdfsl.stats import mean_ci95, paired_difference
 
 PAIRING_KEYS = ("dataset", "index", "ways", "shots", "queries", "seed")
@@ -57,7 +57,7 @@ def describe(run: RunRecord) -> str:
 
 def label_of(run: RunRecord) -> str:
     """The run's label: method, recipe, and its `N-way` and changed settings (as report rows show them)."""
-    return run_label(run.method, run.recipe, variant_text(run.ways, changed_settings(run.config)))
+    return run_label(run.method, run.recipe, variant_text(episode_ways(run.config), changed_settings(run.config)))
 
 
 def stored_runs(store: ResultStore, reference: str | None = None) -> list[RunRecord]:

@@ -39,6 +39,8 @@ from cdfsl.backbone.adapter import ClipAdapter
 from cdfsl.config import RunConfig
 from cdfsl.data.episodes import EpisodeBatch
 from cdfsl.data.index import Episode
+from cdfsl.data.protocols import FIXED_WAY
+from cdfsl.engine.autobatch import largest_shape
 from cdfsl.engine.context import build_context
 from cdfsl.engine.runner import Runner
 from cdfsl.errors import ConfigError
@@ -114,34 +116,48 @@ def flop_counter() -> FlopCounterMode:
 
 
 def synthetic_batch(config: RunConfig, backbone: ClipAdapter) -> EpisodeBatch:
-    """One episode (E = 1) of random normalized images in the shapes a real episode of `config` has.
+    """One episode (E = 1) of random normalized images in the shapes a real episode of `config` has: the largest
+    its protocol may yield (`engine.autobatch.largest_shape`: `ways × shots` for fixed-way episodes, 50 classes and
+    500 supports for Meta-Dataset's), supports spread over the classes as evenly as they go.
 
-    Support: `ways × shots` images with `len(augment.views)` views each, image-major as `build_batch` lays them out:
-    `[1, ways·shots·V, 3, H, W]`, labels `[1, ways·shots·V]`. Query: one image per class `[1, ways, 3, H, W]`. Class
-    names are "class 0" … "class K−1". Images are uniform in [0, 1] (from a generator seeded with `config.seed`),
-    then normalized with the backbone's mean and std.
+    Support: `S` images with `len(augment.views)` views each, image-major as `build_batch` lays them out:
+    `[1, S·V, 3, H, W]`, labels `[1, S·V]`. Query: one image per class `[1, K, 3, H, W]`. Class names are "class 0"
+    … "class K−1". Images are uniform in [0, 1] (from a generator seeded with `config.seed`), then normalized with
+    the backbone's mean and std.
     """
-    ways, shots, views = config.ways, config.shots, len(config.augment.views)
+    shape = largest_shape(config)
+    ways, supports, views = shape.ways, shape.supports, len(config.augment.views)
+    shots = [supports // ways + (1 if c < supports % ways else 0) for c in range(ways)]
+    starts = [sum(shots[:c]) for c in range(ways)]
     size = backbone.image_size
     generator = torch.Generator().manual_seed(config.seed)
-    support = torch.rand(1, ways * shots * views, 3, size, size, generator=generator)
+    support = torch.rand(1, supports * views, 3, size, size, generator=generator)
     query = torch.rand(1, ways, 3, size, size, generator=generator)
     device = backbone.device
     episode = Episode(
         index=0,
         classes=tuple(range(ways)),
-        support=tuple(tuple(range(c * shots, (c + 1) * shots)) for c in range(ways)),
+        support=tuple(tuple(range(starts[c], starts[c] + shots[c])) for c in range(ways)),
         query=tuple((c,) for c in range(ways)),
     )
+    per_image = torch.tensor(shots, device=device) * views
     return EpisodeBatch(
         episodes=[episode],
         class_names=[[f"class {c}" for c in range(ways)]],
         support=backbone.normalize(support.to(device)),
-        support_labels=torch.arange(ways, device=device).repeat_interleave(shots * views)[None],
+        support_labels=torch.arange(ways, device=device).repeat_interleave(per_image)[None],
         query=backbone.normalize(query.to(device)),
         query_labels=torch.arange(ways, device=device)[None],
         seed=config.seed,
     )
+
+
+def _varied_shape(config: RunConfig) -> dict[str, Any]:
+    """For a protocol whose episodes vary in shape, the largest episode the step was counted at (else nothing)."""
+    if config.episode_protocol == FIXED_WAY:
+        return {}
+    shape = largest_shape(config)
+    return {"protocol": config.episode_protocol, "counted_shape": dataclasses.asdict(shape)}
 
 
 def per_episode_count(tensors: Iterable[Tensor]) -> int:
@@ -290,6 +306,7 @@ def training_cost(config: RunConfig, runner: Runner | None = None) -> dict[str, 
         "episodes": 1,
         "ways": config.ways,
         "shots": config.shots,
+        **_varied_shape(config),
         "views": len(config.augment.views),
         "support_views": support_views,
         "batch_size": batch_size,

@@ -68,7 +68,7 @@ from cdfsl.config import METHODS
 from cdfsl.data.protocols import PROTOCOLS, EpisodeSettings
 from cdfsl.engine.store import ResultStore, RunRecord, record_names
 from cdfsl.errors import ConfigError, StoreError
-from cdfsl.labels import PROTOCOL_WAYS, changed_settings, run_label, variant_text, visible
+from cdfsl.labels import PROTOCOL_WAYS, changed_settings, episode_ways, run_label, variant_text, visible
 from cdfsl.stats import PairedStats, episode_differences, mean_ci95, paired_difference
 
 FORMATS = ("table", "markdown", "csv", "latex", "json")
@@ -364,7 +364,7 @@ def _keep_protocol_ways(
 def _variants(runs: list[RunRecord], changes: Mapping[str, Mapping[str, Any]]) -> dict[str, str | None]:
     """Run id → row variant, following the grouping rule of the module docstring; `changes`: run id → the run's
     `changed_settings`."""
-    variants = {run.run_id: variant_text(run.ways, changes[run.run_id]) for run in runs}
+    variants = {run.run_id: variant_text(episode_ways(run.config), changes[run.run_id]) for run in runs}
     cells: dict[tuple[Any, ...], list[RunRecord]] = defaultdict(list)
     for run in runs:
         cells[(*_group_key(run), variants[run.run_id])].append(run)

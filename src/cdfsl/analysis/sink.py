@@ -46,6 +46,7 @@ from cdfsl.analysis.probe_setup import (
 )
 from cdfsl.backbone.adapter import ClipAdapter
 from cdfsl.config import METHODS, RunConfig
+from cdfsl.engine.autobatch import largest_shape
 from cdfsl.engine.runner import Runner
 from cdfsl.errors import BackboneError, ConfigError
 from cdfsl.methods.tir.recalibration import resolve_blocks
@@ -153,7 +154,7 @@ def sink_probe(
             f"the sink probe measures the CLS token's attention and {config.backbone} has no CLS token (SigLIP pools "
             "by attention); its other diagnostics (lost-layers, cka) run, see `cdfsl backbones`"
         )
-    layers, classes = backbone.num_vision_blocks, config.ways
+    layers, classes = backbone.num_vision_blocks, largest_shape(config).ways  # any episode's K fits [K+1] bins
     if overlay_layer is None:
         overlay_layer = resolve_blocks(config.tir.blocks, layers)[-1]
     overlay_layer = resolve_layers([overlay_layer], layers, "overlay_layer")[0]

@@ -125,6 +125,7 @@ def _options_config(
         setattr(getattr(config, section) if section else config, field, convert(value))
     for assignment in overrides:
         apply_override(config, assignment)
+    config.select_protocol({*typed, *(a.split("=", 1)[0].strip() for a in overrides)})  # md-*: fixed-shape variant
     set_batch = [a for a in overrides if a.split("=", 1)[0].strip() == "episode_batch"]
     if episode_batch is not None and set_batch:
         raise ConfigError(

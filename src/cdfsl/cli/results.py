@@ -55,6 +55,14 @@ def report_command(
             help="With --per-class or --curves: this run only (its id, a 4+ character prefix, its run name or method)."
         ),
     ] = None,
+    meta_dataset: Annotated[
+        bool,
+        typer.Option(
+            "--meta-dataset",
+            help="The Meta-Dataset table: rows are sources, columns methods, mean ± 95% interval, and the mean over "
+            "sources; one table per episode kind and backbone; formats table, markdown, csv or json.",
+        ),
+    ] = False,
 ) -> None:
     """One row per (method, backbone), one column per (dataset, shots): mean ± 95% interval; paired tests. All-way
     runs (--protocol all-way) get CLIP-LoRA's table per method: datasets × shots, mean ± std over seeds. With
@@ -78,6 +86,9 @@ def report_command(
         check_output_file(output, "--out", store=db)
     if plot is not None:
         check_output_folder(plot, "--plot")
+    if meta_dataset:
+        _md_table_report(db, format_, output, per_class or curves or paired is not None or plot is not None)
+        return
     if per_class or curves:
         _run_detail_report("per-class" if per_class else "curves", db, format_, run, output, plot)
         return
@@ -121,6 +132,23 @@ def _report_text(report: Any, suite: list[Any], format_: str) -> str:
     if suite:
         parts.append(render_suite(suite, format_).rstrip("\n"))
     return "\n\n".join(parts)
+
+
+def _md_table_report(db: Path, format_: str, output: Path | None, other_report: bool) -> None:
+    """`report --meta-dataset` (the checks of `report_command` done): `cdfsl.analysis.md_table`."""
+    from cdfsl.analysis.md_table import MD_FORMATS, build_md_report, render_md_report
+    from cdfsl.engine.store import ResultStore
+
+    if other_report:
+        raise ConfigError("--meta-dataset is a report of its own: give it without --paired, --per-class or --curves")
+    if format_ not in MD_FORMATS:
+        raise ConfigError(f"--meta-dataset comes as {', '.join(MD_FORMATS)}, not {format_!r}")
+    with ResultStore(db, read_only=True) as store:
+        text = render_md_report(build_md_report(store), "markdown" if format_ == "table" else format_)
+    if output is not None:
+        output.write_text(text + "\n")
+    else:
+        out.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
 def _run_detail_report(

@@ -32,6 +32,7 @@ from cdfsl.config import RunConfig
 from cdfsl.engine.reproducibility import set_cublas_workspace
 from cdfsl.errors import ConfigError
 from cdfsl.recipes import RECIPES
+from cdfsl.spec import RunSpec
 
 DEMO_METHODS = ("zeroshot", "lora", "tir", "vtt")
 DEMO_FULL_ITERATIONS = 250  # `demo --iterations` is given for a recipe of this many iterations
@@ -150,7 +151,23 @@ def run_command(
             highlight=False,
         )
     if json_path is not None:
-        json_path.write_text(json.dumps(result.to_json(), indent=2))
+        json_path.write_text(json.dumps(with_episode_shapes(result.to_json(), spec), indent=2))
+
+
+def with_episode_shapes(summary: dict[str, Any], spec: RunSpec) -> dict[str, Any]:
+    """`summary` (a `--json` summary) with each `per_episode` entry's shape: `ways`, `shots` and `queries` (per class,
+    in episode-label order) and `classes` (the class names), as the run's sampler drew it (for every protocol: the
+    sampler is deterministic, so the episodes drawn again are the episodes run)."""
+    from cdfsl.engine.context import build_context
+
+    index, sampler = build_context(spec).data()
+    entries = summary["per_episode"]
+    for entry, episode in zip(entries, sampler.episodes([entry["episode"] for entry in entries]), strict=True):
+        entry["ways"] = episode.ways
+        entry["shots"] = [len(items) for items in episode.support]
+        entry["queries"] = [len(items) for items in episode.query]
+        entry["classes"] = [index.class_names[label] for label in episode.classes]
+    return summary
 
 
 def _all_way_line(result: Any, done: str) -> str:

@@ -16,8 +16,8 @@ built-in dataset. Its runs keep the identity they always had; a run under any ot
 name to its identity (`engine.runner.run_identity`).
 
 `all-way` (`cdfsl.data.allway`, the CLIP few-shot suite's protocol 2) is chosen by the run (`--protocol all-way`,
-`run_protocol`), not by the benchmark: one episode of every class, K train images each as support and the whole
-test split as queries. Its entry says so through the optional fields a protocol may set: a fixed episode count
+`RunConfig.episode_protocol`), not by the benchmark: one episode of every class, K train images each as support and
+the whole test split as queries. Its entry says so through the optional fields a protocol may set: a fixed episode count
 (`episodes`), the run settings it does not read (`unread`, left out of the identity) and queries predicted in
 streamed batches (`streamed`). Its sampler narrows the index to the items the run reads (`run_index`) and gives the
 identity its own fingerprint of the dataset (`index_fingerprint`): both are optional sampler attributes.
@@ -98,6 +98,8 @@ class EpisodeProtocol:
         episodes: the number of episodes of every run under it (all-way: 1), or None for the config's `episodes`.
         unread: run settings (`ways`, `queries`) its sampler does not read: left out of the run identity.
         streamed: its queries are predicted in batches of the run's evaluation batch, never all held at once.
+        fewest_ways: (settings) → the fewest classes an episode can have (what TIR's auto beta needs), or None.
+        varies_shots: whether its episodes' shots per class vary (are not the run's `shots`).
     """
 
     name: str
@@ -108,6 +110,8 @@ class EpisodeProtocol:
     episodes: int | None = None
     unread: tuple[str, ...] = ()
     streamed: bool = False
+    fewest_ways: Callable[[EpisodeSettings], int] | None = None
+    varies_shots: bool = False
 
 
 PROTOCOLS: dict[str, EpisodeProtocol] = {}
@@ -135,12 +139,6 @@ def protocol_of(dataset: str) -> str:
 
     spec = DATASETS.get(dataset)
     return str(getattr(spec, "protocol", FIXED_WAY)) if spec is not None else FIXED_WAY
-
-
-def run_protocol(run: str, dataset: str) -> str:
-    """The protocol name of a run: `all-way` for a config's `protocol = "all-way"`, else the dataset's own
-    (`protocol_of`, `fixed-way` for every built-in dataset)."""
-    return ALL_WAY if run == ALL_WAY else protocol_of(dataset)
 
 
 def build_sampler(protocol: str, index: ImageIndex, settings: EpisodeSettings, seed: int) -> Sampler:
@@ -174,6 +172,7 @@ register_protocol(
         column=lambda settings: f"{settings.shots}-shot",
         largest=lambda s: EpisodeShape(s.ways, s.ways * s.shots, s.ways * s.queries),
         description="N-way K-shot Q-query episodes, classes and images drawn uniformly (the CD-FSL benchmark's)",
+        fewest_ways=lambda s: s.ways,
     )
 )
 
@@ -196,3 +195,6 @@ register_protocol(
         streamed=True,
     )
 )
+
+
+import cdfsl.data.md_sampler  # noqa: E402,F401  (registers the `meta-dataset` protocol)

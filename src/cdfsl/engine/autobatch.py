@@ -21,7 +21,7 @@ import torch
 from cdfsl.config import RunConfig
 from cdfsl.data.episodes import EpisodeBatch
 from cdfsl.data.index import Episode
-from cdfsl.data.protocols import EpisodeSettings, EpisodeShape, get_protocol, protocol_of
+from cdfsl.data.protocols import EpisodeSettings, EpisodeShape, get_protocol
 from cdfsl.engine.context import LoadCache, RunContext
 
 CPU_EPISODE_BATCH = 4
@@ -32,7 +32,7 @@ MEMORY_SHARE = 0.85
 def largest_shape(config: RunConfig) -> EpisodeShape:
     """The largest episode shape the protocol of `config`'s dataset may yield under its ways, shots and queries."""
     settings = EpisodeSettings(config.ways, config.shots, config.queries)
-    return get_protocol(protocol_of(config.dataset)).largest(settings)
+    return get_protocol(config.episode_protocol).largest(settings)
 
 
 def synthetic_batch(

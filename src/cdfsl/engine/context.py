@@ -43,7 +43,6 @@ from cdfsl.data.protocols import (
     get_protocol,
     index_fingerprint,
     run_index,
-    run_protocol,
 )
 from cdfsl.engine.prefetch import BatchFeed, fed
 from cdfsl.errors import ConfigError, DatasetWarning
@@ -275,7 +274,7 @@ def build_context(
     sampler (its protocol's, `data.protocols.protocol_of`) are loaded, and classes with fewer than shots + queries
     images are named in a `DatasetWarning`; without it, the context has no dataset (for fits on synthetic images).
     `loads=None` keeps what is loaded in this context only. The protocol is the config's when it asks for `all-way`
-    (`data.protocols.run_protocol`), whose sampler narrows the index to the items the run reads (`run_index`); a
+    (`RunConfig.episode_protocol`), whose sampler narrows the index to the items the run reads (`run_index`); a
     dataset without train and test splits is then a `DatasetError` here, before anything is stored. `eval_batch`:
     query images per streamed batch (`query_batches`).
     """
@@ -288,7 +287,7 @@ def build_context(
     device = resolve_device(config.device)
     precision, autocast_dtype = resolve_precision(config.train.precision, device)
     index, sampler = None, None
-    protocol = run_protocol(config.protocol, config.dataset)
+    protocol = config.episode_protocol
     if eval_batch < 1:
         raise ConfigError(f"the evaluation batch must be at least 1 image, got {eval_batch}")
     if load_data:
@@ -303,8 +302,10 @@ def build_context(
 
 def _warn_excluded(config: RunConfig, sampler: Sampler) -> None:
     if sampler.excluded_classes:
+        needed = getattr(sampler, "min_images", None)  # a sampler's own minimum (Meta-Dataset's: 2)
+        rule = needed if needed is not None else f"shots + queries = {config.shots + config.queries}"
         warnings.warn(
-            f"{config.dataset}: classes with fewer than shots + queries = {config.shots + config.queries} images "
+            f"{config.dataset}: classes with fewer than {rule} images "
             f"cannot appear in episodes: {', '.join(sampler.excluded_classes)}",
             DatasetWarning,
             stacklevel=4,  # the caller of `Runner.run` or of a probe's `prepare`

@@ -576,9 +576,7 @@ class Runner:
 
 def episode_total(config: RunConfig) -> int:
     """The number of episodes of `config`'s run: its protocol's fixed count (all-way: 1), else the config's."""
-    from cdfsl.data.protocols import run_protocol
-
-    fixed = get_protocol(run_protocol(config.protocol, config.dataset)).episodes
+    fixed = get_protocol(config.episode_protocol).episodes
     return fixed if fixed is not None else config.resolved_episodes()
 
 

@@ -62,7 +62,7 @@ from typing import Any
 
 from cdfsl.config import RunConfig, check_field, read_data_file, update_from_dict
 from cdfsl.errors import CdfslError, ConfigError
-from cdfsl.labels import changed_settings, run_label, variant_text
+from cdfsl.labels import changed_settings, episode_ways, run_label, variant_text
 from cdfsl.spec import RunSpec
 
 RUN_KEYS = ("method", "dataset", "shots", "backbone", "pretrained", "seed", "recipe", "ways", "queries")
@@ -206,7 +206,7 @@ def _label(config: RunConfig) -> str:
     """`method / recipe [N-way, changed settings] · dataset · N-shot · backbone · seed N`: the settings that differ
     from the recipe's as report rows show them (`cdfsl.labels`), the seed in its own place."""
     changes = {key: value for key, value in changed_settings(config).items() if key != "seed"}
-    name = run_label(config.method, config.recipe_name, variant_text(config.ways, changes))
+    name = run_label(config.method, config.recipe_name, variant_text(episode_ways(config), changes))
     return f"{name} · {config.dataset} · {config.shots}-shot · {config.backbone} · seed {config.seed}"
 
 

@@ -56,10 +56,14 @@ def tir_reads(config: RunConfig, spec: MethodSpec) -> tuple[str, ...]:
 
 
 def _check_alpha(config: RunConfig, spec: MethodSpec) -> None:
+    """Auto beta is 1 / (K − alpha) for an episode of K classes: alpha must stay below the fewest ways an episode of
+    the run can have (`ways` for fixed-way episodes, 5 for Meta-Dataset's; unchecked when the protocol states none)."""
     tir = config.tir
-    if tir.alpha is not None and tir.beta is None and tir.alpha >= config.ways:
+    fewest = config.fewest_ways()
+    if tir.alpha is not None and tir.beta is None and fewest is not None and tir.alpha >= fewest:
         raise ConfigError(
-            f"tir.alpha={tir.alpha:g} with tir.beta=auto (1 / (ways - alpha)) needs alpha < ways = {config.ways}; "
+            f"tir.alpha={tir.alpha:g} with tir.beta=auto (1 / (ways - alpha)) needs alpha < ways = {fewest} (the "
+            "fewest ways of an episode); "
             "set tir.beta too, or a smaller tir.alpha"
         )
 
