@@ -146,7 +146,7 @@ def test_protocol_field_selects_and_resolves(md_digits: None) -> None:
     assert config.episode_protocol == "fixed-way"
     assert RunConfig(dataset="digits").select_protocol(["ways"]).protocol == "episodic"  # its own is fixed-way
     assert RunConfig(dataset="digits", protocol="meta-dataset").episode_protocol == "meta-dataset"
-    assert dataclasses.replace(config, protocol="all-way").episode_protocol == SMALL
+    assert dataclasses.replace(config, protocol="all-way").episode_protocol == "all-way"
 
     from cdfsl.cli.options import config_from_options
 

@@ -29,7 +29,6 @@ from cdfsl.cli.options import (
 from cdfsl.cli.output import check_output_file, check_output_folder, console, out
 from cdfsl.cli.progress import run_with_progress
 from cdfsl.config import RunConfig
-from cdfsl.engine.reproducibility import set_cublas_workspace
 from cdfsl.errors import ConfigError
 from cdfsl.recipes import RECIPES
 from cdfsl.spec import RunSpec
@@ -119,6 +118,8 @@ def run_command(
     if eval_batch < 1:
         raise ConfigError(f"--eval-batch must be at least 1 image, got {eval_batch}")
     if deterministic:  # before anything reaches cuBLAS (the trial fits of --episode-batch auto)
+        from cdfsl.engine.reproducibility import set_cublas_workspace
+
         set_cublas_workspace()
     base = load_config_file(config_file) if config_file is not None else None
     given = typed_options(ctx)
