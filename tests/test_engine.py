@@ -291,7 +291,11 @@ def test_to_json_has_the_cli_summary(base: Base) -> None:
     assert summary["episodes"] == EPISODES
     assert summary["mean_acc"] == pytest.approx(base.result.mean_acc, abs=1e-4)
     assert summary["ci95"] == pytest.approx(base.result.ci95, abs=1e-4)
-    assert [set(row) for row in summary["per_episode"]] == [{"episode", "acc"}] * EPISODES
+    assert [set(row) for row in summary["per_episode"]] == [
+        {"episode", "acc", "ways", "shots", "queries", "classes"}
+    ] * EPISODES
+    assert all((row["ways"], row["shots"], row["queries"]) == (5, [1] * 5, [15] * 5) for row in summary["per_episode"])
+    assert all(len(set(row["classes"])) == 5 for row in summary["per_episode"])
     assert [row["episode"] for row in summary["per_episode"]] == list(range(EPISODES))
     assert [row["acc"] for row in summary["per_episode"]] == pytest.approx(
         [a for _, a in base.result.per_episode], abs=1e-4

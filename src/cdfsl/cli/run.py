@@ -31,7 +31,6 @@ from cdfsl.cli.progress import run_with_progress
 from cdfsl.config import RunConfig
 from cdfsl.errors import ConfigError
 from cdfsl.recipes import RECIPES
-from cdfsl.spec import RunSpec
 
 DEMO_METHODS = ("zeroshot", "lora", "tir", "vtt")
 DEMO_FULL_ITERATIONS = 250  # `demo --iterations` is given for a recipe of this many iterations
@@ -145,30 +144,24 @@ def run_command(
         out.print(_all_way_line(result, done), highlight=False)
     else:
         out.print(
-            f"{config.method} ({result.config.recipe}) on {config.dataset} ({config.ways}-way {config.shots}-shot, "
+            f"{config.method} ({result.config.recipe}) on {config.dataset} ({_episode_kind(config)}, "
             f"{len(result.per_episode)} "
             f"episodes): [bold]{result.mean_acc:.2f} ± {result.ci95:.2f}%[/bold]  "
             f"(run {result.run_id}; {trained} {done}, {resumed} from {config.db})",
             highlight=False,
         )
     if json_path is not None:
-        json_path.write_text(json.dumps(with_episode_shapes(result.to_json(), spec), indent=2))
+        json_path.write_text(json.dumps(result.to_json(), indent=2))
 
 
-def with_episode_shapes(summary: dict[str, Any], spec: RunSpec) -> dict[str, Any]:
-    """`summary` (a `--json` summary) with each `per_episode` entry's shape: `ways`, `shots` and `queries` (per class,
-    in episode-label order) and `classes` (the class names), as the run's sampler drew it (for every protocol: the
-    sampler is deterministic, so the episodes drawn again are the episodes run)."""
-    from cdfsl.engine.context import build_context
+def _episode_kind(config: RunConfig) -> str:
+    """`N-way K-shot` for fixed-way episodes, else the protocol's own words (`variable-way variable-shot`)."""
+    from cdfsl.data.protocols import FIXED_WAY, EpisodeSettings, get_protocol
 
-    index, sampler = build_context(spec).data()
-    entries = summary["per_episode"]
-    for entry, episode in zip(entries, sampler.episodes([entry["episode"] for entry in entries]), strict=True):
-        entry["ways"] = episode.ways
-        entry["shots"] = [len(items) for items in episode.support]
-        entry["queries"] = [len(items) for items in episode.query]
-        entry["classes"] = [index.class_names[label] for label in episode.classes]
-    return summary
+    protocol = config.episode_protocol
+    if protocol == FIXED_WAY:
+        return f"{config.ways}-way {config.shots}-shot"
+    return get_protocol(protocol).column(EpisodeSettings(config.ways, config.shots, config.queries))
 
 
 def _all_way_line(result: Any, done: str) -> str:

@@ -56,7 +56,7 @@ from cdfsl.backbone.tokenizers import tokenizer_identity
 from cdfsl.config import RunConfig, run_id_of
 from cdfsl.data.episodes import EpisodeBatch, group_by_shape
 from cdfsl.data.images import ImageCache, image_rule
-from cdfsl.data.index import ImageIndex
+from cdfsl.data.index import Episode, ImageIndex
 from cdfsl.data.protocols import ALL_WAY, FIXED_WAY, get_protocol
 from cdfsl.engine.context import LoadCache, RunContext, build_context, resolve_precision
 from cdfsl.engine.prefetch import BatchFeed
@@ -303,6 +303,8 @@ class RunResult:
     records: dict[int, dict[str, Any]] = field(default_factory=dict)
     classes: int | None = None
     test_images: int | None = None
+    shapes: dict[int, dict[str, Any]] = field(default_factory=dict)
+    """Per episode its shape as drawn (`episode_shape`): `ways`, `shots` and `queries` per class, class names."""
 
     def to_json(self) -> dict[str, Any]:
         """The `--json` summary: run, episode shape, mean and 95% half-width, per-episode accuracy and records, and
@@ -345,7 +347,7 @@ class RunResult:
         return {"classes": self.classes, "test_images": self.test_images, "accuracy": round(self.mean_acc, 4)}
 
     def _episode_json(self, episode: int, accuracy: float, names: list[str]) -> dict[str, Any]:
-        entry: dict[str, Any] = {"episode": episode, "acc": round(accuracy, 4)}
+        entry: dict[str, Any] = {"episode": episode, "acc": round(accuracy, 4), **self.shapes.get(episode, {})}
         if names:
             records = self.records.get(episode, {})
             entry["records"] = {name: records.get(name) for name in names}
@@ -517,6 +519,9 @@ class Runner:
             excluded_classes=sampler.excluded_classes,
             seconds=time.perf_counter() - started,
             records={i: records.get(i, {}) for i in range(total)},
+            shapes={
+                episode.index: episode_shape(episode, context.data()[0]) for episode in sampler.episodes(range(total))
+            },
             **_episode_sizes(context),
         )
 
@@ -578,6 +583,17 @@ def episode_total(config: RunConfig) -> int:
     """The number of episodes of `config`'s run: its protocol's fixed count (all-way: 1), else the config's."""
     fixed = get_protocol(config.episode_protocol).episodes
     return fixed if fixed is not None else config.resolved_episodes()
+
+
+def episode_shape(episode: Episode, index: ImageIndex) -> dict[str, Any]:
+    """What `--json` says of an episode's shape: its `ways`, `shots` and `queries` per class (episode-label order)
+    and its `classes` (prompt names)."""
+    return {
+        "ways": episode.ways,
+        "shots": [len(items) for items in episode.support],
+        "queries": [len(items) for items in episode.query],
+        "classes": [index.class_names[label] for label in episode.classes],
+    }
 
 
 def _episode_sizes(context: RunContext) -> dict[str, int]:
