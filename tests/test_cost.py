@@ -116,7 +116,7 @@ def test_vtt_parameters_equal_hand_counts(vtt_cost: dict[str, Any]) -> None:
 
 def test_quoted_release_counts_are_our_modules_at_vit_b16_shapes() -> None:
     """The release's ViT-B/16 figures equal our LoRA and fusion built at those shapes (12 × 768, C = 512)."""
-    lora = EpisodeLoRA(LoraConfig(), 12, 768, [torch_stream(0, 0, "lora_init")])
+    lora = EpisodeLoRA(LoraConfig(rank=16, alpha=8.0), 12, 768, [torch_stream(0, 0, "lora_init")])
     assert parameter_count(lora) == lora_by_hand(12, 768) == RELEASE_VISION_LORA
     fusion = ReleaseFusion([torch_stream(0, 0, "vtt_init")], grid=5, width=512, outputs=512)
     assert parameter_count(fusion) == release_fusion_by_hand(512, 512) == RELEASE_FUSION
