@@ -82,9 +82,9 @@ def tir_piece(classes: int, images: int, repeats: int) -> dict[str, Any]:
 
     seconds = _median_seconds(weights, repeats)
     k = math.floor(0.3 * PATCHES)
-    # What exists at once that grows with K: the similarities (fp32), the top-k values and indices, the 0/1 marks
-    # (int64, as `class_votes` builds them).
-    bytes_k = images * classes * (PATCHES * 4 + k * (4 + 8) + PATCHES * 8)
+    # What exists at once that grows with K: the similarities (fp32) and the top-k values (fp32) and indices (int64)
+    # that `class_votes` counts from (before it counted them from a [K, M] int64 mark tensor too: + 8 bytes per pair).
+    bytes_k = images * classes * (PATCHES * 4 + k * (4 + 8))
     return {
         "piece": "tir_weights", "classes": classes, "images": images, "seconds": seconds,
         "similarity_gflop": 2 * images * PATCHES * classes * JOINT / 1e9,

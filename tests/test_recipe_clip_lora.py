@@ -20,6 +20,7 @@ from cdfsl.engine.sweep import load_sweep, plan_sweep, planned_episodes
 from cdfsl.errors import ConfigError
 from cdfsl.methods import build_method
 from cdfsl.methods.lora.method import learning_rate_schedules
+from cdfsl.methods.tir.recalibration import class_votes
 from cdfsl.recipes import CLIP_LORA_VIEWS, RECIPES, RELEASE_VIEWS
 from cdfsl.registry import BASES, PLUGINS
 from digits_world import DigitsWorld, configured
@@ -239,3 +240,15 @@ def test_sweep_plan_lists_the_suite_and_names_the_missing_roots(tmp_path: Path) 
     assert "clip-lora-release" in result.output
     assert "11 episodes to train at most" in result.output
     assert "no data for run(s)" in result.output
+
+
+def test_tir_votes_at_a_thousand_classes_are_the_marks_counted() -> None:
+    """`class_votes` counts each class's top-k tokens from their indices (no [K, M] mark tensor): the count equals
+    the plain 0/1 marks summed over the classes, at the suite's largest class count."""
+    similarity = torch.randn((1, 2, 1000, 196), generator=torch.Generator().manual_seed(3))
+    k = 58  # floor(0.3 · 196)
+    marks = torch.zeros_like(similarity, dtype=torch.int64)
+    marks.scatter_(-1, similarity.topk(k, dim=-1).indices, 1)
+    votes = class_votes(similarity, 0.3)
+    assert torch.equal(votes, marks.sum(dim=-2))
+    assert int(votes.sum()) == 2 * 1000 * k and votes.shape == (1, 2, 196)
