@@ -1,7 +1,7 @@
 """What TIR's Sum score and VtT's absorption cost when an episode has hundreds of classes (the all-way protocol of the
 CLIP few-shot suite: ImageNet's 1,000). A script, not a test.
 
-    python benchmarks/many_classes.py [--classes 5,100,1000] [--backbone tiny] [--json PATH]
+    python benchmarks/many_classes.py [--classes 5,100,1000] [--backbone tiny] [--skip-pieces | --skip-steps]
 
 Two parts, each case in its own process (so the peak resident memory is that case's):
 
@@ -47,6 +47,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=3, help="timed training steps per case in part 2")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per piece in part 1")
     parser.add_argument("--skip-steps", action="store_true", help="part 1 only")
+    parser.add_argument("--skip-pieces", action="store_true", help="part 2 only")
     parser.add_argument("--json", type=Path, default=None, help="write every number here")
     return parser.parse_args()
 
@@ -153,33 +154,34 @@ def _in_process(target: Any, *args: Any) -> dict[str, Any]:
 
 def main() -> None:
     args = parse_args()
-    torch.set_num_threads(torch.get_num_threads())
     counts = [int(c) for c in args.classes.split(",")]
     results: list[dict[str, Any]] = []
-    for classes in counts:
-        for images in (32, 256):
-            results.append(_in_process(tir_piece, classes, images, args.repeats))
-        results.append(_in_process(vtt_piece, classes, 32, args.repeats))
-    print(f"pieces at ViT-B/16 sizes (M={PATCHES}, C={JOINT}, L={LAYERS}), CPU, {torch.get_num_threads()} threads")
-    print("| piece | K | images | ms | K-dependent MB | peak RSS MB |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for r in results:
-        print(
-            f"| {r['piece']} | {r['classes']} | {r['images']} | {r['seconds'] * 1e3:.2f} | "
-            f"{r['k_dependent_mb']:.1f} | {r['peak_rss_mb']:.0f} |"
-        )
+    if not args.skip_pieces:
+        print(f"pieces at ViT-B/16 sizes (M={PATCHES}, C={JOINT}, L={LAYERS}), CPU, {torch.get_num_threads()} threads")
+        print("| piece | K | images | ms | K-dependent MB | peak RSS MB |")
+        print("|---|---:|---:|---:|---:|---:|", flush=True)
+        for classes in counts:
+            cases = [(tir_piece, classes, 32), (tir_piece, classes, 256), (vtt_piece, classes, 32)]
+            for piece, k, images in cases:
+                r = _in_process(piece, k, images, args.repeats)
+                results.append(r)
+                print(
+                    f"| {r['piece']} | {r['classes']} | {r['images']} | {r['seconds'] * 1e3:.2f} | "
+                    f"{r['k_dependent_mb']:.1f} | {r['peak_rss_mb']:.0f} |",
+                    flush=True,
+                )
     if not args.skip_steps:
-        steps = [
-            _in_process(training_step, method, classes, args.backbone, args.steps)
-            for classes in counts
-            for method in METHODS
-        ]
         print(f"\ntraining steps, {args.backbone} (random weights), clip-lora-release, batch 32, CPU")
         print("| method | K | s/step | peak RSS MB |")
-        print("|---|---:|---:|---:|")
-        for r in steps:
-            print(f"| {r['method']} | {r['classes']} | {r['seconds_per_step']:.3f} | {r['peak_rss_mb']:.0f} |")
-        results += steps
+        print("|---|---:|---:|---:|", flush=True)
+        for classes in counts:
+            for method in METHODS:
+                r = _in_process(training_step, method, classes, args.backbone, args.steps)
+                results.append(r)
+                print(
+                    f"| {r['method']} | {r['classes']} | {r['seconds_per_step']:.3f} | {r['peak_rss_mb']:.0f} |",
+                    flush=True,
+                )
     if args.json is not None:
         meta = {"date": datetime.now(UTC).isoformat(), "machine": platform.platform(), "torch": torch.__version__}
         args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
