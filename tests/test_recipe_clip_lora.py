@@ -252,3 +252,14 @@ def test_tir_votes_at_a_thousand_classes_are_the_marks_counted() -> None:
     votes = class_votes(similarity, 0.3)
     assert torch.equal(votes, marks.sum(dim=-2))
     assert int(votes.sum()) == 2 * 1000 * k and votes.shape == (1, 2, 196)
+
+
+def test_a_sweep_takes_protocol_as_a_run_key(tmp_path: Path) -> None:
+    path = tmp_path / "p.toml"
+    path.write_text("[grid]\nmethod = 'lora'\ndataset = 'digits'\nprotocol = ['episodic', 'all-way']\n")
+    runs = load_sweep(path).runs
+    assert [r.config.protocol for r in runs] == ["episodic", "all-way"]
+    assert [planned_episodes(r.config) for r in runs] == [800, 1]
+    path.write_text("[grid]\nmethod = 'lora'\ndataset = 'digits'\nprotocol = 'allway'\n")
+    with pytest.raises(ConfigError, match=r"run 1 .*protocol"):
+        load_sweep(path)
