@@ -187,7 +187,7 @@ def test_synthetic_batch_shapes(runner: Runner) -> None:
     config = RunConfig(method="lora", backbone="tiny", pretrained="none", shots=2, ways=3, device="cpu")
     backbone = runner.backbone(config, torch.device("cpu"))
     batch = synthetic_batch(config.resolved(), backbone)
-    views = len(config.augment.views)
+    views = len(config.resolved().augment.views)  # the recipe's views
     assert batch.support.shape == (1, 3 * 2 * views, 3, backbone.image_size, backbone.image_size)
     assert batch.support_labels.tolist() == [[c for c in range(3) for _ in range(2 * views)]]
     assert batch.query.shape[:2] == (1, 3)
