@@ -186,7 +186,7 @@ def main() -> None:
     torch.manual_seed(0)
     backbone = load_backbone(backbone_name, "none", device)
     peak = matmul_peak(device, torch.bfloat16 if cuda else torch.float32)
-    views = config.ways * config.shots * len(config.augment.views)
+    views = config.ways * config.shots * len(config.resolved().augment.views)
     batches = (
         [int(b) for b in args.batches.split(",")] if args.batches else default_batches(config, methods, backbone, dtype)
     )

@@ -3,6 +3,7 @@ released loaders (`Image.rotate` nearest, the `ImageEnhance` jitter), bad view n
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 import torch
 from PIL import Image, ImageEnhance
 
-from cdfsl.data.augment import DEFAULT_VIEWS, _jitter, _rotate, parse_view, support_views
+from cdfsl.data.augment import CROP_ATTEMPTS, DEFAULT_VIEWS, _jitter, _rotate, crop_boxes, parse_view, support_views
 from cdfsl.errors import ConfigError
 
 
@@ -280,3 +281,90 @@ def test_parse_view() -> None:
     assert parse_view("plain") == frozenset()
     assert parse_view("rotate+jitter+flip") == {"rotate", "jitter", "flip"}
     assert parse_view("flip + rotate") == {"flip", "rotate"}
+
+
+# ------------------------------------------------------------------ crop (random resized crop, clip-lora-release)
+
+
+def test_crop_views_have_the_input_shape_on_the_uint8_grid(images: torch.Tensor) -> None:
+    views = support_views(images, ("crop", "crop+flip", "plain"), gen(3))
+    assert views.shape == (images.shape[0], 3, *images.shape[1:])
+    assert float(views.min()) >= 0.0 and float(views.max()) <= 1.0
+    for n in range(images.shape[0]):
+        to_levels(views[n, 0])  # fails off the grid
+    torch.testing.assert_close(views[:, 2], images, atol=0, rtol=0)  # the plain view is untouched
+
+
+def test_crop_is_deterministic_per_generator(images: torch.Tensor) -> None:
+    first = support_views(images, ("crop+flip",) * 2, gen(11))
+    again = support_views(images, ("crop+flip",) * 2, gen(11))
+    other = support_views(images, ("crop+flip",) * 2, gen(12))
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+
+
+def test_adding_crop_keeps_the_other_draws(images: torch.Tensor) -> None:
+    """The crop boxes are drawn after rotate/jitter/flip: the benchmark's views are what they were before crop."""
+    generator = gen(4)
+    views = support_views(images, DEFAULT_VIEWS, generator)
+    n, v = images.shape[0], len(DEFAULT_VIEWS)
+    replay = gen(4)
+    torch.rand((n, v), generator=replay)
+    torch.rand((n, v, 3), generator=replay)
+    torch.rand((n, v), generator=replay)
+    torch.rand((n * v, CROP_ATTEMPTS, 4), generator=replay, dtype=torch.float64)
+    assert torch.equal(generator.get_state(), replay.get_state())
+    assert views.shape[1] == v
+
+
+def test_crop_boxes_honour_the_scale_range() -> None:
+    height, width = 60, 80
+    boxes = crop_boxes(4000, height, width, (0.25, 0.5), gen(5))
+    top, left, h, w = boxes.unbind(1)
+    assert bool(((top >= 0) & (left >= 0) & (top + h <= height) & (left + w <= width)).all())
+    share = (h * w).double() / (height * width)
+    # rounding each side to whole pixels moves the area by less than one pixel row and column
+    slack = (h + w + 1).double() / (height * width)
+    assert bool((share >= 0.25 - slack).all()) and bool((share <= 0.5 + slack).all())
+    ratio = w.double() / h.double()
+    assert bool((ratio > 0.70).all()) and bool((ratio < 1.42).all())
+    assert float(share.min()) < 0.27 and float(share.max()) > 0.48  # the whole range is drawn
+
+
+def test_crop_box_of_one_fixed_area_by_hand() -> None:
+    """scale (0.25, 0.25) of a 40x40 image: area 400 at a ratio in (3/4, 4/3) fits every try, so the first try is
+    taken: w = round(sqrt(400 r)), h = round(sqrt(400 / r)), top = floor(u (40 - h + 1))."""
+    boxes = crop_boxes(3, 40, 40, (0.25, 0.25), gen(8))
+    draws = torch.rand((3, CROP_ATTEMPTS, 4), generator=gen(8), dtype=torch.float64)
+    for i in range(3):
+        u = draws[i, 0].tolist()
+        r = math.exp(math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * u[1])
+        w, h = round(math.sqrt(400 * r)), round(math.sqrt(400 / r))
+        expected = [math.floor(u[2] * (40 - h + 1)), math.floor(u[3] * (40 - w + 1)), h, w]
+        assert boxes[i].tolist() == expected
+
+
+def test_crop_of_the_whole_image_is_the_image(images: torch.Tensor) -> None:
+    """scale (1, 1) on a square image: no try other than the full square fits, and the fallback is the full square
+    too; resizing a box of the image's own size gives the image back exactly."""
+    square = torch.round(images * 255) / 255  # [3, 3, 16, 16] on the uint8 grid
+    boxes = crop_boxes(50, 16, 16, (1.0, 1.0), gen(2))
+    assert boxes.tolist() == [[0, 0, 16, 16]] * 50
+    views = support_views(square, ("crop",), gen(2), crop_scale=(1.0, 1.0))
+    torch.testing.assert_close(views[:, 0], square, atol=1e-6, rtol=0)
+
+
+def test_crop_resizes_its_box_as_torchvision_does(images: torch.Tensor) -> None:
+    """The view is torchvision's `resized_crop` (tensor path, bicubic) of the drawn box, rounded to uint8 levels."""
+    resized_crop = pytest.importorskip("torchvision.transforms.v2.functional").resized_crop
+    views = support_views(images, ("crop",), gen(9), crop_scale=(0.1, 0.6))
+    n, (height, width) = images.shape[0], images.shape[-2:]
+    replay = gen(9)
+    for shape in ((n, 1), (n, 1, 3), (n, 1)):
+        torch.rand(shape, generator=replay)
+    boxes = crop_boxes(n, height, width, (0.1, 0.6), replay)
+    for i in range(n):
+        top, left, h, w = boxes[i].tolist()
+        expected = resized_crop(images[i], top, left, h, w, [height, width], antialias=False, interpolation=3)
+        expected = torch.round(expected.clamp(0, 1) * 255) / 255
+        torch.testing.assert_close(views[i, 0], expected, atol=1.5 / 255, rtol=0)

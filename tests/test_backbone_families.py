@@ -78,7 +78,10 @@ def test_widths_are_read_from_the_model(perturbed: dict[str, ClipAdapter]) -> No
 def test_each_slice_of_a_packed_qkv_gets_its_own_factors(perturbed: dict[str, ClipAdapter]) -> None:
     adapter = perturbed["small-pe-core"]
     lora = EpisodeLoRA(
-        LoraConfig(), adapter.num_vision_blocks, adapter.vision_width, [torch.Generator().manual_seed(0)]
+        LoraConfig(rank=16, alpha=8.0),
+        adapter.num_vision_blocks,
+        adapter.vision_width,
+        [torch.Generator().manual_seed(0)],
     )
     with torch.no_grad():
         for layer in range(adapter.num_vision_blocks):

@@ -178,7 +178,8 @@ def test_validate_errors(changes: dict[str, object], message: str) -> None:
         ("train.template=a photo", "train.template"),
         ("train.iterations=-1", "train.iterations"),
         ("train.precision=fp16", "train.precision"),
-        ("augment.views=", "augment.views"),
+        ("augment.views=,", "augment.views"),  # `augment.views=` alone hands the views back to the recipe
+        ("augment.crop_scale=0.5,0.2", "augment.crop_scale"),
     ],
 )
 def test_validate_errors_in_sections(assignment: str, message: str) -> None:

@@ -116,7 +116,7 @@ def test_vtt_parameters_equal_hand_counts(vtt_cost: dict[str, Any]) -> None:
 
 def test_quoted_release_counts_are_our_modules_at_vit_b16_shapes() -> None:
     """The release's ViT-B/16 figures equal our LoRA and fusion built at those shapes (12 × 768, C = 512)."""
-    lora = EpisodeLoRA(LoraConfig(), 12, 768, [torch_stream(0, 0, "lora_init")])
+    lora = EpisodeLoRA(LoraConfig(rank=16, alpha=8.0), 12, 768, [torch_stream(0, 0, "lora_init")])
     assert parameter_count(lora) == lora_by_hand(12, 768) == RELEASE_VISION_LORA
     fusion = ReleaseFusion([torch_stream(0, 0, "vtt_init")], grid=5, width=512, outputs=512)
     assert parameter_count(fusion) == release_fusion_by_hand(512, 512) == RELEASE_FUSION
@@ -187,7 +187,7 @@ def test_synthetic_batch_shapes(runner: Runner) -> None:
     config = RunConfig(method="lora", backbone="tiny", pretrained="none", shots=2, ways=3, device="cpu")
     backbone = runner.backbone(config, torch.device("cpu"))
     batch = synthetic_batch(config.resolved(), backbone)
-    views = len(config.augment.views)
+    views = len(config.resolved().augment.views)  # the recipe's views
     assert batch.support.shape == (1, 3 * 2 * views, 3, backbone.image_size, backbone.image_size)
     assert batch.support_labels.tolist() == [[c for c in range(3) for _ in range(2 * views)]]
     assert batch.query.shape[:2] == (1, 3)

@@ -22,15 +22,19 @@ from cdfsl.recipes import RECIPES, tir_logit_scale
 # The fields a recipe decides: `None` by default, never `None` once resolved.
 RECIPE_FIELDS = (
     "lora.towers",
+    "lora.rank",
+    "lora.alpha",
     "prompt.context",
     "train.iterations",
     "train.batch_size",
     "train.lr",
     "train.schedule",
+    "train.schedule_horizon",
     "train.logit_scale",
     "vtt.fusion",
     "vtt.lr",
     "pre_resize",
+    "augment.views",
 )
 
 

@@ -193,7 +193,7 @@ def test_fixed_way_builds_todays_sampler_and_a_synthetic_batch_of_any_shape() ->
     config = RunConfig(dataset="digits", method="lora", ways=5, shots=2, queries=3)
     assert largest_shape(config) == EpisodeShape(5, 10, 15)
     batch = synthetic_batch(config, 2, 8, torch.device("cpu"), EpisodeShape(3, 5, 4))
-    views = len(config.augment.views)
+    views = len(config.resolved().augment.views)  # the recipe's views
     assert batch.support.shape == (2, 5 * views, 3, 8, 8) and batch.query.shape == (2, 4, 3, 8, 8)
     assert batch.support_labels[0, ::views].tolist() == [0, 0, 1, 1, 2]  # supports spread over classes, first get more
     assert batch.query_labels[0].tolist() == [0, 0, 1, 2]

@@ -28,7 +28,7 @@ from cdfsl.errors import ConfigError
 from cdfsl.methods.lora.settings import LORA_TOWERS, LoraConfig, PromptConfig
 from cdfsl.methods.maple.settings import MapleConfig
 from cdfsl.methods.tir.settings import TIR_VARIANTS, TirConfig
-from cdfsl.methods.training_settings import PRECISIONS, SCHEDULES, AugmentConfig, TrainConfig
+from cdfsl.methods.training_settings import DEFAULT_CROP_SCALE, PRECISIONS, SCHEDULES, AugmentConfig, TrainConfig
 from cdfsl.methods.vtt.settings import VTT_FUSIONS, VTT_SCANS, VttConfig
 from cdfsl.recipes import RECIPES, Recipe
 from cdfsl.registry import SECTIONS, MethodSpec, default_recipe, method_names, parse_method
@@ -386,6 +386,9 @@ class RunConfig:
             ident["train"] = {"template": config.train.template, "logit_scale": config.train.logit_scale}
         for section in config.spec.sections:
             ident[section] = dataclasses.asdict(getattr(config, section))
+            for name, default in _NEWER_THAN_LEGACY.get(section, {}).items():
+                if ident[section].get(name) == default:
+                    del ident[section][name]  # a field added later, at its old behaviour: the old id stays
         return ident
 
     def _frame(
@@ -424,6 +427,10 @@ class RunConfig:
         """The dotted settings keys this run's method reads under its resolved config (`MethodSpec.reads`)."""
         config = self.resolved()
         return config.spec.reads(config)
+
+
+# Fields added to a section after the legacy identity was frozen, with the default that behaves as before they existed.
+_NEWER_THAN_LEGACY: dict[str, dict[str, Any]] = {"augment": {"crop_scale": DEFAULT_CROP_SCALE}}
 
 
 def _plain(value: Any) -> Any:

@@ -20,6 +20,13 @@ if TYPE_CHECKING:
 # Datasets on which the VtT release's README commands double both learning rates.
 HIGH_LR_DATASETS = ("isic2018", "chestx")
 BASE_LORA_LR = 2e-4
+# The benchmark's five support views: the VtT and TIR releases' loaders (docs/protocol.md; `cdfsl.data.augment`).
+RELEASE_VIEWS = ("plain", "rotate+jitter+flip", "rotate", "jitter", "flip")
+# clip-lora-release's support views: each a random resized crop and a coin-flip mirror, drawn once per episode.
+CLIP_LORA_VIEW_COUNT = 8
+CLIP_LORA_VIEWS = ("crop+flip",) * CLIP_LORA_VIEW_COUNT
+# The CLIP-LoRA release's steps per shot (`run_utils.py` `--n_iters 500`; `lora.py` `total_iters = n_iters * shots`).
+CLIP_LORA_ITERATIONS_PER_SHOT = 500
 # Datasets the VtT release's loader resizes to a square of this side when opening an image (before the model's resize).
 VTT_PRE_RESIZE = {"chestx": 256}
 
@@ -86,6 +93,10 @@ def _vtt_pre_resize(config: RunConfig) -> int:
     return VTT_PRE_RESIZE.get(config.dataset, 0)
 
 
+def _clip_lora_iterations(config: RunConfig) -> int:
+    return CLIP_LORA_ITERATIONS_PER_SHOT * config.shots
+
+
 _VTT = "zhenyuZ-HUST/CVPR26-VtT"
 _TIR = "shuaiyi308/TIR"
 _CLIP_LORA = "MaxZanella/CLIP-LoRA"
@@ -120,11 +131,93 @@ _VTT_LOOP = (
     RecipeValue("vtt.beta", 7.0, f"{_VTT} run_utils.py (`--beta 7`)"),
     RecipeValue("vtt.window", 50, f"{_VTT} run_utils.py (`--grad_steps 50`)"),
     RecipeValue(
+        "augment.views",
+        RELEASE_VIEWS,
+        f"{_VTT} fslcd_datasets_aug2/ loaders: five transform lists per support image (docs/protocol.md)",
+    ),
+    RecipeValue(
         "pre_resize",
         _vtt_pre_resize,
         f"{_VTT} fslcd_datasets_aug2/Chest_few_shot_da.py (`.resize((256, 256)).convert('RGB')` on opening); "
         "the other datasets' loaders open images as they are",
         rule="256 on chestx; 0 (none) elsewhere",
+    ),
+)
+
+# The CLIP-LoRA release's loop (`main.py`, `lora.py`, `run_utils.py`, `loralib/`), as its README runs it: the
+# argparse defaults, which the README's command does not change. Line numbers are of the release's main branch.
+_CLIP_LORA_LOOP = (
+    RecipeValue("lora.towers", "both", f"{_CLIP_LORA} run_utils.py:33 (`--encoder` default 'both')"),
+    RecipeValue(
+        "prompt.context",
+        "",
+        f"{_CLIP_LORA} lora.py:94-95 (the fixed `dataset.template[0]`, no learned context)",
+    ),
+    RecipeValue("lora.rank", 2, f"{_CLIP_LORA} run_utils.py:35 (`--r` default 2)"),
+    RecipeValue(
+        "lora.alpha",
+        1.0,
+        f"{_CLIP_LORA} run_utils.py:36 (`--alpha` default 1); scale alpha/sqrt(r) in loralib/layers.py:42",
+    ),
+    RecipeValue("lora.dropout", 0.25, f"{_CLIP_LORA} run_utils.py:37 (`--dropout_rate` default 0.25)"),
+    RecipeValue(
+        "lora.targets",
+        ("q", "k", "v"),
+        f"{_CLIP_LORA} run_utils.py:34 (`--params` default q k v); `--position all`: every block "
+        "(run_utils.py:32, loralib/utils.py INDEX_POSITIONS_*['all'])",
+    ),
+    RecipeValue(
+        "train.iterations",
+        _clip_lora_iterations,
+        f"{_CLIP_LORA} lora.py:73 (`total_iters = args.n_iters * args.shots`), run_utils.py:29 (`--n_iters 500`)",
+        rule="500 x shots",
+    ),
+    RecipeValue(
+        "train.batch_size",
+        32,
+        f"{_CLIP_LORA} run_utils.py:30 (`--batch_size 32`); main.py:48 (DataLoader, shuffle=True, every pass)",
+    ),
+    RecipeValue("train.lr", BASE_LORA_LR, f"{_CLIP_LORA} run_utils.py:28 (`--lr 2e-4`, every dataset)"),
+    RecipeValue("train.weight_decay", 0.01, f"{_CLIP_LORA} lora.py:75 (AdamW weight_decay=1e-2)"),
+    RecipeValue("train.beta1", 0.9, f"{_CLIP_LORA} lora.py:75 (AdamW betas=(0.9, 0.999))"),
+    RecipeValue("train.beta2", 0.999, f"{_CLIP_LORA} lora.py:75 (AdamW betas=(0.9, 0.999))"),
+    RecipeValue("train.schedule", "cosine", f"{_CLIP_LORA} lora.py:76,122 (CosineAnnealingLR, stepped every step)"),
+    RecipeValue("train.schedule_horizon", 1.0, f"{_CLIP_LORA} lora.py:76 (`T_max = total_iters`)"),
+    RecipeValue("train.min_lr", 1e-6, f"{_CLIP_LORA} lora.py:76 (`eta_min=1e-6`)"),
+    RecipeValue("train.logit_scale", 100.0, f"{_CLIP_LORA} main.py:22 (`logit_scale = 100`), lora.py:112"),
+    RecipeValue(
+        "train.template",
+        "a photo of a {}.",
+        f"{_CLIP_LORA} datasets/*.py (`template = ['a photo of a {{}}.']`, e.g. dtd.py:10, imagenet.py:188)",
+    ),
+    RecipeValue(
+        "train.precision",
+        "auto",
+        f"{_CLIP_LORA} lora.py:98-119 (fp16 autocast and GradScaler); cdfsl: bf16 autocast on CUDA, fp32 on CPU",
+    ),
+    RecipeValue(
+        "augment.views",
+        CLIP_LORA_VIEWS,
+        f"{_CLIP_LORA} main.py:38-43 (RandomResizedCrop + RandomHorizontalFlip, fresh for every sample); cdfsl: "
+        f"{CLIP_LORA_VIEW_COUNT} crop+flip views per support image, drawn once per episode",
+        rule=f"{CLIP_LORA_VIEW_COUNT} x crop+flip",
+    ),
+    RecipeValue(
+        "augment.crop_scale",
+        (0.08, 1.0),
+        f"{_CLIP_LORA} main.py:39 (`RandomResizedCrop(size=224, scale=(0.08, 1))`, bicubic)",
+    ),
+    RecipeValue("augment.flip_p", 0.5, f"{_CLIP_LORA} main.py:40 (`RandomHorizontalFlip(p=0.5)`)"),
+    RecipeValue(
+        "vtt.fusion", "release", "cdfsl (as vtt-release, for the vtt plug-in; the CLIP-LoRA release has no VtT)"
+    ),
+    RecipeValue(
+        "vtt.lr", _vtt_lr, "cdfsl (as vtt-release, for the vtt plug-in)", rule="5e-4; 1e-3 on isic2018, chestx"
+    ),
+    RecipeValue(
+        "pre_resize",
+        0,
+        f"{_CLIP_LORA} datasets/utils.py:44 (`Image.open(path).convert('RGB')`): no pre-resize",
     ),
 )
 
@@ -153,6 +246,7 @@ RECIPES: dict[str, Recipe] = {
             RecipeValue("train.lr", BASE_LORA_LR, f"{_TIR} README command (`-lora_lr 2e-4`, every dataset)"),
             RecipeValue("train.weight_decay", 0.01, f"{_TIR} coop_lora_trainer.py (AdamW with torch defaults)"),
             RecipeValue("train.schedule", "none", f"{_TIR} coop_lora_trainer.py (no scheduler)"),
+            RecipeValue("train.schedule_horizon", 8.0, "cdfsl (as vtt-release; unused without a schedule)"),
             RecipeValue(
                 "train.logit_scale",
                 _tir_logit_scale,
@@ -175,6 +269,11 @@ RECIPES: dict[str, Recipe] = {
                 f"{_TIR} data/dataset_aug.py (`Image.open(...).convert('RGB')`, every dataset alike), then "
                 "data/datamgr_aug.py (`Resize([224, 224])`): no pre-resize",
             ),
+            RecipeValue(
+                "augment.views",
+                RELEASE_VIEWS,
+                f"{_TIR} data/datamgr_aug.py: five transform lists per support image (docs/protocol.md)",
+            ),
         ),
     ),
     "paper": Recipe(
@@ -187,5 +286,10 @@ RECIPES: dict[str, Recipe] = {
             RecipeValue("train.logit_scale", 100.0, "TIR and VtT papers: temperature tau = 0.01"),
             RecipeValue("vtt.fusion", "ssm", "VtT paper: deep-to-shallow scan of 2L tokens, 2-layer SSM, adapter"),
         ),
+    ),
+    "clip-lora-release": Recipe(
+        "clip-lora-release",
+        "the CLIP-LoRA release's loop: rank-2 LoRA on q/k/v of both towers, 500 x shots steps of 32 crops, cosine",
+        _CLIP_LORA_LOOP,
     ),
 }

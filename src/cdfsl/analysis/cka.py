@@ -160,7 +160,7 @@ def _pooled(setup: ProbeSetup, method: str, masks: tuple[str, ...], episodes: in
     features = PooledFeatures(masks)
     features.layers = {mask: [[] for _ in range(layers)] for mask in masks}
     features.dropped = {mask: [[] for _ in range(layers)] for mask in masks}
-    views = len(config.augment.views) if trains else 1
+    views = len(setup.context.config.augment.views) if trains else 1  # the views `batches` draws (resolved)
     for batch in setup.batches(episodes, with_views=trains):
         pictures, _ = probe_images(batch, images, views)
         fitted = fit(setup, method, batch)

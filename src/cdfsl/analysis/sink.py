@@ -162,7 +162,7 @@ def sink_probe(
     stats = {name: SinkStats(layers, classes, TOP_SHARE) for name in conditions}
     overlays: dict[str, Any] = {"layer": overlay_layer, "episode": 0, "positions": [], "labels": [], "marks": {}}
     overlay_pixels: Tensor | None = None
-    views = len(config.augment.views) if methods else 1
+    views = len(setup.context.config.augment.views) if methods else 1  # the views `batches` draws (resolved)
     for batch in setup.batches(episodes, with_views=bool(methods)):
         pictures, labels = probe_images(batch, images, views)
         first = batch.indices[0] == 0

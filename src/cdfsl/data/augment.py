@@ -1,8 +1,8 @@
 """Support views: the released loaders' augmentation scheme, vectorized on the compute device.
 
-Each support image gives one view per entry of `views`; an entry is `plain` or a `+`-joined list of `rotate`,
-`jitter` and `flip`, applied in that order. The default `plain, rotate+jitter+flip, rotate, jitter, flip` is the five
-transform lists of the VtT and TIR releases' loaders (see `docs/protocol.md`), which run torchvision's
+Each support image gives one view per entry of `views`; an entry is `plain` or a `+`-joined list of `crop`,
+`rotate`, `jitter` and `flip`, applied in that order. The benchmark's `plain, rotate+jitter+flip, rotate, jitter,
+flip` is the five transform lists of the VtT and TIR releases' loaders (see `docs/protocol.md`), which run torchvision's
 `RandomRotation(45)`, an `ImageEnhance`-based `ImageJitter` and `RandomHorizontalFlip` on uint8 PIL images after the
 resize. Here the same operations run on float tensors in [0, 1] holding uint8 levels `k / 255` (the resized images
 divided by 255), and reproduce the PIL results:
@@ -21,6 +21,12 @@ divided by 255), and reproduce the PIL results:
   on inputs on that grid the result equals the PIL chain run with the same (float32) factors exactly. A view whose
   three factors are all 1 is returned untouched.
 - `flip`: horizontal, with probability flip_p.
+- `crop`: torchvision's `RandomResizedCrop` with the image's own size as output (the CLIP-LoRA release's
+  augmentation, recipe `clip-lora-release`): up to 10 tries of an area share uniform in `crop_scale` and a log-uniform
+  aspect ratio in (3/4, 4/3), the first box that fits taken at a uniform position, else the central crop of the whole
+  image clamped to that ratio range; the box is resized back bicubically (`F.interpolate`, no antialias: the box is
+  never larger than the image) and the result clamped to [0, 1] and rounded to uint8 levels `k / 255`, as a PIL
+  image would be.
 
 What is not reproduced: the releases draw their parameters from torch's global generator in a different order, so
 the same seed gives other angles and factors; here all parameters are drawn once per episode from the episode's own
@@ -36,12 +42,15 @@ import math
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from cdfsl.errors import ConfigError
 
-TRANSFORMS = ("rotate", "jitter", "flip")
+TRANSFORMS = ("crop", "rotate", "jitter", "flip")
 DEFAULT_VIEWS = ("plain", "rotate+jitter+flip", "rotate", "jitter", "flip")
+CROP_RATIO = (3 / 4, 4 / 3)  # torchvision's RandomResizedCrop default aspect-ratio range
+CROP_ATTEMPTS = 10  # torchvision's tries before the central fallback
 
 
 class ViewSettings(Protocol):
@@ -58,6 +67,9 @@ class ViewSettings(Protocol):
 
     @property
     def flip_p(self) -> float: ...
+
+    @property
+    def crop_scale(self) -> tuple[float, float]: ...
 
 
 def parse_view(view: str) -> frozenset[str]:
@@ -78,6 +90,7 @@ def support_views(
     rotation: float = 45.0,
     jitter: float = 0.4,
     flip_p: float = 0.5,
+    crop_scale: tuple[float, float] = (0.08, 1.0),
 ) -> Tensor:
     """Float images in [0, 1] `[N, 3, H, W]` → views `[N, V, 3, H, W]` in [0, 1], V = len(views)."""
     n, v = images.shape[0], len(views)
@@ -86,17 +99,74 @@ def support_views(
     angles = (torch.rand((n, v), generator=generator) * 2 - 1) * rotation
     factors = 1 + (torch.rand((n, v, 3), generator=generator) * 2 - 1) * jitter
     flips = torch.rand((n, v), generator=generator) < flip_p
-    use = torch.tensor([[t in kind for t in TRANSFORMS] for kind in kinds], dtype=torch.bool)  # [V, 3]
-    angles = torch.where(use[:, 0], angles, 0.0)
-    factors = torch.where(use[:, 1, None], factors, 1.0)
-    flips = flips & use[:, 2]
+    # Drawn after the others, so adding `crop` left the rotate/jitter/flip draws of every earlier run unchanged.
+    boxes = crop_boxes(n * v, images.shape[-2], images.shape[-1], crop_scale, generator).view(n, v, 4)
+    use = {t: torch.tensor([t in kind for kind in kinds], dtype=torch.bool) for t in TRANSFORMS}  # each [V]
+    angles = torch.where(use["rotate"], angles, 0.0)
+    factors = torch.where(use["jitter"][:, None], factors, 1.0)
+    flips = flips & use["flip"]
+    cropped = use["crop"].expand(n, v)
 
     device = images.device
     x = images[:, None].expand(n, v, *images.shape[1:]).reshape(n * v, *images.shape[1:])
+    x = _crop(x, boxes.reshape(-1, 4), cropped.reshape(-1))
     x = _rotate(x, angles.reshape(-1).to(device))
     x = _jitter(x, factors.reshape(-1, 3).to(device))
     x = torch.where(flips.reshape(-1, 1, 1, 1).to(device), x.flip(-1), x)
     return x.reshape(n, v, *images.shape[1:])
+
+
+def crop_boxes(count: int, height: int, width: int, scale: tuple[float, float], generator: torch.Generator) -> Tensor:
+    """`count` random resized crop boxes of an `height × width` image → int64 `[count, 4]` (top, left, h, w).
+
+    torchvision's `RandomResizedCrop.get_params`, vectorized: `CROP_ATTEMPTS` tries, each an area `scale`-share
+    uniform in `[low, high]` of the image and an aspect ratio log-uniform in `CROP_RATIO`, rounded to whole pixels;
+    the first that fits is placed uniformly; when none fits, the largest central box whose ratio lies in the range.
+    Every try's four numbers are drawn whether used or not (`[count, CROP_ATTEMPTS, 4]` from `generator`).
+    """
+    low, high = scale
+    draws = torch.rand((count, CROP_ATTEMPTS, 4), generator=generator, dtype=torch.float64)
+    area = height * width
+    target = area * (low + (high - low) * draws[..., 0])
+    log_low, log_high = math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])
+    ratio = torch.exp(log_low + (log_high - log_low) * draws[..., 1])
+    w = torch.round(torch.sqrt(target * ratio)).long()
+    h = torch.round(torch.sqrt(target / ratio)).long()
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    top = torch.floor(draws[..., 2] * (height - h + 1).clamp(min=1)).long()
+    left = torch.floor(draws[..., 3] * (width - w + 1).clamp(min=1)).long()
+    first = fits.long().argmax(dim=1, keepdim=True)  # the first try that fits (0 when none does)
+    chosen = [part.gather(1, first).squeeze(1) for part in (top, left, h, w)]
+    boxes = torch.stack(chosen, dim=1)
+    fallback = torch.tensor(_central_box(height, width), dtype=torch.long)
+    return torch.where(fits.any(dim=1, keepdim=True), boxes, fallback)
+
+
+def _central_box(height: int, width: int) -> tuple[int, int, int, int]:
+    """torchvision's fallback box: the whole image, narrowed to the nearest ratio in `CROP_RATIO`, centred."""
+    in_ratio = width / height
+    if in_ratio < CROP_RATIO[0]:
+        w, h = width, round(width / CROP_RATIO[0])
+    elif in_ratio > CROP_RATIO[1]:
+        h, w = height, round(height * CROP_RATIO[1])
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def _crop(x: Tensor, boxes: Tensor, used: Tensor) -> Tensor:
+    """Each image of `x` `[N, C, H, W]` whose `used[N]` is set: its box `boxes[N] = (top, left, h, w)` resized back to
+    `H × W` (bicubic, clamped to [0, 1], rounded to levels `k / 255`); the others untouched."""
+    if not bool(used.any()):
+        return x
+    height, width = x.shape[-2:]
+    out = x.clone()
+    for i in used.nonzero().flatten().tolist():
+        top, left, h, w = boxes[i].tolist()
+        box = x[i : i + 1, :, top : top + h, left : left + w]
+        resized = F.interpolate(box.float(), size=(height, width), mode="bicubic", align_corners=False)
+        out[i] = (torch.round(resized.clamp(0.0, 1.0) * 255.0) / 255.0).to(x.dtype)[0]
+    return out
 
 
 def _rotate(x: Tensor, degrees: Tensor) -> Tensor:

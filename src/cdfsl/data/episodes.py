@@ -77,7 +77,9 @@ def build_batch(
         images = to_device(cache.get([item for item, _ in support_items], pinned=_pins(device)), device)
         images = images.float() / 255.0
         generator = torch_stream(seed, episode.index, "views")
-        viewed = support_views(images, views, generator, augment.rotation, augment.jitter, augment.flip_p)
+        viewed = support_views(
+            images, views, generator, augment.rotation, augment.jitter, augment.flip_p, augment.crop_scale
+        )
         supports.append(normalize(viewed.flatten(0, 1)))
         labels = to_device(torch.tensor([label for _, label in support_items]), device)
         support_labels.append(labels.repeat_interleave(len(views)))

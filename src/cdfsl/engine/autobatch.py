@@ -43,7 +43,7 @@ def synthetic_batch(
     spread over the classes as evenly as they go (the first classes get one more)."""
     shape = shape or EpisodeShape(config.ways, config.ways * config.shots, config.ways * config.queries)
     ways = shape.ways
-    views = len(config.augment.views) if config.trains else 1
+    views = len(config.resolved().augment.views) if config.trains else 1  # the recipe's views when unset
     support = shape.supports * views
     query = shape.queries
     generator = torch.Generator().manual_seed(0)

@@ -16,6 +16,7 @@ backbone = "ViT-B-16"
 pretrained = "openai"
 seed = 0
 recipe = "vtt-release"       # optional: each method's default recipe otherwise
+protocol = "episodic"        # or "all-way": one fit on K shots of every class per run (shots x seed name it)
 
 [roots]                      # dataset → its folder
 eurosat = "~/data/EuroSAT"
@@ -65,7 +66,8 @@ from cdfsl.errors import CdfslError, ConfigError
 from cdfsl.labels import changed_settings, episode_ways, run_label, variant_text
 from cdfsl.spec import RunSpec
 
-RUN_KEYS = ("method", "dataset", "shots", "backbone", "pretrained", "seed", "recipe", "ways", "queries")
+RUN_KEYS = ("method", "dataset", "shots", "backbone", "pretrained", "seed", "recipe", "ways", "queries", "protocol")
+ALL_WAY = "all-way"  # `RunConfig.protocol` of one all-way K-shot fit per run (the CLIP few-shot suite's protocol)
 SWEEP_KEYS = ("db", "episodes", "episode_batch", "device", "cache_dir")
 TASK_RETRIES = 3  # Ray's retries of a chunk whose worker died (the worker is restarted)
 TAKE_OVER_CHUNKS = 4  # queued chunks of a run another worker started, from which an idle worker takes over
@@ -221,7 +223,8 @@ def plan_sweep(
 
     `device`: the device the runs will train on (`cpu`, `cuda`), which is part of a trained run's identity; None:
     each run's own `device` setting resolved on this machine. Runs with nothing stored are estimated from the median
-    seconds per episode of stored runs with the same method and backbone. A run whose dataset cannot be read here
+    seconds per episode of stored runs with the same method and backbone (an all-way fit: of stored fits with the same
+    method, backbone, dataset and shots, i.e. the other seeds). A run whose dataset cannot be read here
     (its root not downloaded yet) is planned without an id (`data_missing` says why; whether it is stored cannot be
     told without its images). A run with the same identity as an earlier one is marked `same_as` that run (see
     `distinct_runs`). `on_planned(done, total)` is told after each run.
@@ -298,7 +301,12 @@ def distinct_runs(plans: list[RunPlan]) -> list[RunPlan]:
 
 
 def _kind(run: SweepRun) -> str:
-    return f"{run.config.method}|{run.config.backbone}"
+    """Runs whose stored timings estimate each other's: an episode of the same method and backbone; an all-way fit
+    only from fits of the same method, backbone, dataset and shots (its steps and test split differ with each)."""
+    config = run.config
+    if config.protocol == ALL_WAY:
+        return f"{config.method}|{config.backbone}|{ALL_WAY}|{config.dataset}|{config.shots}"
+    return f"{config.method}|{config.backbone}"
 
 
 def _on_device(spec: RunSpec, device: str | None) -> RunSpec:

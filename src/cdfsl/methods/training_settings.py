@@ -29,15 +29,22 @@ SCHEDULES = ("cosine", "none")
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
+DEFAULT_CROP_SCALE = (0.08, 1.0)
+
+
 @dataclass
 class AugmentConfig:
-    """Support views, one per entry: `plain` or `+`-joined `rotate`, `jitter`, `flip` (the benchmark's five views,
-    docs/protocol.md)."""
+    """Support views, one per entry: `plain` or `+`-joined `crop`, `rotate`, `jitter`, `flip` (docs/protocol.md).
 
-    views: tuple[str, ...] = ("plain", "rotate+jitter+flip", "rotate", "jitter", "flip")
+    `views` is the recipe's when `None`: the benchmark's five views (`plain, rotate+jitter+flip, rotate, jitter, flip`)
+    for the VtT and TIR releases, eight `crop+flip` views for clip-lora-release (docs/recipes.md).
+    """
+
+    views: tuple[str, ...] | None = None
     rotation: float = 45.0
     jitter: float = 0.4
     flip_p: float = 0.5
+    crop_scale: tuple[float, float] = DEFAULT_CROP_SCALE  # area share of a random resized crop, low and high
 
 
 @dataclass
@@ -51,7 +58,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.999
     schedule: str | None = None  # cosine or none
-    schedule_horizon: float = 8.0  # cosine T_max = schedule_horizon x iterations
+    schedule_horizon: float | None = None  # cosine T_max = schedule_horizon x iterations; release loops 8, clip-lora 1
     min_lr: float = 1e-6
     logit_scale: float | None = None  # vtt-release 100; tir-release 4 (5-shot) / 2 (1-shot)
     template: str = "a photo of a {}."
@@ -64,8 +71,22 @@ def _check_train(train: TrainConfig, config: RunConfig) -> None:
 
 
 def _check_augment(augment: AugmentConfig, config: RunConfig) -> None:
-    if not augment.views:
+    if augment.views is not None and not augment.views:
         raise ConfigError("augment.views needs at least one view, e.g. plain")
+    low, high = _crop_scale(augment.crop_scale)
+    if not 0 < low <= high <= 1:
+        raise ConfigError(
+            f"augment.crop_scale must be two area shares 0 < low <= high <= 1, e.g. 0.08,1; got {augment.crop_scale}"
+        )
+
+
+def _crop_scale(value: object) -> tuple[float, float]:
+    """`augment.crop_scale` as two floats (a `ConfigError` if it is not a pair of numbers)."""
+    try:
+        low, high = value  # type: ignore[misc]
+        return float(low), float(high)
+    except (TypeError, ValueError):
+        raise ConfigError(f"augment.crop_scale must be two numbers low,high (e.g. 0.08,1); got {value!r}") from None
 
 
 TRAIN = register_section(
@@ -107,9 +128,15 @@ _STEP_FIELDS = ("iterations", "batch_size", "lr", "weight_decay", "beta1", "beta
 
 def augment_reads(config: RunConfig) -> tuple[str, ...]:
     """`augment.views`, and each transform's strength only where a view uses the transform (the random draws are
-    made either way, `cdfsl.data.augment.support_views`, so an unused strength changes nothing)."""
-    used = {part for view in config.augment.views for part in view.split("+")}
-    strengths = {"rotate": "augment.rotation", "jitter": "augment.jitter", "flip": "augment.flip_p"}
+    made either way, `cdfsl.data.augment.support_views`, so an unused strength changes nothing). Needs a resolved
+    config (`augment.views` set)."""
+    used = {part for view in config.augment.views or () for part in view.split("+")}
+    strengths = {
+        "crop": "augment.crop_scale",
+        "rotate": "augment.rotation",
+        "jitter": "augment.jitter",
+        "flip": "augment.flip_p",
+    }
     return ("augment.views", *(key for transform, key in strengths.items() if transform in used))
 
 

@@ -27,8 +27,8 @@ class LoraConfig:
     The update is scaled by `alpha / sqrt(rank)` (2 for rank 16, alpha 8), as in the released LoRA layers.
     """
 
-    rank: int = 16
-    alpha: float = 8.0
+    rank: int | None = None  # None: the recipe's (16 in the VtT and TIR releases, 2 in clip-lora-release)
+    alpha: float | None = None  # None: the recipe's (8 in the VtT and TIR releases, 1 in clip-lora-release)
     dropout: float = 0.25
     targets: tuple[str, ...] = ("q", "k", "v")
     towers: str | None = None  # vision, text or both; None: the recipe's
