@@ -90,10 +90,10 @@ def build_batch(
     return EpisodeBatch(
         episodes=list(episodes),
         class_names=[[index.class_names[c] for c in episode.classes] for episode in episodes],
-        support=torch.stack(supports),
-        support_labels=torch.stack(support_labels),
-        query=torch.stack(queries),
-        query_labels=torch.stack(query_labels),
+        support=stacked(supports),
+        support_labels=stacked(support_labels),
+        query=stacked(queries),
+        query_labels=stacked(query_labels),
         seed=seed,
     )
 
@@ -108,6 +108,12 @@ def to_device(tensor: Tensor, device: torch.device) -> Tensor:
 
 def _pins(device: torch.device) -> bool:
     return device.type == "cuda"
+
+
+def stacked(tensors: list[Tensor]) -> Tensor:
+    """`torch.stack(tensors)`, without a copy for a single tensor (an all-way fit's one episode: its support views
+    may be tens of GiB, so a second copy of them must never exist, even for a moment)."""
+    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
 
 
 def group_by_shape(episodes: Sequence[Episode]) -> list[list[Episode]]:
