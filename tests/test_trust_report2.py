@@ -38,6 +38,8 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "vtt.fusion": VTT_FUSIONS,
     "prompt.context": ("a picture of a", "a photo of a"),
     "train.batch_size": (10, "all"),
+    "train.precision": ("bf16", "fp32"),
+    "augment.crop_scale": ((0.2, 1.0),),
 }
 
 
@@ -73,6 +75,10 @@ def _alternatives(key: str, value: Any) -> Iterator[Any]:
         yield from (value + 1, value - 1)
     elif isinstance(value, float):
         yield from (value * 2, value / 2)
+    elif isinstance(value, str) and "{}" in value:
+        yield "a picture of a {}."  # train.template
+    elif isinstance(value, tuple) and all(isinstance(item, str) for item in value):
+        yield value[:1] if len(value) > 1 else (*value, "plain")  # augment.views: one view fewer or more
     elif isinstance(value, tuple):
         yield tuple(item + 1 for item in value)
         yield tuple(item - 1 for item in value)
@@ -90,13 +96,20 @@ def _reads(method: str, recipe: str, key: str) -> bool:
     return "." not in key or key in config.reads()
 
 
+UNREAD_HORIZON: set[str] = set()
+"""Recipes whose `train.schedule_horizon` no method reads (their schedule is not cosine), found by `_cases`."""
+
+
 def _cases() -> list[Case]:
     """Every field every recipe sets, changed on the first method (registry order) that reads it under that recipe."""
     cases = []
     for recipe in RECIPES.values():
         for value in recipe.values:
             method = next((m for m in method_names() if _reads(m, recipe.name, value.key)), None)
-            assert method is not None, f"no method reads {value.key} under {recipe.name}"
+            if method is None:  # listed for the record, read by no method there (the cosine horizon without cosine)
+                assert value.key == "train.schedule_horizon", f"no method reads {value.key} under {recipe.name}"
+                UNREAD_HORIZON.add(recipe.name)
+                continue
             base = RunConfig(dataset="digits", method=method, recipe=recipe.name, backbone="tiny", shots=1)
             current = _get(base.resolved(), value.key)
             for alternative in _alternatives(value.key, current):
@@ -135,9 +148,10 @@ def _unescape_latex(text: str) -> str:
 
 
 def test_cases_cover_every_recipe_field() -> None:
+    unread = {(recipe.name, "train.schedule_horizon") for recipe in RECIPES.values() if recipe.name in UNREAD_HORIZON}
     assert {(case.recipe, case.key) for case in CASES} == {
         (recipe.name, value.key) for recipe in RECIPES.values() for value in recipe.values
-    }
+    } - unread
 
 
 def test_a_changed_recipe_field_is_in_every_label(tmp_path: Path) -> None:
