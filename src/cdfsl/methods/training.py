@@ -135,6 +135,20 @@ class ViewOrder:
         return self._pending.pop(0)
 
 
+def fit_positions(orders: Sequence[ViewOrder], steps: int, device: torch.device) -> list[Tensor]:
+    """Every step's support-view positions `[E, b]` of a fit, drawn up front and moved to `device` in one copy.
+
+    The draws are the ones `ViewOrder.next` makes step by step (each episode's own generator, in the same order), so
+    a fit sees the same batches; made before the loop, no step copies positions from the host (a copy from pageable
+    memory waits for the device). Each step's tensor is a view of one `[E, total]` device tensor.
+    """
+    if steps == 0:
+        return []
+    per_step = [torch.stack([order.next() for order in orders]) for _ in range(steps)]  # [E, b] each, on the CPU
+    sizes = [positions.shape[1] for positions in per_step]
+    return list(torch.cat(per_step, dim=1).to(device).split(sizes, dim=1))
+
+
 @dataclass(frozen=True)
 class StepPlan:
     """How a fit steps over a support set: `steps` training steps of `batch_size` views per episode."""
@@ -257,17 +271,18 @@ def fit_episodes(base: TrainedBase, batch: EpisodeBatch) -> None:
     plan = base.plan(views)
     schedules = base.schedules(optimizers, plan)
     orders = [ViewOrder(views, plan.batch_size, torch_stream(batch.seed, i, "batch_order")) for i in batch.indices]
+    device = batch.support.device
+    step_positions = fit_positions(orders, plan.steps, device)
     layers = plugin_text_layers(recalibration, extension)
     fixed = frozen_class_texts(base, batch.class_names)
     fixed_hook = _hook(recalibration, fixed[1]) if fixed is not None else None
     layer_features = extension is not None and extension.wants_layer_features
-    device = batch.support.device
     rows = torch.arange(len(batch), device=device)[:, None]
     finite = torch.ones(len(batch), dtype=torch.bool, device=device)  # [E], read after the loop
     curves = Curves(len(batch), plan.steps)
     for step in range(1, plan.steps + 1):
         curves.before_step(step, recalibration)
-        positions = torch.stack([order.next() for order in orders]).to(device)  # [E, b]
+        positions = step_positions[step - 1]  # [E, b]
         images, labels = batch.support[rows, positions], batch.support_labels[rows, positions]
         with base.autocast():
             if fixed is not None:
@@ -318,6 +333,7 @@ __all__ = [
     "TrainingExtension",
     "ViewOrder",
     "fit_episodes",
+    "fit_positions",
     "frozen_class_texts",
     "merge_records",
     "plugin_text_layers",
