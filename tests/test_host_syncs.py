@@ -63,8 +63,8 @@ def test_on_a_cuda_device_host_tensors_do_not_count() -> None:
 
 
 TRAINED = sorted(m for m in METHODS if m != "zeroshot")
-SIZES = {"shots": 1, "queries": 2, "augment__views": ("plain", "flip"), "vtt__state": 4}
-MAPLE = {"maple__epochs": 3, "maple__batch_size": 4, "maple__warmup_epochs": 1}
+SIZES = {"ways": 2, "shots": 2, "queries": 1, "augment__views": ("plain",), "vtt__state": 4, "train__batch_size": 2}
+MAPLE = {"maple__epochs": 2, "maple__batch_size": 2, "maple__warmup_epochs": 1}  # 2 epochs of 2 steps
 
 
 @pytest.fixture(scope="module")

@@ -74,7 +74,12 @@ def _scan_step(
     return h, (h * c_t[:, :, None, :]).sum(-1)
 
 
-def selective_scan(delta: Tensor, u: Tensor, b: Tensor, c: Tensor, a: Tensor, recompute: bool = True) -> Tensor:
+RECOMPUTE_SCAN = True
+"""Whether `selective_scan` recomputes its states in backward by default (`benchmarks/saved_activations.py` turns it
+off to measure the plain scan)."""
+
+
+def selective_scan(delta: Tensor, u: Tensor, b: Tensor, c: Tensor, a: Tensor, recompute: bool | None = None) -> Tensor:
     """The recurrence `h_t = exp(Δ_t A) ⊙ h_{t−1} + (Δ_t u_t) ⊗ B_t`, `y_t = h_t C_t`, with `h_{−1} = 0`.
 
     Args:
@@ -82,7 +87,7 @@ def selective_scan(delta: Tensor, u: Tensor, b: Tensor, c: Tensor, a: Tensor, re
         recompute: keep no state `[E, B, H, N]` for the backward pass and recompute the states there, chunk by chunk
             (`RecomputedScan`): what backward keeps is the inputs alone, S× less than the states (2 per step). Same
             outputs and, step for step, the same gradient arithmetic (`RecomputedScan`). False: autograd keeps every
-            step's states (the reference the tests compare against).
+            step's states (the reference the tests compare against). None: `RECOMPUTE_SCAN`.
 
     Returns:
         y `[E, B, S, H]`. Sequential over S, on purpose: at these sizes (S = 2L ≈ 24) a log-depth parallel scan moves
@@ -90,7 +95,11 @@ def selective_scan(delta: Tensor, u: Tensor, b: Tensor, c: Tensor, a: Tensor, re
         measured 2.3× slower on CPU (out of cache), so autograd runs the loop.
     """
     drive = delta * u
-    if recompute and torch.is_grad_enabled() and any(t.requires_grad for t in (delta, drive, b, c, a)):
+    if (
+        (RECOMPUTE_SCAN if recompute is None else recompute)
+        and torch.is_grad_enabled()
+        and any(t.requires_grad for t in (delta, drive, b, c, a))
+    ):
         return RecomputedScan.apply(delta, drive, b, c, a)
     return _plain_scan(delta, drive, b, c, a)
 
