@@ -227,13 +227,14 @@ def test_recomputed_scan_keeps_no_state_for_backward() -> None:
     e, b, s, h, n = 1, 2, 9, 4, 32
     inputs = [torch.rand(e, b, s, h), torch.randn(e, b, s, h), torch.randn(e, b, s, n), torch.randn(e, b, s, n)]
     a = -torch.rand(e, 1, h, n)
+    saved: list[tuple[int, ...]] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(tuple(t.shape))
+        return t
+
     for recompute in (False, True):
-        saved: list[tuple[int, ...]] = []
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            saved.append(tuple(t.shape))
-            return t
-
+        saved.clear()
         leaves = [t.clone().requires_grad_() for t in inputs]
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             selective_scan(*leaves, a, recompute=recompute)
