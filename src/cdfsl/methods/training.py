@@ -2,7 +2,7 @@
 the loop shares: the order of support views (`ViewOrder`) and the training curves (`Curves`).
 
 One step: a batch of support views per episode (`ViewOrder`: a fresh permutation per pass, from each episode's own
-`batch_order` stream), the base's class texts (computed once when its text side is frozen, recomputed with gradients
+`batch_order` stream; a fit's positions are all drawn before its first step and copied to the device at once), the base's class texts (computed once when its text side is frozen, recomputed with gradients
 when it learns), the base's vision pass with the recalibration's hook (TIR), cross-entropy on the base's logits, the
 backward pass (the extension's, VtT with DGSO, or plain), the per-episode finite flag (read once after the loop), the
 curves, every optimizer's step, the base's schedule stepped once, and `on_step`. After the last step: the base's own
@@ -13,6 +13,10 @@ and its absorption for VtT, its optimizers (given the extension's parameter grou
 schedulers stepped once per step), its step plan from the support set (`plan`: steps and views per step), its class
 texts at given text blocks (`step_texts`), its vision pass (`step_encode`), and at the end its fitted state and own
 per-episode records (`end`). The plug-ins attach through `cdfsl.methods.plugins`.
+
+A step never makes the host wait for the device (no value read back, no per-step copy from the host): everything the
+host needs is read once per fit, before the first step or after the last (`tests/test_host_syncs.py` counts it for
+every registered method).
 """
 
 from __future__ import annotations
