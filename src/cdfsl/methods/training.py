@@ -2,11 +2,12 @@
 the loop shares: the order of support views (`ViewOrder`) and the training curves (`Curves`).
 
 One step: a batch of support views per episode (`ViewOrder`: a fresh permutation per pass, from each episode's own
-`batch_order` stream; a fit's positions are all drawn before its first step and copied to the device at once), the base's class texts (computed once when its text side is frozen, recomputed with gradients
-when it learns), the base's vision pass with the recalibration's hook (TIR), cross-entropy on the base's logits, the
-backward pass (the extension's, VtT with DGSO, or plain), the per-episode finite flag (read once after the loop), the
-curves, every optimizer's step, the base's schedule stepped once, and `on_step`. After the last step: the base's own
-records, the curves and the plug-ins' records, merged per episode (`Method.episode_records`).
+`batch_order` stream; a fit's positions are all drawn before its first step and copied to the device at once), the
+base's class texts (computed once when its text side is frozen, recomputed with gradients when it learns), the base's
+vision pass with the recalibration's hook (TIR), cross-entropy on the base's logits, the backward pass (the extension's,
+VtT with DGSO, or plain), the per-episode finite flag (read once after the loop), the curves, every optimizer's step,
+the base's schedule stepped once, and `on_step`. After the last step: the base's own records, the curves and the
+plug-ins' records, merged per episode (`Method.episode_records`).
 
 A base supplies its pieces (`TrainedBase`): fresh trained state for a batch (`start`), its trained tensors for DGSO
 and its absorption for VtT, its optimizers (given the extension's parameter groups) and its schedule (learning-rate
