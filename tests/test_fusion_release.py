@@ -175,3 +175,71 @@ def test_block_matches_a_reference_conv1d() -> None:
         conv.bias.copy_(block.conv_bias[0])
         expected = conv(x.transpose(1, 2))[..., : x.shape[1]].transpose(1, 2)
         torch.testing.assert_close(block.causal_conv(x[None])[0], expected, atol=1e-6, rtol=1e-6)
+
+
+# ------------------------------------------------------------------ memory-bounded scan (states recomputed in backward)
+def fusion_gradients(recompute: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    from cdfsl.methods.vtt import fusion as fusion_module
+
+    fusion = small(seeds=(0,), grid=5)
+    inputs = sequence(episodes=1, batch=2, grid=5).requires_grad_()
+    default = fusion_module.RECOMPUTE_SCAN
+    fusion_module.RECOMPUTE_SCAN = recompute
+    try:
+        out = fusion(inputs)
+        grads = torch.autograd.grad((out * torch.linspace(-1, 1, out.shape[-1])).sum(), [inputs, *fusion.parameters()])
+    finally:
+        fusion_module.RECOMPUTE_SCAN = default
+    return out.detach(), list(grads)
+
+
+def test_recomputed_scan_gives_the_plain_scans_outputs_and_gradients() -> None:
+    """The memory-bounded path (the default) against the plain scan that keeps every state: the same forward, and
+    every gradient (the fusion's inputs and each parameter) bit for bit, 25 scan steps in chunks of 5."""
+    plain_out, plain = fusion_gradients(recompute=False)
+    out, recomputed = fusion_gradients(recompute=True)
+    assert torch.equal(out, plain_out)
+    assert all(torch.equal(a, b) for a, b in zip(recomputed, plain, strict=True))
+
+
+@pytest.mark.parametrize("steps", [1, 2, 7])
+def test_recomputed_scan_matches_for_any_length(steps: int) -> None:
+    from cdfsl.methods.vtt.fusion import selective_scan
+
+    g = torch.Generator().manual_seed(steps)
+    delta, u = torch.rand(2, 3, steps, 4, generator=g), torch.randn(2, 3, steps, 4, generator=g)
+    b, c = torch.randn(2, 3, steps, 5, generator=g), torch.randn(2, 3, steps, 5, generator=g)
+    a_log = torch.rand(2, 4, 5, generator=g)
+    leaves = [t.requires_grad_() for t in (delta, u, b, c, a_log)]
+    results = []
+    for recompute in (False, True):
+        y = selective_scan(delta, u, b, c, -torch.exp(a_log)[:, None], recompute=recompute)
+        results.append((y, torch.autograd.grad(y.square().sum(), leaves)))
+    assert torch.equal(results[0][0], results[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1], strict=True))
+
+
+def test_recomputed_scan_keeps_no_state_for_backward() -> None:
+    """What the scan saves for backward: its inputs only (no `[E, B, H, N]` state), against at least 2 states a step
+    for the plain scan."""
+    from cdfsl.methods.vtt.fusion import selective_scan
+
+    e, b, s, h, n = 1, 2, 9, 4, 32
+    inputs = [torch.rand(e, b, s, h), torch.randn(e, b, s, h), torch.randn(e, b, s, n), torch.randn(e, b, s, n)]
+    a = -torch.rand(e, 1, h, n)
+    saved: list[tuple[int, ...]] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(tuple(t.shape))
+        return t
+
+    for recompute in (False, True):
+        saved.clear()
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            selective_scan(*leaves, a, recompute=recompute)
+        states = sum(shape == (e, b, h, n) for shape in saved)
+        if recompute:
+            assert states == 0
+        else:
+            assert states >= 2 * s - 1  # at least h_{t-1} and exp(Δ_t A) a step (h_{-1} = 0 is not a product)

@@ -475,6 +475,7 @@ class ClipAdapter(nn.Module):
         skip_blocks: Sequence[int] = (),
         block_scale: dict[int, float] | None = None,
         prompts: Sequence[Tensor] = (),
+        pooled_range: tuple[int, int] | None = None,
     ) -> TextOutput:
         """Encode token embeddings of N prompts for E episodes at once (CoOp contexts, text-tower LoRA, MaPLe).
 
@@ -490,6 +491,8 @@ class ClipAdapter(nn.Module):
                 token). `prompts[0]` replaces those embeddings before the positional embedding is added;
                 `prompts[l >= 1]` replace the hidden tokens entering block l (a skipped block's input too). Empty:
                 the plain path, unchanged.
+            pooled_range: the smallest and largest value in `pooled`, when the caller knows them on the host (a
+                training step passes them so it never reads `pooled` back from the device); None: read here.
 
         With a causal mask, tokens after the last pooled token cannot affect any pooled feature, so the sequence is
         cut there.
@@ -501,11 +504,12 @@ class ClipAdapter(nn.Module):
         slots = self._prompt_slots(prompts, e, n)
         if slots:
             width = slots[0].shape[2]
-            if int(pooled.min()) < self.text_start + width:
+            lowest = pooled_range[0] if pooled_range is not None else int(pooled.min())
+            if lowest < self.text_start + width:
                 raise ValueError(f"{width} prompt tokens after the start token reach a pooled token")
             x = self._replace_text_slots(x, slots[0])
         if mask is not None:
-            length = int(pooled.max()) + 1
+            length = (pooled_range[1] if pooled_range is not None else int(pooled.max())) + 1
             x, mask = x[:, :, :length], mask[:length, :length].to(x.dtype)
         x = x + self.text.positional_embedding[: x.shape[2]].to(x.dtype)
         episode_rows = torch.arange(e, device=x.device)[:, None]

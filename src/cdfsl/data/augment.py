@@ -110,7 +110,7 @@ def support_views(
     device = images.device
     x = images[:, None].expand(n, v, *images.shape[1:]).reshape(n * v, *images.shape[1:])
     x = _crop(x, boxes.reshape(-1, 4), cropped.reshape(-1))
-    x = _rotate(x, angles.reshape(-1).to(device))
+    x = _rotate(x, angles.reshape(-1))  # angles stay on the host, where the rotation matrices are computed
     x = _jitter(x, factors.reshape(-1, 3).to(device))
     x = torch.where(flips.reshape(-1, 1, 1, 1).to(device), x.flip(-1), x)
     return x.reshape(n, v, *images.shape[1:])
@@ -172,6 +172,9 @@ def _crop(x: Tensor, boxes: Tensor, used: Tensor) -> Tensor:
 def _rotate(x: Tensor, degrees: Tensor) -> Tensor:
     """Rotate each image `[N, C, H, W]` about its centre by `degrees[N]` (clockwise), nearest, zeros outside.
 
+    `degrees` are read on the host (Pillow's matrices are computed there): pass them on the CPU, so nothing is read
+    back from the device.
+
     Bit-for-bit PIL's `Image.rotate(-degrees, Image.Resampling.NEAREST, fillcolor=0)`: output pixel `(x, y)` takes
     input pixel `(floor(X), floor(Y))`, `(X, Y)` the output pixel's centre mapped by the inverse rotation in Pillow's
     16.16 fixed point, or 0 where that falls outside the image.
@@ -191,7 +194,7 @@ def _rotate(x: Tensor, degrees: Tensor) -> Tensor:
     flat = (source_y.clamp(0, h - 1) * w + source_x.clamp(0, w - 1)).long().view(n, 1, h * w).expand(n, c, h * w)
     rotated = x.reshape(n, c, h * w).gather(2, flat).view(n, c, h, w)
     rotated = torch.where(inside.view(n, 1, h, w), rotated, torch.zeros((), dtype=x.dtype, device=x.device))
-    return torch.where((degrees == 0).view(-1, 1, 1, 1), x, rotated)
+    return torch.where((degrees == 0).view(-1, 1, 1, 1).to(x.device), x, rotated)
 
 
 def _pil_rotation_fixed_point(angle: float, width: int, height: int) -> tuple[int, int, int, int, int, int]:

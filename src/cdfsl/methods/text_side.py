@@ -136,6 +136,7 @@ class PromptTokens:
     ) -> None:
         self.backbone, self.prompt, self.context = backbone, prompt, context
         self._last: tuple[list[list[str]], Tensor, Tensor] | None = None
+        self.pooled_range: tuple[int, int] | None = None  # of the last call's pooled positions, read once
 
     def __call__(self, class_names: Sequence[Sequence[str]]) -> tuple[Tensor, Tensor]:
         names = [list(episode) for episode in class_names]
@@ -149,6 +150,7 @@ class PromptTokens:
             if len(alone) < n or not bool((tokens[:, start : start + n] == alone).all()):
                 raise ConfigError(f"{setting} {words!r} does not tokenize alike before class names")
         pooled = self.backbone.pool_positions(tokens)
+        self.pooled_range = (int(pooled.min()), int(pooled.max()))
         shape = (len(names), len(names[0]))
         self._last = (names, tokens.view(*shape, -1), pooled.view(shape))
         return self._last[1], self._last[2]
@@ -258,6 +260,7 @@ class TextSide:
             layers=blocks,
             skip_blocks=skip_blocks,
             block_scale=block_scale,
+            pooled_range=self._tokens.pooled_range,
         )
         final = F.normalize(output.features.float(), dim=-1)
         return final, [] if output.layer_features is None else list(output.layer_features.float())
@@ -274,15 +277,18 @@ class TextSide:
         if not self.trainable:
             return TemplateAbsorber(self.backbone, self.config.train.template, placeholder)
         tokens, position = self.backbone.placeholder_position(f"{self.context_words} {{}}.", placeholder)
+        pooled_at = self.backbone.pool_positions(tokens)  # [1]
+        span = (int(pooled_at[0]),) * 2  # read once, not every step
 
         def absorb(token: Tensor) -> Tensor:
             e, b = token.shape[:2]
             embeddings = placeholder_embeddings(self.backbone, tokens, position, token, self.context)
             if self.lora is not None:
                 self.lora.dropout_layout = (b, tokens.shape[1])
-            pooled = self.backbone.pool_positions(tokens).expand(e, b)
             projection = self.lora if self.lora is not None else plain_qkv
-            return self.backbone.encode_text_embeddings(embeddings, pooled, projection).features
+            return self.backbone.encode_text_embeddings(
+                embeddings, pooled_at.expand(e, b), projection, pooled_range=span
+            ).features
 
         return absorb
 

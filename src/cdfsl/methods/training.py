@@ -2,17 +2,22 @@
 the loop shares: the order of support views (`ViewOrder`) and the training curves (`Curves`).
 
 One step: a batch of support views per episode (`ViewOrder`: a fresh permutation per pass, from each episode's own
-`batch_order` stream), the base's class texts (computed once when its text side is frozen, recomputed with gradients
-when it learns), the base's vision pass with the recalibration's hook (TIR), cross-entropy on the base's logits, the
-backward pass (the extension's, VtT with DGSO, or plain), the per-episode finite flag (read once after the loop), the
-curves, every optimizer's step, the base's schedule stepped once, and `on_step`. After the last step: the base's own
-records, the curves and the plug-ins' records, merged per episode (`Method.episode_records`).
+`batch_order` stream; a fit's positions are all drawn before its first step and copied to the device at once), the
+base's class texts (computed once when its text side is frozen, recomputed with gradients when it learns), the base's
+vision pass with the recalibration's hook (TIR), cross-entropy on the base's logits, the backward pass (the extension's,
+VtT with DGSO, or plain), the per-episode finite flag (read once after the loop), the curves, every optimizer's step,
+the base's schedule stepped once, and `on_step`. After the last step: the base's own records, the curves and the
+plug-ins' records, merged per episode (`Method.episode_records`).
 
 A base supplies its pieces (`TrainedBase`): fresh trained state for a batch (`start`), its trained tensors for DGSO
 and its absorption for VtT, its optimizers (given the extension's parameter groups) and its schedule (learning-rate
 schedulers stepped once per step), its step plan from the support set (`plan`: steps and views per step), its class
 texts at given text blocks (`step_texts`), its vision pass (`step_encode`), and at the end its fitted state and own
 per-episode records (`end`). The plug-ins attach through `cdfsl.methods.plugins`.
+
+A step never makes the host wait for the device (no value read back, no per-step copy from the host): everything the
+host needs is read once per fit, before the first step or after the last (`tests/test_host_syncs.py` counts it for
+every registered method).
 """
 
 from __future__ import annotations
@@ -133,6 +138,20 @@ class ViewOrder:
         if not self._pending:
             self._pending = list(torch.randperm(self.views, generator=self.generator).split(self.batch_size))
         return self._pending.pop(0)
+
+
+def fit_positions(orders: Sequence[ViewOrder], steps: int, device: torch.device) -> list[Tensor]:
+    """Every step's support-view positions `[E, b]` of a fit, drawn up front and moved to `device` in one copy.
+
+    The draws are the ones `ViewOrder.next` makes step by step (each episode's own generator, in the same order), so
+    a fit sees the same batches; made before the loop, no step copies positions from the host (a copy from pageable
+    memory waits for the device). Each step's tensor is a view of one `[E, total]` device tensor.
+    """
+    if steps == 0:
+        return []
+    per_step = [torch.stack([order.next() for order in orders]) for _ in range(steps)]  # [E, b] each, on the CPU
+    sizes = [positions.shape[1] for positions in per_step]
+    return list(torch.cat(per_step, dim=1).to(device).split(sizes, dim=1))
 
 
 @dataclass(frozen=True)
@@ -257,17 +276,18 @@ def fit_episodes(base: TrainedBase, batch: EpisodeBatch) -> None:
     plan = base.plan(views)
     schedules = base.schedules(optimizers, plan)
     orders = [ViewOrder(views, plan.batch_size, torch_stream(batch.seed, i, "batch_order")) for i in batch.indices]
+    device = batch.support.device
+    step_positions = fit_positions(orders, plan.steps, device)
     layers = plugin_text_layers(recalibration, extension)
     fixed = frozen_class_texts(base, batch.class_names)
     fixed_hook = _hook(recalibration, fixed[1]) if fixed is not None else None
     layer_features = extension is not None and extension.wants_layer_features
-    device = batch.support.device
     rows = torch.arange(len(batch), device=device)[:, None]
     finite = torch.ones(len(batch), dtype=torch.bool, device=device)  # [E], read after the loop
     curves = Curves(len(batch), plan.steps)
     for step in range(1, plan.steps + 1):
         curves.before_step(step, recalibration)
-        positions = torch.stack([order.next() for order in orders]).to(device)  # [E, b]
+        positions = step_positions[step - 1]  # [E, b]
         images, labels = batch.support[rows, positions], batch.support_labels[rows, positions]
         with base.autocast():
             if fixed is not None:
@@ -318,6 +338,7 @@ __all__ = [
     "TrainingExtension",
     "ViewOrder",
     "fit_episodes",
+    "fit_positions",
     "frozen_class_texts",
     "merge_records",
     "plugin_text_layers",

@@ -239,7 +239,12 @@ class MapleMethod(TrainedBase):
         with torch.no_grad():
             embeddings = self.backbone.token_embedding(tokens)  # [E, K, T, Wt]; context slots overwritten
         output = self.backbone.encode_text_embeddings(
-            embeddings, pooled, layers=layers, prompts=prompts.text_prompts(), **variation
+            embeddings,
+            pooled,
+            layers=layers,
+            prompts=prompts.text_prompts(),
+            pooled_range=self._tokens.pooled_range,
+            **variation,
         )
         final = F.normalize(output.features.float(), dim=-1)
         return final, [] if output.layer_features is None else list(output.layer_features.float())
@@ -250,12 +255,15 @@ class MapleMethod(TrainedBase):
         tokens, position = self.backbone.placeholder_position(
             f"{self.config.maple.context} {{}}.", self.config.vtt.placeholder
         )
+        pooled_at = self.backbone.pool_positions(tokens)  # [1]
+        span = (int(pooled_at[0]),) * 2  # read once, not every step
 
         def absorb(token: Tensor) -> Tensor:
             e, b = token.shape[:2]
             embeddings = placeholder_embeddings(self.backbone, tokens, position, token)
-            pooled = self.backbone.pool_positions(tokens).expand(e, b)
-            return self.backbone.encode_text_embeddings(embeddings, pooled, prompts=prompts.text_prompts()).features
+            return self.backbone.encode_text_embeddings(
+                embeddings, pooled_at.expand(e, b), prompts=prompts.text_prompts(), pooled_range=span
+            ).features
 
         return absorb
 
@@ -345,7 +353,8 @@ class MapleMethod(TrainedBase):
         """`exp(logit_scale) · cos` with the backbone's own learned scale, as the release (not `train.logit_scale`):
         image features `[E, N, C]`, normalized text `[E, K, C]` → `[E, N, K]` (fp32)."""
         images = F.normalize(image_features.float(), dim=-1)
-        return self.backbone.logit_scale * images @ text.transpose(1, 2)
+        scale = self.backbone.model.logit_scale.detach().exp()  # on the device: `float()` of it would wait for it
+        return scale * images @ text.transpose(1, 2)
 
     def remedies(self) -> str:
         tries = [f"a lower maple.lr (now {self.config.maple.lr:g})", "a smaller maple.depth"]

@@ -45,6 +45,7 @@ from cdfsl.data.episodes import EpisodeBatch
 from cdfsl.errors import ConfigError
 from cdfsl.methods.plugins import Absorb, FlopCounter, Remedies, TrainedTensor, autocast_context
 from cdfsl.methods.vtt.fusion import EpisodeLinear, ReleaseFusion, ScanningFusion
+from cdfsl.methods.vtt.switches import EpisodeSwitches
 from cdfsl.seeding import torch_stream
 
 
@@ -186,7 +187,7 @@ class VttExtension:
         self.text_layers = aligned_layers(backbone.num_text_blocks, depth)
         self.grid = release_grid(depth) if self.vtt.fusion == "release" else 0
         self.fusion: nn.Module | None = None
-        self.switches: list[LossSwitch] = []
+        self.episode_switches: EpisodeSwitches | None = None  # DLC of the fit under way (or the last one)
         self.tensors: list[TrainedTensor] = []
         self.absorb: Absorb | None = None
         self._step_values: dict[str, Tensor] = {}
@@ -270,7 +271,7 @@ class VttExtension:
         generators = [torch_stream(batch.seed, i, "vtt_init") for i in batch.indices]
         fusion = self._build_fusion(generators)
         self.fusion = fusion.to(self.backbone.device) if fusion is not None else None
-        self.switches = [LossSwitch(self.vtt.window) for _ in batch.indices]
+        self.episode_switches = EpisodeSwitches(len(batch.indices), self.vtt.window, self.backbone.device)
         self.tensors, self.absorb = tensors, absorb
         params = list(self.fusion.parameters()) if self.fusion is not None else []
         return [{"params": params, "lr": self.vtt.lr}]
@@ -308,10 +309,11 @@ class VttExtension:
         Returns the per-episode loss `[E]` that was backpropagated (L_comb, or L_ce once every episode's `L_VtT` is
         off), which the training loop checks for nan and inf.
         """
-        vtt = self.vtt
-        active = torch.tensor([s.on for s in self.switches], device=loss_ce.device)
+        vtt, switches = self.vtt, self.episode_switches
+        assert switches is not None, "start a fit first"
+        active = switches.on  # [E], on the device: no host read decides anything per episode
         self._step_values = {}
-        if not bool(active.any()):
+        if not switches.any_on.value():  # every episode off (as the host learns it, see EpisodeSwitches)
             loss_ce.sum().backward()
             return loss_ce
         loss_vtt = self.vtt_loss(output, labels, class_layers)
@@ -335,10 +337,22 @@ class VttExtension:
         mean_cos = torch.cat(cosines, dim=1).mean(dim=1)  # [E]
         self._step_values["dgso_cos"] = torch.where(active, mean_cos, torch.nan)
         if vtt.dlc:
-            for switch, on, c in zip(self.switches, active.tolist(), mean_cos.tolist(), strict=True):
-                if on:
-                    switch.update(c)
+            switches.update(mean_cos)
         return combined
+
+    @property
+    def switches(self) -> list[LossSwitch]:
+        """The last fit's DLC per episode as host `LossSwitch`es (history, on, off_at); reads the device, so for
+        inspection after a fit, never inside a step."""
+        state = self.episode_switches
+        if state is None:
+            return []
+        switches = []
+        for history, off in zip(state.histories(), state.off_steps(), strict=True):
+            switch = LossSwitch(self.vtt.window)
+            switch.history, switch.on, switch.off_at = history, off is None, off
+            switches.append(switch)
+        return switches
 
     def step_values(self) -> dict[str, Tensor]:
         """Of the last `backward`, per episode `[E]`: `loss_vtt` (L_VtT; nan once switched off) and, with DGSO,
@@ -347,6 +361,7 @@ class VttExtension:
 
     def finish(self) -> list[dict[str, Any]]:
         """Drop the fusion; return, per episode, the step at which DLC switched `L_VtT` off (None: never)."""
-        records = [{"dlc_off_step": switch.off_at} for switch in self.switches]
+        off_steps = self.episode_switches.off_steps() if self.episode_switches is not None else []
+        records = [{"dlc_off_step": step} for step in off_steps]
         self.fusion, self.tensors, self.absorb = None, [], None
         return records

@@ -66,26 +66,128 @@ class EpisodeMLP(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
-def selective_scan(delta: Tensor, u: Tensor, b: Tensor, c: Tensor, a: Tensor) -> Tensor:
+def _scan_step(
+    h: Tensor, delta_t: Tensor, drive_t: Tensor, b_t: Tensor, c_t: Tensor, a: Tensor
+) -> tuple[Tensor, Tensor]:
+    """One step of the recurrence: `(h_t, y_t)` from `h_{t−1}` `[E, B, H, N]` and step t's inputs."""
+    h = torch.addcmul(torch.exp(delta_t[..., None] * a) * h, drive_t[..., None], b_t[:, :, None, :])
+    return h, (h * c_t[:, :, None, :]).sum(-1)
+
+
+RECOMPUTE_SCAN = True
+"""Whether `selective_scan` recomputes its states in backward by default (`benchmarks/saved_activations.py` turns it
+off to measure the plain scan)."""
+
+
+def selective_scan(delta: Tensor, u: Tensor, b: Tensor, c: Tensor, a: Tensor, recompute: bool | None = None) -> Tensor:
     """The recurrence `h_t = exp(Δ_t A) ⊙ h_{t−1} + (Δ_t u_t) ⊗ B_t`, `y_t = h_t C_t`, with `h_{−1} = 0`.
 
     Args:
         delta, u: `[E, B, S, H]`; b, c: `[E, B, S, N]`; a: `[E, 1, H, N]` (negative).
+        recompute: keep no state `[E, B, H, N]` for the backward pass and recompute the states there, chunk by chunk
+            (`RecomputedScan`): what backward keeps is the inputs alone, S× less than the states (2 per step). Same
+            outputs and, step for step, the same gradient arithmetic (`RecomputedScan`). False: autograd keeps every
+            step's states (the reference the tests compare against). None: `RECOMPUTE_SCAN`.
 
     Returns:
         y `[E, B, S, H]`. Sequential over S, on purpose: at these sizes (S = 2L ≈ 24) a log-depth parallel scan moves
         S× more memory and measured 8× slower on CPU; a hand-written backward over all steps at once `[E, B, S, H, N]`
         measured 2.3× slower on CPU (out of cache), so autograd runs the loop.
     """
-    h = torch.zeros(*u.shape[:2], u.shape[-1], a.shape[-1], device=u.device, dtype=u.dtype)  # [E, B, H, N]
+    drive = delta * u
+    if (
+        (RECOMPUTE_SCAN if recompute is None else recompute)
+        and torch.is_grad_enabled()
+        and any(t.requires_grad for t in (delta, drive, b, c, a))
+    ):
+        return RecomputedScan.apply(delta, drive, b, c, a)
+    return _plain_scan(delta, drive, b, c, a)
+
+
+def _plain_scan(delta: Tensor, drive: Tensor, b: Tensor, c: Tensor, a: Tensor) -> Tensor:
+    h = torch.zeros(*drive.shape[:2], drive.shape[-1], a.shape[-1], device=drive.device, dtype=drive.dtype)
     outputs = []
     # Unbinding once (not indexing step t) keeps autograd from writing each step's gradient into a full-length zero
     # tensor: that was a third of the scan's backward.
-    steps = zip(delta.unbind(2), (delta * u).unbind(2), b.unbind(2), c.unbind(2), strict=True)
-    for delta_t, drive_t, b_t, c_t in steps:
-        h = torch.addcmul(torch.exp(delta_t[..., None] * a) * h, drive_t[..., None], b_t[:, :, None, :])
-        outputs.append((h * c_t[:, :, None, :]).sum(-1))
+    for delta_t, drive_t, b_t, c_t in zip(delta.unbind(2), drive.unbind(2), b.unbind(2), c.unbind(2), strict=True):
+        h, y_t = _scan_step(h, delta_t, drive_t, b_t, c_t, a)
+        outputs.append(y_t)
     return torch.stack(outputs, dim=2)
+
+
+class RecomputedScan(torch.autograd.Function):
+    """The selective scan (`_plain_scan` of Δ, Δ⊙u, B, C, A) that saves only its inputs for backward.
+
+    Backward recomputes the states without gradients once, keeping the state at every chunk boundary (⌈√S⌉ steps a
+    chunk), then walks the chunks from the last: each is recomputed with autograd from its boundary state and
+    backpropagated, its graph freed before the next. Peak extra memory in backward: ⌈√S⌉ boundary states plus one
+    chunk's graph (2 states a step), against 2S states kept through the whole backward pass by the plain scan
+    (VtT's release fusion at ViT-B/16: 50 → ~15 states of `[E, 4B, 512, 256]` fp32, and only while the fusion's own
+    backward runs).
+
+    Every step runs the same ops on the same values as the plain scan, forward and backward; each input step's
+    gradient is its own (stacked as `unbind`'s backward stacks them), and A's, which every step adds to, is summed
+    in the plain scan's order (the last step first), so the gradients match the plain scan's bit for bit on one
+    device (`tests/test_fusion_release.py` checks it).
+    """
+
+    @staticmethod
+    def forward(ctx: object, delta: Tensor, drive: Tensor, b: Tensor, c: Tensor, a: Tensor) -> Tensor:
+        ctx.save_for_backward(delta, drive, b, c, a)  # type: ignore[attr-defined]
+        with torch.no_grad():
+            return _plain_scan(delta, drive, b, c, a)
+
+    @staticmethod
+    def backward(ctx: object, grad_y: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+        delta, drive, b, c, a = ctx.saved_tensors  # type: ignore[attr-defined]
+        steps = delta.shape[2]
+        chunk = max(1, math.isqrt(steps - 1) + 1) if steps > 1 else 1
+        starts = list(range(0, steps, chunk))
+        inputs = [t.detach() for t in (delta, drive, b, c)]
+        boundaries = []
+        h = torch.zeros(*drive.shape[:2], drive.shape[-1], a.shape[-1], device=drive.device, dtype=drive.dtype)
+        with torch.no_grad():
+            for t in range(steps):
+                if t in starts:
+                    boundaries.append(h)
+                h, _ = _scan_step(h, *(x[:, :, t] for x in inputs), a)
+        grads: list[list[Tensor | None]] = [[None] * steps for _ in range(4)]
+        grad_a: Tensor | None = None
+        grad_h: Tensor | None = None
+        for start, h_in in zip(reversed(starts), reversed(boundaries), strict=True):
+            stop = min(start + chunk, steps)
+            with torch.enable_grad():
+                h_in_leaf = h_in.detach().requires_grad_(start > 0)
+                h = h_in_leaf
+                leaves = [[x[:, :, t].detach().requires_grad_() for t in range(start, stop)] for x in inputs]
+                a_leaves = [a.detach().requires_grad_() for _ in range(start, stop)]
+                outputs = []
+                for i in range(stop - start):
+                    h, y_t = _scan_step(h, leaves[0][i], leaves[1][i], leaves[2][i], leaves[3][i], a_leaves[i])
+                    outputs.append(y_t)
+                roots = [torch.stack(outputs, dim=2)]
+                root_grads = [grad_y[:, :, start:stop]]
+                if grad_h is not None:
+                    roots.append(h)
+                    root_grads.append(grad_h)
+                wanted = [leaf for per_input in leaves for leaf in per_input] + a_leaves
+                if start > 0:
+                    wanted.append(h_in_leaf)
+                found = torch.autograd.grad(roots, wanted, root_grads, allow_unused=True)
+            if start > 0:
+                grad_h = found[-1]
+            n = stop - start
+            for k in range(4):
+                grads[k][start:stop] = found[k * n : (k + 1) * n]
+            for g in reversed(found[4 * n : 5 * n]):  # the last step's contribution first, as the plain scan sums
+                if g is not None:
+                    grad_a = g if grad_a is None else grad_a + g
+        return (*(_stacked(per_step, x) for per_step, x in zip(grads, inputs, strict=True)), grad_a)
+
+
+def _stacked(per_step: list[Tensor | None], like: Tensor) -> Tensor:
+    """Per-step gradients `[E, B, ...]` stacked along dim 2 (zeros where a step got none), as `unbind`'s backward."""
+    return torch.stack([g if g is not None else torch.zeros_like(like[:, :, 0]) for g in per_step], dim=2)
 
 
 class SelectiveScan(nn.Module):
