@@ -33,7 +33,7 @@ class DigitsWorld:
         """Episodes `episodes` of `config` (support views and queries) on the CPU."""
         sampler = EpisodeSampler(self.index, config.ways, config.shots, config.queries, config.seed)
         return build_batch(
-            sampler.episodes(episodes), self.index, self.cache, config.augment, self.backbone.normalize, 0,
+            sampler.episodes(episodes), self.index, self.cache, config.resolved().augment, self.backbone.normalize, 0,
             torch.device("cpu"),
         )  # fmt: skip
 

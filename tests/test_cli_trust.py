@@ -24,11 +24,11 @@ import cdfsl.analysis.cost as cost_module
 import cdfsl.analysis.lost_layers as lost_layers_module
 import cdfsl.analysis.probes as probes_module
 import cdfsl.analysis.report as report_module
-import cdfsl.data.readers as readers_module
 import cdfsl.engine.runner as runner_module
 import cdfsl.engine.store as store_module
 import cdfsl.pretrain.train_tiny as train_tiny_module
 from cdfsl.cli import app
+from cdfsl.data.benchmarks import Benchmark
 from cdfsl.errors import DatasetWarning
 from layouts import make_imagefolder, make_isic2018, noise_image, png_with_broken_chunk
 
@@ -321,13 +321,13 @@ def test_datasets_check_prints_non_utf8_names(tmp_path: Path) -> None:
 
 
 def test_warning_with_non_utf8_name(monkeypatch: pytest.MonkeyPatch) -> None:
-    original = readers_module.load_index
+    original = Benchmark.read_splits
 
-    def warning_load_index(*args: Any, **kwargs: Any) -> Any:
+    def warning_read(*args: Any, **kwargs: Any) -> Any:
         warnings.warn("digits: a name that is not UTF-8: bad\udcff.png", DatasetWarning, stacklevel=1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(readers_module, "load_index", warning_load_index)
+    monkeypatch.setattr(Benchmark, "read_splits", warning_read)
     result = invoke(["datasets", "check", "--dataset", "digits"])
     assert result.exit_code == 0, (result.output, result.exception)
     assert "warning: digits: a name that is not UTF-8: bad\\udcff.png" in result.stderr

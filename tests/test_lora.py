@@ -192,7 +192,7 @@ def test_dropout_only_in_training(tiny: ClipAdapter) -> None:
 
 
 def test_kaiming_uniform_init(tiny: ClipAdapter) -> None:
-    lora = make_lora(tiny, [0, 1], LoraConfig(rank=16))
+    lora = make_lora(tiny, [0, 1], LoraConfig(rank=16, alpha=8.0))
     bound = 1.0 / math.sqrt(96)
     values = torch.cat([a.detach().flatten() for a in lora.lora_a])
     assert values.numel() == 12 * 2 * 3 * 16 * 96
@@ -212,7 +212,7 @@ def test_kaiming_uniform_init(tiny: ClipAdapter) -> None:
 
 @torch.no_grad()
 def test_targets_subset_leaves_k_untouched(tiny: ClipAdapter) -> None:
-    lora = make_lora(tiny, [0, 1], LoraConfig(rank=4, dropout=0.0, targets=("q", "v")), with_dropout=False)
+    lora = make_lora(tiny, [0, 1], LoraConfig(rank=4, alpha=8.0, dropout=0.0, targets=("q", "v")), with_dropout=False)
     randomize_b(lora, [0, 1])
     lora.eval()
     block = tiny.vision_blocks[3]

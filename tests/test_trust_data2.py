@@ -86,11 +86,11 @@ def test_run_with_a_file_changed_mid_run_stops_and_later_runs_match_a_fresh_cach
     originals = {path: path.read_bytes() for path in root.rglob("*.png")}
     get = ImageCache.get
 
-    def change_then_get(self: ImageCache, positions: list[int]) -> Any:
+    def change_then_get(self: ImageCache, positions: list[int], **options: Any) -> Any:
         # after the run fingerprinted the data, before the first decode: every image becomes another one
         for n, path in enumerate(originals):
             Image.new("RGB", (12, 12), (255, 20 * n, 0)).save(path)
-        return get(self, positions)
+        return get(self, positions, **options)
 
     monkeypatch.setattr(images_module.ImageCache, "get", change_then_get)
     assert_one_line_error(invoke(run_args(root, tmp_path / "a.sqlite", cache)), "changed since the run started")

@@ -508,6 +508,7 @@ FIT_GROUPS: dict[str, tuple[str, dict[str, object], tuple[str, ...]]] = {
 SHAPE_KEYS = (
     "ways", "shots", "queries", "episodes", "episode_batch", "seed", "train.iterations", "train.schedule_horizon",
     "pre_resize",  # decoding cost grows with it (up to 8192²); its range is checked in test_trust_recipes2.py
+    "augment.crop_scale",  # a pair; its rule is checked in test_config.py and test_recipe_clip_lora.py
 )  # fmt: skip
 
 

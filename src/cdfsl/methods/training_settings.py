@@ -73,11 +73,16 @@ def _check_train(train: TrainConfig, config: RunConfig) -> None:
 def _check_augment(augment: AugmentConfig, config: RunConfig) -> None:
     if augment.views is not None and not augment.views:
         raise ConfigError("augment.views needs at least one view, e.g. plain")
-    low, high = _crop_scale(augment.crop_scale)
-    if not 0 < low <= high <= 1:
-        raise ConfigError(
-            f"augment.crop_scale must be two area shares 0 < low <= high <= 1, e.g. 0.08,1; got {augment.crop_scale}"
-        )
+    _crop_scale(augment.crop_scale)  # a pair of numbers (its bounds: the section's rule)
+
+
+def crop_scale_allows(value: object) -> bool:
+    """Whether `value` is two area shares 0 < low <= high <= 1."""
+    try:
+        low, high = value  # type: ignore[misc]
+        return 0 < float(low) <= float(high) <= 1
+    except (TypeError, ValueError):
+        return False
 
 
 def _crop_scale(value: object) -> tuple[float, float]:
@@ -117,6 +122,7 @@ AUGMENT = register_section(
             number("augment.rotation", 0, 180, why="degrees either way"),
             number("augment.jitter", 0, 1),
             number("augment.flip_p", 0, 1),
+            Rule("augment.crop_scale", crop_scale_allows, "two area shares low,high with 0 < low <= high <= 1"),
         ),
         _check_augment,
     )
