@@ -163,7 +163,9 @@ def test_batched_logits_match_single_episode_logits(runner: Runner) -> None:
     scales: list[float] = []
 
     def logits(indices: list[int]) -> torch.Tensor:
-        batch = build_batch(sampler.episodes(indices), index, cache, config.augment, backbone.normalize, 0, device)
+        batch = build_batch(
+            sampler.episodes(indices), index, cache, config.resolved().augment, backbone.normalize, 0, device
+        )
         method = build_method(config, backbone)
         method.fit(batch)
         scales.append(logit_scale_of(method))
@@ -188,7 +190,7 @@ def test_merged_and_unmerged_predictions_agree(runner: Runner) -> None:
     index = load_index("digits", None)
     episodes = EpisodeSampler(index, 5, 1, 15, 0).episodes([1, 2])
     cache = runner.image_cache(index, backbone.image_size, None)
-    batch = build_batch(episodes, index, cache, config.augment, backbone.normalize, 0, device)
+    batch = build_batch(episodes, index, cache, config.resolved().augment, backbone.normalize, 0, device)
     method = build_method(config, backbone)
     method.fit(batch)
     merged = method.predict(batch)

@@ -1,4 +1,4 @@
-"""No host synchronisation inside a training step: the counter (`cdfsl.analysis.host_syncs`) on hand-made calls, and
+"""No host synchronisation inside a training step: the counter (`cdfsl.methods.host_syncs`) on hand-made calls, and
 every registered trained method's fit counted after its first step (registry-driven, tiny model, 3 steps)."""
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ import operator
 import pytest
 import torch
 
-from cdfsl.analysis.host_syncs import HostSyncCounter, host_read
 from cdfsl.backbone.adapter import ClipAdapter
 from cdfsl.config import METHODS
 from cdfsl.methods import build_method
+from cdfsl.methods.host_syncs import HostSyncCounter, host_read
 from cdfsl.methods.training import TrainedBase
 from digits_world import DigitsWorld, tiny_config
 

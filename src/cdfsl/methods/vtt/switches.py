@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from cdfsl.analysis.host_syncs import host_read
+from cdfsl.methods.host_syncs import host_read
 
 
 class AnyOn:
