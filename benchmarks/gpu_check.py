@@ -22,9 +22,10 @@ to gain from threads, which on a busy machine slow them many times over.
 
 Host syncs are counted while the timed fit runs: on CUDA, the warnings of `torch.cuda.set_sync_debug_mode("warn")`
 (every copy to the host, `.item()`, a synchronizing `nonzero`, …); on the CPU, where nothing synchronizes, the calls
-that would (`.item()`, `.tolist()`, `.cpu()`, `float()`/`int()`/`bool()` of a tensor), counted by a
-`TorchFunctionMode`. Both are divided by the training steps. The CPU count is an upper bound: it also counts calls on
-tensors that stay on the host in a GPU run too (a view's parameters drawn on the CPU), which never synchronize.
+that would (`.item()`, `.tolist()`, `.cpu()`, `float()`/`int()`/`bool()` of a tensor, copies to the host, …), counted
+by the test suite's counter (`cdfsl.methods.host_syncs.HostSyncCounter`). Both are divided by the training steps.
+The CPU count is an upper bound: it also counts calls on tensors that stay on the host in a GPU run too (a view's
+parameters drawn on the CPU), which never synchronize.
 
 `--device cpu` runs all of it at tiny sizes (the tiny model, 1-shot, E = 1/2, 2 iterations) in about a minute; on
 one GPU the whole check takes about 5 minutes (docs/gpu.md).
@@ -46,7 +47,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.overrides import TorchFunctionMode
+
+from episodes import matmul_peak, sync  # benchmarks/episodes.py (this script's folder is on sys.path)
 
 METHODS = ("lora", "tir", "vtt", "tir+vtt")
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,27 +79,6 @@ def sizes(device: str) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ host syncs
-_SYNCING = {"item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__"}
-
-
-class _SyncCalls(TorchFunctionMode):
-    """Counts the tensor calls that read a value on the host (each one a device synchronization on CUDA)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        name = getattr(func, "__name__", "")
-        if name in _SYNCING or (name == "to" and any(_is_cpu(a) for a in (*args[1:], *(kwargs or {}).values()))):
-            self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
-def _is_cpu(value: Any) -> bool:
-    return (isinstance(value, torch.device) and value.type == "cpu") or value == "cpu"
-
-
 @contextmanager
 def count_host_syncs(device: torch.device) -> Iterator[Callable[[], int]]:
     """Count host synchronizations inside the block; yields a function that returns the count so far."""
@@ -110,33 +91,13 @@ def count_host_syncs(device: torch.device) -> Iterator[Callable[[], int]]:
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         return
-    with _SyncCalls() as mode:
-        yield lambda: mode.count
+    from cdfsl.methods.host_syncs import HostSyncCounter
+
+    with HostSyncCounter(device) as counter:
+        yield lambda: counter.total
 
 
 # ------------------------------------------------------------------------------------------------ benchmark
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def matmul_peak(device: torch.device) -> float:
-    """FLOP/s of a large dense product in the training dtype (bf16 on CUDA, fp32 on the CPU): the best of 3."""
-    size, dtype, repeats = (8192, torch.bfloat16, 10) if device.type == "cuda" else (1024, torch.float32, 2)
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    a @ b
-    sync(device)
-    best = float("inf")
-    for _ in range(3):
-        start = time.perf_counter()
-        for _ in range(repeats):
-            a @ b
-        sync(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 * repeats / best
-
-
 def method_config(method: str, backbone: str, iterations: int, device: str) -> Any:
     from cdfsl.config import RunConfig
 
@@ -169,7 +130,7 @@ def bench_method(method: str, device_name: str, batches: tuple[int, ...], iterat
     torch.manual_seed(0)
     backbone = load_backbone(backbone_name, "none", device)
     _, dtype = resolve_precision("auto", device)
-    peak = matmul_peak(device)
+    peak = matmul_peak(device, dtype or torch.float32)
     config = method_config(method, backbone_name, iterations, device_name)
     one_step = method_config(method, backbone_name, 1, device_name)
     batch = synthetic_batch(one_step, 1, backbone.image_size, device)
